@@ -1,0 +1,163 @@
+"""CatGrid against the peers, side by side in one run.
+
+1. Env ``step`` throughput: CatGrid against Gymnasium's FrozenLake-v1 (both through ``gym.make``,
+   so both carry Gymnasium's standard wrappers), and the natively batched vector env at 4096 envs.
+2. Our PPO against Stable-Baselines3's PPO with the same hyper-parameters: env steps and wall
+   seconds until the policy's exact expected return (the CatGrid solver evaluates the stochastic
+   policy, no sampling noise) reaches 95% of the optimum, per seed, median and ratio.
+3. SB3's DQN through the same standard API (interop check, one seed).
+
+    python -m benchmarks.bench_catgrid            # writes benchmarks/results/catgrid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import rlhf_envs  # noqa: F401  (registers the envs)
+from agents.ppo import PPOConfig, train_ppo
+from agents.sb3 import StopWhen, sb3_action_probs, sb3_dqn, sb3_ppo_from_config
+from benchmarks.common import print_table, write_json
+from rlhf_envs.catgrid_solver import policy_return, solve
+
+TARGET = 0.95
+
+
+def step_throughput(env_id: str, steps: int, seed: int = 0, **kwargs) -> float:
+    """Env steps per second of one ``gym.make`` env under random actions (resets included)."""
+    env = gym.make(env_id, **kwargs)
+    actions = np.random.default_rng(seed).integers(0, env.action_space.n, steps)
+    env.reset(seed=seed)
+    start = time.perf_counter()
+    for a in actions:
+        _, _, terminated, truncated, _ = env.step(a)
+        if terminated or truncated:
+            env.reset()
+    return steps / (time.perf_counter() - start)
+
+
+def vector_throughput(env_id: str, num_envs: int, steps: int, seed: int = 0) -> float:
+    """Env steps per second (summed over envs) of the natively batched vector env."""
+    envs = gym.make_vec(env_id, num_envs=num_envs)
+    envs.reset(seed=seed)
+    actions = np.random.default_rng(seed).integers(0, 4, (16, num_envs))
+    start = time.perf_counter()
+    for i in range(steps):
+        envs.step(actions[i % 16])
+    return steps * num_envs / (time.perf_counter() - start)
+
+
+def exact_fraction(env, probs: np.ndarray, optimum: float) -> float:
+    return policy_return(env, probs) / optimum
+
+
+def time_to_target(env_id: str, seed: int, config_kwargs: dict, budget: int) -> dict:
+    """Train ours and SB3's PPO with the same settings until 95% of the optimum; steps and seconds."""
+    env = gym.make(env_id)
+    optimum = solve(env).optimal_return
+    states = np.arange(env.observation_space.n)
+    config = PPOConfig(env_id=env_id, seed=seed, total_timesteps=budget, progress=False, **config_kwargs)
+    out = {"env": env_id, "seed": seed}
+
+    reached = {}
+
+    def ours_check(agent, step):
+        if exact_fraction(env, agent.action_probs(states), optimum) >= TARGET:
+            reached["step"] = step
+            return True
+        return False
+
+    start = time.perf_counter()
+    train_ppo(config, callback=ours_check)
+    out["ours_seconds"] = time.perf_counter() - start
+    out["ours_steps"] = reached.get("step")
+
+    torch.set_num_threads(config.torch_threads)
+    start = time.perf_counter()
+    model = sb3_ppo_from_config(config)
+    stop = StopWhen(lambda m, step: exact_fraction(env, sb3_action_probs(m, states), optimum) >= TARGET)
+    model.learn(total_timesteps=budget, callback=stop)
+    out["sb3_seconds"] = time.perf_counter() - start
+    out["sb3_steps"] = stop.reached_at
+    out["both_reached"] = out["ours_steps"] is not None and out["sb3_steps"] is not None
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--budget", type=int, default=200_000, help="env-step budget per training run")
+    parser.add_argument("--steps", type=int, default=100_000, help="steps for the single-env throughput test")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the README)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.seeds = 5_000, args.seeds[:1]
+
+    results: dict = {"target_fraction_of_optimum": TARGET}
+
+    # 1. Step throughput, interleaved and repeated so both sides see the same machine state.
+    pairs = [("CatGrid-v0", "FrozenLake-v1", {"is_slippery": False}),
+             ("CatGridDrunk-v0", "FrozenLake-v1", {"is_slippery": True})]
+    rows = []
+    for ours_id, theirs_id, theirs_kwargs in pairs:
+        ours, theirs = [], []
+        for rep in range(5):
+            ours.append(step_throughput(ours_id, args.steps, seed=rep))
+            theirs.append(step_throughput(theirs_id, args.steps, seed=rep, **theirs_kwargs))
+        rows.append({"ours": ours_id, "peer": f"{theirs_id} {theirs_kwargs}",
+                     "ours_steps_per_s": statistics.median(ours), "peer_steps_per_s": statistics.median(theirs),
+                     "ratio": statistics.median(ours) / statistics.median(theirs)})
+    print_table("Single-env step throughput (gym.make, median of 5)", rows)
+    results["step_throughput"] = rows
+
+    vec_rows = []
+    for env_id in ["CatGrid-v0", "CatGridDrunk-v0"]:
+        sps = statistics.median(vector_throughput(env_id, 4096, 200 if args.quick else 2000, seed=r) for r in range(3))
+        vec_rows.append({"env": env_id, "num_envs": 4096, "steps_per_s": sps})
+    print_table("Vector env throughput (gym.make_vec, 4096 envs, median of 3)", vec_rows)
+    results["vector_throughput"] = vec_rows
+
+    # 2. PPO: ours vs SB3, same hyper-parameters. One untimed warm-up of each first.
+    time_to_target("CatGrid-v0", 0, {}, 2_000)
+    ppo_rows = []
+    for env_id in ["CatGrid-v0", "CatGridDrunk-v0"]:
+        for seed in args.seeds:
+            ppo_rows.append(time_to_target(env_id, seed, {}, args.budget))
+    print_table(f"PPO: wall time to {TARGET:.0%} of the optimal return (same hyper-parameters)", ppo_rows)
+    summary = []
+    for env_id in ["CatGrid-v0", "CatGridDrunk-v0"]:
+        runs = [r for r in ppo_rows if r["env"] == env_id]
+        ours = statistics.median(r["ours_seconds"] for r in runs)
+        sb3 = statistics.median(r["sb3_seconds"] for r in runs)
+        summary.append({"env": env_id, "seeds_reached_ours": sum(r["ours_steps"] is not None for r in runs),
+                        "seeds_reached_sb3": sum(r["sb3_steps"] is not None for r in runs),
+                        "seeds": len(runs), "ours_median_s": ours, "sb3_median_s": sb3,
+                        "ours_median_steps": statistics.median(r["ours_steps"] or args.budget for r in runs),
+                        "sb3_median_steps": statistics.median(r["sb3_steps"] or args.budget for r in runs),
+                        "wall_ratio_ours_over_sb3": ours / sb3})
+    print_table("PPO summary (median over seeds)", summary)
+    results["ppo_runs"], results["ppo_summary"] = ppo_rows, summary
+    results["ppo_config"] = {k: v for k, v in vars(PPOConfig()).items() if k not in ("env_kwargs", "log_dir")}
+
+    # 3. SB3 DQN through the standard API (greedy policy, exact return).
+    env = gym.make("CatGrid-v0")
+    optimum, states = solve(env).optimal_return, np.arange(env.observation_space.n)
+    dqn = sb3_dqn("CatGrid-v0", seed=1)
+    stop = StopWhen(lambda m, s: exact_fraction(env, sb3_action_probs(m, states), optimum) >= TARGET, every=500)
+    start = time.perf_counter()
+    dqn.learn(total_timesteps=args.budget // 4, callback=stop)
+    results["sb3_dqn"] = {"env": "CatGrid-v0", "reached_at_step": stop.reached_at,
+                          "seconds": time.perf_counter() - start}
+    print_table("SB3 DQN on CatGrid-v0 (greedy policy)", [results["sb3_dqn"]])
+    write_json("catgrid", results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""One sampler used everywhere: greedy, temperature, top-k and top-p (nucleus) decoding.
+
+The log-probs this module reports are those of the distribution actually sampled from
+(temperature, then top-k, then top-p), never of the raw logits: a mismatch between the two is the
+classic source of "negative KL" in RLHF.
+
+Conventions (shared by the envs and agents):
+
+* prompts are **left-padded**; ``prompt_mask`` is True on real tokens. Position ids are computed
+  from the mask, so a padded row gets the same positions as the unpadded prompt;
+* a response runs up to and including the first EOS; after it come pad tokens with
+  ``response_mask`` False and log-prob 0. A first token that is EOS is a valid *empty* response.
+
+Truncation rules: top-k keeps exactly the ``k`` largest logits (``torch.topk``); top-p then keeps,
+in descending probability order, every token whose preceding cumulative probability (under the
+renormalised top-k distribution) is below ``top_p``, so the token that crosses ``top_p`` is kept
+and at least one token always is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+__all__ = [
+    "Generation",
+    "SamplingConfig",
+    "generate",
+    "positions_from_mask",
+    "processed_logprobs",
+    "response_logprobs",
+]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn from the logits. The defaults sample from the model unchanged."""
+
+    max_new_tokens: int = field(default=48, metadata={"help": "Most tokens to generate per response (EOS included)."})
+    temperature: float = field(default=1.0, metadata={"help": "Logits are divided by this (> 0) before truncation."})
+    top_k: int = field(default=0, metadata={"help": "Keep only the k most likely tokens; 0 turns top-k off."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]; 1.0 turns top-p off."})
+    greedy: bool = field(default=False, metadata={"help": "Take the argmax (one-hot distribution) instead of sampling."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}; pass e.g. 48")
+        if not self.temperature > 0.0 or self.temperature != self.temperature or self.temperature == float("inf"):
+            raise ValueError(
+                f"temperature must be a finite number > 0, got {self.temperature!r}; use greedy=True for argmax decoding")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {self.top_p!r}")
+
+
+@dataclass
+class Generation:
+    """A batch of sampled responses. ``B`` rows, ``T <= max_new_tokens`` columns (trimmed once all rows ended)."""
+
+    response_ids: torch.Tensor
+    """``[B, T]`` int64 token ids; pad after the first EOS."""
+    response_mask: torch.Tensor
+    """``[B, T]`` bool; True up to and including the first EOS."""
+    logprobs: torch.Tensor
+    """``[B, T]`` float32 log-prob of each sampled token under the processed distribution; 0 where masked."""
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, L]`` for a left- or right-padded ``mask [B, L]``: 0 at the first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def _truncate(scaled: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply top-k then top-p to temperature-scaled logits ``[..., V]``.
+
+    Returns ``(logprobs, index)``: ``logprobs [..., K]`` normalised over the kept support (``-inf``
+    on removed entries) and ``index [..., K]`` (vocabulary ids of those columns), or ``index=None``
+    when nothing was truncated (``K = V``, columns are the vocabulary).
+    """
+    vocab = scaled.shape[-1]
+    index = None
+    if 0 < cfg.top_k < vocab:
+        scaled, index = torch.topk(scaled, cfg.top_k, dim=-1)
+    if cfg.top_p < 1.0:
+        if index is None:
+            scaled, index = torch.sort(scaled, dim=-1, descending=True)
+        probs = torch.softmax(scaled, dim=-1)
+        mass_before = probs.cumsum(-1) - probs
+        scaled = scaled.masked_fill(mass_before >= cfg.top_p, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1), index
+
+
+def processed_logprobs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Log-probs ``[..., V]`` (float32) of the distribution sampled from: temperature, top-k, top-p.
+
+    Removed tokens get ``-inf``. With ``cfg.greedy`` the distribution is one-hot on the argmax
+    (log-prob 0 there, ``-inf`` elsewhere). Differentiable in ``logits``.
+    """
+    logits = logits.float()
+    if cfg.greedy:
+        best = logits.argmax(-1, keepdim=True)
+        return torch.full_like(logits, float("-inf")).scatter(-1, best, 0.0)
+    logprobs, index = _truncate(logits / cfg.temperature, cfg)
+    if index is None:
+        return logprobs
+    return torch.full_like(logits, float("-inf")).scatter(-1, index, logprobs)
+
+
+def _sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from ``logits [B, V]``: ``(tokens [B] int64, logprobs [B] float32)``.
+
+    Works on the truncated support only (``K`` columns), so top-k sampling never touches the full
+    vocabulary after ``torch.topk``; the log-probs equal :func:`processed_logprobs` at the token.
+    """
+    logits = logits.float()
+    if cfg.greedy:
+        return logits.argmax(-1), torch.zeros(logits.shape[0], device=logits.device)
+    logprobs, index = _truncate(logits / cfg.temperature, cfg)
+    column = torch.multinomial(logprobs.exp(), 1, generator=generator)
+    chosen = logprobs.gather(-1, column).squeeze(-1)
+    tokens = column if index is None else index.gather(-1, column)
+    return tokens.squeeze(-1), chosen
+
+
+def _additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``keep [B, Q, K]`` bool -> 4D additive mask ``[B, 1, Q, K]`` (0 or the dtype's minimum)."""
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    mask.masked_fill_(~keep, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cfg: SamplingConfig,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Sample ``cfg.max_new_tokens`` tokens (or fewer, once every row hit EOS) for a batch of prompts.
+
+    Args:
+        model: a Hugging Face causal LM (``model(input_ids, attention_mask, position_ids,
+            past_key_values, use_cache) -> .logits``).
+        prompt_ids: ``[B, P]`` int64, left-padded.
+        prompt_mask: ``[B, P]`` bool/int, True on real prompt tokens.
+        cfg: decoding settings.
+        eos_token_id: the token that ends a response.
+        pad_token_id: written after EOS.
+        generator: a ``torch.Generator`` on the model's device for reproducible sampling.
+
+    The prompt is run once; each later step feeds one token per row through the KV cache, with
+    explicit position ids and a prebuilt 4D attention mask (so the model does no mask bookkeeping).
+    Runs under ``torch.inference_mode``; the returned tensors are ordinary (usable with autograd).
+    """
+    with torch.inference_mode():
+        ids, mask, logprobs = _generate(model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator)
+    return Generation(ids.clone(), mask.clone(), logprobs.clone())
+
+
+def _generate(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    cfg: SamplingConfig,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    device = prompt_ids.device
+    batch, prompt_len = prompt_ids.shape
+    steps = cfg.max_new_tokens
+    dtype = _model_dtype(model)
+    keep = torch.zeros(batch, prompt_len + steps, dtype=torch.bool, device=device)
+    keep[:, :prompt_len] = prompt_mask.bool()
+    causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril_()
+    prompt_keep = keep[:, None, :prompt_len] & causal
+    prompt_keep |= torch.eye(prompt_len, dtype=torch.bool, device=device)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=_additive_mask(prompt_keep, dtype),
+        position_ids=positions_from_mask(prompt_mask),
+        past_key_values=DynamicCache(),
+        use_cache=True,
+    )
+    cache = out.past_key_values
+    logits = out.logits[:, -1]
+    next_position = prompt_mask.long().sum(-1, keepdim=True)
+    step_mask = torch.zeros(batch, 1, 1, prompt_len + steps, dtype=dtype, device=device)
+    step_mask.masked_fill_(~keep[:, None, None, :], torch.finfo(dtype).min)
+
+    response_ids = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros(batch, steps, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(batch, steps, dtype=torch.float32, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    used = steps
+    for t in range(steps):
+        tokens, chosen = _sample(logits, cfg, generator)
+        alive = ~finished
+        tokens = tokens.masked_fill_(finished, pad_token_id)
+        response_ids[:, t] = tokens
+        response_mask[:, t] = alive
+        logprobs[:, t] = chosen.masked_fill_(finished, 0.0)
+        finished |= tokens == eos_token_id
+        if t == steps - 1 or bool(finished.all()):
+            used = t + 1
+            break
+        step_mask[:, :, :, prompt_len + t] = 0.0
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=step_mask[:, :, :, : prompt_len + t + 1],
+            position_ids=next_position + t,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1]
+    return response_ids[:, :used], response_mask[:, :used], logprobs[:, :used]
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    cfg: SamplingConfig,
+    return_full: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs of responses under the processed distribution, in one forward.
+
+    Args:
+        prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts and their mask.
+        response_ids, response_mask: ``[B, T]`` responses (as from :func:`generate`).
+        cfg: the decoding settings the responses were sampled with.
+        return_full: also return the full log-distributions.
+
+    Returns:
+        ``logprobs [B, T]`` float32 (0 where ``response_mask`` is False), and with ``return_full``
+        also ``full [B, T, V]`` (``-inf`` on tokens top-k/top-p removed). Gradients flow to the
+        model unless the caller disables them. A token outside the current top-k/top-p support
+        gets ``-inf``, which is the correct log-prob under that distribution.
+    """
+    prompt_len = prompt_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    mask = torch.cat([prompt_mask.bool(), response_mask.bool()], dim=1)
+    logits = model(
+        input_ids=input_ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask), use_cache=False,
+    ).logits[:, prompt_len - 1 : -1]
+    full = processed_logprobs(logits, cfg)
+    chosen = full.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    chosen = chosen.masked_fill(~response_mask.bool(), 0.0)
+    return (chosen, full) if return_full else chosen
