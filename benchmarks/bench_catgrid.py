@@ -23,7 +23,7 @@ import torch
 import rlhf_envs  # noqa: F401  (registers the envs)
 from agents.ppo import PPOConfig, train_ppo
 from agents.sb3 import StopWhen, sb3_action_probs, sb3_dqn, sb3_ppo_from_config
-from benchmarks.common import print_table, write_json
+from benchmarks.common import median_time, print_table, write_json
 from rlhf_envs.catgrid_solver import policy_return, solve
 
 TARGET = 0.95
@@ -57,7 +57,7 @@ def exact_fraction(env, probs: np.ndarray, optimum: float) -> float:
     return policy_return(env, probs) / optimum
 
 
-def time_to_target(env_id: str, seed: int, config_kwargs: dict, budget: int) -> dict:
+def time_to_target(env_id: str, seed: int, config_kwargs: dict, budget: int, repeats: int = 1) -> dict:
     """Train ours and SB3's PPO with the same settings until 95% of the optimum; steps and seconds."""
     env = gym.make(env_id)
     optimum = solve(env).optimal_return
@@ -73,18 +73,22 @@ def time_to_target(env_id: str, seed: int, config_kwargs: dict, budget: int) -> 
             return True
         return False
 
-    start = time.perf_counter()
-    train_ppo(config, callback=ours_check)
-    out["ours_seconds"] = time.perf_counter() - start
-    out["ours_steps"] = reached.get("step")
+    def ours() -> None:
+        reached.clear()
+        train_ppo(config, callback=ours_check)
 
-    torch.set_num_threads(config.torch_threads)
-    start = time.perf_counter()
-    model = sb3_ppo_from_config(config)
-    stop = StopWhen(lambda m, step: exact_fraction(env, sb3_action_probs(m, states), optimum) >= TARGET)
-    model.learn(total_timesteps=budget, callback=stop)
-    out["sb3_seconds"] = time.perf_counter() - start
-    out["sb3_steps"] = stop.reached_at
+    def sb3() -> None:
+        torch.set_num_threads(config.torch_threads)
+        model = sb3_ppo_from_config(config)
+        stop = StopWhen(lambda m, step: exact_fraction(env, sb3_action_probs(m, states), optimum) >= TARGET)
+        model.learn(total_timesteps=budget, callback=stop)
+        reached["sb3"] = stop.reached_at
+
+    # Same seed, same run: steps are identical across repeats, seconds are the median.
+    out["ours_seconds"] = median_time(ours, repeats=repeats, warmup=0)
+    out["ours_steps"] = reached.get("step")
+    out["sb3_seconds"] = median_time(sb3, repeats=repeats, warmup=0)
+    out["sb3_steps"] = reached.get("sb3")
     out["both_reached"] = out["ours_steps"] is not None and out["sb3_steps"] is not None
     return out
 
@@ -93,11 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--budget", type=int, default=200_000, help="env-step budget per training run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each training run (median)")
     parser.add_argument("--steps", type=int, default=100_000, help="steps for the single-env throughput test")
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the README)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.seeds = 5_000, args.seeds[:1]
+        args.steps, args.seeds, args.repeats = 5_000, args.seeds[:1], 1
 
     results: dict = {"target_fraction_of_optimum": TARGET}
 
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     ppo_rows = []
     for env_id in ["CatGrid-v0", "CatGridDrunk-v0"]:
         for seed in args.seeds:
-            ppo_rows.append(time_to_target(env_id, seed, {}, args.budget))
+            ppo_rows.append(time_to_target(env_id, seed, {}, args.budget, args.repeats))
     print_table(f"PPO: wall time to {TARGET:.0%} of the optimal return (same hyper-parameters)", ppo_rows)
     summary = []
     for env_id in ["CatGrid-v0", "CatGridDrunk-v0"]:
