@@ -24,6 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -43,7 +44,7 @@ class LMPPOConfig:
 
     model_path: str | None = field(default=None, metadata={"help": "policy initialisation, a local causal-LM directory (the SFT model); None = embedded default"})
     ref_model_path: str | None = field(default=None, metadata={"help": "frozen reference model for the KL term; None = the same as model_path"})
-    reward_model: str = field(default="sentiment", metadata={"help": "reward plugin name (sentiment, learned, or a registered plugin)"})
+    reward_model: Any = field(default="sentiment", metadata={"help": "reward plugin name (sentiment, learned, or a registered plugin)"})
     reward_model_path: str | None = field(default=None, metadata={"help": "checkpoint directory for the 'learned' reward plugin"})
     prompts: list | None = field(default=None, metadata={"help": "training prompts; None = the env's default (corpus prompts)"})
     output_dir: str = field(default="runs/ppo", metadata={"help": "policy, value head, metrics.jsonl and checkpoints go here"})
@@ -135,3 +136,210 @@ def policy_forward(policy: nn.Module, v_head: ValueHead, prompt_ids: torch.Tenso
     values = v_head(out.hidden_states[-1][:, prompt_len - 1:-1])
     keep = response_mask.bool()
     return logprobs.masked_fill(~keep, 0.0), values.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0)
+
+
+class PolicyWithValueHead(nn.Module):
+    """The policy LM and its value head, saved and restored together."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.v_head = ValueHead(lm.config.get_text_config().hidden_size)
+
+    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, cfg: SamplingConfig):
+        return policy_forward(self.lm, self.v_head, prompt_ids, prompt_mask, response_ids, response_mask, cfg)
+
+
+@dataclass
+class LMPPOResult:
+    output_dir: str
+    iterations: int
+    history: list[dict]
+    seconds: float
+
+
+def _make_env(config: LMPPOConfig):
+    reward_kwargs = {"path": config.reward_model_path} if config.reward_model_path else None
+    return gym.make_vec(
+        "TextBandit-v0", num_envs=config.batch_size, model=config.ref_model_path or config.model_path,
+        reward_model=config.reward_model, reward_kwargs=reward_kwargs, prompts=config.prompts,
+        beta=config.beta, target_kl=config.target_kl, kl_estimator=config.kl_estimator,
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+
+
+def _ptx_batches(config: LMPPOConfig, tokenizer, generator: torch.Generator):
+    """Endless minibatches of pretraining text (input ids, attention mask) for PPO-ptx."""
+    from rlhf_envs.corpus import make_reviews
+
+    texts = config.ptx_texts or make_reviews(4096, seed=config.seed + 7)
+    eos = tokenizer.eos_token
+    enc = tokenizer([eos + t + eos for t in texts], return_tensors="pt", padding=True, truncation=True, max_length=64)
+    size = config.batch_size // config.num_minibatches
+    while True:
+        for idx in torch.randperm(len(texts), generator=generator).split(size):
+            yield enc["input_ids"][idx], enc["attention_mask"][idx]
+
+
+def _ptx_loss(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
+    """RLHF PPO against ``TextBandit-v0``; writes the policy (HF dir), value head, metrics.jsonl."""
+    from agents.checkpoint import load_checkpoint, save_checkpoint
+    from agents.lm_common import MetricsWriter, set_seed
+    from rlhf_envs.lm import load_causal_lm
+    from rlhf_envs.text_common import attention_mask_from_obs
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    set_seed(config.seed)
+    out = Path(config.output_dir)
+    lm, tokenizer = load_causal_lm(config.model_path)
+    model = PolicyWithValueHead(lm)
+    model.train()
+    for module in model.modules():  # RLHF PPO runs without dropout: the ratio must be 1 before the first step
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    envs = _make_env(config)
+    task = envs.unwrapped.task
+    if task.vocab_size != lm.get_output_embeddings().weight.shape[0]:
+        raise ValueError(f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
+                         f"{task.vocab_size}: the policy and ref_model must share a tokenizer")
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5)
+    cfg = config.sampling
+    generator = torch.Generator()
+    ptx = _ptx_batches(config, tokenizer, torch.Generator().manual_seed(config.seed)) if config.ptx_coef > 0 else None
+
+    start_iter = 0
+    checkpoint_dir = out / "checkpoint"
+    if config.resume and (checkpoint_dir / "checkpoint.json").is_file():
+        state = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)
+        start_iter = state["iteration"]
+        task.kl_controller.kl_coef = state["kl_coef"]
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_iter if config.resume else None)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+
+    history: list[dict] = []
+    started = time.perf_counter()
+    bar = tqdm(range(start_iter, config.num_iterations), initial=start_iter, total=config.num_iterations,
+               disable=not config.progress, desc="RLHF PPO", unit="iter")
+    mb_size = config.batch_size // config.num_minibatches
+    for iteration in bar:
+        t0 = time.perf_counter()
+        # Every iteration draws its prompts and samples from seeds derived from (seed, iteration),
+        # so a resumed run makes exactly the same rollouts as an uninterrupted one.
+        obs, _ = envs.reset(seed=config.seed * 100_003 + iteration)
+        generator.manual_seed(config.seed * 1_000_003 + iteration)
+        prompt_ids = torch.as_tensor(obs)
+        prompt_mask = attention_mask_from_obs(prompt_ids, task.pad_token_id)
+        model.eval()
+        with torch.no_grad():
+            gen = generate(model.lm, prompt_ids, prompt_mask, cfg, eos_token_id=task.eos_token_id,
+                           pad_token_id=task.pad_token_id, generator=generator)
+            response_ids, response_mask = gen.response_ids, gen.response_mask
+            old_logprobs, old_values, _ = model(prompt_ids, prompt_mask, response_ids, response_mask, cfg)
+        t_rollout = time.perf_counter()
+
+        width = config.max_new_tokens
+        action = torch.full((config.batch_size, width), task.pad_token_id, dtype=torch.long)
+        action[:, :response_ids.shape[1]] = response_ids
+        handed = torch.zeros(config.batch_size, width)
+        handed[:, :response_ids.shape[1]] = old_logprobs
+        envs.set_policy_logprobs(handed.numpy())
+        _, _, _, _, info = envs.step(action.numpy())
+        t_score = time.perf_counter()
+
+        T = response_ids.shape[1]
+        score = torch.as_tensor(info["score"], dtype=torch.float32)
+        kl_per_token = torch.as_tensor(info["kl_per_token"][:, :T])
+        rewards = token_rewards(score, kl_per_token, torch.as_tensor(info["beta"]), response_mask)
+        advantages, returns = gae(rewards, old_values, response_mask, config.gamma, config.gae_lambda)
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, response_mask)
+
+        model.train()
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "clipfrac", "vf_clipfrac", "entropy", "ptx_loss")}
+        for _epoch in range(config.ppo_epochs):
+            perm = torch.randperm(config.batch_size, generator=generator)
+            for mb in perm.split(mb_size):
+                m = response_mask[mb]
+                logprobs, values, entropy = model(prompt_ids[mb], prompt_mask[mb], response_ids[mb], m, cfg)
+                pg, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, config.cliprange)
+                vf, vf_stats = value_loss(values, old_values[mb], returns[mb], m, config.cliprange_value)
+                loss = pg + config.vf_coef * vf
+                if ptx is not None:
+                    ptx_loss = _ptx_loss(model.lm, *next(ptx))
+                    loss = loss + config.ptx_coef * ptx_loss
+                    stats["ptx_loss"].append(ptx_loss.item())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                stats["pg_loss"].append(pg.item())
+                stats["vf_loss"].append(vf.item())
+                stats["approxkl"].append(pg_stats["approx_kl"].item())
+                stats["clipfrac"].append(pg_stats["clipfrac"].item())
+                stats["vf_clipfrac"].append(vf_stats["clipfrac"].item())
+                stats["entropy"].append(masked_mean(entropy.detach(), m).item())
+        t_update = time.perf_counter()
+
+        row = {
+            "step": iteration + 1,
+            "episodes": (iteration + 1) * config.batch_size,
+            "objective/scores": float(np.mean(info["score"])),
+            "objective/kl": float(np.mean(info["kl"])),
+            "objective/kl_coef": float(info["beta"][0]),
+            "objective/rlhf_reward": float(np.mean(info["score"] - info["beta"] * info["kl"])),
+            "policy/approxkl_avg": float(np.mean(stats["approxkl"])),
+            "policy/clipfrac_avg": float(np.mean(stats["clipfrac"])),
+            "policy/entropy_avg": float(np.mean(stats["entropy"])),
+            "loss/policy_avg": float(np.mean(stats["pg_loss"])),
+            "loss/value_avg": float(np.mean(stats["vf_loss"])),
+            "val/clipfrac_avg": float(np.mean(stats["vf_clipfrac"])),
+            "val/returns_mean": float(masked_mean(returns, response_mask)),
+            "tokens/response_length_mean": float(response_mask.sum(-1).float().mean()),
+            "time/rollout_s": t_rollout - t0,
+            "time/scoring_s": t_score - t_rollout,
+            "time/update_s": t_update - t_score,
+        }
+        if stats["ptx_loss"]:
+            row["loss/ptx_avg"] = float(np.mean(stats["ptx_loss"]))
+        history.append(row)
+        metrics.write(row)
+        bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.2f}", beta=f"{row['objective/kl_coef']:.3f}")
+
+        done = iteration + 1
+        if config.snapshot_every and done % config.snapshot_every == 0:
+            _save_policy(out / "snapshots" / f"iter-{done:05d}", model, tokenizer)
+        if (config.save_every and done % config.save_every == 0) or done == config.num_iterations:
+            save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
+                            state={"iteration": done, "kl_coef": task.kl_controller.kl_coef})
+    metrics.close()
+    _save_policy(out / "policy", model, tokenizer)
+    envs.close()
+    return LMPPOResult(str(out), config.num_iterations, history, time.perf_counter() - started)
+
+
+def _save_policy(directory: Path, model: PolicyWithValueHead, tokenizer) -> None:
+    """The policy as a loadable HF directory plus ``value_head.safetensors``, moved into place atomically."""
+    import shutil
+    import tempfile
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    model.lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def load_value_head(directory: str | Path, hidden_size: int) -> ValueHead:
+    """The value head saved beside a PPO policy."""
+    head = ValueHead(hidden_size)
+    head.load_state_dict(load_file(str(Path(directory) / "value_head.safetensors")))
+    return head
