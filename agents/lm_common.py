@@ -1,0 +1,420 @@
+"""What SFT, reward-model training and DPO share: the config fields, batching, the optimizer and
+LR schedule, the metrics JSONL writer, the LM-head trick, and the training loop.
+
+The loop (:func:`run_training`) is the skeleton of every LM trainer here: a seeded permutation per
+epoch, one optimizer step per batch of pre-tokenised examples padded to the batch's longest
+sequence, gradient clipping, metrics every ``log_every`` steps (tensors stay on the device between
+logs, so there is no per-step host sync), evaluation, atomic checkpoints every ``checkpoint_every``
+steps, exact resume, and the final model saved as a loadable Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from agents.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+
+LR_SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class LMTrainConfig:
+    """Fields every LM trainer (SFT, reward model, DPO) shares; each algorithm's config adds its own."""
+
+    model_path: str | None = field(default=None, metadata={"help": "local Hugging Face causal-LM directory; None = the embedded default model"})
+    data_path: str = field(default="", metadata={"help": "JSONL training data (the format depends on the algorithm)"})
+    output_dir: str = field(default="runs/out", metadata={"help": "the final model (a Hugging Face directory), metrics.jsonl and checkpoints/ go here"})
+    seed: int = field(default=0, metadata={"help": "seed of torch, numpy, random, the data order and the held-out split"})
+    num_epochs: int = field(default=1, metadata={"help": "passes over the training data"})
+    max_steps: int | None = field(default=None, metadata={"help": "total optimizer steps (the LR schedule is sized to it; overrides num_epochs); None = num_epochs full passes"})
+    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step"})
+    max_length: int = field(default=128, metadata={"help": "longest tokenised sequence (prompt + response); longer ones are truncated, see agents.data"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and norms)"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps with a linear LR warm-up from 0"})
+    lr_schedule: str = field(default="linear", metadata={"help": "LR decay after warm-up: linear (to 0), cosine (to 0) or constant"})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the global gradient norm to this; None = no clipping"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "fraction of the data held out for evaluation (0 = none)"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps (0 = only at the end)"})
+    log_every: int = field(default=10, metadata={"help": "write a metrics line every this many steps"})
+    checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every this many steps (0 = never)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir/checkpoints"})
+    device: str = field(default="auto", metadata={"help": "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."})
+    bf16: bool = field(default=False, metadata={"help": "autocast the forward passes to bfloat16 (weights and optimizer stay float32)"})
+    torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped inside model_path"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not self.data_path:
+            raise ValueError(f"{name}.data_path is empty: give the path of a JSONL file")
+        for key in ("num_epochs", "batch_size", "max_length", "log_every", "keep_checkpoints"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}.{key} must be a positive integer, got {value!r}")
+        for key in ("eval_every", "checkpoint_every"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}.{key} must be an integer >= 0 (0 turns it off), got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"{name}.max_steps must be a positive integer or None, got {self.max_steps!r}")
+        if self.max_length < 2:
+            raise ValueError(f"{name}.max_length must be >= 2 (a prompt token and a response token), got {self.max_length}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"{name}.learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"{name}.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"{name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"{name}.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"{name}.max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"{name}.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"{name}.torch_threads must be >= 1 or None, got {self.torch_threads!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"{name}.device {self.device!r} is not a torch device: use auto, cpu or cuda[:N]") from err
+
+
+@dataclass
+class TrainResult:
+    """What a trainer returns: where the model is, how far it got, how fast, and the last metrics."""
+
+    output_dir: str
+    global_step: int
+    samples_seen: int
+    train_seconds: float
+    samples_per_second: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_dir(model_path: str | None) -> Path:
+    """``model_path``, or the embedded default model's directory when it is None."""
+    from rlhf_envs.lm import EMBEDDED_MODEL_DIR
+
+    return EMBEDDED_MODEL_DIR if model_path is None else Path(model_path)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability in ``model`` to 0 (deterministic scores and log-probs)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def fuse_gelu(model: nn.Module) -> int:
+    """Swap transformers' Python tanh-GELU modules for torch's fused ``nn.GELU(approximate="tanh")``.
+
+    ``NewGELUActivation`` (GPT-2's ``gelu_new``) and ``FastGELUActivation`` compute the same
+    function in five element-wise ops that each keep an activation for the backward pass; the
+    fused op is one kernel and equal to float rounding (about 1e-7). Weights and the saved config
+    are untouched. Returns how many modules were swapped.
+    """
+    from transformers.activations import FastGELUActivation, NewGELUActivation
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(parent, name, nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
+def pad(seqs: list[torch.Tensor], value: int, side: str = "right") -> torch.Tensor:
+    """Stack 1-D tensors into ``[B, max_len]``, padded with ``value`` on ``side``."""
+    return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value, padding_side=side)
+
+
+def split_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(body, head)`` when ``model(x).logits == head(body(x).last_hidden_state)`` for this model.
+
+    Training losses only need logits at response positions; applying the LM head (``[H, V]``, most
+    of a small model's FLOPs) to those positions only is the main speed-up of these trainers. The
+    split is verified once on a short input, so models with logit soft-capping or scaling (where
+    it would be wrong) get None and the callers fall back to full logits.
+    """
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or body is model or not isinstance(head, nn.Module):
+        return None
+    device = next(model.parameters()).device
+    ids = torch.arange(min(8, model.config.vocab_size), device=device).unsqueeze(0)
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            split = head(body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state)
+    except (TypeError, AttributeError, RuntimeError):
+        return None
+    finally:
+        model.train(was_training)
+    return (body, head) if split.shape == full.shape and torch.allclose(split, full, atol=1e-5, rtol=1e-4) else None
+
+
+def target_logits(
+    model: nn.Module,
+    split: tuple[nn.Module, nn.Module] | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits that predict the target tokens of a right-padded batch.
+
+    Args:
+        input_ids, attention_mask: ``[B, L]``, right-padded.
+        target_mask: ``[B, L]`` bool, True at each token that is a target (predicted from the
+            position before it; column 0 is never a target).
+        split: from :func:`split_lm_head`; None computes the full logits.
+
+    Returns:
+        ``logits [N, V]``, ``targets [N]`` token ids and ``rows [N]`` (the batch row of each), for
+        the ``N = target_mask.sum()`` targets in row-major order.
+    """
+    select = target_mask[:, 1:]
+    if split is None:
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = hidden[:, :-1][select]
+    else:
+        body, head = split
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][select])
+    targets = input_ids[:, 1:][select]
+    rows = select.nonzero()[:, 0]
+    return logits.float(), targets, rows
+
+
+def response_target_mask(lengths: torch.Tensor, prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width]`` bool: True at positions ``max(prompt_len, 1) <= j < length`` (the response tokens)."""
+    positions = torch.arange(width, device=lengths.device)
+    start = prompt_lengths.clamp(min=1).unsqueeze(1)
+    return (positions >= start) & (positions < lengths.unsqueeze(1))
+
+
+def batch_sequences(
+    seqs: list[torch.Tensor], prompt_lengths: torch.Tensor, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ``B`` prompt+response sequences to the longest; move them to ``device``.
+
+    Returns ``input_ids [B, L]``, ``attention_mask [B, L]`` and ``target_mask [B, L]`` (True on
+    response tokens, see :func:`response_target_mask`).
+    """
+    lengths = torch.tensor([len(s) for s in seqs])
+    input_ids = pad(seqs, pad_id)
+    width = input_ids.shape[1]
+    attention_mask = (torch.arange(width) < lengths.unsqueeze(1)).long()
+    target_mask = response_target_mask(lengths, prompt_lengths, width)
+    return input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True), target_mask.to(device, non_blocking=True)
+
+
+def make_optimizer(model: nn.Module, config: LMTrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms or 1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=device.type == "cuda")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: LMTrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_ratio * total_steps`` steps, then ``lr_schedule`` decay."""
+    warmup = int(config.warmup_ratio * total_steps)
+    schedule = config.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def held_out_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded ``(train_indices, eval_indices)``; at least one eval example when eval_fraction > 0."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, round(eval_fraction * n)) if eval_fraction > 0 else 0
+    if n - n_eval < 1:
+        raise ValueError(f"{n} examples leave none for training after holding out {n_eval}: add data or lower eval_fraction")
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``path``; on resume it drops lines past the resumed step."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._file = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+_RESUME_KEYS = ("seed", "batch_size", "num_epochs", "max_steps", "max_length", "eval_fraction")
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def run_training(
+    config: LMTrainConfig,
+    *,
+    algorithm: str,
+    model: nn.Module,
+    tokenizer: Any,
+    num_train: int,
+    collate: Callable[[list[int]], Any],
+    loss_fn: LossFn,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None,
+    device: torch.device,
+    extra_seconds: float = 0.0,
+) -> TrainResult:
+    """Train ``model`` on ``num_train`` examples and save it to ``config.output_dir``.
+
+    ``collate(indices)`` builds a device batch from training-example indices; ``loss_fn(model,
+    batch)`` returns the scalar loss and detached metric tensors; ``evaluate(model)`` returns
+    held-out metrics (logged with an ``eval/`` prefix). ``extra_seconds`` (e.g. DPO's reference
+    pass) is added to the training time used for ``samples_per_second``.
+    """
+    output_dir = Path(config.output_dir)
+    checkpoint_root = output_dir / "checkpoints"
+    steps_per_epoch = math.ceil(num_train / config.batch_size)
+    total_steps = config.num_epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = config.max_steps
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, config, device)
+    scheduler = make_scheduler(optimizer, config, total_steps)
+    state = {"global_step": 0, "samples_seen": 0, "num_train": num_train}
+    resume_from = latest_checkpoint(checkpoint_root) if config.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        if state.get("algorithm") != algorithm or state.get("num_train") != num_train:
+            raise ValueError(
+                f"checkpoint {resume_from} is from {state.get('algorithm')!r} on {state.get('num_train')} examples, this run is "
+                f"{algorithm!r} on {num_train}: resume with the same data and algorithm, or set resume=False")
+        changed = {k: (state["config"][k], getattr(config, k)) for k in _RESUME_KEYS if state["config"].get(k) != getattr(config, k)}
+        if changed:
+            raise ValueError(
+                f"checkpoint {resume_from} was written with other settings ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}): "
+                "resume with the same values, or set resume=False to start over")
+    writer = MetricsWriter(output_dir / "metrics.jsonl", resume_step=state["global_step"] if resume_from else None)
+    step, samples = state["global_step"], state["samples_seen"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    pending: list[dict[str, torch.Tensor]] = []
+    last: dict[str, float] = {}
+    bar = tqdm(total=total_steps, initial=step, desc=algorithm, disable=not config.progress)
+    start = time.perf_counter()
+    for epoch in range(step // steps_per_epoch, num_epochs):
+        order = torch.randperm(num_train, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+        batches = [order[i : i + config.batch_size] for i in range(0, num_train, config.batch_size)]
+        for indices in batches[step - epoch * steps_per_epoch :]:
+            if step >= total_steps:
+                break
+            batch = collate(indices)
+            with autocast:
+                loss, metrics = loss_fn(model, batch)
+            loss.backward()
+            if config.max_grad_norm is not None:
+                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics["loss"] = loss.detach()
+            pending.append(metrics)
+            step += 1
+            samples += len(indices)
+            bar.update(1)
+            if step % config.log_every == 0 or step == total_steps:
+                last = {k: float(torch.stack([m[k].float() for m in pending]).mean()) for k in pending[0]}
+                pending.clear()
+                writer.write({"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0], **last})
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if evaluate is not None and config.eval_every and step % config.eval_every == 0 and step != total_steps:
+                writer.write({"step": step, **{f"eval/{k}": v for k, v in _evaluate(model, evaluate, autocast).items()}})
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                meta = {"algorithm": algorithm, "global_step": step, "samples_seen": samples, "num_train": num_train, "config": asdict(config)}
+                save_checkpoint(checkpoint_root / f"checkpoint-{step:08d}", model=model, optimizer=optimizer, scheduler=scheduler, state=meta)
+                prune_checkpoints(checkpoint_root, keep=config.keep_checkpoints)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start + extra_seconds
+    bar.close()
+    if evaluate is not None:
+        last.update({f"eval/{k}": v for k, v in _evaluate(model, evaluate, autocast).items()})
+        writer.write({"step": step, **{k: v for k, v in last.items() if k.startswith("eval/")}})
+    new_samples = samples - state["samples_seen"]
+    speed = new_samples / seconds if seconds > 0 else 0.0
+    writer.write({"step": step, "train_seconds": seconds, "samples_per_second": speed})
+    writer.close()
+    save_pretrained_model(output_dir, model, tokenizer)
+    return TrainResult(str(output_dir), step, samples, seconds, speed, last)
+
+
+def _evaluate(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], autocast: torch.autocast) -> dict[str, float]:
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast:
+            return evaluate(model)
+    finally:
+        model.train()
+
+
+def save_pretrained_model(output_dir: Path, model: nn.Module, tokenizer: Any) -> None:
+    """Save ``model`` and ``tokenizer`` as a Hugging Face directory loadable offline.
+
+    Weights are written as safetensors (the only format of transformers 5, the default since 4.35).
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)

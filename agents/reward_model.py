@@ -1,0 +1,151 @@
+"""Reward-model training with the Bradley-Terry loss (InstructGPT's K-ranking form).
+
+The model is ``AutoModelForSequenceClassification(num_labels=1)`` initialised from a causal-LM
+directory (the transformer is reused, the score head is new). It reads the string ``prompt +
+response`` and the reward is ``logits[:, 0]``, pooled by the model at the last non-pad token;
+texts are padded on the tokenizer's padding side and position ids come from the attention mask,
+so a padded text scores exactly like the same text alone. This is the format the ``learned``
+reward plugin (:mod:`rlhf_envs.rewards`) scores.
+
+Loss: for responses ranked ``y_1 > y_2 > ... > y_K`` for one prompt,
+``-1/C(K,2) * sum_{i<j} log sigmoid(r(x, y_i) - r(x, y_j))``, averaged over prompts; a prompt is
+one batch element and each response gets one forward pass, however many pairs it is in. K = 2
+is the usual pairwise loss ``-log sigmoid(r_chosen - r_rejected)``. Data: JSONL lines
+``{"prompt", "responses": [best, ..., worst]}`` or ``{"prompt", "chosen", "rejected"}``.
+Logged names: ``loss``, ``accuracy`` (fraction of pairs ordered correctly), ``margin`` (mean
+``r_better - r_worse``), ``grad_norm``, ``lr``; held out: ``eval/loss``, ``eval/accuracy``,
+``eval/margin``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from agents.data import read_rankings, tokenize_texts
+from agents.lm_common import (
+    LMTrainConfig,
+    TrainResult,
+    disable_dropout,
+    fuse_gelu,
+    held_out_split,
+    model_dir,
+    pad,
+    resolve_device,
+    run_training,
+    set_seed,
+)
+from rlhf_envs.lm import load_tokenizer
+
+
+@dataclass
+class RewardModelConfig(LMTrainConfig):
+    """Hyper-parameters of :func:`train_reward_model`; shared fields are documented on :class:`LMTrainConfig`."""
+
+    output_dir: str = field(default="runs/rm", metadata={"help": "the reward model (a Hugging Face sequence-classification directory), metrics.jsonl and checkpoints/ go here"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per optimizer step (each with its K ranked responses)"})
+    disable_dropout: bool = field(default=True, metadata={"help": "turn dropout off, so both sides of a pair are scored by the same function"})
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Mean of ``-log sigmoid(r_chosen - r_rejected)`` over ``[N]`` pairs of scalar rewards."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+@lru_cache(maxsize=None)
+def _pairs(k: int) -> tuple[list[int], list[int]]:
+    better, worse = zip(*itertools.combinations(range(k), 2))
+    return list(better), list(worse)
+
+
+def ranking_pairs(group_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every ordered pair within each ranked group of a flat score vector.
+
+    ``group_sizes [B]`` are the K of each prompt (responses best first, groups back to back).
+    Returns ``better [P]``, ``worse [P]`` (indices into the flat scores) and ``weight [P]`` =
+    ``1 / (C(K,2) * B)``, so a weighted sum averages over pairs within a prompt and over prompts.
+    """
+    better, worse, weight, offset = [], [], [], 0
+    for k in group_sizes:
+        b, w = _pairs(k)
+        better += [offset + i for i in b]
+        worse += [offset + j for j in w]
+        weight += [1.0 / (len(b) * len(group_sizes))] * len(b)
+        offset += k
+    return torch.tensor(better), torch.tensor(worse), torch.tensor(weight)
+
+
+def ranking_loss(scores: torch.Tensor, better: torch.Tensor, worse: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """InstructGPT's loss: ``sum(weight * -log sigmoid(scores[better] - scores[worse]))`` (see :func:`ranking_pairs`)."""
+    return (weight * -F.logsigmoid(scores[better] - scores[worse])).sum()
+
+
+def train_reward_model(config: RewardModelConfig) -> TrainResult:
+    """Train a reward model on ``config.data_path``; the result is saved in ``config.output_dir``."""
+    from transformers import AutoModelForSequenceClassification
+
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    set_seed(config.seed)
+    device = resolve_device(config.device)
+    records = read_rankings(config.data_path)
+    path = model_dir(config.model_path)
+    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, local_files_only=True, trust_remote_code=config.trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    fuse_gelu(model)
+    if config.disable_dropout:
+        disable_dropout(model)
+    model.to(device)
+    texts, _ = tokenize_texts(tokenizer, [r["prompt"] + y for r in records for y in r["responses"]], config.max_length)
+    starts = list(itertools.accumulate((len(r["responses"]) for r in records), initial=0))
+    groups = [texts[starts[i] : starts[i + 1]] for i in range(len(records))]
+    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed)
+    pad_id, side = tokenizer.pad_token_id, tokenizer.padding_side
+
+    def collate(indices: list[int]) -> tuple[torch.Tensor, ...]:
+        seqs = [seq for i in indices for seq in groups[i]]
+        input_ids = pad(seqs, pad_id, side)
+        mask = pad([torch.ones_like(s) for s in seqs], 0, side)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        pairs = ranking_pairs([len(groups[i]) for i in indices])
+        return tuple(t.to(device, non_blocking=True) for t in (input_ids, mask, positions, *pairs))
+
+    def scores_and_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's ranking loss and ``r_better - r_worse`` of each of its pairs."""
+        input_ids, mask, positions, better, worse, weight = batch
+        scores = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, 0].float()
+        return ranking_loss(scores, better, worse, weight), scores[better] - scores[worse]
+
+    def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, margins = scores_and_loss(model, batch)
+        margins = margins.detach()
+        return loss, {"accuracy": (margins > 0).float().mean(), "margin": margins.mean()}
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        losses, margins = [], []
+        for start in range(0, len(eval_idx), config.batch_size):
+            indices = eval_idx[start : start + config.batch_size]
+            loss, margin = scores_and_loss(model, collate(indices))
+            losses.append(float(loss) * len(indices))
+            margins.append(margin)
+        margin = torch.cat(margins)
+        return {"loss": sum(losses) / len(eval_idx), "accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}
+
+    return run_training(
+        config,
+        algorithm="reward_model",
+        model=model,
+        tokenizer=tokenizer,
+        num_train=len(train_idx),
+        collate=lambda indices: collate([train_idx[i] for i in indices]),
+        loss_fn=loss_fn,
+        evaluate=evaluate if eval_idx else None,
+        device=device,
+    )

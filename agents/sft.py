@@ -1,0 +1,89 @@
+"""Supervised fine-tuning (SFT): maximise the likelihood of demonstrations' completions.
+
+The loss is the mean cross-entropy over completion tokens (and the EOS after them); prompt
+tokens condition but are not trained on. Data: JSONL lines ``{"prompt", "completion"}``
+(:func:`agents.data.read_sft`). :func:`train_sft` reads top to bottom: load, tokenise once, hold
+out ``eval_fraction``, and run the shared loop of :mod:`agents.lm_common` (checkpoints, exact
+resume, metrics JSONL). Logged names: ``loss``, ``grad_norm``, ``lr``, ``eval/loss``,
+``eval/perplexity``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from agents.data import read_sft, tokenize_sft
+from rlhf_envs.lm import load_causal_lm
+from agents.lm_common import (
+    LMTrainConfig,
+    TrainResult,
+    batch_sequences,
+    fuse_gelu,
+    held_out_split,
+    resolve_device,
+    run_training,
+    set_seed,
+    split_lm_head,
+    target_logits,
+)
+
+
+@dataclass
+class SFTConfig(LMTrainConfig):
+    """Hyper-parameters of :func:`train_sft`; the shared fields are documented on :class:`LMTrainConfig`."""
+
+    output_dir: str = field(default="runs/sft", metadata={"help": "the fine-tuned model (a Hugging Face directory), metrics.jsonl and checkpoints/ go here"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate"})
+
+
+def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood (nats per token) of ``targets [N]`` under ``logits [N, V]``."""
+    return F.cross_entropy(logits.float(), targets)
+
+
+def train_sft(config: SFTConfig) -> TrainResult:
+    """Fine-tune ``config.model_path`` on ``config.data_path``; the result is saved in ``config.output_dir``."""
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    set_seed(config.seed)
+    device = resolve_device(config.device)
+    records = read_sft(config.data_path)
+    model, tokenizer = load_causal_lm(config.model_path, trust_remote_code=config.trust_remote_code)
+    fuse_gelu(model)
+    model.to(device)
+    data = tokenize_sft(tokenizer, records, config.max_length)
+    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed)
+    split = split_lm_head(model)
+    pad_id = tokenizer.pad_token_id
+
+    def collate(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return batch_sequences([data.input_ids[i] for i in indices], data.prompt_lengths[indices], pad_id, device)
+
+    def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, targets, _ = target_logits(model, split, *batch)
+        return sft_loss(logits, targets), {}
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        total, count = 0.0, 0
+        for start in range(0, len(eval_idx), config.batch_size):
+            logits, targets, _ = target_logits(model, split, *collate(eval_idx[start : start + config.batch_size]))
+            total += float(F.cross_entropy(logits, targets, reduction="sum"))
+            count += len(targets)
+        loss = total / max(count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    return run_training(
+        config,
+        algorithm="sft",
+        model=model,
+        tokenizer=tokenizer,
+        num_train=len(train_idx),
+        collate=lambda indices: collate([train_idx[i] for i in indices]),
+        loss_fn=loss_fn,
+        evaluate=evaluate if eval_idx else None,
+        device=device,
+    )
