@@ -30,11 +30,11 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str
 
 
 def _base_type(kind):
-    """``X`` for ``X | None``; otherwise the type itself."""
+    """``X`` for ``X | None``; ``str`` for ``Any``; otherwise the type itself."""
     args = typing.get_args(kind)
     if args and type(None) in args:
-        return next(a for a in args if a is not type(None))
-    return kind
+        kind = next(a for a in args if a is not type(None))
+    return str if kind is typing.Any else kind
 
 
 def config_from_args(config_cls, args: argparse.Namespace, **overrides):
@@ -77,13 +77,106 @@ def _catgrid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(config_cls, train_fn_path: str, skip: tuple[str, ...] = ()):
+    """A sub-command that builds ``config_cls`` from the options and calls the trainer."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        module, name = train_fn_path.split(":")
+        overrides = {}
+        if getattr(args, "prompts_file", None):
+            from agents.data import read_prompts
+
+            overrides["prompts"] = read_prompts(args.prompts_file)
+        result = getattr(importlib.import_module(module), name)(config_from_args(config_cls, args, **overrides))
+        summary = {k: v for k, v in vars(result).items() if k != "history"}
+        if hasattr(result, "history") and result.history:
+            summary["last"] = result.history[-1]
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+
+    return run
+
+
+def _models_arg(values: list[str]) -> dict[str, str]:
+    models = {}
+    for item in values:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--model takes NAME=PATH (e.g. sft=runs/pipeline/sft), got {item!r}")
+        models[name] = path
+    return models
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from agents.evaluate import EvalConfig, evaluate_models, write_eval
+    from agents.reports import print_rows
+
+    config = config_from_args(EvalConfig, args, models=_models_arg(args.model))
+    result = evaluate_models(config)
+    if args.command == "elo":
+        rows = sorted(({"model": k, "elo": v} for k, v in result["elo"].items()), key=lambda r: -r["elo"])
+    else:
+        rows = result["rows"]
+    print_rows(rows)
+    if args.out:
+        print(f"wrote {write_eval(result, Path(args.out))}")
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from agents.pipeline import PipelineConfig, run_pipeline
+
+    summary = run_pipeline(config_from_args(PipelineConfig, args))
+    print(json.dumps(summary, indent=2))
+    print(f"report: {Path(args.output_dir) / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from agents.dpo import DPOConfig
+    from agents.evaluate import EvalConfig
+    from agents.lm_ppo import LMPPOConfig
+    from agents.pipeline import PipelineConfig
     from agents.ppo import PPOConfig
+    from agents.reward_model import RewardModelConfig
+    from agents.sft import SFTConfig
 
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF as Gymnasium environments, and the agents that train on them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    pipe = sub.add_parser("pipeline", formatter_class=fmt,
+                          help="SFT -> reward model -> PPO, and DPO beside it, on the embedded default, with a report")
+    add_config_args(pipe, PipelineConfig)
+    pipe.set_defaults(func=_pipeline)
+
+    for name, cls, fn, what in [
+        ("sft", SFTConfig, "agents.sft:train_sft", "supervised fine-tuning on JSONL {prompt, completion}"),
+        ("rm", RewardModelConfig, "agents.reward_model:train_reward_model",
+         "reward model (Bradley-Terry) on JSONL pairs {prompt, chosen, rejected} or rankings {prompt, responses}"),
+        ("dpo", DPOConfig, "agents.dpo:train_dpo", "DPO / IPO / conservative DPO on JSONL preference pairs"),
+    ]:
+        p = sub.add_parser(name, help=what, formatter_class=fmt)
+        add_config_args(p, cls)
+        p.set_defaults(func=_train(cls, fn))
+
+    ppo = sub.add_parser("ppo", formatter_class=fmt, help="RLHF PPO of a causal LM against TextBandit-v0 (KL to a frozen reference)")
+    add_config_args(ppo, LMPPOConfig, skip=("prompts", "ptx_texts"))
+    ppo.add_argument("--prompts-file", default=None, help="JSONL file with a 'prompt' per line (default: corpus prompts)")
+    ppo.set_defaults(func=_train(LMPPOConfig, "agents.lm_ppo:train_lm_ppo"))
+
+    for name, what in [("eval", "gold reward, proxy reward, KL to the reference and win rates of checkpoints"),
+                       ("elo", "Elo ratings of checkpoints from head-to-head games judged by the gold reward")]:
+        p = sub.add_parser(name, help=what, formatter_class=fmt)
+        add_config_args(p, EvalConfig, skip=("models", "prompts"))
+        p.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help="a model to evaluate (repeat)")
+        p.add_argument("--out", default=None, help="also write the full result as JSON here")
+        p.set_defaults(func=_evaluate)
+
     grid = sub.add_parser("catgrid", help="train our PPO on a CatGrid env and report the fraction of the exact optimum",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=fmt)
     add_config_args(grid, PPOConfig, skip=("log_dir",))
     grid.add_argument("--out", default="runs/catgrid", help="run folder")
     grid.add_argument("--stop-at", type=float, default=None, help="stop once this fraction of the optimum is reached")

@@ -89,6 +89,17 @@ def read_sft(path: str | Path) -> list[dict[str, str]]:
     return records
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """``["prompt", ...]`` from a JSONL file of ``{"prompt": ...}`` lines (other fields are ignored)."""
+    path = Path(path)
+    prompts = []
+    for number, record in _lines(path):
+        _check_fields(path, number, record, {"prompt": str})
+        prompts.append(record["prompt"])
+    _require_records(path, prompts, "a prompt field")
+    return prompts
+
+
 def read_preferences(path: str | Path) -> list[dict[str, str]]:
     """``[{"prompt", "chosen", "rejected"}]`` from a JSONL file."""
     path = Path(path)

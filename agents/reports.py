@@ -47,3 +47,133 @@ def save_policy(directory: Path, module, config) -> Path:
     else:
         os.replace(tmp, directory)
     return directory
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    """Write records as JSON lines, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_ppo_training(path: Path, metrics: list[dict]) -> Path:
+    """Proxy reward, KL to the reference and beta over PPO iterations."""
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
+    for ax, key, label in zip(axes, ["objective/scores", "objective/kl", "objective/kl_coef"],
+                              ["proxy reward (reward model)", "KL to SFT (nats / response)", "beta (KL coefficient)"]):
+        ax.plot(steps, [m[key] for m in metrics], lw=1.5)
+        ax.set(xlabel="PPO iteration", title=label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_dpo_training(path: Path, metrics: list[dict]) -> Path:
+    """DPO loss, implicit-reward accuracy and margin over steps."""
+    rows = [m for m in metrics if "loss" in m and "lr" in m]  # training lines (eval lines have eval/ keys)
+    steps = [m["step"] for m in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
+    for ax, key in zip(axes, ["loss", "rewards/accuracies", "rewards/margins"]):
+        ax.plot(steps, [m.get(key) for m in rows], lw=1.5)
+        ax.set(xlabel="DPO step", title=f"DPO {key}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_gold_vs_kl(path: Path, points: list[dict]) -> Path:
+    """Gold and proxy reward against KL to SFT for PPO and DPO checkpoints (reward over-optimisation)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+    sft = next(p for p in points if p["model"] == "sft")
+    for family, colour in [("ppo", "tab:blue"), ("dpo", "tab:orange")]:
+        series = [sft] + [p for p in points if p["model"].startswith(family + "@")]
+        series.sort(key=lambda p: p["kl_to_sft"])
+        kl = [p["kl_to_sft"] for p in series]
+        ax.plot(kl, [p["gold_reward"] for p in series], marker="o", color=colour, label=f"{family.upper()}: gold reward")
+        if all(p["proxy_reward"] is not None for p in series):
+            ax.plot(kl, [p["proxy_reward"] for p in series], marker="x", ls="--", color=colour, alpha=0.6,
+                    label=f"{family.upper()}: proxy (reward model)")
+    ax.set(xlabel="KL to SFT (nats per response)", ylabel="mean reward on held-out prompts",
+           title="Gold vs proxy reward as the policy moves away from SFT")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if v is None:
+            return "n/a"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, config, evaluation: dict, curves: dict, summary: dict) -> Path:
+    """``report.md`` plus its PNG plots in the run folder."""
+    plot_ppo_training(out / "ppo_training.png", read_jsonl(out / "ppo" / "metrics.jsonl"))
+    plot_dpo_training(out / "dpo_training.png", read_jsonl(out / "dpo" / "metrics.jsonl"))
+    plot_gold_vs_kl(out / "gold_vs_kl.png", curves["points"])
+    columns = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "win_rate_vs_sft", "elo"]
+    examples = "\n".join(
+        f"- **{e['prompt']}**\n" + "\n".join(f"  - {name}: {e[name]!r}" for name in ("base", "sft", "ppo", "dpo"))
+        for e in evaluation["examples"][:4])
+    text = f"""# rlhf pipeline report
+
+Base model `{config.model_path or 'embedded default'}`, seed {config.seed}, {evaluation['n_prompts']} held-out prompts,
+one sampled response each (temperature 1). Gold reward: VADER sentiment (compound, in [-1, 1]). Proxy reward: the
+reward model trained on gold-ranked SFT samples. KL: k1 estimate of KL(model || SFT) in nats per response. Win rate:
+share of prompts where the model's response has a higher gold reward than SFT's (ties count half). Elo: Bradley-Terry
+maximum likelihood over all head-to-head games judged by the gold reward, mean 1000.
+
+{_table(evaluation['rows'], columns)}
+
+| figure | value |
+|---|---|
+| reward model held-out pairwise accuracy | {_fmt(summary['rm_heldout_accuracy'])} |
+| PPO win rate vs SFT (gold) | {_fmt(summary['ppo_win_rate_vs_sft'])} |
+| PPO KL to SFT (target {config.target_kl}) | {_fmt(summary['ppo_kl_to_sft'])} |
+| DPO win rate vs SFT (gold) | {_fmt(summary['dpo_win_rate_vs_sft'])} |
+| wall time | {summary['total_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}) |
+
+![gold vs KL](gold_vs_kl.png)
+
+![PPO training](ppo_training.png)
+
+![DPO training](dpo_training.png)
+
+## Samples
+
+{examples}
+"""
+    tmp = out / "report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "report.md")
+    return out / "report.md"
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def print_rows(rows: list[dict]) -> None:
+    """Print dict rows as a Markdown table."""
+    if rows:
+        print(_table(rows, list(rows[0])))

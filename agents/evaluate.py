@@ -1,0 +1,125 @@
+"""Evaluate checkpoints: gold reward, proxy reward, KL to a reference, win rates and Elo.
+
+Every model answers the same held-out prompts once (same sampler, same settings). Scoring runs
+through the TextBandit machinery itself (:func:`rlhf_envs.text_bandit.score_responses` with the
+reference as the env's ``ref_model`` and the gold reward as its reward model), so the KL reported
+here is computed exactly as the KL the agents were trained against: the per-token k1 estimate
+summed over the response, ``log pi(y|x) - log ref(y|x)``, averaged over prompts (an unbiased
+estimate of ``KL(pi || ref)``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from agents.elo import elo_ratings, win_rate
+from rlhf_envs.lm import load_causal_lm
+from rlhf_envs.sampling import generate
+from rlhf_envs.text_bandit import score_responses
+from rlhf_envs.text_common import TextTask
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how."""
+
+    models: dict = field(default_factory=dict, metadata={"help": "name -> local causal-LM directory, e.g. {\"sft\": \"runs/p/sft\"}"})
+    reference: str = field(default="sft", metadata={"help": "name (in models) of the reference for KL and win rates"})
+    gold_reward: str = field(default="sentiment", metadata={"help": "reward plugin that judges (the gold reward)"})
+    reward_model_path: str | None = field(default=None, metadata={"help": "a learned reward model directory: reported as the proxy reward"})
+    prompts: list | None = field(default=None, metadata={"help": "evaluation prompts; None = corpus prompts from prompt_seed"})
+    n_prompts: int = field(default=256, metadata={"help": "how many corpus prompts when prompts is None"})
+    prompt_seed: int = field(default=12345, metadata={"help": "seed of the held-out corpus prompts (training uses other seeds)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "longest response"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of every model"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (each model samples with the same one)"})
+    batch_size: int = field(default=128, metadata={"help": "prompts per generation batch"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self):
+        if len(self.models) < 1:
+            raise ValueError("EvalConfig.models is empty: give name=PATH pairs of model directories")
+        if self.reference not in self.models:
+            raise ValueError(f"EvalConfig.reference {self.reference!r} is not one of the models {sorted(self.models)}")
+        if self.n_prompts < 1 or self.batch_size < 1:
+            raise ValueError(f"n_prompts and batch_size must be positive, got {self.n_prompts} and {self.batch_size}")
+
+
+@dataclass
+class ModelSamples:
+    """One model's answers: texts and per-prompt judgements."""
+
+    responses: list[str]
+    gold: np.ndarray
+    kl: np.ndarray
+    proxy: np.ndarray | None
+
+
+def sample_and_score(task: TextTask, model, config: EvalConfig, proxy=None) -> ModelSamples:
+    """Sample one response per prompt of ``task`` and score it (gold reward, KL to the task's reference)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    responses, gold, kl = [], [], []
+    n = len(task.prompts)
+    for start in range(0, n, config.batch_size):
+        idx = np.arange(start, min(start + config.batch_size, n))
+        prompt_ids, prompt_mask = task.prompt_ids[idx], task.prompt_mask[idx]
+        with torch.inference_mode():
+            gen = generate(model, prompt_ids, prompt_mask, task.sampling, eos_token_id=task.eos_token_id,
+                           pad_token_id=task.pad_token_id, generator=generator)
+        width = task.max_new_tokens
+        tokens = torch.full((len(idx), width), task.pad_token_id, dtype=torch.long)
+        tokens[:, :gen.response_ids.shape[1]] = gen.response_ids
+        logprobs = torch.zeros(len(idx), width)
+        logprobs[:, :gen.logprobs.shape[1]] = gen.logprobs
+        _, info = score_responses(task, idx, tokens.numpy(), (logprobs, None))
+        responses.extend(info["response"].tolist())
+        gold.append(info["score"])
+        kl.append(info["kl"])
+    proxy_scores = None
+    if proxy is not None:
+        proxy_scores = np.asarray(proxy.score(list(task.prompts), responses), dtype=np.float64)
+    return ModelSamples(responses, np.concatenate(gold), np.concatenate(kl), proxy_scores)
+
+
+def evaluate_models(config: EvalConfig) -> dict:
+    """Rows per model (gold, proxy, KL to reference, win rate vs reference, Elo) and the samples."""
+    from rlhf_envs.corpus import make_prompts
+    from rlhf_envs.rewards import make_reward_model
+
+    prompts = config.prompts or make_prompts(config.n_prompts, config.prompt_seed)
+    task = TextTask(config.models[config.reference], config.gold_reward, prompts, beta=0.0, kl_estimator="k1",
+                    max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+    proxy = make_reward_model("learned", path=config.reward_model_path) if config.reward_model_path else None
+    samples: dict[str, ModelSamples] = {}
+    for name, path in tqdm(config.models.items(), desc="evaluate", disable=not config.progress):
+        model = task.ref_model if name == config.reference else load_causal_lm(path)[0]
+        samples[name] = sample_and_score(task, model, config, proxy)
+    ref = samples[config.reference]
+    elo = elo_ratings({name: s.gold for name, s in samples.items()}) if len(samples) > 1 else {config.reference: 1000.0}
+    rows = []
+    for name, s in samples.items():
+        rows.append({
+            "model": name,
+            "gold_reward": float(s.gold.mean()),
+            "proxy_reward": None if s.proxy is None else float(s.proxy.mean()),
+            f"kl_to_{config.reference}": float(s.kl.mean()),
+            f"win_rate_vs_{config.reference}": win_rate(s.gold, ref.gold),
+            "elo": elo[name],
+        })
+    examples = [{"prompt": p, **{name: s.responses[i] for name, s in samples.items()}} for i, p in enumerate(prompts[:8])]
+    return {"rows": rows, "elo": elo, "examples": examples, "n_prompts": len(prompts), "reference": config.reference}
+
+
+def write_eval(result: dict, path: Path) -> Path:
+    """Save an evaluation as JSON (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,251 @@
+"""``rlhf pipeline``: the InstructGPT recipe end to end, plus DPO beside it, with a report.
+
+    base --SFT--> sft --sample K, gold-rank--> preferences --RM--> rm (the proxy)
+    sft --PPO against rm, KL to sft--> ppo          sft --DPO on the same preferences--> dpo
+
+Preferences come from the standard synthetic-human-feedback setup: the SFT model answers each
+prompt K times and the gold reward (VADER sentiment, human-rated word valences) ranks the
+answers. PPO optimises the learned proxy; evaluation judges with the gold reward, so the report
+shows proxy against gold reward and both against KL (over-optimisation).
+
+The run folder::
+
+    data/{sft,rankings,preferences}.jsonl   the generated data
+    sft/ rm/ dpo/ ppo/policy/               models (Hugging Face dirs, safetensors), each with metrics.jsonl
+    eval.json  curves.json  report.md  *.png
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.reports import write_jsonl
+
+
+@dataclass
+class PipelineConfig:
+    """Every knob of ``rlhf pipeline``; the defaults run the embedded model in minutes on a CPU."""
+
+    output_dir: str = field(default="runs/pipeline", metadata={"help": "the run folder"})
+    model_path: str | None = field(default=None, metadata={"help": "base causal LM directory; None = the embedded default"})
+    seed: int = field(default=0, metadata={"help": "seed of every stage"})
+    n_demonstrations: int = field(default=3000, metadata={"help": "SFT demonstrations drawn from the corpus"})
+    sft_epochs: int = field(default=1, metadata={"help": "SFT epochs"})
+    sft_learning_rate: float = field(default=5e-4, metadata={"help": "SFT learning rate"})
+    n_preference_prompts: int = field(default=1500, metadata={"help": "prompts the SFT model answers K times for preferences"})
+    k_responses: int = field(default=4, metadata={"help": "K responses per prompt, ranked by the gold reward (InstructGPT uses 4 to 9)"})
+    rm_epochs: int = field(default=2, metadata={"help": "reward-model epochs"})
+    rm_learning_rate: float = field(default=5e-4, metadata={"help": "reward-model learning rate"})
+    ppo_episodes: int = field(default=4096, metadata={"help": "responses PPO samples in total"})
+    ppo_batch_size: int = field(default=64, metadata={"help": "responses per PPO rollout"})
+    ppo_learning_rate: float = field(default=1e-4, metadata={"help": "PPO learning rate"})
+    beta: float = field(default=0.05, metadata={"help": "initial KL coefficient of PPO"})
+    target_kl: float | None = field(default=4.0, metadata={"help": "PPO's adaptive-KL target (nats per response); None = fixed beta"})
+    dpo_epochs: int = field(default=2, metadata={"help": "DPO epochs"})
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta"})
+    dpo_learning_rate: float = field(default=2e-4, metadata={"help": "DPO learning rate"})
+    dpo_loss: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid (DPO), ipo or cdpo"})
+    max_new_tokens: int = field(default=24, metadata={"help": "longest response everywhere"})
+    n_eval_prompts: int = field(default=256, metadata={"help": "held-out prompts of the final evaluation"})
+    curve_points: int = field(default=4, metadata={"help": "intermediate PPO/DPO models evaluated for the gold-vs-KL curve"})
+    torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
+    resume: bool = field(default=False, metadata={"help": "keep stages already finished in output_dir and run the rest"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self):
+        for name in ("n_demonstrations", "sft_epochs", "n_preference_prompts", "rm_epochs", "ppo_episodes",
+                     "ppo_batch_size", "dpo_epochs", "max_new_tokens", "n_eval_prompts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PipelineConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.k_responses, int) or self.k_responses < 2:
+            raise ValueError(f"PipelineConfig.k_responses must be >= 2 (a ranking needs two responses), got {self.k_responses!r}")
+        if self.ppo_episodes < self.ppo_batch_size:
+            raise ValueError(f"ppo_episodes {self.ppo_episodes} < ppo_batch_size {self.ppo_batch_size}: PPO would not run one iteration")
+        if self.curve_points < 0:
+            raise ValueError(f"PipelineConfig.curve_points must be >= 0, got {self.curve_points!r}")
+        if self.model_path is not None and not (Path(self.model_path) / "config.json").is_file():
+            raise FileNotFoundError(f"model_path {self.model_path!r} is not a Hugging Face model directory (no config.json)")
+
+
+def _stage(out: Path, name: str, config: PipelineConfig) -> bool:
+    """True when stage ``name`` must run (it has not finished, or we are not resuming)."""
+    done = out / name / "DONE"
+    if config.resume and done.is_file():
+        print(f"[pipeline] {name}: already done, kept")
+        return False
+    if (out / name).exists():
+        shutil.rmtree(out / name)
+    return True
+
+
+def _mark_done(out: Path, name: str, info: dict) -> None:
+    (out / name / "DONE").write_text(json.dumps(info) + "\n")
+
+
+def make_preferences(model_path: str, prompts: list[str], config: PipelineConfig, seed: int) -> tuple[list[dict], list[dict], dict]:
+    """The SFT model answers every prompt K times; the gold reward ranks the answers.
+
+    Returns ``(rankings, pairs, stats)``: rankings ``{"prompt", "responses": [best..worst]}`` (prompts whose
+    K answers all tie are dropped: they say nothing), and pairs (best vs worst) for DPO.
+    """
+    from agents.evaluate import EvalConfig, sample_and_score
+    from rlhf_envs.text_common import TextTask
+
+    k = config.k_responses
+    repeated = [p for p in prompts for _ in range(k)]
+    task = TextTask(model_path, "sentiment", repeated, beta=0.0, max_new_tokens=config.max_new_tokens)
+    samples = sample_and_score(task, task.ref_model, EvalConfig(models={"sft": model_path}, seed=seed, batch_size=256,
+                                                                max_new_tokens=config.max_new_tokens, progress=False))
+    rankings, pairs = [], []
+    gold = samples.gold.reshape(len(prompts), k)
+    for i, prompt in enumerate(prompts):
+        answers = samples.responses[i * k:(i + 1) * k]
+        order = np.argsort(-gold[i], kind="stable")
+        if gold[i].max() == gold[i].min() or len(set(answers)) < 2:
+            continue
+        ranked = [answers[j] for j in order]
+        rankings.append({"prompt": prompt, "responses": ranked, "gold": [float(gold[i][j]) for j in order]})
+        pairs.append({"prompt": prompt, "chosen": ranked[0], "rejected": ranked[-1]})
+    stats = {"prompts": len(prompts), "rankings_kept": len(rankings), "mean_gold": float(gold.mean())}
+    return rankings, pairs, stats
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    """Run every stage and write the report; returns the summary (also in ``summary.json``)."""
+    from agents.dpo import DPOConfig, train_dpo
+    from agents.evaluate import EvalConfig, evaluate_models, write_eval
+    from agents.lm_ppo import LMPPOConfig, train_lm_ppo
+    from agents.reports import write_report
+    from agents.reward_model import RewardModelConfig, train_reward_model
+    from agents.sft import SFTConfig, train_sft
+    from rlhf_envs.corpus import make_demonstrations, make_prompts
+    from rlhf_envs.lm import EMBEDDED_MODEL_DIR
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    base = config.model_path or str(EMBEDDED_MODEL_DIR)
+    timings: dict[str, float] = {}
+    seed = config.seed
+
+    t = time.perf_counter()
+    if _stage(out, "sft", config):
+        write_jsonl(out / "data" / "sft.jsonl", make_demonstrations(config.n_demonstrations, seed=seed + 1))
+        result = train_sft(SFTConfig(model_path=base, data_path=str(out / "data" / "sft.jsonl"), output_dir=str(out / "sft"),
+                                     seed=seed, num_epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
+                                     batch_size=32, max_length=64, progress=config.progress))
+        _mark_done(out, "sft", result.metrics)
+    timings["sft"] = time.perf_counter() - t
+    sft = str(out / "sft")
+
+    t = time.perf_counter()
+    if _stage(out, "preferences", config):
+        prompts = make_prompts(config.n_preference_prompts, seed=seed + 2)
+        rankings, pairs, stats = make_preferences(sft, prompts, config, seed=seed + 3)
+        (out / "preferences").mkdir(parents=True)
+        write_jsonl(out / "data" / "rankings.jsonl", rankings)
+        write_jsonl(out / "data" / "preferences.jsonl", pairs)
+        _mark_done(out, "preferences", stats)
+    timings["preferences"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if _stage(out, "rm", config):
+        result = train_reward_model(RewardModelConfig(
+            model_path=sft, data_path=str(out / "data" / "rankings.jsonl"), output_dir=str(out / "rm"), seed=seed,
+            num_epochs=config.rm_epochs, learning_rate=config.rm_learning_rate, batch_size=16, max_length=64,
+            eval_fraction=0.1, progress=config.progress))
+        _mark_done(out, "rm", result.metrics)
+    timings["rm"] = time.perf_counter() - t
+    rm = str(out / "rm")
+
+    n_iterations = max(1, config.ppo_episodes // config.ppo_batch_size)
+    t = time.perf_counter()
+    if _stage(out, "ppo", config):
+        snapshot_every = max(1, n_iterations // config.curve_points) if config.curve_points else 0
+        result = train_lm_ppo(LMPPOConfig(
+            model_path=sft, reward_model="learned", reward_model_path=rm, output_dir=str(out / "ppo"), seed=seed,
+            total_episodes=config.ppo_episodes, batch_size=config.ppo_batch_size, learning_rate=config.ppo_learning_rate,
+            max_new_tokens=config.max_new_tokens, beta=config.beta, target_kl=config.target_kl,
+            snapshot_every=snapshot_every, progress=config.progress))
+        _mark_done(out, "ppo", result.history[-1])
+    timings["ppo"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if _stage(out, "dpo", config):
+        n_pairs = sum(1 for _ in open(out / "data" / "preferences.jsonl"))
+        steps = max(1, config.dpo_epochs * n_pairs // 32)
+        result = train_dpo(DPOConfig(
+            model_path=sft, data_path=str(out / "data" / "preferences.jsonl"), output_dir=str(out / "dpo"), seed=seed,
+            num_epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate, beta=config.dpo_beta,
+            loss_type=config.dpo_loss, batch_size=32, max_length=64, eval_fraction=0.0,
+            checkpoint_every=max(1, steps // config.curve_points) if config.curve_points else 0,
+            keep_checkpoints=max(1, config.curve_points), progress=config.progress))
+        _mark_done(out, "dpo", result.metrics)
+    timings["dpo"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    models = {"base": base, "sft": sft, "ppo": str(out / "ppo" / "policy"), "dpo": str(out / "dpo")}
+    eval_config = EvalConfig(models=models, reference="sft", reward_model_path=rm, n_prompts=config.n_eval_prompts,
+                             max_new_tokens=config.max_new_tokens, seed=seed, progress=config.progress)
+    evaluation = evaluate_models(eval_config)
+    write_eval(evaluation, out / "eval.json")
+    curves = _over_optimisation_curves(out, sft, rm, config)
+    write_eval(curves, out / "curves.json")
+    timings["eval"] = time.perf_counter() - t
+
+    rm_metrics = json.loads((out / "rm" / "DONE").read_text())
+    summary = {
+        "rm_heldout_accuracy": rm_metrics.get("eval/accuracy"),
+        "ppo_win_rate_vs_sft": _row(evaluation, "ppo")["win_rate_vs_sft"],
+        "ppo_kl_to_sft": _row(evaluation, "ppo")["kl_to_sft"],
+        "dpo_win_rate_vs_sft": _row(evaluation, "dpo")["win_rate_vs_sft"],
+        "dpo_kl_to_sft": _row(evaluation, "dpo")["kl_to_sft"],
+        "target_kl": config.target_kl,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "total_seconds": round(sum(timings.values()), 1),
+        "preferences": json.loads((out / "preferences" / "DONE").read_text()),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(out, config, evaluation, curves, summary)
+    return summary
+
+
+def _row(evaluation: dict, name: str) -> dict:
+    return next(r for r in evaluation["rows"] if r["model"] == name)
+
+
+def _over_optimisation_curves(out: Path, sft: str, rm: str, config: PipelineConfig) -> dict:
+    """Gold reward, proxy reward and KL to SFT of intermediate PPO snapshots and DPO checkpoints."""
+    from agents.checkpoint import list_checkpoints
+    from agents.evaluate import EvalConfig, evaluate_models
+    from rlhf_envs.lm import load_causal_lm
+
+    models = {"sft": sft}
+    for snap in sorted((out / "ppo" / "snapshots").glob("iter-*")):
+        models[f"ppo@{snap.name}"] = str(snap)
+    models["ppo@final"] = str(out / "ppo" / "policy")
+    for ckpt in list_checkpoints(out / "dpo" / "checkpoints"):
+        target = out / "dpo" / "curve" / ckpt.name
+        if not (target / "config.json").is_file():  # a checkpoint's weights as a loadable HF directory
+            from safetensors.torch import load_model
+
+            model, tokenizer = load_causal_lm(sft)
+            load_model(model, str(ckpt / "model.safetensors"))
+            model.save_pretrained(target)
+            tokenizer.save_pretrained(target)
+        models[f"dpo@{ckpt.name}"] = str(target)
+    models["dpo@final"] = str(out / "dpo")
+    n = min(128, config.n_eval_prompts)
+    result = evaluate_models(EvalConfig(models=models, reference="sft", reward_model_path=rm, n_prompts=n,
+                                        max_new_tokens=config.max_new_tokens, seed=config.seed + 1, progress=config.progress))
+    return {"points": result["rows"]}
