@@ -22,13 +22,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 __all__ = [
+    "BufferedKVLayer",
     "Generation",
     "SamplingConfig",
+    "additive_mask",
     "generate",
     "positions_from_mask",
+    "preallocated_cache",
+    "prefill",
     "processed_logprobs",
     "response_logprobs",
 ]
@@ -73,17 +77,19 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
-def _truncate(scaled: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Apply top-k then top-p to temperature-scaled logits ``[..., V]``.
+def _truncate(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply temperature, top-k, then top-p to float logits ``[..., V]``.
 
     Returns ``(logprobs, index)``: ``logprobs [..., K]`` normalised over the kept support (``-inf``
     on removed entries) and ``index [..., K]`` (vocabulary ids of those columns), or ``index=None``
-    when nothing was truncated (``K = V``, columns are the vocabulary).
+    when nothing was truncated (``K = V``, columns are the vocabulary). Top-k runs before the
+    temperature division (it commutes with it), so only ``K`` values get scaled.
     """
-    vocab = scaled.shape[-1]
+    vocab = logits.shape[-1]
     index = None
     if 0 < cfg.top_k < vocab:
-        scaled, index = torch.topk(scaled, cfg.top_k, dim=-1)
+        logits, index = torch.topk(logits, cfg.top_k, dim=-1)
+    scaled = logits / cfg.temperature
     if cfg.top_p < 1.0:
         if index is None:
             scaled, index = torch.sort(scaled, dim=-1, descending=True)
@@ -103,7 +109,7 @@ def processed_logprobs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tenso
     if cfg.greedy:
         best = logits.argmax(-1, keepdim=True)
         return torch.full_like(logits, float("-inf")).scatter(-1, best, 0.0)
-    logprobs, index = _truncate(logits / cfg.temperature, cfg)
+    logprobs, index = _truncate(logits, cfg)
     if index is None:
         return logprobs
     return torch.full_like(logits, float("-inf")).scatter(-1, index, logprobs)
@@ -118,15 +124,73 @@ def _sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generato
     logits = logits.float()
     if cfg.greedy:
         return logits.argmax(-1), torch.zeros(logits.shape[0], device=logits.device)
-    logprobs, index = _truncate(logits / cfg.temperature, cfg)
+    logprobs, index = _truncate(logits, cfg)
     column = torch.multinomial(logprobs.exp(), 1, generator=generator)
     chosen = logprobs.gather(-1, column).squeeze(-1)
     tokens = column if index is None else index.gather(-1, column)
     return tokens.squeeze(-1), chosen
 
 
-def _additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``keep [B, Q, K]`` bool -> 4D additive mask ``[B, 1, Q, K]`` (0 or the dtype's minimum)."""
+class BufferedKVLayer(DynamicLayer):
+    """A KV-cache layer over a buffer preallocated to ``max_len``: appends write in place (no
+    ``torch.cat`` per step) and attention sees only the filled part ``[:, :, :length]``.
+
+    ``keys``/``values`` are ``[B, heads, max_len, head_dim]``; ``length`` positions are filled.
+    """
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, _ = key_states.shape
+        self.keys = key_states.new_zeros(batch, heads, self.max_len, key_states.shape[-1])
+        self.values = value_states.new_zeros(batch, heads, self.max_len, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def preallocated_cache(model: torch.nn.Module, max_len: int) -> Cache:
+    """A KV cache of :class:`BufferedKVLayer` (one per decoder layer) holding up to ``max_len`` positions."""
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[BufferedKVLayer(max_len) for _ in range(n_layers)])
+
+
+def prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """Run left-padded prompts ``[B, P]`` into an empty ``cache``; return the last position's logits ``[B, V]``.
+
+    Pad positions attend only to themselves (so no row of the mask is empty); real tokens never see pads.
+    """
+    prompt_len = prompt_ids.shape[1]
+    keep = prompt_mask.bool()
+    causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=prompt_ids.device).tril_()
+    prompt_keep = (keep[:, None, :] & causal) | torch.eye(prompt_len, dtype=torch.bool, device=prompt_ids.device)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=additive_mask(prompt_keep, _model_dtype(model)),
+        position_ids=positions_from_mask(keep),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``keep [B, Q, K]`` bool (True = may attend) -> 4D additive mask ``[B, 1, Q, K]`` (0 or the dtype's minimum)."""
     mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
     mask.masked_fill_(~keep, torch.finfo(dtype).min)
     return mask.unsqueeze(1)
@@ -158,8 +222,9 @@ def generate(
         pad_token_id: written after EOS.
         generator: a ``torch.Generator`` on the model's device for reproducible sampling.
 
-    The prompt is run once; each later step feeds one token per row through the KV cache, with
-    explicit position ids and a prebuilt 4D attention mask (so the model does no mask bookkeeping).
+    The prompt is run once; each later step feeds one token per row through a preallocated KV
+    cache (no per-step concatenation; attention reads only the filled part), with explicit position ids and a prebuilt
+    4D attention mask updated in place (so the model does no mask bookkeeping).
     Runs under ``torch.inference_mode``; the returned tensors are ordinary (usable with autograd).
     """
     with torch.inference_mode():
@@ -180,23 +245,13 @@ def _generate(
     batch, prompt_len = prompt_ids.shape
     steps = cfg.max_new_tokens
     dtype = _model_dtype(model)
-    keep = torch.zeros(batch, prompt_len + steps, dtype=torch.bool, device=device)
+    total = prompt_len + steps
+    cache = preallocated_cache(model, total)
+    logits = prefill(model, prompt_ids, prompt_mask, cache)
+    keep = torch.zeros(batch, total, dtype=torch.bool, device=device)
     keep[:, :prompt_len] = prompt_mask.bool()
-    causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril_()
-    prompt_keep = keep[:, None, :prompt_len] & causal
-    prompt_keep |= torch.eye(prompt_len, dtype=torch.bool, device=device)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=_additive_mask(prompt_keep, dtype),
-        position_ids=positions_from_mask(prompt_mask),
-        past_key_values=DynamicCache(),
-        use_cache=True,
-    )
-    cache = out.past_key_values
-    logits = out.logits[:, -1]
+    step_mask = additive_mask(keep[:, None, :], dtype)
     next_position = prompt_mask.long().sum(-1, keepdim=True)
-    step_mask = torch.zeros(batch, 1, 1, prompt_len + steps, dtype=dtype, device=device)
-    step_mask.masked_fill_(~keep[:, None, None, :], torch.finfo(dtype).min)
 
     response_ids = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros(batch, steps, dtype=torch.bool, device=device)
@@ -222,7 +277,6 @@ def _generate(
             past_key_values=cache,
             use_cache=True,
         )
-        cache = out.past_key_values
         logits = out.logits[:, -1]
     return response_ids[:, :used], response_mask[:, :used], logprobs[:, :used]
 

@@ -1,0 +1,160 @@
+"""Sampler throughput against Hugging Face ``model.generate``, and TextBandit scoring cost.
+
+Both samplers run in one process on the same model, prompts, seed and settings (batch 64, 48 new
+tokens, temperature 0.9, top-k 50, top-p 0.95 by default), interleaved, ``--repeats`` times; the
+table reports medians. The second part times one ``TextBandit-v0`` vector step over 64 envs
+(one reference forward + decoding + one reward call) against sampling those 64 responses.
+
+    python benchmarks/bench_sampling.py [--device cuda] [--repeats 7]
+
+Writes ``benchmarks/results/sampling.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import rlhf_envs  # noqa: F401  (registers the envs)
+from rlhf_envs.sampling import SamplingConfig, generate
+
+
+def _model(device: str):
+    """The embedded default when it exists, else a GPT-2 of its size (4 layers, width 128, vocab 2048)."""
+    try:
+        from rlhf_envs.lm import load_causal_lm
+
+        model, tokenizer = load_causal_lm(None)
+        return model.to(device).eval(), tokenizer, "embedded"
+    except (ImportError, FileNotFoundError, OSError):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from rlhf_envs.text_common import tiny_causal_lm
+
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=2048, n_positions=256,
+                            bos_token_id=256, eos_token_id=256, pad_token_id=257)
+        _, tokenizer = tiny_causal_lm()
+        return GPT2LMHeadModel(config).to(device).eval(), tokenizer, "gpt2-4x128-v2048 (random)"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampling.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    model, tokenizer, model_name = _model(device)
+    from rlhf_envs.corpus import make_prompts
+
+    prompts = make_prompts(args.batch, seed=0)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.9, top_k=50, top_p=0.95)
+
+    def ours() -> int:
+        g = torch.Generator(device=device).manual_seed(0)
+        out = generate(model, ids, mask, cfg, eos_token_id=eos, pad_token_id=pad, generator=g)
+        return int(out.response_mask.sum())
+
+    def hf() -> int:
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask.long(), do_sample=True, temperature=0.9, top_k=50,
+                                 top_p=0.95, max_new_tokens=args.new_tokens, eos_token_id=eos, pad_token_id=pad)
+        new = out[:, ids.shape[1]:]
+        is_eos = (new == eos).long()
+        return int(((is_eos.cumsum(-1) - is_eos) == 0).sum())
+
+    times: dict[str, list[float]] = {"rlhf_envs.generate": [], "hf.generate": []}
+    tokens: dict[str, list[int]] = {"rlhf_envs.generate": [], "hf.generate": []}
+    ours(), hf()
+    for _ in range(args.repeats):
+        for name, fn in (("rlhf_envs.generate", ours), ("hf.generate", hf)):
+            _sync(device)
+            start = time.perf_counter()
+            n = fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+            tokens[name].append(n)
+    rows = {}
+    for name in times:
+        median = statistics.median(times[name])
+        rows[name] = {"median_s": median, "tokens": int(statistics.median(tokens[name])),
+                      "tokens_per_s": statistics.median(tokens[name]) / median}
+    speedup = rows["rlhf_envs.generate"]["tokens_per_s"] / rows["hf.generate"]["tokens_per_s"]
+
+    warnings.simplefilter("ignore", RuntimeWarning)
+    envs = gym.make_vec("TextBandit-v0", num_envs=args.batch, model=(model, tokenizer), prompts=prompts,
+                        max_new_tokens=args.new_tokens, temperature=0.9, top_k=50, top_p=0.95, device=device)
+    task = envs.task
+    obs, _ = envs.reset(seed=0)
+    prompt_ids = torch.as_tensor(obs, device=device)
+    prompt_mask = prompt_ids != pad
+    step_times, sample_times = [], []
+    for _ in range(args.repeats):
+        _sync(device)
+        start = time.perf_counter()
+        gen = generate(model, prompt_ids, prompt_mask, task.sampling, eos_token_id=eos, pad_token_id=pad,
+                       generator=torch.Generator(device=device).manual_seed(1))
+        _sync(device)
+        sample_times.append(time.perf_counter() - start)
+        actions = np.full((args.batch, args.new_tokens), pad, dtype=np.int64)
+        logprobs = np.zeros((args.batch, args.new_tokens), dtype=np.float32)
+        width = gen.response_ids.shape[1]
+        actions[:, :width] = gen.response_ids.cpu().numpy()
+        logprobs[:, :width] = gen.logprobs.cpu().numpy()
+        envs.set_policy_logprobs(logprobs)
+        start = time.perf_counter()
+        obs, *_ = envs.step(actions)
+        _sync(device)
+        step_times.append(time.perf_counter() - start)
+        prompt_ids = torch.as_tensor(obs, device=device)
+        prompt_mask = prompt_ids != pad
+    step_s, sample_s = statistics.median(step_times), statistics.median(sample_times)
+
+    print(f"model: {model_name}; device {device}; batch {args.batch}; {args.new_tokens} new tokens; "
+          f"T=0.9 top-k=50 top-p=0.95; median of {args.repeats}")
+    print(f"{'sampler':<22}{'median s':>10}{'tokens':>9}{'tokens/s':>12}")
+    for name, row in rows.items():
+        print(f"{name:<22}{row['median_s']:>10.4f}{row['tokens']:>9d}{row['tokens_per_s']:>12.0f}")
+    print(f"speed-up over HF generate: {speedup:.2f}x")
+    print(f"TextBandit vector step ({args.batch} envs): {step_s * 1e3:.1f} ms vs sampling {sample_s * 1e3:.1f} ms "
+          f"-> ratio {step_s / sample_s:.3f} (target <= 0.25)")
+    result = {
+        "model": model_name, "device": device, "batch": args.batch, "max_new_tokens": args.new_tokens,
+        "sampling": {"temperature": 0.9, "top_k": 50, "top_p": 0.95}, "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "samplers": rows, "speedup_vs_hf": speedup,
+        "bandit_step": {"num_envs": args.batch, "step_median_s": step_s, "sample_median_s": sample_s,
+                        "step_over_sample": step_s / sample_s},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""What TextBandit and TextToken share: the reference model, prompts, KL and scoring of a batch.
+
+Token-id conventions of both envs: observations are **left-padded** with ``pad_token_id`` to a fixed
+length, so the attention mask of an observation is :func:`attention_mask_from_obs` (everything
+after the leading run of pad tokens) and the next token is predicted at the last position.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from gymnasium.error import InvalidAction
+
+from rlhf_envs.kl import get_kl_estimator, make_kl_controller
+from rlhf_envs.rewards import make_reward_model
+from rlhf_envs.sampling import SamplingConfig, positions_from_mask, processed_logprobs
+
+__all__ = ["TextTask", "attention_mask_from_obs", "tiny_causal_lm"]
+
+ModelSpec = str | os.PathLike | tuple | None
+
+
+def attention_mask_from_obs(obs: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """``[..., L]`` bool mask of a left-padded observation: False on the leading pad run only.
+
+    A pad id inside the text (e.g. when pad = EOS) stays visible.
+    """
+    return (obs != pad_token_id).long().cummax(dim=-1).values.bool()
+
+
+def tiny_causal_lm(seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
+                   n_positions: int = 64) -> tuple[Any, Any]:
+    """A randomly initialised GPT-2 and a byte-level tokenizer (258 tokens), built offline in < 1 s.
+
+    For tests and smoke runs. Token ids 0..255 are bytes, 256 is ``<|endoftext|>`` (EOS), 257 is
+    ``<pad>``. Returns ``(model, tokenizer)``; the tokenizer pads on the left.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    vocab = {byte_chars[b]: b for b in range(256)}
+    vocab["<|endoftext|>"] = 256
+    vocab["<pad>"] = 257
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<pad>", padding_side="left")
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, vocab_size=258,
+                        bos_token_id=256, eos_token_id=256, pad_token_id=257)
+    return GPT2LMHeadModel(config).eval(), tokenizer
+
+
+def _context_length(model: Any) -> int | None:
+    config = model.config.get_text_config(decoder=True)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _load_reference(model: ModelSpec) -> tuple[Any, Any]:
+    if isinstance(model, tuple):
+        if len(model) != 2:
+            raise ValueError(f"model=(model, tokenizer) expects a pair, got a tuple of {len(model)}")
+        return copy.deepcopy(model[0]), model[1]
+    if model is None or isinstance(model, (str, os.PathLike)):
+        from rlhf_envs.lm import load_causal_lm
+
+        return load_causal_lm(model)
+    raise TypeError(
+        f"model must be None (the embedded default), a path to an HF causal LM directory or a (model, tokenizer) "
+        f"pair, got {type(model).__name__}")
+
+
+class TextTask:
+    """The frozen reference model, prompts, reward model and KL bookkeeping of a text env.
+
+    A ``(model, tokenizer)`` pair is deep-copied before being frozen (``eval``, no gradients), so
+    the caller's model, e.g. the policy being trained, is never modified and never drifts the
+    reference.
+
+    Shapes: ``N`` episodes, ``P = max_prompt_tokens``, ``T = max_new_tokens``, ``V`` = vocabulary.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec = None,
+        reward_model: Any = "sentiment",
+        prompts: Sequence[str] | None = None,
+        beta: float = 0.05,
+        kl_estimator: str = "k1",
+        target_kl: float | None = None,
+        kl_horizon: float = 10000.0,
+        max_prompt_tokens: int | None = None,
+        max_new_tokens: int = 24,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        device: str = "cpu",
+        reward_kwargs: dict | None = None,
+        reward_timeout_s: float | None = None,
+        n_prompts: int = 512,
+        prompt_seed: int = 0,
+    ):
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        self.ref_sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+        self.kl_estimator = kl_estimator
+        self._estimator = get_kl_estimator(kl_estimator)
+        self.kl_controller = make_kl_controller(beta, target_kl, kl_horizon)
+        self.device = torch.device(device)
+        ref_model, self.tokenizer = _load_reference(model)
+        self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)
+        self.vocab_size = int(self.ref_model.get_output_embeddings().weight.shape[0])
+        self.eos_token_id = self.tokenizer.eos_token_id
+        if self.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token; set one (responses end at EOS)")
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_id
+        self.reward_model = make_reward_model(reward_model, timeout_s=reward_timeout_s, **(reward_kwargs or {}))
+        if prompts is None:
+            from rlhf_envs.corpus import make_prompts
+
+            prompts = make_prompts(n_prompts, prompt_seed)
+        self.prompts = list(prompts)
+        self._encode_prompts(max_prompt_tokens)
+        self.max_new_tokens = max_new_tokens
+        self._warned_uniform = False
+
+    @property
+    def beta(self) -> float:
+        """The current KL coefficient."""
+        return self.kl_controller.kl_coef
+
+    def _encode_prompts(self, max_prompt_tokens: int | None) -> None:
+        if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
+            raise ValueError("prompts must be a non-empty list of strings (or None for the built-in corpus prompts)")
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
+        empty = [i for i, ids in enumerate(encoded) if not ids]
+        if empty:
+            raise ValueError(f"prompts {empty[:5]} encode to zero tokens; every prompt needs at least one token")
+        longest = max(len(ids) for ids in encoded)
+        if max_prompt_tokens is None:
+            max_prompt_tokens = longest
+        if max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        too_long = [i for i, ids in enumerate(encoded) if len(ids) > max_prompt_tokens]
+        if too_long:
+            i = too_long[0]
+            raise ValueError(
+                f"prompt {i} ({self.prompts[i][:40]!r}...) has {len(encoded[i])} tokens > max_prompt_tokens="
+                f"{max_prompt_tokens} ({len(too_long)} prompts too long); raise max_prompt_tokens or shorten them")
+        context = _context_length(self.ref_model)
+        if context is not None and max_prompt_tokens + self.sampling.max_new_tokens > context:
+            raise ValueError(
+                f"max_prompt_tokens={max_prompt_tokens} + max_new_tokens={self.sampling.max_new_tokens} exceeds the "
+                f"model's context of {context} tokens; shorten the prompts or lower max_new_tokens")
+        self.max_prompt_tokens = max_prompt_tokens
+        ids = torch.full((len(encoded), max_prompt_tokens), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(encoded), max_prompt_tokens, dtype=torch.bool)
+        for i, row in enumerate(encoded):
+            ids[i, max_prompt_tokens - len(row):] = torch.tensor(row)
+            mask[i, max_prompt_tokens - len(row):] = True
+        self.prompt_ids, self.prompt_mask = ids.to(self.device), mask.to(self.device)
+        self.prompt_obs = ids.numpy()
+
+    def check_tokens(self, tokens: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+        """``tokens`` as int64 of exactly ``shape`` with ids in ``[0, V)``, else :class:`InvalidAction`."""
+        arr = np.asarray(tokens)
+        if arr.shape != shape:
+            raise InvalidAction(
+                f"{what} must have shape {shape} (token ids, EOS then padding), got shape {arr.shape}")
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise InvalidAction(f"{what} must be integer token ids, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64, copy=False)
+        bad = (arr < 0) | (arr >= self.vocab_size)
+        if bad.any():
+            raise InvalidAction(
+                f"{what} has token ids out of range: {sorted(set(arr[bad].tolist()))[:5]}; expected 0..{self.vocab_size - 1}")
+        return arr
+
+    def check_logprobs(self, values: Any, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        """Handed-over log-probs as float32 of exactly ``shape``, else ``ValueError``."""
+        t = torch.as_tensor(values).detach()
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{what} must be float log-probs, got dtype {t.dtype}")
+        if torch.isnan(t).any() or (t > 1e-4).any():
+            raise ValueError(f"{what} must be log-probabilities (<= 0, not NaN)")
+        return t.to(self.device, torch.float32)
+
+    def warn_uniform(self) -> None:
+        """Warn (once per env) that no log-probs were handed over and the KL is for a uniform policy."""
+        if not self._warned_uniform:
+            self._warned_uniform = True
+            warnings.warn(
+                "no policy log-probs were handed over with env.unwrapped.set_policy_logprobs(...) before step(); "
+                "the KL assumes the action was drawn uniformly from the action space (true for "
+                "action_space.sample()). Agents must hand over the log-probs they sampled with.",
+                RuntimeWarning, stacklevel=4)
+
+    def uniform_logprob(self) -> float:
+        """``-log V``: the log-prob of any token under a uniform policy."""
+        return -math.log(self.vocab_size)
+
+    def response_mask(self, response_ids: torch.Tensor) -> torch.Tensor:
+        """``[N, T]`` bool: True up to and including the first EOS (all True without EOS)."""
+        is_eos = (response_ids == self.eos_token_id).long()
+        return (is_eos.cumsum(-1) - is_eos) == 0
+
+    def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+        """Text of each response, EOS and padding excluded."""
+        rows = [ids[m & (ids != self.eos_token_id)].tolist() for ids, m in zip(response_ids.cpu(), response_mask.cpu())]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    @torch.no_grad()
+    def ref_logprobs(self, prompt_index: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                     full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Reference log-probs ``[N, T]`` (and ``[N, T, V]`` with ``full``) in one batched forward.
+
+        Temperature as the policy's, no top-k/top-p, so every token has a finite log-prob. The
+        forward stops at the longest response in the batch and computes logits only where needed.
+        """
+        prompt_ids, prompt_mask = self.prompt_ids[prompt_index], self.prompt_mask[prompt_index]
+        width = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
+        ids, mask = response_ids[:, :width], response_mask[:, :width]
+        input_ids = torch.cat([prompt_ids, ids], dim=1)
+        full_mask = torch.cat([prompt_mask, mask], dim=1)
+        logits = self.ref_model(input_ids=input_ids, attention_mask=full_mask.long(),
+                                position_ids=positions_from_mask(full_mask), use_cache=False,
+                                logits_to_keep=width + 1).logits[:, :-1]
+        ref_full = processed_logprobs(logits, self.ref_sampling)
+        ref = torch.zeros(response_ids.shape, device=response_ids.device)
+        ref[:, :width] = ref_full.gather(-1, ids.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+        if not full:
+            return ref, None
+        padded = torch.zeros(response_ids.shape + (ref_full.shape[-1],), device=response_ids.device)
+        padded[:, :width] = ref_full
+        return ref, padded
+
+    def kl_per_token(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                     full_logprobs: torch.Tensor | None = None, full_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+        """The chosen estimator per token, 0 where ``mask`` is False."""
+        kl = self._estimator(logprobs, ref_logprobs, full_logprobs, full_ref_logprobs)
+        return kl.masked_fill(~mask, 0.0)
+
+    def score(self, prompt_index: Sequence[int], responses: list[str]) -> np.ndarray:
+        """One batched reward-model call: float32 ``[N]``."""
+        return self.reward_model.score([self.prompts[i] for i in prompt_index], responses)
