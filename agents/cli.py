@@ -184,8 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    """Our own progress bars say what is happening; transformers' per-load bars and load reports
+    (e.g. the reward model's new score head, which is expected) would drown them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _quiet_transformers()
     args = parser.parse_args(argv)
     try:
         return args.func(args)

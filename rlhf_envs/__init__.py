@@ -38,14 +38,7 @@ _TEXT_ENVS: list[dict] = [
 
 
 def _register_all() -> None:
-    import importlib.util
-
-    specs = list(_ENVS)
-    for spec in _TEXT_ENVS:
-        module = spec["entry_point"].split(":")[0]
-        if importlib.util.find_spec(module) is not None:
-            specs.append(spec)
-    for spec in specs:
+    for spec in _ENVS + _TEXT_ENVS:
         if spec["id"] not in registry:
             register(**spec)
 
