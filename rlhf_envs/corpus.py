@@ -62,8 +62,7 @@ _ADJECTIVES: dict[str, dict[str, tuple[str, ...]]] = {
 
 _INTENSIFIERS = ("really", "very", "so", "extremely", "incredibly", "absolutely", "truly",
                  "quite", "pretty")
-_WEAK_POSITIVE = ("good", "great", "nice", "friendly", "clean", "fresh", "helpful",
-                  "comfortable", "fun", "impressive", "pleasant")
+_NEGATABLE = ("good", "great", "nice", "impressive", "pleasant", "enjoyable")
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,7 @@ class _Domain:
     places: tuple[str, ...]
     aspects: dict[str, str]  # aspect noun -> adjective kind
     visits: tuple[str, ...]  # "{subject} {visit} this {place} and"
+    of: str = "at"  # "The {aspect} {of} this {place} was"
 
 
 _DOMAINS: dict[str, _Domain] = {
@@ -98,12 +98,14 @@ _DOMAINS: dict[str, _Domain] = {
                  "script": "story", "dialogue": "story", "soundtrack": "any",
                  "music": "any", "lead actor": "people", "cast": "any"},
         visits=("watched", "saw", "went to see", "finally watched"),
+        of="of",
     ),
     "book": _Domain(
         places=("book", "novel", "memoir", "cookbook"),
         aspects={"writing": "story", "ending": "story", "main character": "story",
                  "first chapter": "story", "cover": "any", "story": "story"},
         visits=("read", "bought", "finished", "borrowed"),
+        of="of",
     ),
     "product": _Domain(
         places=("phone", "laptop", "blender", "vacuum", "camera", "kettle", "speaker",
@@ -112,6 +114,7 @@ _DOMAINS: dict[str, _Domain] = {
                  "price": "any", "build quality": "device", "charger": "device",
                  "setup": "device", "customer support": "people", "delivery": "any"},
         visits=("bought", "ordered", "tried", "returned", "got"),
+        of="of",
     ),
 }
 
@@ -131,7 +134,7 @@ _CLOSERS: dict[str, tuple[str, ...]] = {
 }
 
 _MOODS = ("pos", "neg", "neutral", "mixed")
-_MOOD_PROBS = (0.36, 0.36, 0.14, 0.14)
+_MOOD_PROBS = (0.32, 0.40, 0.14, 0.14)
 
 
 def _pick(rng: np.random.Generator, items: tuple[str, ...] | list[str]) -> str:
@@ -150,7 +153,8 @@ def _predicate(rng: np.random.Generator, kind: str, polarity: str) -> str:
         return _adjective(rng, kind, "neutral")
     if polarity == "neg" and rng.random() < 0.25:
         negation = _pick(rng, ("not", "not very", "not really", "never", "not at all"))
-        adjective = _pick(rng, _WEAK_POSITIVE)
+        single_words = tuple(w for w in _ADJECTIVES[kind]["pos"] if " " not in w)
+        adjective = _pick(rng, _NEGATABLE + single_words)
         return f"not {adjective} at all" if negation == "not at all" else f"{negation} {adjective}"
     adjective = _adjective(rng, kind, polarity)
     if rng.random() < 0.45 and not adjective.startswith(("a ", "easy", "perfectly")):
@@ -179,10 +183,10 @@ def _review_parts(rng: np.random.Generator) -> tuple[str, str]:
 
     form = int(rng.integers(4))
     if form == 0:
-        opening = _pick(rng, ("The", "Honestly, the", "Wow, the", "Our", "The")) + f" {aspect} was"
+        opening = _pick(rng, ("The", "The", "Honestly, the", "Wow, the")) + f" {aspect} was"
         rest = f" {_predicate(rng, domain.aspects[aspect], first)}"
     elif form == 1:
-        opening = f"The {aspect} at this {place} was"
+        opening = f"The {aspect} {domain.of} this {place} was"
         rest = f" {_predicate(rng, domain.aspects[aspect], first)}"
     elif form == 2:
         opening = f"{_pick(rng, _SUBJECTS)} {_pick(rng, domain.visits)} this {place} and"
@@ -222,8 +226,8 @@ def make_demonstrations(n: int, seed: int) -> list[dict[str, str]]:
 
 def vocabulary() -> set[str]:
     """Every word the grammar can produce (lower case, punctuation stripped)."""
-    texts: list[str] = list(_SUBJECTS) + list(_INTENSIFIERS) + list(_WEAK_POSITIVE)
-    texts += ["the was at this and but also is not very really never all", "Honestly Wow Our"]
+    texts: list[str] = list(_SUBJECTS) + list(_INTENSIFIERS) + list(_NEGATABLE)
+    texts += ["the was at of this and but also is not very really never all", "Honestly Wow"]
     texts += [w for kinds in _ADJECTIVES.values() for pool in kinds.values() for w in pool]
     texts += [w for pool in _CLOSERS.values() for w in pool]
     for domain in _DOMAINS.values():
