@@ -144,7 +144,8 @@ class TextTask:
     def _encode_prompts(self, max_prompt_tokens: int | None) -> None:
         if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
             raise ValueError("prompts must be a non-empty list of strings (or None for the built-in corpus prompts)")
-        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in self.prompts]
+        # Encoded as the trainers (SFT, RM, DPO) encode prompts: with the tokenizer's own special tokens (a BOS).
+        encoded = [self.tokenizer(p)["input_ids"] for p in self.prompts]
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
             raise ValueError(f"prompts {empty[:5]} encode to zero tokens; every prompt needs at least one token")
