@@ -395,7 +395,8 @@ def run_training(
         writer.write({"step": step, **{k: v for k, v in last.items() if k.startswith("eval/")}})
     new_samples = samples - state["samples_seen"]
     speed = new_samples / seconds if seconds > 0 else 0.0
-    writer.write({"step": step, "train_seconds": seconds, "samples_per_second": speed})
+    # Wall-clock figures go beside the metrics, so that metrics.jsonl is identical across runs with one seed.
+    (output_dir / "timing.json").write_text(json.dumps({"step": step, "train_seconds": seconds, "samples_per_second": speed}) + "\n")
     writer.close()
     save_pretrained_model(output_dir, model, tokenizer)
     return TrainResult(str(output_dir), step, samples, seconds, speed, last)

@@ -220,6 +220,7 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
         start_iter = state["iteration"]
         task.kl_controller.kl_coef = state["kl_coef"]
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_iter if config.resume else None)
+    timings = MetricsWriter(out / "timing.jsonl", resume_step=start_iter if config.resume else None)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
 
     history: list[dict] = []
@@ -301,14 +302,14 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
             "val/clipfrac_avg": float(np.mean(stats["vf_clipfrac"])),
             "val/returns_mean": float(masked_mean(returns, response_mask)),
             "tokens/response_length_mean": float(response_mask.sum(-1).float().mean()),
-            "time/rollout_s": t_rollout - t0,
-            "time/scoring_s": t_score - t_rollout,
-            "time/update_s": t_update - t_score,
         }
         if stats["ptx_loss"]:
             row["loss/ptx_avg"] = float(np.mean(stats["ptx_loss"]))
-        history.append(row)
-        metrics.write(row)
+        timing = {"step": iteration + 1, "time/rollout_s": t_rollout - t0, "time/scoring_s": t_score - t_rollout,
+                  "time/update_s": t_update - t_score}
+        history.append({**row, **timing})
+        metrics.write(row)  # wall-clock figures go to timing.jsonl: metrics.jsonl is identical across runs with one seed
+        timings.write(timing)
         bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.2f}", beta=f"{row['objective/kl_coef']:.3f}")
 
         done = iteration + 1
@@ -318,6 +319,7 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
             save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
                             state={"iteration": done, "kl_coef": task.kl_controller.kl_coef})
     metrics.close()
+    timings.close()
     _save_policy(out / "policy", model, tokenizer)
     envs.close()
     return LMPPOResult(str(out), config.num_iterations, history, time.perf_counter() - started)

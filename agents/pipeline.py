@@ -36,6 +36,8 @@ class PipelineConfig:
     output_dir: str = field(default="runs/pipeline", metadata={"help": "the run folder"})
     model_path: str | None = field(default=None, metadata={"help": "base causal LM directory; None = the embedded default"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
+    demonstrations_path: str | None = field(default=None, metadata={"help": "SFT demonstrations, JSONL {prompt, completion}; None = drawn from the embedded corpus"})
+    prompts_path: str | None = field(default=None, metadata={"help": "prompts for preferences, PPO and evaluation, JSONL {prompt}; None = corpus prompts (split three ways by seed)"})
     n_demonstrations: int = field(default=3000, metadata={"help": "SFT demonstrations drawn from the corpus"})
     sft_epochs: int = field(default=1, metadata={"help": "SFT epochs"})
     sft_learning_rate: float = field(default=5e-4, metadata={"help": "SFT learning rate"})
@@ -73,6 +75,29 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.curve_points must be >= 0, got {self.curve_points!r}")
         if self.model_path is not None and not (Path(self.model_path) / "config.json").is_file():
             raise FileNotFoundError(f"model_path {self.model_path!r} is not a Hugging Face model directory (no config.json)")
+        for name in ("demonstrations_path", "prompts_path"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise FileNotFoundError(f"PipelineConfig.{name} {value!r} does not exist: give a JSONL file")
+
+
+def _prompt_splits(config: PipelineConfig) -> tuple[list[str], list[str], list[str]]:
+    """Disjoint prompts for preferences, PPO and the held-out evaluation."""
+    from rlhf_envs.corpus import make_prompts
+
+    if config.prompts_path is None:
+        return (make_prompts(config.n_preference_prompts, seed=config.seed + 2),
+                make_prompts(512, seed=config.seed + 4), make_prompts(config.n_eval_prompts, seed=config.seed + 12345))
+    from agents.data import read_prompts
+
+    prompts = read_prompts(config.prompts_path)
+    order = np.random.default_rng(config.seed).permutation(len(prompts))
+    n_eval = min(config.n_eval_prompts, len(prompts) // 4)
+    n_pref = min(config.n_preference_prompts, (len(prompts) - n_eval) // 2)
+    if n_eval < 1 or n_pref < 1:
+        raise ValueError(f"{config.prompts_path} has {len(prompts)} prompts: give at least 8 (they are split for preferences, PPO and evaluation)")
+    pick = [prompts[i] for i in order]
+    return pick[n_eval:n_eval + n_pref], pick[n_eval + n_pref:], pick[:n_eval]
 
 
 def _stage(out: Path, name: str, config: PipelineConfig) -> bool:
@@ -126,7 +151,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     from agents.reports import write_report
     from agents.reward_model import RewardModelConfig, train_reward_model
     from agents.sft import SFTConfig, train_sft
-    from rlhf_envs.corpus import make_demonstrations, make_prompts
+    from rlhf_envs.corpus import make_demonstrations
     from rlhf_envs.lm import EMBEDDED_MODEL_DIR
 
     if config.torch_threads:
@@ -139,8 +164,15 @@ def run_pipeline(config: PipelineConfig) -> dict:
     seed = config.seed
 
     t = time.perf_counter()
+    pref_prompts, ppo_prompts, eval_prompts = _prompt_splits(config)
     if _stage(out, "sft", config):
-        write_jsonl(out / "data" / "sft.jsonl", make_demonstrations(config.n_demonstrations, seed=seed + 1))
+        if config.demonstrations_path is None:
+            demonstrations = make_demonstrations(config.n_demonstrations, seed=seed + 1)
+        else:
+            from agents.data import read_sft
+
+            demonstrations = read_sft(config.demonstrations_path)[:config.n_demonstrations]
+        write_jsonl(out / "data" / "sft.jsonl", demonstrations)
         result = train_sft(SFTConfig(model_path=base, data_path=str(out / "data" / "sft.jsonl"), output_dir=str(out / "sft"),
                                      seed=seed, num_epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
                                      batch_size=32, max_length=64, progress=config.progress))
@@ -150,8 +182,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     t = time.perf_counter()
     if _stage(out, "preferences", config):
-        prompts = make_prompts(config.n_preference_prompts, seed=seed + 2)
-        rankings, pairs, stats = make_preferences(sft, prompts, config, seed=seed + 3)
+        rankings, pairs, stats = make_preferences(sft, pref_prompts, config, seed=seed + 3)
         (out / "preferences").mkdir(parents=True)
         write_jsonl(out / "data" / "rankings.jsonl", rankings)
         write_jsonl(out / "data" / "preferences.jsonl", pairs)
@@ -173,7 +204,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     if _stage(out, "ppo", config):
         snapshot_every = max(1, n_iterations // config.curve_points) if config.curve_points else 0
         result = train_lm_ppo(LMPPOConfig(
-            model_path=sft, reward_model="learned", reward_model_path=rm, output_dir=str(out / "ppo"), seed=seed,
+            model_path=sft, reward_model="learned", reward_model_path=rm, prompts=ppo_prompts, output_dir=str(out / "ppo"), seed=seed,
             total_episodes=config.ppo_episodes, batch_size=config.ppo_batch_size, learning_rate=config.ppo_learning_rate,
             max_new_tokens=config.max_new_tokens, beta=config.beta, target_kl=config.target_kl,
             snapshot_every=snapshot_every, progress=config.progress))
@@ -195,11 +226,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     t = time.perf_counter()
     models = {"base": base, "sft": sft, "ppo": str(out / "ppo" / "policy"), "dpo": str(out / "dpo")}
-    eval_config = EvalConfig(models=models, reference="sft", reward_model_path=rm, n_prompts=config.n_eval_prompts,
+    eval_config = EvalConfig(models=models, reference="sft", reward_model_path=rm, prompts=eval_prompts,
                              max_new_tokens=config.max_new_tokens, seed=seed, progress=config.progress)
     evaluation = evaluate_models(eval_config)
     write_eval(evaluation, out / "eval.json")
-    curves = _over_optimisation_curves(out, sft, rm, config)
+    curves = _over_optimisation_curves(out, sft, rm, config, eval_prompts[:128])
     write_eval(curves, out / "curves.json")
     timings["eval"] = time.perf_counter() - t
 
@@ -224,7 +255,7 @@ def _row(evaluation: dict, name: str) -> dict:
     return next(r for r in evaluation["rows"] if r["model"] == name)
 
 
-def _over_optimisation_curves(out: Path, sft: str, rm: str, config: PipelineConfig) -> dict:
+def _over_optimisation_curves(out: Path, sft: str, rm: str, config: PipelineConfig, prompts: list[str]) -> dict:
     """Gold reward, proxy reward and KL to SFT of intermediate PPO snapshots and DPO checkpoints."""
     from agents.checkpoint import list_checkpoints
     from agents.evaluate import EvalConfig, evaluate_models
@@ -245,7 +276,6 @@ def _over_optimisation_curves(out: Path, sft: str, rm: str, config: PipelineConf
             tokenizer.save_pretrained(target)
         models[f"dpo@{ckpt.name}"] = str(target)
     models["dpo@final"] = str(out / "dpo")
-    n = min(128, config.n_eval_prompts)
-    result = evaluate_models(EvalConfig(models=models, reference="sft", reward_model_path=rm, n_prompts=n,
+    result = evaluate_models(EvalConfig(models=models, reference="sft", reward_model_path=rm, prompts=prompts,
                                         max_new_tokens=config.max_new_tokens, seed=config.seed + 1, progress=config.progress))
     return {"points": result["rows"]}

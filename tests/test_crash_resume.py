@@ -30,8 +30,7 @@ def _sft_command(model_dir, data, out, resume: bool) -> list[str]:
 
 
 def _metrics(out) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in ("train_seconds", "samples_per_second")} for row in rows]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _lines(out) -> int:
