@@ -20,8 +20,10 @@ Logged names: ``loss``, ``accuracy`` (fraction of pairs ordered correctly), ``ma
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,9 @@ from agents.lm_common import (
     set_seed,
 )
 from rlhf_envs.lm import load_tokenizer
+
+
+NORMALIZATION_FILE = "reward_normalization.json"
 
 
 @dataclass
@@ -138,7 +143,7 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
         margin = torch.cat(margins)
         return {"loss": sum(losses) / len(eval_idx), "accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}
 
-    return run_training(
+    result = run_training(
         config,
         algorithm="reward_model",
         model=model,
@@ -149,3 +154,20 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
         evaluate=evaluate if eval_idx else None,
         device=device,
     )
+    # InstructGPT normalises the reward model so that the responses it was trained on score 0 on
+    # average; we also divide by their spread, so a policy's reward (and the KL coefficient beta
+    # that trades against it) has the same units whatever scale the raw logits ended up on.
+    model.eval()
+    scores = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), 256):
+            seqs = texts[start : start + 256]
+            input_ids, mask = pad(seqs, pad_id, side), pad([torch.ones_like(t) for t in seqs], 0, side)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            scores.append(model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), use_cache=False).logits[:, 0].float().cpu())
+    scores = torch.cat(scores)
+    normalization = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6)), "n": len(scores)}
+    (Path(config.output_dir) / NORMALIZATION_FILE).write_text(json.dumps(normalization) + "\n")
+    result.metrics.update({f"normalization/{k}": v for k, v in normalization.items()})
+    return result

@@ -73,14 +73,18 @@ class SentimentReward:
 class LearnedReward:
     """A Hugging Face ``AutoModelForSequenceClassification`` checkpoint with one label.
 
-    Scores ``logits[:, 0]`` of ``prompt + response`` (responses start with a space), in batches of
+    Scores ``logits[:, 0]`` of ``prompt + response`` (responses start with a space), normalised by the
+    ``reward_normalization.json`` that ``rlhf rm`` writes beside the weights (when present), in batches of
     ``batch_size``. Loaded offline (``local_files_only``). Texts are right-padded and position ids
     come from the attention mask, so a padded row scores exactly like the same text alone; the
     model pools the last non-pad token (GPT-2 style), for which ``config.pad_token_id`` is set
     from the tokenizer when missing.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64, max_length: int | None = None):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64, max_length: int | None = None,
+                 normalize: bool = True):
+        import json
+
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -101,6 +105,14 @@ class LearnedReward:
                 "a reward model needs exactly one output (train it with num_labels=1)")
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        # ``rlhf rm`` writes the mean and spread of its scores over its training responses; with
+        # ``normalize`` the plugin reports (logit - mean) / std, InstructGPT's normalised reward.
+        self.shift, self.scale = 0.0, 1.0
+        stats_path = os.path.join(path, "reward_normalization.json")
+        if normalize and os.path.isfile(stats_path):
+            with open(stats_path) as f:
+                stats = json.load(f)
+            self.shift, self.scale = float(stats["mean"]), float(stats["std"])
         self.device = device
         self.batch_size = batch_size
         self.max_length = max_length
@@ -120,7 +132,7 @@ class LearnedReward:
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits
                 out[start : start + len(logits)] = logits[:, 0].float().cpu().numpy()
-        return out
+        return (out - self.shift) / self.scale
 
 
 class _CallableReward:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 import random
 
@@ -71,10 +73,19 @@ def test_reward_model_learns_a_toy_preference(tmp_path):
     better = reward.score(prompts, [r.get("chosen") or r["responses"][0] for r in held_out])
     worse = reward.score(prompts, [r.get("rejected") or r["responses"][-1] for r in held_out])
     assert (better > worse).mean() >= 0.9
-    # exactly the score training computes: the model's logits[:, 0] on the unpadded text
+    # exactly the score training computes: the model's logits[:, 0] on the unpadded text, normalised by
+    # the mean and spread over the training responses (InstructGPT's normalisation), or raw if asked
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", local_files_only=True).eval()
     ids = reward.tokenizer(prompts[0] + " great story", return_tensors="pt")["input_ids"]
-    assert reward.score(prompts[:1], [" great story"])[0] == pytest.approx(model(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+    logit = model(input_ids=ids).logits[0, 0].item()
+    stats = json.loads((tmp_path / "rm" / "reward_normalization.json").read_text())
+    responses = [(r["prompt"], y) for r in rows for y in (r["responses"] if "responses" in r else (r["chosen"], r["rejected"]))]
+    assert stats["n"] == len(responses) and stats["std"] > 0
+    assert reward.score(prompts[:1], [" great story"])[0] == pytest.approx((logit - stats["mean"]) / stats["std"], abs=1e-5)
+    raw = LearnedReward(tmp_path / "rm", normalize=False)
+    assert raw.score(prompts[:1], [" great story"])[0] == pytest.approx(logit, abs=1e-5)
+    train_scores = reward.score([p for p, _ in responses], [y for _, y in responses])
+    assert abs(train_scores.mean()) < 0.05 and train_scores.std() == pytest.approx(1.0, abs=0.05)
     alone = np.concatenate([reward.score([p], [r]) for p, r in zip(prompts[:5], [" great"] * 2 + [" the very long story was good"] * 3)])
     batched = reward.score(prompts[:5], [" great"] * 2 + [" the very long story was good"] * 3)
     np.testing.assert_allclose(alone, batched, atol=1e-5)
