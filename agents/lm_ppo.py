@@ -60,6 +60,7 @@ class LMPPOConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
     beta: float = field(default=0.05, metadata={"help": "KL coefficient (initial value when target_kl is set)"})
     target_kl: float | None = field(default=None, metadata={"help": "sequence-level KL target of the adaptive controller; None = fixed beta"})
+    kl_horizon: float = field(default=10000.0, metadata={"help": "horizon (episodes) of the adaptive controller: how fast beta moves (Ziegler et al.: 10000)"})
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator of the env: k1, k2, k3 or exact"})
     gamma: float = field(default=1.0, metadata={"help": "discount over tokens"})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda over tokens"})
@@ -163,7 +164,7 @@ def _make_env(config: LMPPOConfig):
     return gym.make_vec(
         "TextBandit-v0", num_envs=config.batch_size, model=config.ref_model_path or config.model_path,
         reward_model=config.reward_model, reward_kwargs=reward_kwargs, prompts=config.prompts,
-        beta=config.beta, target_kl=config.target_kl, kl_estimator=config.kl_estimator,
+        beta=config.beta, target_kl=config.target_kl, kl_horizon=config.kl_horizon, kl_estimator=config.kl_estimator,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
 
 

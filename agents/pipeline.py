@@ -50,6 +50,7 @@ class PipelineConfig:
     ppo_learning_rate: float = field(default=1e-4, metadata={"help": "PPO learning rate"})
     beta: float = field(default=0.05, metadata={"help": "initial KL coefficient of PPO"})
     target_kl: float | None = field(default=4.0, metadata={"help": "PPO's adaptive-KL target (nats per response); None = fixed beta"})
+    kl_horizon: float = field(default=1000.0, metadata={"help": "episodes over which the adaptive controller moves beta (short runs need a short horizon)"})
     dpo_epochs: int = field(default=2, metadata={"help": "DPO epochs"})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta"})
     dpo_learning_rate: float = field(default=2e-4, metadata={"help": "DPO learning rate"})
@@ -73,12 +74,31 @@ class PipelineConfig:
             raise ValueError(f"ppo_episodes {self.ppo_episodes} < ppo_batch_size {self.ppo_batch_size}: PPO would not run one iteration")
         if self.curve_points < 0:
             raise ValueError(f"PipelineConfig.curve_points must be >= 0, got {self.curve_points!r}")
+        self._check_stage_values()
         if self.model_path is not None and not (Path(self.model_path) / "config.json").is_file():
             raise FileNotFoundError(f"model_path {self.model_path!r} is not a Hugging Face model directory (no config.json)")
         for name in ("demonstrations_path", "prompts_path"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"PipelineConfig.{name} {value!r} does not exist: give a JSONL file")
+
+    def _check_stage_values(self) -> None:
+        """Build each stage's config from these values now, so a bad ``beta``, learning rate or DPO loss
+        fails before the first stage runs (and before anything is written), not hours later."""
+        from agents.dpo import DPOConfig
+        from agents.lm_ppo import LMPPOConfig
+        from agents.reward_model import RewardModelConfig
+        from agents.sft import SFTConfig
+
+        try:
+            SFTConfig(data_path="-", learning_rate=self.sft_learning_rate)
+            RewardModelConfig(data_path="-", learning_rate=self.rm_learning_rate)
+            LMPPOConfig(reward_model="learned", reward_model_path="-", total_episodes=self.ppo_episodes,
+                        batch_size=self.ppo_batch_size, learning_rate=self.ppo_learning_rate,
+                        max_new_tokens=self.max_new_tokens, beta=self.beta, target_kl=self.target_kl)
+            DPOConfig(data_path="-", learning_rate=self.dpo_learning_rate, beta=self.dpo_beta, loss_type=self.dpo_loss)
+        except ValueError as err:
+            raise ValueError(f"PipelineConfig: {err} (set through the pipeline's sft_/rm_/ppo_/dpo_ options)") from err
 
 
 def _prompt_splits(config: PipelineConfig) -> tuple[list[str], list[str], list[str]]:
@@ -206,7 +226,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         result = train_lm_ppo(LMPPOConfig(
             model_path=sft, reward_model="learned", reward_model_path=rm, prompts=ppo_prompts, output_dir=str(out / "ppo"), seed=seed,
             total_episodes=config.ppo_episodes, batch_size=config.ppo_batch_size, learning_rate=config.ppo_learning_rate,
-            max_new_tokens=config.max_new_tokens, beta=config.beta, target_kl=config.target_kl,
+            max_new_tokens=config.max_new_tokens, beta=config.beta, target_kl=config.target_kl, kl_horizon=config.kl_horizon,
             snapshot_every=snapshot_every, progress=config.progress))
         _mark_done(out, "ppo", result.history[-1])
     timings["ppo"] = time.perf_counter() - t

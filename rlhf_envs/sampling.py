@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from rlhf_envs.fast_lm import GPT2Decoder, gpt2_view
+
 __all__ = [
     "BufferedKVLayer",
     "Generation",
@@ -224,12 +226,50 @@ def generate(
 
     The prompt is run once; each later step feeds one token per row through a preallocated KV
     cache (no per-step concatenation; attention reads only the filled part), with explicit position ids and a prebuilt
-    4D attention mask updated in place (so the model does no mask bookkeeping).
+    4D attention mask updated in place (so the model does no mask bookkeeping). A ``GPT2LMHeadModel`` in eval
+    mode without hooks runs through the lean forward of :mod:`rlhf_envs.fast_lm` (same parameters, same
+    logits, a fraction of Hugging Face's per-op overhead); any other model through its own forward.
     Runs under ``torch.inference_mode``; the returned tensors are ordinary (usable with autograd).
     """
     with torch.inference_mode():
         ids, mask, logprobs = _generate(model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator)
     return Generation(ids.clone(), mask.clone(), logprobs.clone())
+
+
+class _HFDecoder:
+    """The generic path: any Hugging Face causal LM through its own forward, with :class:`BufferedKVLayer` caching."""
+
+    def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+        self.model, self.prompt_ids, self.prompt_mask = model, prompt_ids, prompt_mask
+        batch, self.filled = prompt_ids.shape
+        total = self.filled + max_new_tokens
+        self.cache = preallocated_cache(model, total)
+        keep = torch.zeros(batch, total, dtype=torch.bool, device=prompt_ids.device)
+        keep[:, : self.filled] = prompt_mask.bool()
+        self.step_mask = additive_mask(keep[:, None, :], _model_dtype(model))
+        self.next_position = prompt_mask.long().sum(-1, keepdim=True)
+
+    def prefill(self) -> torch.Tensor:
+        return prefill(self.model, self.prompt_ids, self.prompt_mask, self.cache)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.step_mask[:, :, :, self.filled] = 0.0
+        self.filled += 1
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self.step_mask[:, :, :, : self.filled],
+            position_ids=self.next_position,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.next_position += 1
+        return out.logits[:, -1]
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        self.step_mask = self.step_mask.index_select(0, index)
+        self.next_position = self.next_position.index_select(0, index)
 
 
 def _generate(
@@ -241,43 +281,43 @@ def _generate(
     pad_token_id: int,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoding loop. Rows that emitted EOS leave the batch (the decoder drops their cache rows once
+    a quarter of the running rows has finished), so later steps, sampling included, cost only the live rows."""
     device = prompt_ids.device
-    batch, prompt_len = prompt_ids.shape
+    batch = prompt_ids.shape[0]
     steps = cfg.max_new_tokens
-    dtype = _model_dtype(model)
-    total = prompt_len + steps
-    cache = preallocated_cache(model, total)
-    logits = prefill(model, prompt_ids, prompt_mask, cache)
-    keep = torch.zeros(batch, total, dtype=torch.bool, device=device)
-    keep[:, :prompt_len] = prompt_mask.bool()
-    step_mask = additive_mask(keep[:, None, :], dtype)
-    next_position = prompt_mask.long().sum(-1, keepdim=True)
+    view = gpt2_view(model)
+    if view is None:
+        decoder = _HFDecoder(model, prompt_ids, prompt_mask, steps)
+    else:
+        decoder = GPT2Decoder(view, prompt_ids, prompt_mask, steps)
+    logits = decoder.prefill()
 
     response_ids = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros(batch, steps, dtype=torch.bool, device=device)
     logprobs = torch.zeros(batch, steps, dtype=torch.float32, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
     used = steps
     for t in range(steps):
-        tokens, chosen = _sample(logits, cfg, generator)
-        alive = ~finished
-        tokens = tokens.masked_fill_(finished, pad_token_id)
-        response_ids[:, t] = tokens
-        response_mask[:, t] = alive
-        logprobs[:, t] = chosen.masked_fill_(finished, 0.0)
-        finished |= tokens == eos_token_id
-        if t == steps - 1 or bool(finished.all()):
+        live = (~done).nonzero().squeeze(-1)
+        tokens, chosen = _sample(logits.index_select(0, live), cfg, generator)
+        at = rows.index_select(0, live)
+        response_ids[at, t] = tokens
+        response_mask[at, t] = True
+        logprobs[at, t] = chosen
+        ended = tokens == eos_token_id
+        n_live = live.shape[0] - int(ended.sum())
+        if t == steps - 1 or n_live == 0:
             used = t + 1
             break
-        step_mask[:, :, :, prompt_len + t] = 0.0
-        out = model(
-            input_ids=tokens[:, None],
-            attention_mask=step_mask[:, :, :, : prompt_len + t + 1],
-            position_ids=next_position + t,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1]
+        done[live[ended]] = True
+        step_tokens = torch.full_like(rows, pad_token_id).index_copy_(0, live, tokens)
+        if n_live <= 3 * rows.shape[0] // 4:
+            keep = (~done).nonzero().squeeze(-1)
+            decoder.keep_rows(keep)
+            rows, done, step_tokens = rows[keep], done[keep], step_tokens[keep]
+        logits = decoder.step(step_tokens)
     return response_ids[:, :used], response_mask[:, :used], logprobs[:, :used]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from gymnasium.error import InvalidAction
 
+from rlhf_envs.fast_lm import GPT2View, PromptKVCache, gpt2_view
 from rlhf_envs.kl import get_kl_estimator, make_kl_controller
 from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.sampling import SamplingConfig, positions_from_mask, processed_logprobs
@@ -24,6 +25,9 @@ from rlhf_envs.sampling import SamplingConfig, positions_from_mask, processed_lo
 __all__ = ["TextTask", "attention_mask_from_obs", "tiny_causal_lm"]
 
 ModelSpec = str | os.PathLike | tuple | None
+
+_PROMPT_CACHE_BYTES = 256 * 2**20
+"""Largest reference prompt cache (keys/values of every prompt) kept in memory; beyond it prompts are re-run."""
 
 
 def attention_mask_from_obs(obs: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -135,6 +139,7 @@ class TextTask:
         self._encode_prompts(max_prompt_tokens)
         self.max_new_tokens = max_new_tokens
         self._warned_uniform = False
+        self._ref_prompt_cache: PromptKVCache | None = None
 
     @property
     def beta(self) -> float:
@@ -229,25 +234,62 @@ class TextTask:
                      full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reference log-probs ``[N, T]`` (and ``[N, T, V]`` with ``full``) in one batched forward.
 
-        Temperature as the policy's, no top-k/top-p, so every token has a finite log-prob. The
-        forward stops at the longest response in the batch and computes logits only where needed.
+        Temperature as the policy's, no top-k/top-p, so every token has a finite log-prob. Entries
+        outside ``response_mask`` are 0. The forward stops at the longest response in the batch and
+        computes logits only where a response token is predicted. A ``GPT2LMHeadModel`` runs through
+        :meth:`rlhf_envs.fast_lm.GPT2View.packed_logits` (padding skipped in the per-token work).
         """
         prompt_ids, prompt_mask = self.prompt_ids[prompt_index], self.prompt_mask[prompt_index]
+        prompt_len = prompt_ids.shape[1]
         width = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
         ids, mask = response_ids[:, :width], response_mask[:, :width]
         input_ids = torch.cat([prompt_ids, ids], dim=1)
         full_mask = torch.cat([prompt_mask, mask], dim=1)
-        logits = self.ref_model(input_ids=input_ids, attention_mask=full_mask.long(),
-                                position_ids=positions_from_mask(full_mask), use_cache=False,
-                                logits_to_keep=width + 1).logits[:, :-1]
-        ref_full = processed_logprobs(logits, self.ref_sampling)
+        positions = positions_from_mask(full_mask)
+        view = gpt2_view(self.ref_model)
         ref = torch.zeros(response_ids.shape, device=response_ids.device)
-        ref[:, :width] = ref_full.gather(-1, ids.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+        if view is None:
+            logits = self.ref_model(input_ids=input_ids, attention_mask=full_mask.long(), position_ids=positions,
+                                    use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
+            ref_full = processed_logprobs(logits, self.ref_sampling).masked_fill_(~mask[..., None], 0.0)
+            ref[:, :width] = ref_full.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        else:
+            ref_picked = processed_logprobs(view.logits(self._ref_hidden(view, prompt_index, ids, mask)),
+                                            self.ref_sampling)
+            ref[:, :width][mask] = ref_picked.gather(-1, ids[mask].unsqueeze(-1)).squeeze(-1)
+            if full:
+                ref_full = ref_picked.new_zeros(mask.shape + ref_picked.shape[-1:])
+                ref_full[mask] = ref_picked
         if not full:
             return ref, None
         padded = torch.zeros(response_ids.shape + (ref_full.shape[-1],), device=response_ids.device)
         padded[:, :width] = ref_full
         return ref, padded
+
+    def _ref_hidden(self, view: GPT2View, prompt_index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                    ) -> torch.Tensor:
+        """Reference hidden states ``[M, D]`` predicting the ``M`` response tokens ``ids[mask]`` (row-major).
+
+        Prompts come from :class:`PromptKVCache` (computed once per prompt) when the table fits in
+        ``_PROMPT_CACHE_BYTES``; then only response tokens run. Otherwise prompt and response run together.
+        """
+        if self._ref_prompt_cache is None and PromptKVCache.nbytes(view, self.prompt_ids) <= _PROMPT_CACHE_BYTES:
+            self._ref_prompt_cache = PromptKVCache(self.prompt_ids, self.prompt_mask)
+        prompt_mask = self.prompt_mask[prompt_index]
+        if self._ref_prompt_cache is None:
+            input_ids = torch.cat([self.prompt_ids[prompt_index], ids], dim=1)
+            full_mask = torch.cat([prompt_mask, mask], dim=1)
+            predicts = torch.zeros_like(full_mask)
+            predicts[:, prompt_mask.shape[1] - 1 : -1] = mask
+            return view.packed_hidden(input_ids, full_mask, positions_from_mask(full_mask), predicts)
+        kv, last_hidden = self._ref_prompt_cache.get(view, self.ref_model, prompt_index)
+        hidden = last_hidden.new_zeros(mask.shape + last_hidden.shape[-1:])
+        hidden[:, 0] = last_hidden
+        if mask.shape[1] > 1:
+            inputs, predicts = mask[:, :-1], mask[:, 1:]
+            positions = prompt_mask.long().sum(-1, keepdim=True) + torch.arange(mask.shape[1] - 1, device=mask.device)
+            hidden[:, 1:][predicts] = view.packed_hidden(ids[:, :-1], inputs, positions, predicts, (kv, prompt_mask))
+        return hidden[mask]
 
     def kl_per_token(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
                      full_logprobs: torch.Tensor | None = None, full_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:

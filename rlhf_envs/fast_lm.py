@@ -1,0 +1,276 @@
+"""A lean forward for GPT-2-architecture models, over the parameters of a Hugging Face ``GPT2LMHeadModel``.
+
+At the sizes RLHF experiments start from (the embedded default: 4 layers, width 128), Hugging Face's
+module stack costs more than its arithmetic: attention-interface dispatch, mask utilities, cache
+classes, dropout modules and ``gelu_new`` written as five Python-level ops. This module is the same
+computation written out nanoGPT-style, a dozen tensor ops per layer:
+
+    x = wte[ids] + wpe[pos]
+    per layer:  x = x + c_proj(sdpa(split_heads(c_attn(ln_1(x)))))
+                x = x + mlp.c_proj(gelu_tanh(mlp.c_fc(ln_2(x))))
+    logits = ln_f(x) @ lm_head.T            (only at the positions asked for)
+
+It reads the model's own parameter tensors on every call (no copies), so optimizer updates are seen
+immediately. HF's ``Conv1D`` stores weights ``[in, out]`` and computes ``addmm(bias, x, weight)``;
+so does this module. ``gelu(approximate="tanh")`` is ``gelu_new``.
+
+:func:`gpt2_view` returns a :class:`GPT2View` only when the shortcut is exact: a ``GPT2LMHeadModel``
+(not a subclass) in eval mode, without forward hooks and without cross-attention, with a tanh-GELU
+activation. Anything else gets ``None`` and callers take the generic Hugging Face path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
+
+__all__ = ["GPT2Decoder", "GPT2View", "PromptKVCache", "gpt2_view"]
+
+_TANH_GELUS = frozenset({"gelu_new", "gelu_pytorch_tanh"})
+
+
+class _Layer(NamedTuple):
+    """One GPT-2 block's tensors (Conv1D weights are ``[in, out]``) and its attention scale."""
+
+    ln_1: tuple[torch.Tensor, torch.Tensor]
+    attn_w: torch.Tensor
+    attn_b: torch.Tensor
+    attn_proj_w: torch.Tensor
+    attn_proj_b: torch.Tensor
+    ln_2: tuple[torch.Tensor, torch.Tensor]
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    scaling: float
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask (True = may attend) -> additive float mask (0 or the dtype's minimum); CPU SDPA runs faster on it."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
+def _has_hooks(model: torch.nn.Module) -> bool:
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
+    """A :class:`GPT2View` of ``model`` when the lean forward computes exactly what ``model`` does, else ``None``.
+
+    Eligible: ``type(model) is GPT2LMHeadModel``, every module in eval mode, no forward (pre-)hooks
+    (module or global: e.g. accelerate offloading, output capture), no cross-attention, activation
+    ``gelu_new``/``gelu_pytorch_tanh``, ``reorder_and_upcast_attn`` off.
+    """
+    from transformers import GPT2LMHeadModel
+
+    if type(model) is not GPT2LMHeadModel:
+        return None
+    config = model.config
+    if (config.add_cross_attention or config.activation_function not in _TANH_GELUS
+            or config.reorder_and_upcast_attn or any(m.training for m in model.modules()) or _has_hooks(model)):
+        return None
+    return GPT2View(model)
+
+
+class GPT2View:
+    """The parameter tensors of a ``GPT2LMHeadModel`` (the same objects, no copies) and a lean forward over them.
+
+    Shapes: ``B`` rows, ``L`` new positions, ``K`` key positions (cached + new), ``D = n_embd``,
+    ``H`` heads of ``hd = D / H``, ``V`` vocabulary.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        config, body = model.config, model.transformer
+        self.n_head = config.n_head
+        self.d_model = config.n_embd
+        self.head_dim = self.d_model // self.n_head
+        self.eps = config.layer_norm_epsilon
+        self.wte, self.wpe = body.wte.weight, body.wpe.weight
+        self.ln_f = (body.ln_f.weight, body.ln_f.bias)
+        self.lm_head = model.lm_head.weight
+        self.layers = []
+        for i, block in enumerate(body.h):
+            scaling = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
+            if config.scale_attn_by_inverse_layer_idx:
+                scaling /= float(i + 1)
+            attn, mlp = block.attn, block.mlp
+            self.layers.append(_Layer(
+                (block.ln_1.weight, block.ln_1.bias), attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight,
+                attn.c_proj.bias, (block.ln_2.weight, block.ln_2.bias), mlp.c_fc.weight, mlp.c_fc.bias,
+                mlp.c_proj.weight, mlp.c_proj.bias, scaling))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.dtype
+
+    def _ln(self, x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.layer_norm(x, (self.d_model,), params[0], params[1], self.eps)
+
+    def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """``x [N, D]`` -> ``x + MLP(ln_2(x))``."""
+        hidden = F.gelu(torch.addmm(layer.fc_b, self._ln(x, layer.ln_2), layer.fc_w), approximate="tanh")
+        return torch.addmm(layer.proj_b, hidden, layer.proj_w).add_(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden [..., D]`` (before ``ln_f``) -> logits ``[..., V]``."""
+        return F.linear(self._ln(hidden, self.ln_f), self.lm_head)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
+                cache: list[tuple[torch.Tensor, torch.Tensor]], start: int) -> torch.Tensor:
+        """Run ``input_ids [B, L]`` at cache slots ``[start, start + L)``; return hidden states ``[B, L, D]`` (before ``ln_f``).
+
+        ``attn_mask [B, 1, L, start + L]`` is additive (0 = may attend, the dtype's minimum = may not);
+        ``cache`` holds per layer ``(keys, values)`` of ``[B, H, max_len, hd]``, written in place.
+        """
+        batch, length = input_ids.shape
+        end = start + length
+        x = (F.embedding(input_ids, self.wte) + F.embedding(position_ids, self.wpe)).view(batch * length, self.d_model)
+        for layer, (keys, values) in zip(self.layers, cache):
+            qkv = torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
+            q, k, v = qkv.view(batch, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            att = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=attn_mask,
+                                                 scale=layer.scaling)
+            att = att.transpose(1, 2).reshape(batch * length, self.d_model)
+            x = self._mlp(torch.addmm(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
+        return x.view(batch, length, self.d_model)
+
+    def new_cache(self, batch: int, max_len: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``(keys, values)``, each ``[B, H, max_len, hd]`` in the model's dtype."""
+        shape = (batch, self.n_head, max_len, self.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
+                for _ in self.layers]
+
+    def packed_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+                      wanted: torch.Tensor, past: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None = None,
+                      ) -> torch.Tensor:
+        """Teacher-forced hidden states ``[M, D]`` (before ``ln_f``) at the ``M`` positions where ``wanted [B, L]`` is True.
+
+        Row-major order; ``wanted`` must lie inside ``mask [B, L]``. Only real tokens go through the
+        per-token work (layer norms, projections, MLP), so padding costs nothing there; attention runs
+        on the padded ``[B, L]`` layout, causal over real keys. ``past = (kv, past_mask [B, Lp])``
+        (``kv`` per layer ``(keys, values)`` of ``[B, H, Lp, hd]``) are earlier positions every new
+        token may also attend to where ``past_mask`` is True, e.g. a cached prompt.
+        """
+        batch, length = input_ids.shape
+        real = mask.reshape(-1).nonzero().squeeze(-1)
+        picked = wanted.reshape(-1)[real].nonzero().squeeze(-1)
+        x = F.embedding(input_ids.reshape(-1)[real], self.wte) + F.embedding(position_ids.reshape(-1)[real], self.wpe)
+        causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril_()
+        eye = torch.eye(length, dtype=torch.bool, device=mask.device)
+        attn_mask = (mask[:, None, :] & causal) | eye
+        if past is not None:
+            attn_mask = torch.cat([past[1][:, None, :].expand(-1, length, -1), attn_mask], dim=-1)
+        attn_mask = _additive(attn_mask.unsqueeze(1), x.dtype)
+        padded = x.new_zeros(batch * length, 3 * self.d_model)
+        for i, layer in enumerate(self.layers):
+            padded.index_copy_(0, real, torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w))
+            q, k, v = padded.view(batch, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            if past is not None:
+                k, v = torch.cat([past[0][i][0], k], dim=2), torch.cat([past[0][i][1], v], dim=2)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=layer.scaling)
+            att = att.transpose(1, 2).reshape(batch * length, self.d_model).index_select(0, real)
+            x = self._mlp(torch.addmm(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
+        return x.index_select(0, picked)
+
+
+class PromptKVCache:
+    """The reference model's state after each prompt of a fixed, left-padded prompt table ``[n, P]``.
+
+    Per prompt: every layer's keys/values ``[H, P, hd]`` and the last position's hidden state ``[D]``,
+    computed the first time the prompt is asked for and reused while the model's parameters are
+    unchanged (same storage, no in-place update: checked with each tensor's version counter on every
+    :meth:`get`; any change empties the cache). For a frozen reference model that scores responses to
+    the same prompts over and over, this takes the prompt tokens out of every scoring forward.
+    """
+
+    def __init__(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask.bool()
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last_hidden: torch.Tensor | None = None
+        self.ready = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        self.fingerprint: tuple = ()
+
+    @staticmethod
+    def nbytes(view: GPT2View, prompt_ids: torch.Tensor) -> int:
+        """Memory the full table takes: keys, values and one hidden state per prompt."""
+        n, length = prompt_ids.shape
+        per_prompt = (2 * len(view.layers) * length + 1) * view.d_model
+        return n * per_prompt * view.wte.element_size()
+
+    def get(self, view: GPT2View, model: torch.nn.Module, index: torch.Tensor,
+            ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """``(kv, last_hidden)`` for prompts ``index [N]``: per layer ``(keys, values)`` ``[N, H, P, hd]``, and ``[N, D]``."""
+        fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        if fingerprint != self.fingerprint or not self.kv:
+            n, length = self.prompt_ids.shape
+            shape = (n, view.n_head, length, view.head_dim)
+            device = self.prompt_ids.device
+            self.kv = [(torch.zeros(shape, dtype=view.dtype, device=device),
+                        torch.zeros(shape, dtype=view.dtype, device=device)) for _ in view.layers]
+            self.last_hidden = torch.zeros(n, view.d_model, dtype=view.dtype, device=device)
+            self.ready.zero_()
+            self.fingerprint = fingerprint
+        missing = index[~self.ready[index]].unique()
+        if missing.numel():
+            decoder = GPT2Decoder(view, self.prompt_ids[missing], self.prompt_mask[missing], 0)
+            self.last_hidden[missing] = decoder.prefill_hidden()
+            for (keys, values), (new_keys, new_values) in zip(self.kv, decoder.cache):
+                keys[missing], values[missing] = new_keys, new_values
+            self.ready[missing] = True
+        return [(k[index], v[index]) for k, v in self.kv], self.last_hidden[index]
+
+
+class GPT2Decoder:
+    """Prefill then one-token steps for left-padded prompts, over a cache preallocated to ``P + max_new_tokens``.
+
+    ``prefill()`` returns the last prompt position's logits ``[B, V]``; each ``step(tokens [B])``
+    feeds one token per row and returns the next logits ``[B, V]``; ``keep_rows`` drops rows. Pad positions of the prompt
+    attend only to themselves and are masked as keys; position ids come from the mask.
+    """
+
+    def __init__(self, view: GPT2View, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+        self.view = view
+        self.prompt_ids = prompt_ids
+        self.prompt_mask = prompt_mask.bool()
+        batch, self.filled = prompt_ids.shape
+        total = self.filled + max_new_tokens
+        device = prompt_ids.device
+        self.cache = view.new_cache(batch, total, device)
+        self.key_mask = torch.full((batch, 1, 1, total), torch.finfo(view.dtype).min, dtype=view.dtype, device=device)
+        self.key_mask[:, 0, 0, : self.filled].masked_fill_(self.prompt_mask, 0.0)
+        self.next_position = self.prompt_mask.long().sum(-1, keepdim=True)
+
+    def prefill(self) -> torch.Tensor:
+        return self.view.logits(self.prefill_hidden())
+
+    def prefill_hidden(self) -> torch.Tensor:
+        """Run the prompts into the cache; the last position's hidden state ``[B, D]`` (before ``ln_f``)."""
+        length = self.filled
+        keep = self.prompt_mask
+        causal = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril_()
+        eye = torch.eye(length, dtype=torch.bool, device=keep.device)
+        attn_mask = _additive(((keep[:, None, :] & causal) | eye).unsqueeze(1), self.view.dtype)
+        positions = (keep.long().cumsum(-1) - 1).clamp_(min=0)
+        return self.view.forward(self.prompt_ids, positions, attn_mask, self.cache, 0)[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        start = self.filled
+        self.key_mask[:, :, :, start] = 0.0
+        self.filled += 1
+        hidden = self.view.forward(tokens[:, None], self.next_position, self.key_mask[..., : self.filled],
+                                   self.cache, start)
+        self.next_position += 1
+        return self.view.logits(hidden[:, 0])
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only rows ``index [R']`` (e.g. those that have not emitted EOS); later steps take ``R'`` tokens."""
+        self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
+        self.key_mask = self.key_mask.index_select(0, index)
+        self.next_position = self.next_position.index_select(0, index)
