@@ -190,7 +190,7 @@ def _ptx_loss(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     """RLHF PPO against ``TextBandit-v0``; writes the policy (HF dir), value head, metrics.jsonl."""
     from agents.checkpoint import load_checkpoint, save_checkpoint
-    from agents.lm_common import MetricsWriter, set_seed
+    from agents.lm_common import MetricsWriter, fuse_gelu, set_seed
     from rlhf_envs.lm import load_causal_lm
     from rlhf_envs.text_common import attention_mask_from_obs
 
@@ -199,6 +199,7 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     set_seed(config.seed)
     out = Path(config.output_dir)
     lm, tokenizer = load_causal_lm(config.model_path)
+    fuse_gelu(lm)  # torch's fused tanh-GELU in place of GPT-2's Python one: same maths, the saved model is unchanged
     model = PolicyWithValueHead(lm)
     model.train()
     for module in model.modules():  # RLHF PPO runs without dropout: the ratio must be 1 before the first step
