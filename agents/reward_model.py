@@ -41,7 +41,7 @@ from agents.lm_common import (
     run_training,
     set_seed,
 )
-from rlhf_envs.lm import load_tokenizer
+from rlhf_envs.lm import check_remote_code, load_tokenizer
 
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -100,6 +100,7 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     device = resolve_device(config.device)
     records = read_rankings(config.data_path)
     path = model_dir(config.model_path)
+    check_remote_code(path, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, local_files_only=True, trust_remote_code=config.trust_remote_code)

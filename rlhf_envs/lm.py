@@ -62,6 +62,17 @@ def _check_remote_code(directory: Path, trust_remote_code: bool) -> dict:
     return raw
 
 
+def check_remote_code(path: str | Path | None, *, trust_remote_code: bool = False) -> None:
+    """Refuse a model directory whose config.json has ``auto_map`` (code shipped with the model).
+
+    For loaders that do not go through :func:`load_causal_lm` (e.g. sequence-classification
+    reward models): transformers would otherwise fall back silently to its own class for a known
+    ``model_type``, or run the shipped code when asked to. Raises ``FileNotFoundError`` or
+    ``ValueError`` naming the fix.
+    """
+    _check_remote_code(_model_dir(path), trust_remote_code)
+
+
 def _check_causal(config: PretrainedConfig, raw: dict, directory: Path) -> None:
     """Refuses configs that are not decoder-only causal LMs."""
     what = f"{str(directory)!r} (model_type={config.model_type!r}, architectures={config.architectures})"

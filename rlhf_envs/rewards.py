@@ -78,11 +78,12 @@ class LearnedReward:
     ``batch_size``. Loaded offline (``local_files_only``). Texts are right-padded and position ids
     come from the attention mask, so a padded row scores exactly like the same text alone; the
     model pools the last non-pad token (GPT-2 style), for which ``config.pad_token_id`` is set
-    from the tokenizer when missing.
+    from the tokenizer when missing. A directory whose config has ``auto_map`` (model code shipped
+    with it) is refused unless ``trust_remote_code=True``.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64, max_length: int | None = None,
-                 normalize: bool = True):
+                 normalize: bool = True, trust_remote_code: bool = False):
         import json
 
         import torch
@@ -94,11 +95,15 @@ class LearnedReward:
                 "save_pretrained (e.g. by `rlhf rm`)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        from rlhf_envs.lm import check_remote_code
+
+        check_remote_code(path, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code).to(device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"learned reward model at {str(path)!r} has num_labels={self.model.config.num_labels}; "
