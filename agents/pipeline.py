@@ -54,7 +54,8 @@ class PipelineConfig:
     dpo_epochs: int = field(default=2, metadata={"help": "DPO epochs"})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta"})
     dpo_learning_rate: float = field(default=2e-4, metadata={"help": "DPO learning rate"})
-    dpo_loss: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid (DPO), ipo or cdpo"})
+    dpo_loss: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid (DPO), ipo or cdpo (conservative DPO)"})
+    dpo_label_smoothing: float = field(default=0.0, metadata={"help": "cdpo's epsilon, the assumed rate of flipped labels, in (0, 0.5); 0 for sigmoid and ipo"})
     max_new_tokens: int = field(default=24, metadata={"help": "longest response everywhere"})
     n_eval_prompts: int = field(default=256, metadata={"help": "held-out prompts of the final evaluation"})
     curve_points: int = field(default=4, metadata={"help": "intermediate PPO/DPO models evaluated for the gold-vs-KL curve"})
@@ -96,7 +97,8 @@ class PipelineConfig:
             LMPPOConfig(reward_model="learned", reward_model_path="-", total_episodes=self.ppo_episodes,
                         batch_size=self.ppo_batch_size, learning_rate=self.ppo_learning_rate,
                         max_new_tokens=self.max_new_tokens, beta=self.beta, target_kl=self.target_kl)
-            DPOConfig(data_path="-", learning_rate=self.dpo_learning_rate, beta=self.dpo_beta, loss_type=self.dpo_loss)
+            DPOConfig(data_path="-", learning_rate=self.dpo_learning_rate, beta=self.dpo_beta, loss_type=self.dpo_loss,
+                      label_smoothing=self.dpo_label_smoothing)
         except ValueError as err:
             raise ValueError(f"PipelineConfig: {err} (set through the pipeline's sft_/rm_/ppo_/dpo_ options)") from err
 
@@ -238,7 +240,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         result = train_dpo(DPOConfig(
             model_path=sft, data_path=str(out / "data" / "preferences.jsonl"), output_dir=str(out / "dpo"), seed=seed,
             num_epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate, beta=config.dpo_beta,
-            loss_type=config.dpo_loss, batch_size=32, max_length=64, eval_fraction=0.0,
+            loss_type=config.dpo_loss, label_smoothing=config.dpo_label_smoothing, batch_size=32, max_length=64, eval_fraction=0.0,
             checkpoint_every=max(1, steps // config.curve_points) if config.curve_points else 0,
             keep_checkpoints=max(1, config.curve_points), progress=config.progress))
         _mark_done(out, "dpo", result.metrics)

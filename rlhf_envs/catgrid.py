@@ -7,7 +7,7 @@ from io import StringIO
 
 import numpy as np
 from gymnasium import Env, spaces
-from gymnasium.error import InvalidAction
+from gymnasium.error import InvalidAction, ResetNeeded
 
 LEFT, DOWN, RIGHT, UP = 0, 1, 2, 3
 ACTION_NAMES = ("Left", "Down", "Right", "Up")
@@ -200,7 +200,7 @@ class CatGridEnv(Env):
 
     def step(self, action):
         if self._done:
-            raise RuntimeError("step() called on a finished episode: call reset() first")
+            raise ResetNeeded("step() called on a finished episode (or before the first reset): call reset() first")
         a = _as_action(action)
         prob = 1.0 - self.slip
         if self.slip > 0.0 and self.np_random.random() < self.slip:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from gymnasium import spaces
-from gymnasium.error import InvalidAction
+from gymnasium.error import InvalidAction, ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
@@ -55,7 +55,7 @@ class CatGridVectorEnv(VectorEnv):
         self._terminal = self.model.terminal
         self._state = np.full(self.num_envs, self.model.start, dtype=np.int64)
         self._elapsed = np.zeros(self.num_envs, dtype=np.int64)
-        self._rows = np.arange(self.num_envs)
+        self._needs_reset = True
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         if isinstance(seed, (list, tuple)):
@@ -63,9 +63,12 @@ class CatGridVectorEnv(VectorEnv):
         super().reset(seed=seed)
         self._state[:] = self.model.start
         self._elapsed[:] = 0
+        self._needs_reset = False
         return self._state.copy(), {}
 
     def step(self, actions):
+        if self._needs_reset:
+            raise ResetNeeded("call reset() before step()")
         a = np.asarray(actions)
         if a.shape != (self.num_envs,) or not np.issubdtype(a.dtype, np.integer):
             raise InvalidAction(

@@ -42,7 +42,7 @@ def test_bathtub_ends_episode_and_reset_respawns():
     env.reset(seed=0)
     s, r, term, _, _ = env.step(0)
     assert (s, r, term) == (0, -10.0, True)
-    with pytest.raises(RuntimeError, match="reset"):
+    with pytest.raises(gym.error.ResetNeeded, match="reset"):
         env.step(2)
     assert env.reset()[0] == 1
 
