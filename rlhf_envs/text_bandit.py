@@ -12,7 +12,7 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rlhf_envs.text_common import TextTask
+from rlhf_envs.text_common import TextTask, vector_task
 
 __all__ = ["TextBanditEnv", "TextBanditVectorEnv"]
 
@@ -137,23 +137,12 @@ class TextBanditVectorEnv(VectorEnv):
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.SAME_STEP}
 
-    def __init__(self, num_envs: int = 1, model: Any = None, reward_model: Any = "sentiment",
-                 prompts: list[str] | None = None, beta: float = 0.05, kl_estimator: str = "k1",
-                 target_kl: float | None = None, kl_horizon: float = 10000.0, max_prompt_tokens: int | None = None,
-                 max_new_tokens: int = 24, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 device: str = "cpu", reward_kwargs: dict | None = None, reward_timeout_s: float | None = None,
-                 n_prompts: int = 512, prompt_seed: int = 0, render_mode: str | None = None):
-        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        if render_mode is not None:
-            raise ValueError("TextBanditVectorEnv does not render; use gym.make('TextBandit-v0', render_mode='ansi')")
-        self.task = TextTask(model, reward_model, prompts, beta, kl_estimator, target_kl, kl_horizon,
-                             max_prompt_tokens, max_new_tokens, temperature, top_k, top_p, device, reward_kwargs,
-                             reward_timeout_s, n_prompts, prompt_seed)
+    def __init__(self, num_envs: int = 1, render_mode: str | None = None, **task_kwargs: Any):
+        self.task = vector_task(num_envs, render_mode, "TextBandit-v0", task_kwargs)
         self.num_envs = int(num_envs)
         self.render_mode = None
         self.single_observation_space = spaces.Box(0, self.task.vocab_size - 1, (self.task.max_prompt_tokens,), np.int64)
-        self.single_action_space = spaces.MultiDiscrete([self.task.vocab_size] * max_new_tokens)
+        self.single_action_space = spaces.MultiDiscrete([self.task.vocab_size] * self.task.max_new_tokens)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._prompt_index: np.ndarray | None = None

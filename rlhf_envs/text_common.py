@@ -22,7 +22,7 @@ from rlhf_envs.kl import get_kl_estimator, make_kl_controller
 from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.sampling import SamplingConfig, positions_from_mask, processed_logprobs
 
-__all__ = ["TextTask", "attention_mask_from_obs", "tiny_causal_lm"]
+__all__ = ["TextTask", "attention_mask_from_obs", "tiny_causal_lm", "vector_task"]
 
 ModelSpec = str | os.PathLike | tuple | None
 
@@ -300,3 +300,22 @@ class TextTask:
     def score(self, prompt_index: Sequence[int], responses: list[str]) -> np.ndarray:
         """One batched reward-model call: float32 ``[N]``."""
         return self.reward_model.score([self.prompts[i] for i in prompt_index], responses)
+
+
+def vector_task(num_envs: Any, render_mode: str | None, env_id: str, task_kwargs: dict) -> TextTask:
+    """Check a text vector env's own arguments and build its :class:`TextTask` from the rest.
+
+    ``task_kwargs`` are the single env's arguments (``model``, ``reward_model``, ``beta``, ...); an
+    unknown one is a ``TypeError`` that lists the accepted names.
+    """
+    import inspect
+
+    if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+        raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+    if render_mode is not None:
+        raise ValueError(f"the vector {env_id} does not render; use gym.make({env_id!r}, render_mode='ansi')")
+    accepted = [name for name in inspect.signature(TextTask).parameters]
+    unknown = sorted(set(task_kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"{env_id} got unknown keyword arguments {unknown}; accepted: {['num_envs', 'render_mode', *accepted]}")
+    return TextTask(**task_kwargs)

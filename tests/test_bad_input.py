@@ -435,7 +435,7 @@ ROWS = [
     row("env-unknown-kwarg-textbandit", just(lambda ctx: bandit(ctx, betta=0.1)), TypeError,
         r"unexpected keyword argument 'betta'"),
     row("env-unknown-kwarg-texttoken-vec", just(lambda ctx: token_vec(ctx, betta=0.1)), TypeError,
-        r"unexpected keyword argument 'betta'"),
+        r"TextToken-v0 got unknown keyword arguments \['betta'\]; accepted: .*'beta'"),
     # TextBandit, one env
     row("textbandit-action-wrong-shape", env_case(bandit, lambda e: e.step(VALID_RESPONSE[:5]), play_bandit), InvalidAction,
         r"action must have shape \(6,\) \(token ids, EOS then padding\), got shape \(5,\)"),

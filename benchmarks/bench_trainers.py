@@ -1,0 +1,313 @@
+"""Our SFT, reward-model and DPO trainers against TRL's ``SFTTrainer``, ``RewardTrainer`` and ``DPOTrainer``.
+
+Each pair of runs uses the same model (a seeded random GPT-2 saved to a temporary directory: 4
+layers, width 128, 4 heads, the embedded tokenizer's vocabulary on CPU; GPT-2-small's shape on
+CUDA), the same data (demonstrations from :mod:`rlhf_envs.corpus`; preference pairs are two
+completions of one prompt ranked by the gold VADER reward), the same batch size, max length,
+number of optimizer steps (one pass over the data), learning rate and linear schedule, gradient
+clipping at 1.0, fp32, no evaluation, no checkpoints, logging off and the same torch threads.
+TRL runs with its own defaults otherwise, except ``gradient_checkpointing`` and ``bf16`` (TRL turns
+both on by default; off here, like ours).
+
+Every run is its own subprocess, so its peak memory (VmHWM from /proc, or CUDA's max allocated) is
+its own; ours and TRL's alternate within each repeat and the table reports medians (``ours/trl``, the
+ratio of the medians), the median of the per-repeat ratios (``paired``: both runs of a repeat saw
+the same machine load) and the ratio of the fastest runs (``best/best``). The timed
+region starts right before the first training batch and ends after the last optimizer step; it
+excludes model loading, tokenisation and the final save on both sides. It includes the reference
+log-probs of DPO on both sides: ours computes them in one pass over the data before the loop,
+TRL's default runs the reference model on every batch inside the loop.
+
+    python -m benchmarks.bench_trainers [--quick] [--device cpu|cuda] [--repeats 3] [--threads 2]
+
+Writes ``benchmarks/results/trainers.json`` (``trainers_cuda.json`` with ``--device cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import print_table, write_json
+
+ALGORITHMS = ("sft", "rm", "dpo")
+SIDES = ("ours", "trl")
+UNITS = {"sft": "samples/s", "rm": "pairs/s", "dpo": "pairs/s"}
+TARGETS = {"sft": 1.5, "rm": 1.5, "dpo": 4.0}
+TRL_TRAINERS = {"sft": "SFTTrainer", "rm": "RewardTrainer", "dpo": "DPOTrainer"}
+TIMED = {
+    "sft": "forward, loss on completion tokens, backward, clip, AdamW step, per batch",
+    "rm": "forward of chosen and rejected texts, Bradley-Terry loss, backward, clip, AdamW step, per batch",
+    "dpo": "ours: one no-grad reference pass over all pairs before the loop, then policy forward/backward/step "
+           "per batch; TRL (default precompute_ref_log_probs=False): reference forward and policy "
+           "forward/backward/step per batch",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What both sides of every comparison share."""
+
+    steps: int
+    batch_size: int = 32
+    max_length: int = 128
+    learning_rate: float = 1e-4
+    beta: float = 0.1
+    threads: int = 1
+    device: str = "cpu"
+    seed: int = 0
+
+
+def build_model(path: Path, device: str, seed: int = 0) -> int:
+    """Save a seeded random GPT-2 and the embedded tokenizer to ``path``; returns its parameter count.
+
+    CPU: 4 layers, width 128, 4 heads, no dropout (the embedded model's shape). CUDA: GPT-2 small's shape
+    (12 layers, width 768, 12 heads, its 50257-token embedding) over the same tokenizer.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf_envs.lm import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    shape = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024) if device == "cuda" else \
+        dict(n_layer=4, n_embd=128, n_head=4, vocab_size=len(tokenizer), n_positions=128)
+    torch.manual_seed(seed)
+    config = GPT2Config(**shape, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def preference_pairs(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` pairs ``{"prompt", "chosen", "rejected"}``: two corpus completions of one prompt, ranked by VADER.
+
+    Within each prompt's completions (sorted by gold reward), the best is paired with the worst, the
+    second best with the second worst, and so on; ties are skipped.
+    """
+    from rlhf_envs.corpus import make_demonstrations
+    from rlhf_envs.rewards import SentimentReward
+
+    gold = SentimentReward()
+    pairs: list[dict[str, str]] = []
+    pool = 4 * n
+    while len(pairs) < n:
+        demos = make_demonstrations(pool, seed)
+        scores = gold.score([d["prompt"] for d in demos], [d["completion"] for d in demos])
+        groups: dict[str, list[tuple[float, str]]] = {}
+        for demo, score in zip(demos, scores):
+            groups.setdefault(demo["prompt"], []).append((float(score), demo["completion"]))
+        pairs = []
+        for prompt, group in groups.items():
+            group.sort(key=lambda item: -item[0])
+            for (high, chosen), (low, rejected) in zip(group[: len(group) // 2], reversed(group[len(group) // 2 :])):
+                if high > low:
+                    pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        pool *= 2
+    return pairs[:n]
+
+
+def write_inputs(workdir: Path, settings: Settings) -> dict:
+    """The model directory and both JSONL datasets (one pass = ``steps * batch_size`` examples)."""
+    from rlhf_envs.corpus import make_demonstrations
+
+    n = settings.steps * settings.batch_size
+    n_params = build_model(workdir / "model", settings.device, settings.seed)
+    for name, rows in (("sft", make_demonstrations(n, settings.seed)), ("pairs", preference_pairs(n, settings.seed))):
+        (workdir / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {"n_parameters": n_params, "examples": n}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_ours(algorithm: str, workdir: Path, out: Path, s: Settings) -> float:
+    """Seconds of our trainer's timed region (its ``TrainResult.train_seconds``)."""
+    from agents.dpo import DPOConfig, train_dpo
+    from agents.reward_model import RewardModelConfig, train_reward_model
+    from agents.sft import SFTConfig, train_sft
+
+    config_cls, train, data = {
+        "sft": (SFTConfig, train_sft, "sft.jsonl"),
+        "rm": (RewardModelConfig, train_reward_model, "pairs.jsonl"),
+        "dpo": (DPOConfig, train_dpo, "pairs.jsonl"),
+    }[algorithm]
+    extra = {"beta": s.beta} if algorithm == "dpo" else {}
+    config = config_cls(model_path=str(workdir / "model"), data_path=str(workdir / data), output_dir=str(out),
+                        seed=s.seed, max_steps=s.steps, batch_size=s.batch_size, max_length=s.max_length,
+                        learning_rate=s.learning_rate, lr_schedule="linear", warmup_ratio=0.0, weight_decay=0.0,
+                        max_grad_norm=1.0, eval_fraction=0.0, log_every=s.steps, checkpoint_every=0,
+                        device=s.device, torch_threads=s.threads, progress=False, **extra)
+    return train(config).train_seconds
+
+
+def run_trl(algorithm: str, workdir: Path, out: Path, s: Settings) -> float:
+    """Seconds of TRL's timed region: ``on_train_begin`` to the end of the last optimizer step."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+    class Timer(TrainerCallback):
+        start = end = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            _sync(s.device)
+            Timer.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == state.max_steps:
+                _sync(s.device)
+                Timer.end = time.perf_counter()
+
+    common = dict(output_dir=str(out), seed=s.seed, max_steps=s.steps, per_device_train_batch_size=s.batch_size,
+                  max_length=s.max_length, learning_rate=s.learning_rate, lr_scheduler_type="linear", warmup_steps=0,
+                  weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, bf16=False, fp16=False,
+                  use_cpu=s.device == "cpu", eval_strategy="no", save_strategy="no", logging_strategy="no",
+                  report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+                  dataloader_pin_memory=s.device == "cuda")
+    model = str(workdir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    data = "sft.jsonl" if algorithm == "sft" else "pairs.jsonl"
+    rows = [json.loads(line) for line in (workdir / data).read_text().splitlines()]
+    dataset = Dataset.from_list(rows)
+    if algorithm == "sft":
+        trainer = SFTTrainer(model, args=SFTConfig(**common, completion_only_loss=True), train_dataset=dataset,
+                             processing_class=tokenizer, callbacks=[Timer()])
+    elif algorithm == "rm":
+        trainer = RewardTrainer(model, args=RewardConfig(**common), train_dataset=dataset, processing_class=tokenizer,
+                                callbacks=[Timer()])
+    else:
+        trainer = DPOTrainer(model, args=DPOConfig(**common, beta=s.beta, loss_type=["sigmoid"]), train_dataset=dataset,
+                             processing_class=tokenizer, callbacks=[Timer()])
+    trainer.train()
+    return Timer.end - Timer.start
+
+
+def _rss_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MiB, from /proc; ``ru_maxrss`` where there is no /proc.
+
+    ``ru_maxrss`` alone would not do: Linux carries it over from the parent process across fork and exec.
+    """
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    line = next(line for line in status.read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def worker(algorithm: str, side: str, workdir: Path, s: Settings) -> dict:
+    """Run one side once in this process; returns seconds, throughput and peak memory (MiB)."""
+    torch.set_num_threads(s.threads)
+    warnings.simplefilter("ignore")
+    if Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak is this process's own
+    if side == "ours":
+        import agents.dpo, agents.reward_model, agents.sft  # noqa: F401, E401  (imports are outside the measured setup)
+    else:
+        import datasets, trl  # noqa: F401, E401
+    if s.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss_start = _rss_mib("VmRSS")
+    with tempfile.TemporaryDirectory(dir=workdir) as out:
+        seconds = (run_ours if side == "ours" else run_trl)(algorithm, workdir, Path(out), s)
+    result = {"seconds": seconds, "per_second": s.steps * s.batch_size / seconds,
+              "peak_rss_mib": _rss_mib("VmHWM"),
+              "rss_after_imports_mib": rss_start}
+    if s.device == "cuda":
+        result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _spawn(algorithm: str, side: str, workdir: Path, s: Settings) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_trainers", "--worker", algorithm, side, "--workdir", str(workdir),
+           "--settings", json.dumps(asdict(s))]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(s.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{side} {algorithm} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10 steps, 1 repeat: a smoke run")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40, --quick 10)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per side (default 3, --quick 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on both sides (default 1: on a shared 2-core machine, 2 threads oversubscribe)")
+    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    parser.add_argument("--worker", nargs=2, metavar=("ALGORITHM", "SIDE"), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(args.worker[0], args.worker[1], Path(args.workdir), Settings(**json.loads(args.settings)))
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch; run on a GPU machine or use --device cpu")
+    steps = args.steps or (10 if args.quick else 40)
+    repeats = args.repeats or (1 if args.quick else 3)
+    settings = Settings(steps=steps, threads=args.threads, device=args.device)
+    memory_key = "cuda_max_allocated_mib" if args.device == "cuda" else "peak_rss_mib"
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        inputs = write_inputs(workdir, settings)
+        for algorithm in args.algorithms:
+            runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+            for repeat in range(repeats):
+                for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+                    runs[side].append(_spawn(algorithm, side, workdir, settings))
+                    print(f"{algorithm} {side} run {repeat + 1}/{repeats}: {runs[side][-1]['per_second']:.1f} "
+                          f"{UNITS[algorithm]}, {runs[side][-1][memory_key]:.0f} MiB", flush=True)
+            median = {side: {key: statistics.median(r[key] for r in runs[side]) for key in runs[side][0]} for side in SIDES}
+            best = {side: max(r["per_second"] for r in runs[side]) for side in SIDES}
+            speedup = median["ours"]["per_second"] / median["trl"]["per_second"]
+            paired = statistics.median(a["per_second"] / b["per_second"] for a, b in zip(runs["ours"], runs["trl"]))
+            memory_ratio = median["ours"][memory_key] / median["trl"][memory_key]
+            results[algorithm] = {"unit": UNITS[algorithm], "trl_trainer": TRL_TRAINERS[algorithm],
+                                  "timed_region": TIMED[algorithm], "median": median, "best_per_second": best,
+                                  "runs": runs, "speedup": speedup, "speedup_paired_median": paired,
+                                  "speedup_best": best["ours"] / best["trl"], "memory_ratio": memory_ratio,
+                                  "target_speedup": TARGETS[algorithm],
+                                  "target_met": speedup >= TARGETS[algorithm] and memory_ratio <= 1.0}
+            rows.append({"algorithm": algorithm, "unit": UNITS[algorithm], "ours": median["ours"]["per_second"],
+                         "trl": median["trl"]["per_second"], "ours/trl": speedup, "paired": paired,
+                         "best/best": best["ours"] / best["trl"], "target": f">= {TARGETS[algorithm]}x",
+                         "ours MiB": median["ours"][memory_key], "trl MiB": median["trl"][memory_key],
+                         "mem ours/trl": memory_ratio})
+    import trl
+
+    print_table(f"Training throughput, ours vs TRL {trl.__version__} ({args.device}, {steps} steps of "
+                f"{settings.batch_size}, median of {repeats})", rows)
+    write_json("trainers_cuda" if args.device == "cuda" else "trainers", {
+        "command": "python -m benchmarks.bench_trainers " + " ".join(sys.argv[1:]),
+        "trl_version": trl.__version__,
+        "settings": asdict(settings), "repeats": repeats, **inputs,
+        "memory": "CUDA max allocated (MiB)" if args.device == "cuda" else
+                  "peak resident set size of the run's own process (VmHWM, MiB), its imports included",
+        "excluded_from_timing": "process start, imports, model load, tokenisation, trainer construction, final save",
+        "results": results,
+    })
+
+
+if __name__ == "__main__":
+    main()
