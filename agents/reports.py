@@ -63,34 +63,32 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_ppo_training(path: Path, metrics: list[dict]) -> Path:
-    """Proxy reward, KL to the reference and beta over PPO iterations."""
-    steps = [m["step"] for m in metrics]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
-    for ax, key, label in zip(axes, ["objective/scores", "objective/kl", "objective/kl_coef"],
-                              ["proxy reward (reward model)", "KL to SFT (nats / response)", "beta (KL coefficient)"]):
-        ax.plot(steps, [m[key] for m in metrics], lw=1.5)
-        ax.set(xlabel="PPO iteration", title=label)
+def _plot_panels(path: Path, steps: list, panels: list[tuple[list, str]], xlabel: str) -> Path:
+    """One row of line plots sharing an x axis: ``panels`` are ``(values, title)``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
+    for ax, (values, title) in zip(axes, panels):
+        ax.plot(steps, values, lw=1.5)
+        ax.set(xlabel=xlabel, title=title)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_ppo_training(path: Path, metrics: list[dict]) -> Path:
+    """Proxy reward, KL to the reference and beta over PPO iterations."""
+    panels = [([m[key] for m in metrics], title) for key, title in [
+        ("objective/scores", "proxy reward (reward model)"), ("objective/kl", "KL to SFT (nats / response)"),
+        ("objective/kl_coef", "beta (KL coefficient)")]]
+    return _plot_panels(path, [m["step"] for m in metrics], panels, "PPO iteration")
 
 
 def plot_dpo_training(path: Path, metrics: list[dict]) -> Path:
     """DPO loss, implicit-reward accuracy and margin over steps."""
     rows = [m for m in metrics if "loss" in m and "lr" in m]  # training lines (eval lines have eval/ keys)
-    steps = [m["step"] for m in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
-    for ax, key in zip(axes, ["loss", "rewards/accuracies", "rewards/margins"]):
-        ax.plot(steps, [m.get(key) for m in rows], lw=1.5)
-        ax.set(xlabel="DPO step", title=f"DPO {key}")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    panels = [([m.get(key) for m in rows], f"DPO {key}") for key in ("loss", "rewards/accuracies", "rewards/margins")]
+    return _plot_panels(path, [m["step"] for m in rows], panels, "DPO step")
 
 
 def plot_gold_vs_kl(path: Path, points: list[dict]) -> Path:
