@@ -69,6 +69,7 @@ class LMPPOConfig:
     vf_coef: float = field(default=0.1, metadata={"help": "value loss coefficient"})
     whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over the rollout"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
+    max_approx_kl: float | None = field(default=0.03, metadata={"help": "stop an update's epochs once a minibatch's approx-KL (old -> new policy) exceeds this; None = never"})
     ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx: weight of the pretraining LM loss mixed into each update (gamma in InstructGPT)"})
     ptx_texts: list | None = field(default=None, metadata={"help": "pretraining texts for PPO-ptx; None = corpus reviews"})
     save_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every this many iterations (0 = only at the end)"})
@@ -96,6 +97,8 @@ class LMPPOConfig:
                 raise ValueError(f"LMPPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.ptx_coef < 0:
             raise ValueError(f"LMPPOConfig.ptx_coef must be >= 0, got {self.ptx_coef!r}")
+        if self.max_approx_kl is not None and not self.max_approx_kl > 0:
+            raise ValueError(f"LMPPOConfig.max_approx_kl must be > 0 or None, got {self.max_approx_kl!r}")
         if self.reward_model == "learned" and not self.reward_model_path:
             raise ValueError("reward_model='learned' needs reward_model_path= (a directory written by `rlhf rm`)")
         SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
@@ -265,12 +268,17 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
 
         model.train()
         stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "clipfrac", "vf_clipfrac", "entropy", "ptx_loss")}
+        kl_stop = False
         for _epoch in range(config.ppo_epochs):
             perm = torch.randperm(config.batch_size, generator=generator)
             for mb in perm.split(mb_size):
                 m = response_mask[mb]
                 logprobs, values, entropy = model(prompt_ids[mb], prompt_mask[mb], response_ids[mb], m, cfg)
                 pg, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, config.cliprange)
+                if config.max_approx_kl is not None and pg_stats["approx_kl"].item() > config.max_approx_kl:
+                    kl_stop = True  # checked per minibatch, before its step: one bad step can wreck a small LM
+                    stats["approxkl"].append(pg_stats["approx_kl"].item())
+                    break
                 vf, vf_stats = value_loss(values, old_values[mb], returns[mb], m, config.cliprange_value)
                 loss = pg + config.vf_coef * vf
                 if ptx is not None:
@@ -287,6 +295,8 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
                 stats["clipfrac"].append(pg_stats["clipfrac"].item())
                 stats["vf_clipfrac"].append(vf_stats["clipfrac"].item())
                 stats["entropy"].append(masked_mean(entropy.detach(), m).item())
+            if kl_stop:
+                break
         t_update = time.perf_counter()
 
         row = {
@@ -297,6 +307,8 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
             "objective/kl_coef": float(info["beta"][0]),
             "objective/rlhf_reward": float(np.mean(info["score"] - info["beta"] * info["kl"])),
             "policy/approxkl_avg": float(np.mean(stats["approxkl"])),
+            "policy/early_stopped": kl_stop,
+            "policy/updates": len(stats["pg_loss"]),
             "policy/clipfrac_avg": float(np.mean(stats["clipfrac"])),
             "policy/entropy_avg": float(np.mean(stats["entropy"])),
             "loss/policy_avg": float(np.mean(stats["pg_loss"])),

@@ -1,0 +1,119 @@
+"""Run the whole benchmark suite, one script after another, then print the README's tables.
+
+    python -m benchmarks            # everything (about an hour on 2 CPU cores)
+    python -m benchmarks --tables   # only print the tables from benchmarks/results/*.json
+    python -m benchmarks --only catgrid sampling
+
+Each script runs in its own process (so one's threads and memory do not colour the next) and
+writes ``benchmarks/results/<name>.json``; the tables below are made from those files alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from benchmarks.common import RESULTS_DIR
+
+SCRIPTS = {
+    "catgrid": ["benchmarks.bench_catgrid"],
+    "sampling": ["benchmarks.bench_sampling", "--repeats", "9", "--threads", "1"],
+    "ppo_iteration": ["benchmarks.bench_ppo_iteration", "--threads", "1"],
+    "trainers": ["benchmarks.bench_trainers"],
+    "reliability": ["benchmarks.bench_reliability"],
+    "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
+    "shakespeare": ["benchmarks.bench_shakespeare"],
+}
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS_DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _f(x, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def tables() -> str:
+    """The README's performance, pipeline and reliability tables, from the results files."""
+    out = []
+    perf = ["| comparison (same machine, same run) | ours | peer | ratio | script |", "|---|---|---|---|---|"]
+    if (d := _load("catgrid")) is not None:
+        for row in d["step_throughput"]:
+            perf.append(f"| `{row['ours']}` env steps/s vs Gymnasium `{row['peer']}` | {_f(row['ours_steps_per_s'], 0)} | "
+                        f"{_f(row['peer_steps_per_s'], 0)} | {_f(row['ratio'])}x | bench_catgrid |")
+        for row in d["vector_throughput"]:
+            perf.append(f"| `{row['env']}` vector env, {row['num_envs']} envs, steps/s | {_f(row['steps_per_s'], 0)} | | | bench_catgrid |")
+        for row in d["ppo_summary"]:
+            perf.append(f"| PPO wall time to 95% of optimum on `{row['env']}` (median of {row['seeds']} seeds; "
+                        f"reached {row['seeds_reached_ours']}/{row['seeds']} vs {row['seeds_reached_sb3']}/{row['seeds']}) vs SB3 PPO, same hyper-parameters | "
+                        f"{_f(row['ours_median_s'])} s | {_f(row['sb3_median_s'])} s | {_f(row['wall_ratio_ours_over_sb3'])}x the time | bench_catgrid |")
+    if (d := _load("sampling")) is not None:
+        s = d["samplers"]
+        perf.append(f"| sampler tokens/s vs HF `generate` (batch {d['batch']}, {d['max_new_tokens']} new tokens, T={d['sampling']['temperature']}, "
+                    f"top-k {d['sampling']['top_k']}, top-p {d['sampling']['top_p']}) | {_f(s['rlhf_envs.generate']['tokens_per_s'], 0)} | "
+                    f"{_f(s['hf.generate']['tokens_per_s'], 0)} | {_f(d['speedup_vs_hf'])}x | bench_sampling |")
+        b = d["bandit_step"]
+        perf.append(f"| `TextBandit` scoring step (reference pass + reward) vs sampling the {b['num_envs']} responses | "
+                    f"{_f(b['step_median_s'] * 1000, 0)} ms | {_f(b['sample_median_s'] * 1000, 0)} ms | {_f(b['step_over_sample'])} of it | bench_sampling |")
+    if (d := _load("trainers")) is not None:
+        for name, r in d["results"].items():
+            for variant, key in (("matched settings", "trl"), ("as shipped", "trl_shipped")):
+                if key not in r["median"]:
+                    continue
+                ours, peer = r["median"]["ours"], r["median"][key]
+                perf.append(f"| {name.upper()} {r['unit']} vs TRL `{r['trl_trainer']}` ({variant}); peak RSS MiB | "
+                            f"{_f(ours['per_second'], 1)}; {_f(ours['peak_rss_mib'], 0)} | {_f(peer['per_second'], 1)}; {_f(peer['peak_rss_mib'], 0)} | "
+                            f"{_f(ours['per_second'] / peer['per_second'])}x | bench_trainers |")
+    if (d := _load("ppo_iteration")) is not None:
+        phases = ", ".join(f"{p['phase']} {_f(p['median_seconds'])} s ({p['share']:.0%})" for p in d["phases"])
+        perf.append(f"| one RLHF PPO iteration, batch {d['settings']['batch_size']} (embedded model) | {phases} | | | bench_ppo_iteration |")
+    out.append("\n".join(perf))
+
+    if (d := _load("pipeline")) is not None:
+        rows = ["| seed | RM held-out accuracy | PPO win rate vs SFT | PPO KL to SFT (target) | DPO win rate vs SFT | DPO KL to SFT | Elo SFT / PPO / DPO | wall |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in d["runs"]:
+            rows.append(f"| {r['seed']} | {_f(r['rm_heldout_accuracy'])} | {_f(r['ppo_win_rate_vs_sft'])} | {_f(r['ppo_kl_to_sft'])} ({r['target_kl']}) | "
+                        f"{_f(r['dpo_win_rate_vs_sft'])} | {_f(r['dpo_kl_to_sft'])} | {_f(r['elo_sft'], 0)} / {_f(r['elo_ppo'], 0)} / {_f(r['elo_dpo'], 0)} | "
+                        f"{_f(r['wall_seconds'], 0)} s |")
+        out.append("\n".join(rows))
+    if (d := _load("shakespeare")) is not None and "rows" in d:
+        cols = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "win_rate_vs_sft", "elo"]
+        rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in d["rows"]:
+            rows.append("| " + " | ".join(_f(r[c], 3) if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")
+        out.append("\n".join(rows))
+    if (d := _load("reliability")) is not None:
+        out.append("\n".join([
+            "| figure | value |", "|---|---|",
+            f"| bad inputs tried (one parametrised table), rejected with a clear error and no state change | {d['bad_inputs_rejected_correctly']} / {d['bad_inputs_tried']} |",
+            f"| Hypothesis examples (random maps, seeds, actions, hand-overs through every env) | {d['hypothesis_examples']} in {d['hypothesis_tests']} properties |",
+            f"| SIGKILL crash points survived (resumed run equal to an uninterrupted one) | {d['crash_points_survived']} |",
+            f"| runs compared bit for bit | {d['runs_compared_bit_for_bit']} |",
+            f"| reliability suite wall time | {_f(d['wall_seconds'], 0)} s ({d['pytest_summary']}) |"]))
+    return "\n\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=None)
+    parser.add_argument("--tables", action="store_true", help="print the tables only, run nothing")
+    args = parser.parse_args(argv)
+    failed = []
+    if not args.tables:
+        for name in args.only or SCRIPTS:
+            print(f"\n=== {name}: python -m {' '.join(SCRIPTS[name])}", flush=True)
+            if subprocess.run([sys.executable, "-m", *SCRIPTS[name]]).returncode != 0:
+                failed.append(name)
+    print(tables())
+    if failed:
+        print(f"\nfailed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
