@@ -153,15 +153,24 @@ def make_preferences(model_path: str, prompts: list[str], config: PipelineConfig
                                                                 max_new_tokens=config.max_new_tokens, progress=False))
     rankings, pairs = [], []
     gold = samples.gold.reshape(len(prompts), k)
+    dropped_ties = 0
     for i, prompt in enumerate(prompts):
         answers = samples.responses[i * k:(i + 1) * k]
-        order = np.argsort(-gold[i], kind="stable")
-        if gold[i].max() == gold[i].min() or len(set(answers)) < 2:
+        # A ranking claims every earlier answer beats every later one, so answers that tie on the gold
+        # reward (VADER gives 0 to many short answers) cannot both stay: keep the first of each score.
+        ranked, scores = [], []
+        for j in np.argsort(-gold[i], kind="stable"):
+            if scores and gold[i][j] == scores[-1]:
+                dropped_ties += 1
+                continue
+            ranked.append(answers[j])
+            scores.append(float(gold[i][j]))
+        if len(ranked) < 2:
             continue
-        ranked = [answers[j] for j in order]
-        rankings.append({"prompt": prompt, "responses": ranked, "gold": [float(gold[i][j]) for j in order]})
+        rankings.append({"prompt": prompt, "responses": ranked, "gold": scores})
         pairs.append({"prompt": prompt, "chosen": ranked[0], "rejected": ranked[-1]})
-    stats = {"prompts": len(prompts), "rankings_kept": len(rankings), "mean_gold": float(gold.mean())}
+    stats = {"prompts": len(prompts), "rankings_kept": len(rankings), "tied_answers_dropped": dropped_ties,
+             "mean_gold": float(gold.mean())}
     return rankings, pairs, stats
 
 

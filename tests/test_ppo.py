@@ -31,15 +31,6 @@ def test_our_ppo_reaches_95_percent_of_optimum(env_id, seed):
     assert result.stopped_early, f"PPO did not reach 95% of the optimum on {env_id} in {result.global_step} steps"
 
 
-@pytest.mark.slow
-def test_our_ppo_learns_the_8x8_drunk_map():
-    ok = _reached("CatGrid8x8Drunk-v0", 0.9)
-    states = np.arange(64)
-    result = train_ppo(PPOConfig(env_id="CatGrid8x8Drunk-v0", seed=1, total_timesteps=400_000, progress=False),
-                       callback=lambda agent, step: ok(agent.action_probs(states)))
-    assert result.stopped_early
-
-
 @pytest.mark.parametrize("env_id", ["CatGrid-v0", "CatGridDrunk-v0"])
 def test_sb3_ppo_reaches_95_percent_of_optimum(env_id):
     ok = _reached(env_id, 0.95)
