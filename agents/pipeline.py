@@ -47,7 +47,7 @@ class PipelineConfig:
     rm_learning_rate: float = field(default=5e-4, metadata={"help": "reward-model learning rate"})
     ppo_episodes: int = field(default=4096, metadata={"help": "responses PPO samples in total"})
     ppo_batch_size: int = field(default=64, metadata={"help": "responses per PPO rollout"})
-    ppo_learning_rate: float = field(default=1e-4, metadata={"help": "PPO learning rate"})
+    ppo_learning_rate: float = field(default=5e-5, metadata={"help": "PPO learning rate"})
     beta: float = field(default=0.1, metadata={"help": "initial KL coefficient of PPO"})
     target_kl: float | None = field(default=4.0, metadata={"help": "PPO's adaptive-KL target (nats per response); None = fixed beta"})
     kl_horizon: float = field(default=256.0, metadata={"help": "episodes over which the adaptive controller moves beta (short runs need a short horizon)"})
