@@ -20,7 +20,6 @@ Logged names follow TRL's PPO trainer (``objective/kl``, ``objective/scores``, `
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

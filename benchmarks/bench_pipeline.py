@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
 
 from agents.pipeline import PipelineConfig, run_pipeline
-from benchmarks.common import print_table, write_json
+from benchmarks.common import RESULTS_DIR, print_table, write_json
 
 TARGETS = {"rm_heldout_accuracy": 0.80, "ppo_win_rate_vs_sft": 0.70, "dpo_win_rate_vs_sft": 0.65}
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     data = {"seeds": args.seeds, "runs": rows, "checks": checks,
             "config": {k: v for k, v in vars(PipelineConfig()).items()}}
     write_json("pipeline", data)
+    first = Path(args.out) / f"seed{args.seeds[0]}"
+    for picture in ("gold_vs_kl.png", "ppo_training.png"):  # the README shows the first seed's plots
+        shutil.copyfile(first / picture, RESULTS_DIR / f"pipeline_{picture}")
     return data
 
 

@@ -237,10 +237,9 @@ class TextTask:
         Temperature as the policy's, no top-k/top-p, so every token has a finite log-prob. Entries
         outside ``response_mask`` are 0. The forward stops at the longest response in the batch and
         computes logits only where a response token is predicted. A ``GPT2LMHeadModel`` runs through
-        :meth:`rlhf_envs.fast_lm.GPT2View.packed_logits` (padding skipped in the per-token work).
+        :meth:`rlhf_envs.fast_lm.GPT2View.packed_hidden` (padding skipped in the per-token work).
         """
         prompt_ids, prompt_mask = self.prompt_ids[prompt_index], self.prompt_mask[prompt_index]
-        prompt_len = prompt_ids.shape[1]
         width = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
         ids, mask = response_ids[:, :width], response_mask[:, :width]
         input_ids = torch.cat([prompt_ids, ids], dim=1)

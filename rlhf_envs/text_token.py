@@ -12,7 +12,7 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rlhf_envs.sampling import additive_mask, positions_from_mask, preallocated_cache, prefill, processed_logprobs
+from rlhf_envs.sampling import additive_mask, preallocated_cache, prefill, processed_logprobs
 from rlhf_envs.text_bandit import _pick_prompt, _vector_info
 from rlhf_envs.text_common import TextTask, vector_task
 

@@ -17,7 +17,6 @@ from rlhf_envs.catgrid_solver import policy_return, solve
 def _reached(env_id: str, fraction: float):
     env = gym.make(env_id)
     optimum = solve(env).optimal_return
-    states = np.arange(env.observation_space.n)
     return lambda probs: policy_return(env, probs) >= fraction * optimum
 
 

@@ -2,7 +2,6 @@
 
 import sys
 import time
-import warnings
 
 import gymnasium as gym
 import numpy as np
