@@ -1,22 +1,29 @@
 """Our SFT, reward-model and DPO trainers against TRL's ``SFTTrainer``, ``RewardTrainer`` and ``DPOTrainer``.
 
-Each pair of runs uses the same model (a seeded random GPT-2 saved to a temporary directory: 4
-layers, width 128, 4 heads, the embedded tokenizer's vocabulary on CPU; GPT-2-small's shape on
-CUDA), the same data (demonstrations from :mod:`rlhf_envs.corpus`; preference pairs are two
-completions of one prompt ranked by the gold VADER reward), the same batch size, max length,
-number of optimizer steps (one pass over the data), learning rate and linear schedule, gradient
-clipping at 1.0, fp32, no evaluation, no checkpoints, logging off and the same torch threads.
-TRL runs with its own defaults otherwise, except ``gradient_checkpointing`` and ``bf16`` (TRL turns
-both on by default; off here, like ours).
+Every run uses the same model (a seeded random GPT-2 saved to a temporary directory: 4 layers,
+width 128, 4 heads, the embedded tokenizer's vocabulary on CPU; GPT-2-small's shape on CUDA), the
+same data (demonstrations from :mod:`rlhf_envs.corpus`; preference pairs are two completions of one
+prompt ranked by the gold VADER reward), the same batch size, max length, number of optimizer steps
+(one pass over the data), learning rate, device, no evaluation, no checkpoints, logging off and the
+same torch threads. TRL runs in two variants. "Matched" (side ``trl``) also takes ours' linear
+schedule, no warmup or weight decay, clipping at 1.0, fp32 and in-process dataloader, which turns off
+``gradient_checkpointing`` and ``bf16`` (TRL turns both on by default). "As shipped" (side
+``trl_shipped``) sets only the experiment and leaves every other field at TRL's config default; the
+JSON's ``trl_shipped_differs_from_matched`` lists, per algorithm, each resolved config field where
+the two variants differ (found by comparing the two configs' ``to_dict()``). Both variants pass
+``use_cpu`` on CPU: it names the device, and transformers refuses ``bf16`` on a machine without a GPU
+unless it is set.
 
 Every run is its own subprocess, so its peak memory (VmHWM from /proc, or CUDA's max allocated) is
-its own; ours and TRL's alternate within each repeat and the table reports medians (``ours/trl``, the
-ratio of the medians), the median of the per-repeat ratios (``paired``: both runs of a repeat saw
-the same machine load) and the ratio of the fastest runs (``best/best``). The timed
+its own; the three sides take turns (the order rotates from one repeat to the next) and the table
+reports medians, the ratio of the medians against each TRL variant (``ours/TRL matched``,
+``ours/TRL as shipped``) and the median of the per-repeat ratios (``paired``: the runs of a repeat saw
+the same machine load); the JSON adds the ratio of the fastest runs (``speedup_best``). The timed
 region starts right before the first training batch and ends after the last optimizer step; it
 excludes model loading, tokenisation and the final save on both sides. It includes the reference
 log-probs of DPO on both sides: ours computes them in one pass over the data before the loop,
-TRL's default runs the reference model on every batch inside the loop.
+TRL (``precompute_ref_log_probs=False`` in both variants, its default) runs the reference model on
+every batch inside the loop.
 
     python -m benchmarks.bench_trainers [--quick] [--device cpu|cuda] [--repeats 3] [--threads 2]
 
@@ -37,13 +44,18 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from benchmarks.common import print_table, write_json
 
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
 ALGORITHMS = ("sft", "rm", "dpo")
-SIDES = ("ours", "trl")
+SIDES = ("ours", "trl", "trl_shipped")
+TRL_VARIANTS = {"trl": "TRL matched", "trl_shipped": "TRL as shipped"}
 UNITS = {"sft": "samples/s", "rm": "pairs/s", "dpo": "pairs/s"}
 TARGETS = {"sft": 1.5, "rm": 1.5, "dpo": 4.0}
 TRL_TRAINERS = {"sft": "SFTTrainer", "rm": "RewardTrainer", "dpo": "DPOTrainer"}
@@ -51,7 +63,7 @@ TIMED = {
     "sft": "forward, loss on completion tokens, backward, clip, AdamW step, per batch",
     "rm": "forward of chosen and rejected texts, Bradley-Terry loss, backward, clip, AdamW step, per batch",
     "dpo": "ours: one no-grad reference pass over all pairs before the loop, then policy forward/backward/step "
-           "per batch; TRL (default precompute_ref_log_probs=False): reference forward and policy "
+           "per batch; TRL, both variants (default precompute_ref_log_probs=False): reference forward and policy "
            "forward/backward/step per batch",
 }
 
@@ -156,11 +168,48 @@ def run_ours(algorithm: str, workdir: Path, out: Path, s: Settings) -> float:
     return train(config).train_seconds
 
 
-def run_trl(algorithm: str, workdir: Path, out: Path, s: Settings) -> float:
+def trl_config(algorithm: str, side: str, out: Path, s: Settings) -> TrainingArguments:
+    """TRL's config for ``algorithm`` (``sft``, ``rm``, ``dpo``) and ``side`` (``trl`` matched, ``trl_shipped``).
+
+    Both variants set the experiment: seed, batch size, max length, steps, learning rate (and DPO's
+    ``beta``), device, no evaluation, no saving, logging off. ``trl`` also sets what ours does (linear
+    schedule, no warmup or weight decay, clipping at 1.0, fp32, no gradient checkpointing, in-process
+    dataloader, completion-only SFT loss, sigmoid DPO loss); ``trl_shipped`` leaves all that at TRL's defaults.
+    """
+    from trl import DPOConfig, RewardConfig, SFTConfig
+
+    experiment = dict(output_dir=str(out), seed=s.seed, max_steps=s.steps, per_device_train_batch_size=s.batch_size,
+                      max_length=s.max_length, learning_rate=s.learning_rate, use_cpu=s.device == "cpu",
+                      eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
+                      disable_tqdm=True)
+    matched = dict(lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                   gradient_checkpointing=False, bf16=False, fp16=False, dataloader_num_workers=0,
+                   dataloader_pin_memory=s.device == "cuda")
+    config_cls, algorithm_matched = {
+        "sft": (SFTConfig, dict(completion_only_loss=True)),
+        "rm": (RewardConfig, {}),
+        "dpo": (DPOConfig, dict(loss_type=["sigmoid"])),
+    }[algorithm]
+    extra = {"beta": s.beta} if algorithm == "dpo" else {}
+    if side == "trl":
+        return config_cls(**experiment, **matched, **algorithm_matched, **extra)
+    return config_cls(**experiment, **extra)
+
+
+def shipped_differences(algorithm: str, s: Settings) -> dict[str, dict]:
+    """Each resolved config field where TRL as shipped differs from TRL matched: ``{field: {"matched", "shipped"}}``."""
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        matched = trl_config(algorithm, "trl", Path(out), s).to_dict()
+        shipped = trl_config(algorithm, "trl_shipped", Path(out), s).to_dict()
+    return {key: {"matched": matched[key], "shipped": shipped.get(key)} for key in matched if matched[key] != shipped.get(key)}
+
+
+def run_trl(algorithm: str, side: str, workdir: Path, out: Path, s: Settings) -> float:
     """Seconds of TRL's timed region: ``on_train_begin`` to the end of the last optimizer step."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+    from trl import DPOTrainer, RewardTrainer, SFTTrainer
 
     class Timer(TrainerCallback):
         start = end = 0.0
@@ -174,26 +223,14 @@ def run_trl(algorithm: str, workdir: Path, out: Path, s: Settings) -> float:
                 _sync(s.device)
                 Timer.end = time.perf_counter()
 
-    common = dict(output_dir=str(out), seed=s.seed, max_steps=s.steps, per_device_train_batch_size=s.batch_size,
-                  max_length=s.max_length, learning_rate=s.learning_rate, lr_scheduler_type="linear", warmup_steps=0,
-                  weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, bf16=False, fp16=False,
-                  use_cpu=s.device == "cpu", eval_strategy="no", save_strategy="no", logging_strategy="no",
-                  report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-                  dataloader_pin_memory=s.device == "cuda")
     model = str(workdir / "model")
     tokenizer = AutoTokenizer.from_pretrained(model)
     data = "sft.jsonl" if algorithm == "sft" else "pairs.jsonl"
     rows = [json.loads(line) for line in (workdir / data).read_text().splitlines()]
     dataset = Dataset.from_list(rows)
-    if algorithm == "sft":
-        trainer = SFTTrainer(model, args=SFTConfig(**common, completion_only_loss=True), train_dataset=dataset,
-                             processing_class=tokenizer, callbacks=[Timer()])
-    elif algorithm == "rm":
-        trainer = RewardTrainer(model, args=RewardConfig(**common), train_dataset=dataset, processing_class=tokenizer,
-                                callbacks=[Timer()])
-    else:
-        trainer = DPOTrainer(model, args=DPOConfig(**common, beta=s.beta, loss_type=["sigmoid"]), train_dataset=dataset,
-                             processing_class=tokenizer, callbacks=[Timer()])
+    trainer_cls = {"sft": SFTTrainer, "rm": RewardTrainer, "dpo": DPOTrainer}[algorithm]
+    trainer = trainer_cls(model, args=trl_config(algorithm, side, out, s), train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
     return Timer.end - Timer.start
 
@@ -224,7 +261,8 @@ def worker(algorithm: str, side: str, workdir: Path, s: Settings) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss_start = _rss_mib("VmRSS")
     with tempfile.TemporaryDirectory(dir=workdir) as out:
-        seconds = (run_ours if side == "ours" else run_trl)(algorithm, workdir, Path(out), s)
+        seconds = run_ours(algorithm, workdir, Path(out), s) if side == "ours" else \
+            run_trl(algorithm, side, workdir, Path(out), s)
     result = {"seconds": seconds, "per_second": s.steps * s.batch_size / seconds,
               "peak_rss_mib": _rss_mib("VmHWM"),
               "rss_after_imports_mib": rss_start}
@@ -274,26 +312,35 @@ def main() -> None:
         for algorithm in args.algorithms:
             runs: dict[str, list[dict]] = {side: [] for side in SIDES}
             for repeat in range(repeats):
-                for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+                for side in SIDES[repeat % len(SIDES):] + SIDES[:repeat % len(SIDES)]:
                     runs[side].append(_spawn(algorithm, side, workdir, settings))
                     print(f"{algorithm} {side} run {repeat + 1}/{repeats}: {runs[side][-1]['per_second']:.1f} "
                           f"{UNITS[algorithm]}, {runs[side][-1][memory_key]:.0f} MiB", flush=True)
             median = {side: {key: statistics.median(r[key] for r in runs[side]) for key in runs[side][0]} for side in SIDES}
             best = {side: max(r["per_second"] for r in runs[side]) for side in SIDES}
-            speedup = median["ours"]["per_second"] / median["trl"]["per_second"]
-            paired = statistics.median(a["per_second"] / b["per_second"] for a, b in zip(runs["ours"], runs["trl"]))
-            memory_ratio = median["ours"][memory_key] / median["trl"][memory_key]
+            versus = {}
+            for peer, label in TRL_VARIANTS.items():
+                speedup = median["ours"]["per_second"] / median[peer]["per_second"]
+                memory_ratio = median["ours"][memory_key] / median[peer][memory_key]
+                versus[peer] = {"label": label, "speedup": speedup,
+                                "speedup_paired_median": statistics.median(
+                                    a["per_second"] / b["per_second"] for a, b in zip(runs["ours"], runs[peer])),
+                                "speedup_best": best["ours"] / best[peer], "memory_ratio": memory_ratio,
+                                "target_met": speedup >= TARGETS[algorithm] and memory_ratio <= 1.0}
             results[algorithm] = {"unit": UNITS[algorithm], "trl_trainer": TRL_TRAINERS[algorithm],
-                                  "timed_region": TIMED[algorithm], "median": median, "best_per_second": best,
-                                  "runs": runs, "speedup": speedup, "speedup_paired_median": paired,
-                                  "speedup_best": best["ours"] / best["trl"], "memory_ratio": memory_ratio,
-                                  "target_speedup": TARGETS[algorithm],
-                                  "target_met": speedup >= TARGETS[algorithm] and memory_ratio <= 1.0}
+                                  "timed_region": TIMED[algorithm],
+                                  "trl_shipped_differs_from_matched": shipped_differences(algorithm, settings),
+                                  "median": median, "best_per_second": best, "runs": runs,
+                                  "target_speedup": TARGETS[algorithm], "versus": versus}
             rows.append({"algorithm": algorithm, "unit": UNITS[algorithm], "ours": median["ours"]["per_second"],
-                         "trl": median["trl"]["per_second"], "ours/trl": speedup, "paired": paired,
-                         "best/best": best["ours"] / best["trl"], "target": f">= {TARGETS[algorithm]}x",
-                         "ours MiB": median["ours"][memory_key], "trl MiB": median["trl"][memory_key],
-                         "mem ours/trl": memory_ratio})
+                         "TRL matched": median["trl"]["per_second"],
+                         "TRL as shipped": median["trl_shipped"]["per_second"],
+                         "ours/TRL matched": versus["trl"]["speedup"],
+                         "ours/TRL as shipped": versus["trl_shipped"]["speedup"],
+                         "paired matched": versus["trl"]["speedup_paired_median"],
+                         "paired shipped": versus["trl_shipped"]["speedup_paired_median"],
+                         "target": f">= {TARGETS[algorithm]}x", "ours MiB": median["ours"][memory_key],
+                         "matched MiB": median["trl"][memory_key], "shipped MiB": median["trl_shipped"][memory_key]})
     import trl
 
     print_table(f"Training throughput, ours vs TRL {trl.__version__} ({args.device}, {steps} steps of "
@@ -305,6 +352,9 @@ def main() -> None:
         "memory": "CUDA max allocated (MiB)" if args.device == "cuda" else
                   "peak resident set size of the run's own process (VmHWM, MiB), its imports included",
         "excluded_from_timing": "process start, imports, model load, tokenisation, trainer construction, final save",
+        "sides": {"ours": "our trainer", "trl": "TRL with every setting matched to ours",
+                  "trl_shipped": "TRL with only the experiment set, everything else at its config defaults"},
+        "target": "target_met: ours/TRL >= target_speedup (ratio of medians) and memory_ratio (ours/TRL) <= 1.0",
         "results": results,
     })
 
