@@ -152,7 +152,9 @@ class Agent(nn.Module):
         """Sample actions: ``(actions [B], logprobs [B], values [B])``."""
         logits, value = self.forward(x)
         logp = torch.log_softmax(logits, dim=-1)
-        action = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        # Inverse-CDF sampling: one uniform per row (cheaper than torch.multinomial for a handful of actions).
+        u = torch.rand(logp.shape[0], 1, generator=generator)
+        action = (logp.exp().cumsum(-1) < u).sum(-1).clamp_(max=logp.shape[-1] - 1)
         return action, logp.gather(-1, action[:, None]).squeeze(-1), value
 
     def evaluate(self, x: torch.Tensor, action: torch.Tensor):
@@ -257,7 +259,7 @@ def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None =
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / config.num_iterations) * config.learning_rate
 
         finished_returns, finished_lengths = [], []
-        with torch.no_grad():
+        with torch.inference_mode():
             for step in range(T):
                 obs_buf[step] = next_x
                 dones[step] = next_done
