@@ -49,7 +49,8 @@ class PipelineConfig:
     ppo_batch_size: int = field(default=64, metadata={"help": "responses per PPO rollout"})
     ppo_learning_rate: float = field(default=5e-5, metadata={"help": "PPO learning rate"})
     beta: float = field(default=0.1, metadata={"help": "initial KL coefficient of PPO"})
-    target_kl: float | None = field(default=4.0, metadata={"help": "PPO's adaptive-KL target (nats per response); None = fixed beta"})
+    target_kl: float | None = field(default=4.0, metadata={"help": "PPO's KL budget to SFT (nats per response); None = fixed beta, no budget"})
+    kl_setpoint_fraction: float = field(default=0.75, metadata={"help": "the adaptive controller aims at this fraction of target_kl: the KL it steers swings about +-25% between iterations, so aiming below the budget keeps the final policy within it"})
     kl_horizon: float = field(default=256.0, metadata={"help": "episodes over which the adaptive controller moves beta (short runs need a short horizon)"})
     dpo_epochs: int = field(default=2, metadata={"help": "DPO epochs"})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta"})
@@ -73,6 +74,8 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.k_responses must be >= 2 (a ranking needs two responses), got {self.k_responses!r}")
         if self.ppo_episodes < self.ppo_batch_size:
             raise ValueError(f"ppo_episodes {self.ppo_episodes} < ppo_batch_size {self.ppo_batch_size}: PPO would not run one iteration")
+        if not 0.0 < self.kl_setpoint_fraction <= 1.0:
+            raise ValueError(f"PipelineConfig.kl_setpoint_fraction must be in (0, 1], got {self.kl_setpoint_fraction!r}")
         if self.curve_points < 0:
             raise ValueError(f"PipelineConfig.curve_points must be >= 0, got {self.curve_points!r}")
         self._check_stage_values()
@@ -237,7 +240,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
         result = train_lm_ppo(LMPPOConfig(
             model_path=sft, reward_model="learned", reward_model_path=rm, prompts=ppo_prompts, output_dir=str(out / "ppo"), seed=seed,
             total_episodes=config.ppo_episodes, batch_size=config.ppo_batch_size, learning_rate=config.ppo_learning_rate,
-            max_new_tokens=config.max_new_tokens, beta=config.beta, target_kl=config.target_kl, kl_horizon=config.kl_horizon,
+            max_new_tokens=config.max_new_tokens, beta=config.beta, kl_horizon=config.kl_horizon,
+            target_kl=None if config.target_kl is None else config.target_kl * config.kl_setpoint_fraction,
             snapshot_every=snapshot_every, progress=config.progress))
         _mark_done(out, "ppo", result.history[-1])
     timings["ppo"] = time.perf_counter() - t
