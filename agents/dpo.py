@@ -35,9 +35,8 @@ from agents.lm_common import (
     disable_dropout,
     fuse_gelu,
     held_out_split,
-    resolve_device,
     run_training,
-    set_seed,
+    start_run,
     split_lm_head,
     target_logits,
 )
@@ -124,10 +123,7 @@ def dpo_metrics(
 
 def train_dpo(config: DPOConfig) -> TrainResult:
     """Tune ``config.model_path`` on the preference pairs in ``config.data_path``; saved in ``config.output_dir``."""
-    if config.torch_threads is not None:
-        torch.set_num_threads(config.torch_threads)
-    set_seed(config.seed)
-    device = resolve_device(config.device)
+    device = start_run(config)
     records = read_preferences(config.data_path)
     model, tokenizer = load_causal_lm(config.model_path, trust_remote_code=config.trust_remote_code)
     fuse_gelu(model)

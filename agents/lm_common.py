@@ -113,6 +113,14 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_run(config: LMTrainConfig) -> torch.device:
+    """What every trainer does first: torch threads, seeds, and the device to train on."""
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    set_seed(config.seed)
+    return resolve_device(config.device)
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu."""
     if device == "auto":

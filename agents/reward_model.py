@@ -37,9 +37,8 @@ from agents.lm_common import (
     held_out_split,
     model_dir,
     pad,
-    resolve_device,
     run_training,
-    set_seed,
+    start_run,
 )
 from rlhf_envs.lm import check_remote_code, load_tokenizer
 
@@ -94,10 +93,7 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     """Train a reward model on ``config.data_path``; the result is saved in ``config.output_dir``."""
     from transformers import AutoModelForSequenceClassification
 
-    if config.torch_threads is not None:
-        torch.set_num_threads(config.torch_threads)
-    set_seed(config.seed)
-    device = resolve_device(config.device)
+    device = start_run(config)
     records = read_rankings(config.data_path)
     path = model_dir(config.model_path)
     check_remote_code(path, trust_remote_code=config.trust_remote_code)

@@ -24,9 +24,8 @@ from agents.lm_common import (
     batch_sequences,
     fuse_gelu,
     held_out_split,
-    resolve_device,
     run_training,
-    set_seed,
+    start_run,
     split_lm_head,
     target_logits,
 )
@@ -47,10 +46,7 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def train_sft(config: SFTConfig) -> TrainResult:
     """Fine-tune ``config.model_path`` on ``config.data_path``; the result is saved in ``config.output_dir``."""
-    if config.torch_threads is not None:
-        torch.set_num_threads(config.torch_threads)
-    set_seed(config.seed)
-    device = resolve_device(config.device)
+    device = start_run(config)
     records = read_sft(config.data_path)
     model, tokenizer = load_causal_lm(config.model_path, trust_remote_code=config.trust_remote_code)
     fuse_gelu(model)
