@@ -198,7 +198,10 @@ class _Logger:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self.path = Path(log_dir) / "metrics.csv"
             if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as err:
+                    raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from err
                 self.writer = SummaryWriter(log_dir)
                 self.writer.add_text("hyperparameters", str(asdict(config)))
 
