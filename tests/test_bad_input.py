@@ -21,7 +21,6 @@ from typing import Any, Callable
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from gymnasium.error import InvalidAction, NameNotFound, ResetNeeded, VersionNotFound
 
 import rlhf_envs  # noqa: F401
@@ -30,7 +29,8 @@ from rlhf_envs.rewards import RewardModelError, make_reward_model, register
 from rlhf_envs.text_common import tiny_causal_lm
 
 pytestmark = [pytest.mark.filterwarnings("ignore:no policy log-probs were handed over:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:.*render_mode='svg' that is not in the possible render_modes")]
+              pytest.mark.filterwarnings("ignore:.*render_mode='svg' that is not in the possible render_modes"),
+              pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 
 PROMPTS = ["hello there", "the cat sat", "a b"]
 T = 6
@@ -64,13 +64,6 @@ class Ctx:
         return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models step several times faster on one intra-op thread than on a shared pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

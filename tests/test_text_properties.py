@@ -29,13 +29,7 @@ SENTIMENT = make_reward_model("sentiment")  # built once: VADER's lexicon takes 
 SETTINGS = settings(max_examples=25, deadline=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models step several times faster on one intra-op thread than on a shared pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 prompts_st = st.lists(st.text(alphabet="abcdefghij klmnop!?.", min_size=1, max_size=12), min_size=1, max_size=4)
