@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.data import read_preferences, tokenize_pairs
+from agents.packing import PackedBatch, pack_groups
 from agents.lm_common import (
     LMTrainConfig,
     TrainResult,
@@ -40,6 +41,7 @@ from agents.lm_common import (
     split_lm_head,
     target_logits,
 )
+from rlhf_envs.fast_lm import gpt2_view
 from rlhf_envs.lm import load_causal_lm
 
 
@@ -135,10 +137,22 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     loss_of = DPO_LOSSES[config.loss_type]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
-    def collate(indices: list[int]) -> tuple[torch.Tensor, ...]:
-        """Chosen sequences of ``indices`` then their rejected ones, right-padded together."""
+    def collate(indices: list[int], packed: bool) -> tuple:
+        """The pairs of ``indices``: packed (prompt once, then chosen and rejected), or right-padded
+        with every chosen sequence before every rejected one."""
+        if packed:
+            batch = pack_groups([[data.input_ids[2 * i], data.input_ids[2 * i + 1]] for i in indices])
+            starts = data.prompt_lengths[[2 * i + k for i in indices for k in (0, 1)]].tolist()
+            return (batch.to(device), *(t.to(device, non_blocking=True) for t in batch.targets(starts)))
         rows = [2 * i for i in indices] + [2 * i + 1 for i in indices]
         return batch_sequences([data.input_ids[r] for r in rows], data.prompt_lengths[rows], pad_id, device)
+
+    def logps_of(model: torch.nn.Module, split: tuple | None, batch: tuple) -> torch.Tensor:
+        """``[2B]`` summed response log-probs: every chosen response, then every rejected one."""
+        if isinstance(batch[0], PackedBatch):
+            packed, *targets = batch
+            return packed.sequence_logps(gpt2_view(model), *targets).view(-1, 2).T.reshape(-1)
+        return sequence_logps(model, split, *batch)
 
     start = time.perf_counter()
     if config.ref_model_path is None:
@@ -147,7 +161,9 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         reference = load_causal_lm(config.ref_model_path, trust_remote_code=config.trust_remote_code)[0].to(device)
         fuse_gelu(reference)
     reference.eval()
-    ref_split = split_lm_head(reference)
+    # GPT-2s without active dropout take the packed lean forward (agents.packing); others Hugging Face's.
+    ref_packed = gpt2_view(reference) is not None
+    ref_split = None if ref_packed else split_lm_head(reference)
     ref_logps = torch.empty(len(records), 2, device=device)
     # Pairs sorted by their longer sequence: each reference batch is padded to nearly its own length
     # (a row's log-probs do not depend on the other rows): 36% less time in this pass on the corpus pairs
@@ -156,15 +172,16 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     with torch.inference_mode(), autocast:
         for first in range(0, len(records), 2 * config.batch_size):
             indices = by_length[first : first + 2 * config.batch_size]
-            ref_logps[indices] = sequence_logps(reference, ref_split, *collate(indices)).view(2, -1).T
+            ref_logps[indices] = logps_of(reference, ref_split, collate(indices, ref_packed)).view(2, -1).T
     del reference, ref_split
     ref_seconds = time.perf_counter() - start
 
-    split = split_lm_head(model)
+    packed = gpt2_view(model.train()) is not None
+    split = None if packed else split_lm_head(model)
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed)
 
     def loss_and_metrics(model: torch.nn.Module, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps = sequence_logps(model, split, *collate(indices))
+        logps = logps_of(model, split, collate(indices, packed))
         policy_chosen, policy_rejected = logps.chunk(2)
         ref = ref_logps[indices]
         logits = (policy_chosen - policy_rejected) - (ref[:, 0] - ref[:, 1])

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.data import read_rankings, tokenize_texts
+from agents.packing import PackedBatch, pack_groups
 from agents.lm_common import (
     LMTrainConfig,
     TrainResult,
@@ -40,6 +41,7 @@ from agents.lm_common import (
     run_training,
     start_run,
 )
+from rlhf_envs.fast_lm import gpt2_view
 from rlhf_envs.lm import check_remote_code, load_tokenizer
 
 
@@ -111,18 +113,36 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed)
     pad_id, side = tokenizer.pad_token_id, tokenizer.padding_side
 
-    def collate(indices: list[int]) -> tuple[torch.Tensor, ...]:
+    # A GPT-2 without active dropout takes the packed lean forward: each prompt's K texts share their
+    # common first tokens and nothing is padded (agents.packing); other models take Hugging Face's forward.
+    packed = gpt2_view(model.train()) is not None
+
+    def collate(indices: list[int]) -> tuple:
+        pairs = ranking_pairs([len(groups[i]) for i in indices])
+        if packed:
+            batch = pack_groups([groups[i] for i in indices])
+            last = batch.last_index(model.config.pad_token_id)
+            return (batch.to(device), *(t.to(device, non_blocking=True) for t in (last, *pairs)))
         seqs = [seq for i in indices for seq in groups[i]]
         input_ids = pad(seqs, pad_id, side)
         mask = pad([torch.ones_like(s) for s in seqs], 0, side)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        pairs = ranking_pairs([len(groups[i]) for i in indices])
         return tuple(t.to(device, non_blocking=True) for t in (input_ids, mask, positions, *pairs))
 
-    def scores_and_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def rewards(model: torch.nn.Module, batch: tuple) -> tuple[torch.Tensor, ...]:
+        """``[S]`` float32 rewards of the batch's texts, then ``better``, ``worse`` and ``weight``."""
+        if isinstance(batch[0], PackedBatch):
+            packed_batch, last, *pairs = batch
+            view = gpt2_view(model)
+            hidden = view.final_norm(packed_batch.hidden(view)[last])
+            return (torch.nn.functional.linear(hidden, view.score)[:, 0].float(), *pairs)
+        input_ids, mask, positions, *pairs = batch
+        scores = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, 0]
+        return (scores.float(), *pairs)
+
+    def scores_and_loss(model: torch.nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's ranking loss and ``r_better - r_worse`` of each of its pairs."""
-        input_ids, mask, positions, better, worse, weight = batch
-        scores = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, 0].float()
+        scores, better, worse, weight = rewards(model, batch)
         return ranking_loss(scores, better, worse, weight), scores[better] - scores[worse]
 
     def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from agents.data import read_sft, tokenize_sft
+from agents.packing import PackedBatch, pack_groups
+from rlhf_envs.fast_lm import gpt2_view
 from rlhf_envs.lm import load_causal_lm
 from agents.lm_common import (
     LMTrainConfig,
@@ -53,20 +55,34 @@ def train_sft(config: SFTConfig) -> TrainResult:
     model.to(device)
     data = tokenize_sft(tokenizer, records, config.max_length)
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed)
-    split = split_lm_head(model)
     pad_id = tokenizer.pad_token_id
 
-    def collate(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # A GPT-2 without active dropout takes the packed lean forward (no padding, agents.packing);
+    # other models take Hugging Face's forward on right-padded batches.
+    packed = gpt2_view(model.train()) is not None
+    split = None if packed else split_lm_head(model)
+
+    def collate(indices: list[int]) -> tuple:
+        if packed:
+            batch = pack_groups([[data.input_ids[i]] for i in indices])
+            predictor, targets, _ = batch.targets(data.prompt_lengths[indices].tolist())
+            return batch.to(device), predictor.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         return batch_sequences([data.input_ids[i] for i in indices], data.prompt_lengths[indices], pad_id, device)
 
-    def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def logits_and_targets(model: torch.nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch[0], PackedBatch):
+            packed_batch, predictor, targets = batch
+            return packed_batch.target_logits(gpt2_view(model), predictor), targets
         logits, targets, _ = target_logits(model, split, *batch)
-        return sft_loss(logits, targets), {}
+        return logits, targets
+
+    def loss_fn(model: torch.nn.Module, batch: tuple) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return sft_loss(*logits_and_targets(model, batch)), {}
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         total, count = 0.0, 0
         for start in range(0, len(eval_idx), config.batch_size):
-            logits, targets, _ = target_logits(model, split, *collate(eval_idx[start : start + config.batch_size]))
+            logits, targets = logits_and_targets(model, collate(eval_idx[start : start + config.batch_size]))
             total += float(F.cross_entropy(logits, targets, reduction="sum"))
             count += len(targets)
         loss = total / max(count, 1)

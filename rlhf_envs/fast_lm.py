@@ -15,8 +15,13 @@ immediately. HF's ``Conv1D`` stores weights ``[in, out]`` and computes ``addmm(b
 so does this module. ``gelu(approximate="tanh")`` is ``gelu_new``.
 
 :func:`gpt2_view` returns a :class:`GPT2View` only when the shortcut is exact: a ``GPT2LMHeadModel``
-(not a subclass) in eval mode, without forward hooks and without cross-attention, with a tanh-GELU
-activation. Anything else gets ``None`` and callers take the generic Hugging Face path.
+or ``GPT2ForSequenceClassification`` (not a subclass) with no dropout active, without forward hooks
+and without cross-attention, with a tanh-GELU activation. Anything else gets ``None`` and callers
+take the generic Hugging Face path.
+
+Two teacher-forced forwards skip padding in the per-token work: :meth:`GPT2View.packed_hidden`
+(inference: a shared buffer written in place) and :meth:`GPT2View.packed_forward` (differentiable,
+for training; the gradients land on the model's own parameters).
 """
 
 from __future__ import annotations
@@ -59,26 +64,34 @@ def _has_hooks(model: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def _dropout_active(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Dropout) and m.training and m.p > 0 for m in model.modules())
+
+
 def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
     """A :class:`GPT2View` of ``model`` when the lean forward computes exactly what ``model`` does, else ``None``.
 
-    Eligible: ``type(model) is GPT2LMHeadModel``, every module in eval mode, no forward (pre-)hooks
+    Eligible: ``type(model)`` is ``GPT2LMHeadModel`` or ``GPT2ForSequenceClassification``, no dropout
+    active (eval mode, or every dropout probability 0, as the trainers set it), no forward (pre-)hooks
     (module or global: e.g. accelerate offloading, output capture), no cross-attention, activation
     ``gelu_new``/``gelu_pytorch_tanh``, ``reorder_and_upcast_attn`` off.
     """
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    if type(model) is not GPT2LMHeadModel:
+    if type(model) not in (GPT2LMHeadModel, GPT2ForSequenceClassification):
         return None
     config = model.config
     if (config.add_cross_attention or config.activation_function not in _TANH_GELUS
-            or config.reorder_and_upcast_attn or any(m.training for m in model.modules()) or _has_hooks(model)):
+            or config.reorder_and_upcast_attn or _dropout_active(model) or _has_hooks(model)):
         return None
     return GPT2View(model)
 
 
 class GPT2View:
-    """The parameter tensors of a ``GPT2LMHeadModel`` (the same objects, no copies) and a lean forward over them.
+    """The parameter tensors of a GPT-2 (the same objects, no copies) and a lean forward over them.
+
+    ``lm_head`` is the LM head's weight ``[V, D]`` (None for a sequence classifier); ``score`` is a
+    ``GPT2ForSequenceClassification``'s score weight ``[num_labels, D]`` (None for an LM).
 
     Shapes: ``B`` rows, ``L`` new positions, ``K`` key positions (cached + new), ``D = n_embd``,
     ``H`` heads of ``hd = D / H``, ``V`` vocabulary.
@@ -92,7 +105,9 @@ class GPT2View:
         self.eps = config.layer_norm_epsilon
         self.wte, self.wpe = body.wte.weight, body.wpe.weight
         self.ln_f = (body.ln_f.weight, body.ln_f.bias)
-        self.lm_head = model.lm_head.weight
+        head, score = getattr(model, "lm_head", None), getattr(model, "score", None)
+        self.lm_head = head.weight if head is not None else None
+        self.score = score.weight if isinstance(score, torch.nn.Linear) else None
         self.layers = []
         for i, block in enumerate(body.h):
             scaling = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
@@ -119,6 +134,35 @@ class GPT2View:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [..., D]`` (before ``ln_f``) -> logits ``[..., V]``."""
         return F.linear(self._ln(hidden, self.ln_f), self.lm_head)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``ln_f(hidden)``: the last hidden state a Hugging Face GPT-2 returns."""
+        return self._ln(hidden, self.ln_f)
+
+    def packed_forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       attn_mask: torch.Tensor) -> torch.Tensor:
+        """Differentiable hidden states ``[N, D]`` (before ``ln_f``) of ``N`` packed tokens.
+
+        ``tokens``, ``positions`` and ``slots`` are ``[N]``: each token's id, position id and its cell
+        in a ``[R, W]`` attention grid (``slot = row * W + column``); ``attn_mask [R, 1, W, W]`` is
+        additive (0 = may attend) and says which cells of a row each cell sees, so one grid row can
+        hold several sequences, e.g. a shared prompt and the responses that continue it
+        (:func:`agents.packing.pack_groups` builds all four). Layer norms, projections and the MLP run
+        on the ``N`` tokens only; attention runs on the grid. Nothing is written in place, so autograd
+        sees every op and gradients reach the model's parameters.
+        """
+        rows, width = attn_mask.shape[0], attn_mask.shape[-1]
+        x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
+        for layer in self.layers:
+            qkv = torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
+            grid = qkv.new_zeros(rows * width, 3 * self.d_model).index_copy(0, slots, qkv)
+            q, k, v = grid.view(rows, width, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=layer.scaling)
+            att = att.transpose(1, 2).reshape(rows * width, self.d_model).index_select(0, slots)
+            x = x + torch.addmm(layer.attn_proj_b, att, layer.attn_proj_w)
+            hidden = F.gelu(torch.addmm(layer.fc_b, self._ln(x, layer.ln_2), layer.fc_w), approximate="tanh")
+            x = x + torch.addmm(layer.proj_b, hidden, layer.proj_w)
+        return x
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
                 cache: list[tuple[torch.Tensor, torch.Tensor]], start: int) -> torch.Tensor:

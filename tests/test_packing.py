@@ -1,0 +1,93 @@
+"""Packed training batches (agents.packing): the same log-probs, rewards and gradients as one sequence at a time."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+from agents.packing import pack_groups
+from rlhf_envs.fast_lm import gpt2_view
+
+PAD = 1
+
+
+def _config(**overrides) -> GPT2Config:
+    base = dict(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50, bos_token_id=0, eos_token_id=0,
+                pad_token_id=PAD, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2Config(**{**base, **overrides})
+
+
+def _groups() -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(2, 50, (5,), generator=g)
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.randint(2, 50, (n,), generator=g)
+
+    return [
+        [torch.cat([prompt, rand(4)]), torch.cat([prompt, rand(7)])],  # a shared prompt
+        [rand(3), rand(9)],  # nothing shared
+        [rand(6)],  # a group of one
+        [torch.cat([prompt, prompt]), prompt.clone()],  # one sequence is the other's prefix
+        [torch.cat([prompt, rand(2)])] * 3,  # identical sequences
+    ]
+
+
+def test_shared_prefix_is_laid_out_once():
+    groups = _groups()
+    batch = pack_groups(groups)
+    assert len(batch.tokens) == (5 + 4 + 7) + (3 + 9) + 6 + 10 + 7
+    for seq, index in zip(batch.sequences, batch.index):
+        assert torch.equal(batch.tokens[index], seq)
+        assert torch.equal(batch.positions[index], torch.arange(len(seq)))
+
+
+def test_logprobs_and_gradients_equal_one_sequence_at_a_time():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(_config()).train()  # train mode: no dropout to apply, so the lean path is exact
+    view = gpt2_view(model)
+    assert view is not None
+    batch = pack_groups(_groups())
+    starts = [5, 5, 1, 2, 1, 5, 4, 5, 5, 5]
+    predictor, targets, sequence = batch.targets(starts)
+    packed = batch.sequence_logps(view, predictor, targets, sequence)
+    packed.sum().backward()
+    packed_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    alone = []
+    for seq, start in zip(batch.sequences, starts):
+        logits = model(input_ids=seq[None]).logits[0]
+        alone.append(-F.cross_entropy(logits[start - 1 : -1], seq[start:], reduction="sum"))
+    alone = torch.stack(alone)
+    alone.sum().backward()
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rewards_pool_where_hugging_face_pools():
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(_config(num_labels=1)).eval()
+    view = gpt2_view(model)
+    assert view is not None and view.score is not None and view.lm_head is None
+    groups = [[torch.tensor([3, 4, 5, PAD]), torch.tensor([3, 4, 6])], [torch.tensor([PAD, PAD])], [torch.tensor([7])]]
+    batch = pack_groups(groups)
+    with torch.no_grad():
+        hidden = view.final_norm(batch.hidden(view)[batch.last_index(PAD)])
+        packed = F.linear(hidden, view.score)[:, 0]
+        alone = torch.stack([model(input_ids=seq[None]).logits[0, 0] for seq in batch.sequences])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_view_only_without_active_dropout():
+    torch.manual_seed(0)
+    assert gpt2_view(GPT2LMHeadModel(_config()).train()) is not None
+    with_dropout = GPT2LMHeadModel(_config(resid_pdrop=0.1))
+    assert gpt2_view(with_dropout.train()) is None
+    assert gpt2_view(with_dropout.eval()) is not None
+
+
+@pytest.mark.parametrize("groups", [[], [[]], [[torch.tensor([], dtype=torch.long)]]])
+def test_empty_input_is_an_error(groups):
+    with pytest.raises(ValueError, match="pack_groups"):
+        pack_groups(groups)
