@@ -226,7 +226,9 @@ class TextTask:
 
     def decode(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         """Text of each response, EOS and padding excluded."""
-        rows = [ids[m & (ids != self.eos_token_id)].tolist() for ids, m in zip(response_ids.cpu(), response_mask.cpu())]
+        ids = response_ids.cpu().numpy()
+        keep = response_mask.cpu().numpy() & (ids != self.eos_token_id)
+        rows = [row[k].tolist() for row, k in zip(ids, keep)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     @torch.no_grad()
