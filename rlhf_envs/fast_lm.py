@@ -151,11 +151,15 @@ class GPT2View:
     def _ln(self, x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return F.layer_norm(x, (self.d_model,), params[0], params[1], self.eps)
 
-    def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        """``x [N, D]`` -> ``x + MLP(ln_2(x))`` (inference: the GELU runs in place when no gradient is recorded)."""
+    def _mlp_out(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """``MLP(ln_2(x))`` for ``x [N, D]``; the GELU runs in place when no gradient is recorded."""
         hidden = torch.addmm(layer.fc_b, self._ln(x, layer.ln_2), layer.fc_w)
         hidden = F.gelu(hidden, approximate="tanh") if torch.is_grad_enabled() else _gelu_tanh_(hidden)
-        return torch.addmm(layer.proj_b, hidden, layer.proj_w).add_(x)
+        return torch.addmm(layer.proj_b, hidden, layer.proj_w)
+
+    def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """``x [N, D]`` -> ``x + MLP(ln_2(x))``."""
+        return self._mlp_out(x, layer).add_(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [..., D]`` (before ``ln_f``) -> logits ``[..., V]``."""
@@ -174,20 +178,24 @@ class GPT2View:
         additive (0 = may attend) and says which cells of a row each cell sees, so one grid row can
         hold several sequences, e.g. a shared prompt and the responses that continue it
         (:func:`agents.packing.pack_groups` builds all four). Layer norms, projections and the MLP run
-        on the ``N`` tokens only; attention runs on the grid. Nothing is written in place, so autograd
-        sees every op and gradients reach the model's parameters.
+        on the ``N`` tokens only; attention runs on the grid. With gradients recorded nothing is
+        written in place, so autograd sees every op and gradients reach the model's parameters;
+        without (a reference pass), the GELU runs in place and attention as two matmuls.
         """
         rows, width = attn_mask.shape[0], attn_mask.shape[-1]
+        grad = torch.is_grad_enabled()
         x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         for layer in self.layers:
             qkv = torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
             grid = qkv.new_zeros(rows * width, 3 * self.d_model).index_copy(0, slots, qkv)
             q, k, v = grid.view(rows, width, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=layer.scaling)
+            if grad:
+                att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=layer.scaling)
+            else:
+                att = _attention(q, k, v, attn_mask, layer.scaling)
             att = att.transpose(1, 2).reshape(rows * width, self.d_model).index_select(0, slots)
             x = x + torch.addmm(layer.attn_proj_b, att, layer.attn_proj_w)
-            hidden = F.gelu(torch.addmm(layer.fc_b, self._ln(x, layer.ln_2), layer.fc_w), approximate="tanh")
-            x = x + torch.addmm(layer.proj_b, hidden, layer.proj_w)
+            x = x + self._mlp_out(x, layer)
         return x
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
