@@ -30,10 +30,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 import rlhf_envs  # noqa: F401  (registers the envs)
 from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
+from agents.packing import pack_groups
+from rlhf_envs.fast_lm import GPT2View, gpt2_view
 from rlhf_envs.sampling import SamplingConfig, generate, positions_from_mask, processed_logprobs
 
 
@@ -124,18 +127,44 @@ class ValueHead(nn.Module):
         return self.summary(hidden).squeeze(-1)
 
 
+def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    full = processed_logprobs(logits, cfg)
+    probs = full.exp()
+    return full.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(probs * full.masked_fill(probs == 0, 0.0)).sum(-1)
+
+
+def _packed_policy_forward(view: GPT2View, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig):
+    """:func:`policy_forward` through the packed lean GPT-2 forward: no padding, LM head at response tokens only."""
+    prompt_keep, keep = prompt_mask.bool(), response_mask.bool()
+    seqs = [torch.cat([p[pk], r[k]]) for p, pk, r, k in zip(prompt_ids.cpu(), prompt_keep.cpu(), response_ids.cpu(), keep.cpu())]
+    batch = pack_groups([[seq] for seq in seqs])
+    predictor, targets, _ = batch.targets(prompt_keep.sum(-1).tolist())
+    device = prompt_ids.device
+    hidden = view.final_norm(batch.to(device).hidden(view)[predictor.to(device)])
+    logprobs, entropy = _logprobs_and_entropy(F.linear(hidden, view.lm_head), targets.to(device), cfg)
+    out = []
+    for flat in (logprobs, v_head(hidden), entropy):  # response tokens in row-major order = keep's True cells
+        out.append(flat.new_zeros(keep.shape).masked_scatter(keep, flat))
+    return tuple(out)
+
+
 def policy_forward(policy: nn.Module, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                    response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig):
     """One teacher-forced pass: ``(logprobs [B, T], values [B, T], entropy [B, T])`` of the responses
-    under the processed (sampled-from) distribution; the value at t is that of the state before token t."""
+    under the processed (sampled-from) distribution; the value at t is that of the state before token t.
+
+    A GPT-2 without active dropout takes the packed lean forward (:mod:`agents.packing`); other
+    models Hugging Face's forward on the padded batch. Both give the same values to float rounding.
+    """
+    view = gpt2_view(policy)
+    if view is not None and view.lm_head is not None:
+        return _packed_policy_forward(view, v_head, prompt_ids, prompt_mask, response_ids, response_mask, cfg)
     prompt_len = prompt_ids.shape[1]
     mask = torch.cat([prompt_mask.bool(), response_mask.bool()], dim=1)
     out = policy(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=mask.long(),
                  position_ids=positions_from_mask(mask), output_hidden_states=True, use_cache=False)
-    full = processed_logprobs(out.logits[:, prompt_len - 1:-1], cfg)
-    logprobs = full.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    probs = full.exp()
-    entropy = -(probs * full.masked_fill(probs == 0, 0.0)).sum(-1)
+    logprobs, entropy = _logprobs_and_entropy(out.logits[:, prompt_len - 1:-1], response_ids, cfg)
     values = v_head(out.hidden_states[-1][:, prompt_len - 1:-1])
     keep = response_mask.bool()
     return logprobs.masked_fill(~keep, 0.0), values.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0)

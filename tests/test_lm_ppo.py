@@ -72,3 +72,46 @@ def test_resumed_run_equals_uninterrupted_run(tiny_dir, tmp_path):
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LMPPOConfig(**kwargs)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
+def test_packed_policy_forward_equals_hugging_face(sampling):
+    """The packed lean forward gives the padded Hugging Face forward's log-probs, values, entropies and gradients."""
+    from agents.lm_ppo import PolicyWithValueHead
+    from rlhf_envs.sampling import SamplingConfig
+
+    lm, _ = tiny_causal_lm(seed=3)
+    for module in lm.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model = PolicyWithValueHead(lm.train())
+    from rlhf_envs.fast_lm import gpt2_view
+
+    assert gpt2_view(model.lm) is not None, "the first run must take the packed path"
+    torch.nn.init.normal_(model.v_head.summary.weight)
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(0, 256, (4, 6), generator=g)
+    prompt_mask = torch.ones(4, 6, dtype=torch.bool)
+    prompt_mask[0, :3] = prompt_mask[2, :1] = False  # left padding
+    response_ids = torch.randint(0, 256, (4, 5), generator=g)
+    response_mask = torch.ones(4, 5, dtype=torch.bool)
+    response_mask[1, 2:] = response_mask[3, 4:] = False  # ended early
+    cfg = SamplingConfig(max_new_tokens=5, **sampling)
+
+    def run():
+        model.zero_grad()
+        outs = model(prompt_ids, prompt_mask, response_ids, response_mask, cfg)
+        sum(o.sum() for o in outs).backward()
+        return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed, packed_grads = run()
+    handle = model.lm.register_forward_pre_hook(lambda module, args: None)  # a hook: the generic path
+    try:
+        generic, generic_grads = run()
+    finally:
+        handle.remove()
+    for a, b in zip(packed, generic):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert packed_grads.keys() == generic_grads.keys()
+    for name in packed_grads:
+        torch.testing.assert_close(packed_grads[name], generic_grads[name], atol=1e-5, rtol=1e-3, msg=name)
