@@ -20,6 +20,8 @@ from benchmarks.common import RESULTS_DIR
 SCRIPTS = {
     "catgrid": ["benchmarks.bench_catgrid"],
     "sampling": ["benchmarks.bench_sampling", "--repeats", "9", "--threads", "1"],
+    "sampling_2threads": ["benchmarks.bench_sampling", "--repeats", "9", "--threads", "2",
+                          "--out", str(RESULTS_DIR / "sampling_2threads.json")],
     "ppo_iteration": ["benchmarks.bench_ppo_iteration", "--threads", "1"],
     "trainers": ["benchmarks.bench_trainers"],
     "reliability": ["benchmarks.bench_reliability"],
@@ -51,13 +53,15 @@ def tables() -> str:
             perf.append(f"| PPO wall time to 95% of optimum on `{row['env']}` (median of {row['seeds']} seeds; "
                         f"reached {row['seeds_reached_ours']}/{row['seeds']} vs {row['seeds_reached_sb3']}/{row['seeds']}) vs SB3 PPO, same hyper-parameters | "
                         f"{_f(row['ours_median_s'])} s | {_f(row['sb3_median_s'])} s | {_f(row['wall_ratio_ours_over_sb3'])}x the time | bench_catgrid |")
-    if (d := _load("sampling")) is not None:
-        s = d["samplers"]
+    for name in ("sampling", "sampling_2threads"):
+        if (d := _load(name)) is None:
+            continue
+        s, threads = d["samplers"], f"{d['torch_threads']} thread{'s' if d['torch_threads'] > 1 else ''}"
         perf.append(f"| sampler tokens/s vs HF `generate` (batch {d['batch']}, {d['max_new_tokens']} new tokens, T={d['sampling']['temperature']}, "
-                    f"top-k {d['sampling']['top_k']}, top-p {d['sampling']['top_p']}) | {_f(s['rlhf_envs.generate']['tokens_per_s'], 0)} | "
+                    f"top-k {d['sampling']['top_k']}, top-p {d['sampling']['top_p']}; {threads}) | {_f(s['rlhf_envs.generate']['tokens_per_s'], 0)} | "
                     f"{_f(s['hf.generate']['tokens_per_s'], 0)} | {_f(d['speedup_vs_hf'])}x | bench_sampling |")
         b = d["bandit_step"]
-        perf.append(f"| `TextBandit` scoring step (reference pass + reward) vs sampling the {b['num_envs']} responses | "
+        perf.append(f"| `TextBandit` scoring step (reference pass + reward) vs sampling the {b['num_envs']} responses ({threads}) | "
                     f"{_f(b['step_median_s'] * 1000, 0)} ms | {_f(b['sample_median_s'] * 1000, 0)} ms | {_f(b['step_over_sample'])} of it | bench_sampling |")
     if (d := _load("trainers")) is not None:
         for name, r in d["results"].items():
