@@ -20,6 +20,7 @@ Data: JSONL lines ``{"prompt", "chosen", "rejected"}``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -79,6 +80,10 @@ class DPOConfig(LMTrainConfig):
     label_smoothing: float = field(default=0.0, metadata={"help": "cdpo's epsilon: assumed probability that a preference label is flipped, in (0, 0.5)"})
     ref_model_path: str | None = field(default=None, metadata={"help": "reference model directory; None = the initial policy (model_path)"})
     disable_dropout: bool = field(default=True, metadata={"help": "turn dropout off, so policy and reference log-probs are comparable"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (needs the peft package: pip install 'rlhf-gym[lora]'); 0 = full fine-tuning. With LoRA only the adapters train, the reference is the same weights with the adapters off, and the saved model has them merged in"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (the update is lora_alpha / lora_r * B A)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA adapters' input"})
+    lora_target_modules: str | None = field(default=None, metadata={"help": "comma-separated module names to adapt (e.g. c_attn,c_proj); None = peft's default for the architecture"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +93,15 @@ class DPOConfig(LMTrainConfig):
             raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta!r}")
         if self.loss_type == "cdpo" and not 0.0 < self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in (0, 0.5) for loss_type='cdpo', got {self.label_smoothing!r}")
+        if not isinstance(self.lora_r, int) or self.lora_r < 0:
+            raise ValueError(f"DPOConfig.lora_r must be an integer >= 0 (0 = full fine-tuning), got {self.lora_r!r}")
+        if self.lora_r and not self.lora_alpha > 0:
+            raise ValueError(f"DPOConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"DPOConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_r and self.ref_model_path is not None:
+            raise ValueError("DPOConfig.lora_r > 0 uses the policy with its adapters off as the reference; "
+                             "leave ref_model_path unset (None)")
         if self.loss_type != "cdpo" and self.label_smoothing != 0.0:
             raise ValueError(
                 f"DPOConfig.label_smoothing={self.label_smoothing!r} only applies to conservative DPO: "
@@ -123,6 +137,23 @@ def dpo_metrics(
     }
 
 
+def add_lora(model: torch.nn.Module, config: DPOConfig) -> torch.nn.Module:
+    """``model`` wrapped by peft with LoRA adapters (rank ``config.lora_r``); only the adapters train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ImportError("DPOConfig.lora_r > 0 needs the peft package: pip install 'rlhf-gym[lora]' (or pip install peft)") from err
+    targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()] if config.lora_target_modules else None
+    # GPT-2 keeps its projections in transformers' Conv1D ([in, out] weights): peft must be told.
+    conv1d = getattr(model.config, "model_type", None) == "gpt2"
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise ValueError(f"LoRA could not wrap {type(model).__name__}: {err}; set DPOConfig.lora_target_modules") from err
+
+
 def train_dpo(config: DPOConfig) -> TrainResult:
     """Tune ``config.model_path`` on the preference pairs in ``config.data_path``; saved in ``config.output_dir``."""
     device = start_run(config)
@@ -131,6 +162,8 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     fuse_gelu(model)
     if config.disable_dropout:
         disable_dropout(model)
+    if config.lora_r:
+        model = add_lora(model, config)
     model.to(device)
     data = tokenize_pairs(tokenizer, records, config.max_length)
     pad_id = tokenizer.pad_token_id
@@ -155,6 +188,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         return sequence_logps(model, split, *batch)
 
     start = time.perf_counter()
+    adapters_off = model.disable_adapter() if config.lora_r else contextlib.nullcontext()
     if config.ref_model_path is None:
         reference = model
     else:
@@ -169,7 +203,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     # (a row's log-probs do not depend on the other rows): 36% less time in this pass on the corpus pairs
     # of benchmarks/bench_trainers.py.
     by_length = sorted(range(len(records)), key=lambda i: max(len(data.input_ids[2 * i]), len(data.input_ids[2 * i + 1])))
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast, adapters_off:
         for first in range(0, len(records), 2 * config.batch_size):
             indices = by_length[first : first + 2 * config.batch_size]
             ref_logps[indices] = logps_of(reference, ref_split, collate(indices, ref_packed)).view(2, -1).T
@@ -199,7 +233,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
 
     result = run_training(
         config,
-        algorithm="dpo",
+        algorithm="dpo_lora" if config.lora_r else "dpo",
         model=model,
         tokenizer=tokenizer,
         num_train=len(train_idx),

@@ -429,5 +429,10 @@ def save_pretrained_model(output_dir: Path, model: nn.Module, tokenizer: Any) ->
     Weights are written as safetensors (the only format of transformers 5, the default since 4.35).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
+        # LoRA: the adapters alone go to adapter/ (peft's format); the model saved beside them has
+        # them merged in, so every loader here reads it like any other Hugging Face directory.
+        model.save_pretrained(output_dir / "adapter")
+        model = model.merge_and_unload()
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

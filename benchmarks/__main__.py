@@ -24,6 +24,7 @@ SCRIPTS = {
                           "--out", str(RESULTS_DIR / "sampling_2threads.json")],
     "ppo_iteration": ["benchmarks.bench_ppo_iteration", "--threads", "1"],
     "trainers": ["benchmarks.bench_trainers"],
+    "lora": ["benchmarks.bench_lora"],
     "reliability": ["benchmarks.bench_reliability"],
     "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
     "shakespeare": ["benchmarks.bench_shakespeare"],
@@ -75,6 +76,12 @@ def tables() -> str:
     if (d := _load("ppo_iteration")) is not None:
         phases = ", ".join(f"{p['phase']} {_f(p['median_seconds'])} s ({p['share']:.0%})" for p in d["phases"])
         perf.append(f"| one RLHF PPO iteration, batch {d['settings']['batch_size']} (embedded model) | {phases} | | | bench_ppo_iteration |")
+    if (d := _load("lora")) is not None:
+        runs = d["runs"]
+        lora, full = runs[f"LoRA r={d['rank']}"], runs["full fine-tuning"]
+        perf.append(f"| DPO peak RSS MiB, LoRA r={d['rank']} vs full fine-tuning ({d['n_parameters'] / 1e6:.0f}M-param GPT-2, "
+                    f"batch {d['batch_size']}); pairs/s | {_f(lora['peak_rss_mib'], 0)}; {_f(lora['pairs_per_second'])} | "
+                    f"{_f(full['peak_rss_mib'], 0)}; {_f(full['pairs_per_second'])} | {_f(d['peak_memory_ratio_lora_over_full'])}x the memory | bench_lora |")
     out.append("\n".join(perf))
 
     if (d := _load("pipeline")) is not None:
