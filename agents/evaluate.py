@@ -109,6 +109,7 @@ def evaluate_models(config: EvalConfig) -> dict:
             "gold_reward": float(s.gold.mean()),
             "proxy_reward": None if s.proxy is None else float(s.proxy.mean()),
             f"kl_to_{config.reference}": float(s.kl.mean()),
+            f"kl_to_{config.reference}_stderr": float(s.kl.std(ddof=1) / np.sqrt(len(s.kl))) if len(s.kl) > 1 else 0.0,
             f"win_rate_vs_{config.reference}": win_rate(s.gold, ref.gold),
             "elo": elo[name],
         })

@@ -148,6 +148,7 @@ maximum likelihood over all head-to-head games judged by the gold reward, mean 1
 | reward model held-out pairwise accuracy | {_fmt(summary['rm_heldout_accuracy'])} |
 | PPO win rate vs SFT (gold) | {_fmt(summary['ppo_win_rate_vs_sft'])} |
 | PPO KL to SFT (target {config.target_kl}) | {_fmt(summary['ppo_kl_to_sft'])} |
+| PPO model reported (the latest within the KL budget on validation prompts, `ppo_selection.json`) | {summary.get('ppo_selected', 'final')} |
 | DPO win rate vs SFT (gold) | {_fmt(summary['dpo_win_rate_vs_sft'])} |
 | wall time | {summary['total_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}) |
 

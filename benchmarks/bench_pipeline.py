@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         evaluation = json.loads((run / "eval.json").read_text())
         elo = evaluation["elo"]
         rows.append({"seed": seed, **{k: summary[k] for k in TARGETS}, "ppo_kl_to_sft": summary["ppo_kl_to_sft"],
-                     "target_kl": summary["target_kl"], "dpo_kl_to_sft": summary["dpo_kl_to_sft"],
+                     "target_kl": summary["target_kl"], "ppo_selected": summary.get("ppo_selected"), "dpo_kl_to_sft": summary["dpo_kl_to_sft"],
                      "elo_sft": elo["sft"], "elo_ppo": elo["ppo"], "elo_dpo": elo["dpo"], "wall_seconds": wall,
                      "eval_rows": evaluation["rows"]})
     table = [{k: v for k, v in r.items() if k != "eval_rows"} for r in rows]
