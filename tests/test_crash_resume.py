@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_envs.text_common import tiny_causal_lm
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +38,9 @@ def _lines(out) -> int:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, save_tiny_lm):
     root = tmp_path_factory.mktemp("crash")
-    model, tokenizer = tiny_causal_lm(seed=0)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny_lm(root / "tiny")
     rng = np.random.default_rng(0)
     with open(root / "sft.jsonl", "w") as f:
         for i in range(120):

@@ -10,15 +10,12 @@ pytest.importorskip("peft")
 
 from agents.dpo import DPOConfig, train_dpo  # noqa: E402
 from rlhf_envs.lm import load_causal_lm  # noqa: E402
-from rlhf_envs.text_common import tiny_causal_lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, save_tiny_lm):
     root = tmp_path_factory.mktemp("lora")
-    model, tokenizer = tiny_causal_lm(seed=1)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_lm(root / "model", seed=1)
     rows = [{"prompt": f"review {i}:", "chosen": " great, loved it", "rejected": " awful, hated it"} for i in range(48)]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root

@@ -19,12 +19,8 @@ def vowel_share(prompts, responses):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    model, tokenizer = tiny_causal_lm(seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+def tiny_dir(tmp_path_factory, save_tiny_lm):
+    return str(save_tiny_lm(tmp_path_factory.mktemp("tiny")))
 
 
 def _config(tiny_dir, out, **kw):

@@ -27,12 +27,8 @@ def count_a(prompts: list[str], responses: list[str]) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    model, tokenizer = tiny_causal_lm(seed=0)
-    path = tmp_path_factory.mktemp("safe") / "tiny"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def saved(tmp_path_factory, save_tiny_lm):
+    return save_tiny_lm(tmp_path_factory.mktemp("safe") / "tiny")
 
 
 @pytest.fixture
