@@ -169,31 +169,33 @@ class GPT2View:
         """``ln_f(hidden)``: the last hidden state a Hugging Face GPT-2 returns."""
         return self._ln(hidden, self.ln_f)
 
-    def packed_forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                       attn_mask: torch.Tensor) -> torch.Tensor:
+    def packed_forward(self, tokens: torch.Tensor, positions: torch.Tensor, gather: torch.Tensor, owner: torch.Tensor,
+                       rows: int) -> torch.Tensor:
         """Differentiable hidden states ``[N, D]`` (before ``ln_f``) of ``N`` packed tokens.
 
-        ``tokens``, ``positions`` and ``slots`` are ``[N]``: each token's id, position id and its cell
-        in a ``[R, W]`` attention grid (``slot = row * W + column``); ``attn_mask [R, 1, W, W]`` is
-        additive (0 = may attend) and says which cells of a row each cell sees, so one grid row can
-        hold several sequences, e.g. a shared prompt and the responses that continue it
-        (:func:`agents.packing.pack_groups` builds all four). Layer norms, projections and the MLP run
-        on the ``N`` tokens only; attention runs on the grid. With gradients recorded nothing is
-        written in place, so autograd sees every op and gradients reach the model's parameters;
-        without (a reference pass), the GELU runs in place and attention as two matmuls.
+        ``tokens`` and ``positions`` are ``[N]``. Attention runs on a ``[rows, W]`` grid of causal
+        rows: ``gather [rows * W]`` names the packed token at each cell (a token may stand in several
+        rows, e.g. a prompt shared by two responses; right padding repeats a real token, which
+        causal attention never reaches from a real one), and ``owner [N]`` the cell whose output each
+        token takes (:func:`agents.packing.pack_groups` builds them). Layer norms, projections and
+        the MLP run on the ``N`` tokens only. With gradients recorded nothing is written in place, so
+        autograd sees every op and gradients reach the model's parameters (a token gathered into
+        several rows sums its gradients); without (a reference pass), the GELU runs in place and
+        attention as two matmuls.
         """
-        rows, width = attn_mask.shape[0], attn_mask.shape[-1]
+        width = gather.numel() // rows
         grad = torch.is_grad_enabled()
+        causal = None if grad else _additive(
+            torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril_(), self.dtype)
         x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         for layer in self.layers:
             qkv = torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
-            grid = qkv.new_zeros(rows * width, 3 * self.d_model).index_copy(0, slots, qkv)
-            q, k, v = grid.view(rows, width, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.index_select(0, gather).view(rows, width, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
             if grad:
-                att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=layer.scaling)
+                att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling)
             else:
-                att = _attention(q, k, v, attn_mask, layer.scaling)
-            att = att.transpose(1, 2).reshape(rows * width, self.d_model).index_select(0, slots)
+                att = _attention(q, k, v, causal, layer.scaling)
+            att = att.transpose(1, 2).reshape(rows * width, self.d_model).index_select(0, owner)
             x = x + torch.addmm(layer.attn_proj_b, att, layer.attn_proj_w)
             x = x + self._mlp_out(x, layer)
         return x
