@@ -267,7 +267,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     timings["dpo"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ppo_model, selection = _select_ppo(out, sft, config, validation_prompts)
+    ppo_model, selection = _select_ppo(out, sft, config, validation_prompts, n_iterations)
     models = {"base": base, "sft": sft, "ppo": ppo_model, "dpo": str(out / "dpo")}
     eval_config = EvalConfig(models=models, reference="sft", reward_model_path=rm, prompts=eval_prompts,
                              max_new_tokens=config.max_new_tokens, seed=seed, progress=config.progress)
@@ -295,7 +295,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     return summary
 
 
-def _select_ppo(out: Path, sft: str, config: PipelineConfig, prompts: list[str]) -> tuple[str, dict]:
+def _select_ppo(out: Path, sft: str, config: PipelineConfig, prompts: list[str], n_iterations: int) -> tuple[str, dict]:
     """The PPO model the evaluation reports, chosen by KL alone on validation prompts (not the evaluation's).
 
     The adaptive controller holds the KL of each training batch near its setpoint, but a single
@@ -311,7 +311,9 @@ def _select_ppo(out: Path, sft: str, config: PipelineConfig, prompts: list[str])
     final = str(out / "ppo" / "policy")
     if config.target_kl is None:
         return final, {"selected": "final"}
-    candidates = {snap.name: str(snap) for snap in sorted((out / "ppo" / "snapshots").glob("iter-*"))}
+    # The snapshot of the last iteration holds the final policy's weights: sampled once, as "final".
+    candidates = {snap.name: str(snap) for snap in sorted((out / "ppo" / "snapshots").glob("iter-*"))
+                  if snap.name != f"iter-{n_iterations:05d}"}
     candidates["final"] = final
     result = evaluate_models(EvalConfig(models={"sft": sft, **candidates}, reference="sft", prompts=prompts,
                                         max_new_tokens=config.max_new_tokens, seed=config.seed + 2, progress=False))
