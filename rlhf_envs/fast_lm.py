@@ -83,14 +83,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
     return torch.matmul(scores.softmax(-1), v)
 
 
-def _has_hooks(model: torch.nn.Module) -> bool:
+def _hooks_or_dropout(model: torch.nn.Module) -> bool:
+    """True when a forward (pre-)hook is registered (globally or on any submodule) or a dropout is active."""
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
-def _dropout_active(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.Dropout) and m.training and m.p > 0 for m in model.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks or (isinstance(m, torch.nn.Dropout) and m.training and m.p > 0)
+               for m in model.modules())
 
 
 def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
@@ -107,7 +105,7 @@ def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
         return None
     config = model.config
     if (config.add_cross_attention or config.activation_function not in _TANH_GELUS
-            or config.reorder_and_upcast_attn or _dropout_active(model) or _has_hooks(model)):
+            or config.reorder_and_upcast_attn or _hooks_or_dropout(model)):
         return None
     return GPT2View(model)
 
@@ -228,34 +226,42 @@ class GPT2View:
                 for _ in self.layers]
 
     def packed_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
-                      wanted: torch.Tensor, past: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None = None,
+                      wanted: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                       ) -> torch.Tensor:
         """Teacher-forced hidden states ``[M, D]`` (before ``ln_f``) at the ``M`` positions where ``wanted [B, L]`` is True.
 
         Row-major order; ``wanted`` must lie inside ``mask [B, L]``. Only real tokens go through the
         per-token work (layer norms, projections, MLP), so padding costs nothing there; attention runs
-        on the padded ``[B, L]`` layout, causal over real keys. ``past = (kv, past_mask [B, Lp])``
-        (``kv`` per layer ``(keys, values)`` of ``[B, H, Lp, hd]``) are earlier positions every new
-        token may also attend to where ``past_mask`` is True, e.g. a cached prompt.
+        on the padded ``[B, L]`` layout, causal over real keys. ``past = (kv, rows, past_mask)`` are
+        earlier positions every new token may also attend to, e.g. cached prompts: row ``b`` attends
+        to ``kv[rows[b]]`` where ``past_mask [B, Lp]`` is True; ``kv [n, n_layer, 2, H, Lp, hd]`` holds
+        per layer keys then values, as :class:`PromptKVCache` keeps them.
+
+        Queries, keys and values live in one head-major ``[3, B, H, Lp + L, hd]`` grid: each layer
+        scatters its real tokens' projections into it and copies the past in, so attention reads
+        contiguous tensors and nothing padded is copied.
         """
         batch, length = input_ids.shape
-        real = mask.reshape(-1).nonzero().squeeze(-1)
-        picked = wanted.reshape(-1)[real].nonzero().squeeze(-1)
-        x = F.embedding(input_ids.reshape(-1)[real], self.wte) + F.embedding(position_ids.reshape(-1)[real], self.wpe)
+        start = 0 if past is None else past[0].shape[-2]
+        row, col = mask.nonzero(as_tuple=True)
+        picked = wanted[row, col].nonzero().squeeze(-1)
+        x = F.embedding(input_ids[row, col], self.wte) + F.embedding(position_ids[row, col], self.wpe)
         causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril_()
         eye = torch.eye(length, dtype=torch.bool, device=mask.device)
         attn_mask = (mask[:, None, :] & causal) | eye
         if past is not None:
-            attn_mask = torch.cat([past[1][:, None, :].expand(-1, length, -1), attn_mask], dim=-1)
+            attn_mask = torch.cat([past[2][:, None, :].expand(-1, length, -1), attn_mask], dim=-1)
         attn_mask = _additive(attn_mask.unsqueeze(1), x.dtype)
-        padded = x.new_zeros(batch * length, 3 * self.d_model)
+        grid = x.new_zeros(3, batch, self.n_head, start + length, self.head_dim)
+        cells = grid.permute(1, 3, 0, 2, 4)  # [B, Lp + L, 3, H, hd] view of the grid
+        slot = col + start
         for i, layer in enumerate(self.layers):
-            padded.index_copy_(0, real, torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w))
-            q, k, v = padded.view(batch, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
             if past is not None:
-                k, v = torch.cat([past[0][i][0], k], dim=2), torch.cat([past[0][i][1], v], dim=2)
-            att = _attention(q, k, v, attn_mask, layer.scaling)
-            att = att.transpose(1, 2).reshape(batch * length, self.d_model).index_select(0, real)
+                grid[1:, :, :, :start] = past[0][:, i].index_select(0, past[1]).transpose(0, 1)
+            qkv = torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
+            cells[row, slot] = qkv.view(-1, 3, self.n_head, self.head_dim)
+            att = _attention(grid[0, :, :, start:], grid[1], grid[2], attn_mask, layer.scaling)
+            att = att.transpose(1, 2)[row, col].reshape(-1, self.d_model)
             x = self._mlp(torch.addmm(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
         return x.index_select(0, picked)
 
@@ -263,16 +269,18 @@ class GPT2View:
 class PromptKVCache:
     """The reference model's state after each prompt of a fixed, left-padded prompt table ``[n, P]``.
 
-    Per prompt: every layer's keys/values ``[H, P, hd]`` and the last position's hidden state ``[D]``,
-    computed the first time the prompt is asked for and reused while the model's parameters are
-    unchanged (same storage, no in-place update: checked with each tensor's version counter on every
-    :meth:`get`; any change empties the cache). For a frozen reference model that scores responses to
-    the same prompts over and over, this takes the prompt tokens out of every scoring forward.
+    Per prompt: every layer's keys and values ``[n_layer, 2, H, P, hd]`` (the layout
+    :meth:`GPT2View.packed_hidden` takes as ``past``) and the last position's hidden
+    state ``[D]``, computed the first time the prompt is asked for and reused while the model's
+    parameters are unchanged (same storage, no in-place update: checked with each tensor's version
+    counter on every :meth:`get`; any change empties the cache). For a frozen reference model that
+    scores responses to the same prompts over and over, this takes the prompt tokens out of every
+    scoring forward.
     """
 
     def __init__(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask.bool()
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None
         self.ready = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
         self.fingerprint: tuple = ()
@@ -284,16 +292,14 @@ class PromptKVCache:
         per_prompt = (2 * len(view.layers) * length + 1) * view.d_model
         return n * per_prompt * view.wte.element_size()
 
-    def get(self, view: GPT2View, model: torch.nn.Module, index: torch.Tensor,
-            ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """``(kv, last_hidden)`` for prompts ``index [N]``: per layer ``(keys, values)`` ``[N, H, P, hd]``, and ``[N, D]``."""
+    def get(self, view: GPT2View, model: torch.nn.Module, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kv, last_hidden)``: the whole table ``[n, n_layer, 2, H, P, hd]`` with prompts ``index [N]`` filled, and ``[N, D]``."""
         fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
-        if fingerprint != self.fingerprint or not self.kv:
+        if fingerprint != self.fingerprint or self.kv is None:
             n, length = self.prompt_ids.shape
-            shape = (n, view.n_head, length, view.head_dim)
             device = self.prompt_ids.device
-            self.kv = [(torch.zeros(shape, dtype=view.dtype, device=device),
-                        torch.zeros(shape, dtype=view.dtype, device=device)) for _ in view.layers]
+            shape = (n, len(view.layers), 2, view.n_head, length, view.head_dim)
+            self.kv = torch.zeros(shape, dtype=view.dtype, device=device)
             self.last_hidden = torch.zeros(n, view.d_model, dtype=view.dtype, device=device)
             self.ready.zero_()
             self.fingerprint = fingerprint
@@ -301,10 +307,9 @@ class PromptKVCache:
         if missing.numel():
             decoder = GPT2Decoder(view, self.prompt_ids[missing], self.prompt_mask[missing], 0)
             self.last_hidden[missing] = decoder.prefill_hidden()
-            for (keys, values), (new_keys, new_values) in zip(self.kv, decoder.cache):
-                keys[missing], values[missing] = new_keys, new_values
+            self.kv[missing] = torch.stack([torch.stack(pair, dim=1) for pair in decoder.cache], dim=1)
             self.ready[missing] = True
-        return [(k[index], v[index]) for k, v in self.kv], self.last_hidden[index]
+        return self.kv, self.last_hidden[index]
 
 
 class GPT2Decoder:
