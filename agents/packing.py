@@ -17,7 +17,9 @@ projections, MLP, LM head) runs on the ``N`` packed tokens only, through
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +45,19 @@ class PackedBatch:
     padding cells repeat a real token, which causal attention never reaches from a real one)."""
     owner: torch.Tensor
     """``[N]`` the grid cell whose output each packed token takes (a prefix token: its group's first sequence)."""
-    index: list[torch.Tensor]
-    """per sequence, the packed index (into ``tokens``) of each of its tokens, in order."""
     sequences: list[torch.Tensor]
     """the sequences as given (CPU)."""
+    grid: np.ndarray = field(repr=False)
+    """``[S, W]`` (CPU) ``gather`` as a grid: the packed index of sequence ``s``'s token at position ``p``."""
+    token_grid: np.ndarray = field(repr=False)
+    """``[S, W]`` (CPU) the token at each cell (padding cells repeat the sequence's last token)."""
+    lengths: np.ndarray = field(repr=False)
+    """``[S]`` (CPU) each sequence's length."""
+
+    @property
+    def index(self) -> list[torch.Tensor]:
+        """Per sequence, the packed index (into ``tokens``) of each of its tokens, in order."""
+        return [torch.from_numpy(row[:n]) for row, n in zip(self.grid, self.lengths)]
 
     def targets(self, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Next-token targets from position ``starts[s]`` (>= 1) to the end of each sequence ``s``.
@@ -54,13 +65,12 @@ class PackedBatch:
         Returns ``predictor [M]`` (packed index of the token whose hidden state predicts the
         target), ``target_ids [M]`` and ``sequence [M]`` (which sequence each target is in).
         """
-        predictor, target_ids, sequence = [], [], []
-        for s, (seq, index, start) in enumerate(zip(self.sequences, self.index, starts)):
-            start = max(int(start), 1)
-            predictor.append(index[start - 1 : len(seq) - 1])
-            target_ids.append(seq[start:])
-            sequence.append(torch.full((max(len(seq) - start, 0),), s, dtype=torch.long))
-        return torch.cat(predictor), torch.cat(target_ids), torch.cat(sequence)
+        first = np.maximum(np.asarray(starts, dtype=np.int64), 1)
+        counts = np.maximum(self.lengths - first, 0)
+        sequence = np.repeat(np.arange(len(counts)), counts)
+        position = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        return (torch.from_numpy(self.grid[sequence, position - 1]), torch.from_numpy(self.token_grid[sequence, position]),
+                torch.from_numpy(sequence))
 
     def last_index(self, pad_token_id: int | None) -> torch.Tensor:
         """``[S]`` packed index of each sequence's last token that is not ``pad_token_id``.
@@ -68,16 +78,16 @@ class PackedBatch:
         This is where Hugging Face's ``GPT2ForSequenceClassification`` pools (its first token when
         every token is the pad id).
         """
-        last = []
-        for seq, index in zip(self.sequences, self.index):
-            keep = (seq != pad_token_id).nonzero() if pad_token_id is not None else torch.arange(len(seq))[:, None]
-            last.append(index[int(keep[-1]) if len(keep) else 0])
-        return torch.stack(last)
+        keep = np.arange(self.grid.shape[1])[None, :] < self.lengths[:, None]
+        if pad_token_id is not None:
+            keep &= self.token_grid != pad_token_id
+        last = np.where(keep.any(1), keep.shape[1] - 1 - keep[:, ::-1].argmax(1), 0)
+        return torch.from_numpy(self.grid[np.arange(len(last)), last])
 
     def to(self, device: torch.device) -> PackedBatch:
-        """The tensors the forward reads moved to ``device`` (``index``/``sequences`` stay on the CPU)."""
+        """The tensors the forward reads moved to ``device`` (the CPU grids and ``sequences`` stay)."""
         move = {name: getattr(self, name).to(device, non_blocking=True) for name in ("tokens", "positions", "gather", "owner")}
-        return PackedBatch(**move, index=self.index, sequences=self.sequences)
+        return replace(self, **move)
 
     def hidden(self, view: GPT2View) -> torch.Tensor:
         """``[N, D]`` hidden states before ``ln_f`` (differentiable), from :meth:`GPT2View.packed_forward`."""
@@ -94,46 +104,54 @@ class PackedBatch:
         return token_logps.new_zeros(len(self.sequences)).index_add_(0, sequence, token_logps)
 
 
-def _common_prefix(seqs: list[torch.Tensor]) -> int:
+def _common_prefix(seqs: list[np.ndarray]) -> int:
     shortest = min(len(s) for s in seqs)
     if len(seqs) == 1:
         return shortest
     first = seqs[0][:shortest]
-    agree = torch.ones(shortest, dtype=torch.bool)
-    for seq in seqs[1:]:
-        agree &= seq[:shortest] == first
-    differ = (~agree).nonzero()
+    differ = np.flatnonzero(np.logical_or.reduce([seq[:shortest] != first for seq in seqs[1:]]))
     return int(differ[0]) if len(differ) else shortest
 
 
 def pack_groups(groups: list[list[torch.Tensor]]) -> PackedBatch:
-    """Pack ``groups`` (lists of non-empty 1-D int64 token tensors); see the module docstring."""
+    """Pack ``groups`` (lists of non-empty 1-D int64 token tensors); see the module docstring.
+
+    The layout is computed with array arithmetic on the CPU (no per-sequence tensor ops): group
+    ``g``'s prefix starts at ``offset[g]``, and sequence ``s``'s own tokens follow the rest of its group's.
+    """
     if not groups or any(not group for group in groups):
         raise ValueError("pack_groups needs a non-empty list of non-empty groups of sequences")
-    if any(len(seq) == 0 for group in groups for seq in group):
+    sequences = [seq for group in groups for seq in group]
+    arrays = [np.asarray(seq.cpu(), dtype=np.int64) for seq in sequences]
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    if (lengths == 0).any():
         raise ValueError("pack_groups got an empty sequence; every sequence needs at least one token")
-    tokens, positions, index, sequences, owned = [], [], [], [], []
-    width = max(len(seq) for group in groups for seq in group)
-    offset = 0
-    for group in groups:
-        shared = _common_prefix(group)
-        tokens.append(group[0][:shared])
-        positions.append(torch.arange(shared))
-        prefix = torch.arange(offset, offset + shared)
-        # the prefix's outputs come from the group's first row, at columns 0 .. shared-1
-        owned.append(len(sequences) * width + torch.arange(shared))
-        start = offset + shared
-        for seq in group:
-            rest = len(seq) - shared
-            tokens.append(seq[shared:])
-            positions.append(torch.arange(shared, len(seq)))
-            owned.append(len(sequences) * width + torch.arange(shared, len(seq)))
-            index.append(torch.cat([prefix, torch.arange(start, start + rest)]))
-            sequences.append(seq)
-            start += rest
-        offset = start
-    gather = torch.zeros(len(sequences), width, dtype=torch.long)
-    for row, idx in enumerate(index):
-        gather[row, : len(idx)] = idx
-        gather[row, len(idx):] = idx[-1]
-    return PackedBatch(torch.cat(tokens), torch.cat(positions), gather.view(-1), torch.cat(owned), index, sequences)
+    sizes = np.fromiter((len(group) for group in groups), dtype=np.int64, count=len(groups))
+    first_row = np.cumsum(sizes) - sizes
+    group_of = np.repeat(np.arange(len(groups)), sizes)
+    shared_g = np.fromiter((_common_prefix(arrays[a : a + n]) for a, n in zip(first_row, sizes)), dtype=np.int64,
+                           count=len(groups))
+    shared = shared_g[group_of]
+    rest = lengths - shared
+    group_tokens = shared_g + np.add.reduceat(rest, first_row)
+    offset = (np.cumsum(group_tokens) - group_tokens)[group_of]
+    rest_before = np.cumsum(rest) - rest
+    rest_start = offset + shared + rest_before - rest_before[first_row][group_of]
+    width = int(lengths.max())
+    column = np.arange(width)[None, :]
+    position = np.minimum(column, lengths[:, None] - 1)
+    grid = np.where(position < shared[:, None], offset[:, None] + position, rest_start[:, None] + position - shared[:, None])
+    real = column < lengths[:, None]
+    n_tokens = int(group_tokens.sum())
+    tokens = np.empty(n_tokens, dtype=np.int64)
+    tokens[grid[real]] = np.concatenate(arrays)
+    positions = np.empty(n_tokens, dtype=np.int64)
+    positions[grid] = position
+    # a prefix token's output comes from its group's first row; every other token's from its own row
+    first = np.zeros(len(arrays), dtype=bool)
+    first[first_row] = True
+    own = real & ((column >= shared[:, None]) | first[:, None])
+    owner = np.empty(n_tokens, dtype=np.int64)
+    owner[grid[own]] = (np.arange(len(arrays))[:, None] * width + column)[own]
+    return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(grid.reshape(-1)),
+                       torch.from_numpy(owner), sequences, grid, tokens[grid], lengths)
