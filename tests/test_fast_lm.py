@@ -183,6 +183,10 @@ def test_reference_scoring_equals_teacher_forced_hf(tokenizer, monkeypatch, cach
         inside = response_mask[..., None].expand_as(full)
         torch.testing.assert_close(full[inside], expected_full[inside], atol=1e-5, rtol=0)
         assert (full[~inside] == 0).all() and (ref[~response_mask] == 0).all()
+        picked_only, none = task.ref_logprobs(index, response_ids, response_mask, full=False)  # the k1/k2/k3 path
+        assert none is None
+        torch.testing.assert_close(picked_only, expected, atol=1e-5, rtol=0)
+        assert (picked_only[~response_mask] == 0).all()
         assert (task._ref_prompt_cache is not None) == (cache_bytes > 0)
         with torch.no_grad():
             task.ref_model.transformer.wte.weight.mul_(1.5)
