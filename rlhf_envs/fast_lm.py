@@ -27,13 +27,14 @@ for training; the gradients land on the model's own parameters).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
-__all__ = ["GPT2Decoder", "GPT2View", "PromptKVCache", "gpt2_view"]
+__all__ = ["GPT2Decoder", "GPT2View", "PromptKVCache", "ViewCache", "gpt2_view"]
 
 _TANH_GELUS = frozenset({"gelu_new", "gelu_pytorch_tanh"})
 
@@ -83,12 +84,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
     return torch.matmul(scores.softmax(-1), v)
 
 
-def _hooks_or_dropout(model: torch.nn.Module) -> bool:
-    """True when a forward (pre-)hook is registered (globally or on any submodule) or a dropout is active."""
+def _hooks_or_dropout(modules: Iterable[torch.nn.Module]) -> bool:
+    """True when a forward (pre-)hook is registered (globally or on any of ``modules``) or a dropout is active."""
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks or (isinstance(m, torch.nn.Dropout) and m.training and m.p > 0)
-               for m in model.modules())
+               for m in modules)
 
 
 def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
@@ -105,9 +106,42 @@ def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
         return None
     config = model.config
     if (config.add_cross_attention or config.activation_function not in _TANH_GELUS
-            or config.reorder_and_upcast_attn or _hooks_or_dropout(model)):
+            or config.reorder_and_upcast_attn or _hooks_or_dropout(model.modules())):
         return None
     return GPT2View(model)
+
+
+class ViewCache:
+    """:func:`gpt2_view` of one model, kept between calls for as long as it stays exact.
+
+    Walking the module tree and collecting the parameters costs more than a small batch's forward
+    (about 0.15-0.3 ms for the embedded model), so an env that scores every step keeps the view.
+    Each :meth:`get` checks a flat list of the modules instead (tens of microseconds): if any
+    module's children or parameter objects changed (by identity) the view is rebuilt; while a hook
+    is registered or a dropout is active it returns ``None``, as :func:`gpt2_view` would. In-place
+    weight updates need no check: the view reads the model's own tensors.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._modules: list[torch.nn.Module] = []
+        self._key: tuple[int, ...] = ()
+        self._view: GPT2View | None = None
+
+    def _identity(self) -> tuple[int, ...]:
+        return tuple(id(x) for m in self._modules for x in (*m._modules.values(), *m._parameters.values()))
+
+    def get(self) -> GPT2View | None:
+        """The view, or ``None`` where the lean forward would not compute exactly what the model does."""
+        if not self._modules or self._identity() != self._key:
+            self._modules = list(self.model.modules())
+            self._key = self._identity()
+            self._view = gpt2_view(self.model)
+            return self._view
+        if self._view is None:
+            self._view = gpt2_view(self.model)
+            return self._view
+        return None if _hooks_or_dropout(self._modules) else self._view
 
 
 class GPT2View:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from gymnasium.error import InvalidAction
 
-from rlhf_envs.fast_lm import GPT2View, PromptKVCache, gpt2_view
+from rlhf_envs.fast_lm import GPT2View, PromptKVCache, ViewCache
 from rlhf_envs.kl import get_kl_estimator, make_kl_controller
 from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.sampling import SamplingConfig, positions_from_mask, processed_logprobs
@@ -152,6 +152,7 @@ class TextTask:
         self.max_new_tokens = max_new_tokens
         self._warned_uniform = False
         self._ref_prompt_cache: PromptKVCache | None = None
+        self._ref_view = ViewCache(self.ref_model)
 
     @property
     def beta(self) -> float:
@@ -243,6 +244,10 @@ class TextTask:
         rows = [row[k].tolist() for row, k in zip(ids, keep)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    def reference_view(self) -> GPT2View | None:
+        """The lean GPT-2 forward over the reference's weights (:class:`rlhf_envs.fast_lm.ViewCache`), or ``None``."""
+        return self._ref_view.get()
+
     @torch.no_grad()
     def ref_logprobs(self, prompt_index: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
                      full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -253,15 +258,14 @@ class TextTask:
         computes logits only where a response token is predicted. A ``GPT2LMHeadModel`` runs through
         :meth:`rlhf_envs.fast_lm.GPT2View.packed_hidden` (padding skipped in the per-token work).
         """
-        prompt_ids, prompt_mask = self.prompt_ids[prompt_index], self.prompt_mask[prompt_index]
         width = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
         ids, mask = response_ids[:, :width], response_mask[:, :width]
-        input_ids = torch.cat([prompt_ids, ids], dim=1)
-        full_mask = torch.cat([prompt_mask, mask], dim=1)
-        positions = positions_from_mask(full_mask)
-        view = gpt2_view(self.ref_model)
+        view = self.reference_view()
         ref = torch.zeros(response_ids.shape, device=response_ids.device)
         if view is None:
+            input_ids = torch.cat([self.prompt_ids[prompt_index], ids], dim=1)
+            full_mask = torch.cat([self.prompt_mask[prompt_index], mask], dim=1)
+            positions = positions_from_mask(full_mask)
             logits = self.ref_model(input_ids=input_ids, attention_mask=full_mask.long(), position_ids=positions,
                                     use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
             ref_full = processed_logprobs(logits, self.ref_sampling).masked_fill_(~mask[..., None], 0.0)

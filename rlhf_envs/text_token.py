@@ -12,6 +12,7 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from rlhf_envs.fast_lm import GPT2Decoder
 from rlhf_envs.sampling import additive_mask, preallocated_cache, prefill, processed_logprobs
 from rlhf_envs.text_bandit import _pick_prompt, _vector_info
 from rlhf_envs.text_common import TextTask, vector_task
@@ -62,8 +63,15 @@ class _TokenEpisodes:
         self.logprobs[rows] = self.ref_logprobs[rows] = self.kl_per_token[rows] = 0.0
         index = torch.as_tensor(prompt_index, device=task.device)
         ids, mask = task.prompt_ids[index], task.prompt_mask[index]
-        fresh = preallocated_cache(task.ref_model, prompt_len)
-        logits = prefill(task.ref_model, ids, mask, fresh)
+        view = task.reference_view()
+        if view is not None:  # the lean GPT-2 forward (rlhf_envs.fast_lm), same numbers as Hugging Face's
+            decoder = GPT2Decoder(view, ids, mask, 0)
+            logits = view.logits(decoder.prefill_hidden())
+            fresh = decoder.cache
+        else:
+            cache = preallocated_cache(task.ref_model, prompt_len)
+            logits = prefill(task.ref_model, ids, mask, cache)
+            fresh = [(layer.keys, layer.values) for layer in cache.layers]
         layers = self.cache.layers
         if len(rows) == self.n or not layers[0].is_initialized:
             for layer in layers:
@@ -77,11 +85,11 @@ class _TokenEpisodes:
                 layer.length = prompt_len
             length = prompt_len
         torch_rows = torch.as_tensor(rows, device=task.device)
-        for layer, new in zip(layers, fresh.layers):
+        for layer, (keys, values) in zip(layers, fresh):
             if not layer.is_initialized:
-                layer.lazy_initialization(new.keys[:1].expand(self.n, -1, -1, -1), new.values[:1].expand(self.n, -1, -1, -1))
-            layer.keys[torch_rows, :, length - prompt_len : length] = new.keys
-            layer.values[torch_rows, :, length - prompt_len : length] = new.values
+                layer.lazy_initialization(keys[:1].expand(self.n, -1, -1, -1), values[:1].expand(self.n, -1, -1, -1))
+            layer.keys[torch_rows, :, length - prompt_len : length] = keys
+            layer.values[torch_rows, :, length - prompt_len : length] = values
         self.keep[torch_rows] = False
         self.keep[torch_rows, length - prompt_len : length] = mask
         self.next_position[torch_rows] = mask.sum(-1)
@@ -138,16 +146,25 @@ class _TokenEpisodes:
         """One batched reference forward of the new tokens through the cache (finished rows masked)."""
         if self.cache.layers[0].length >= self.capacity:
             self._compact()
-        length = self.cache.layers[0].length
+        layers = self.cache.layers
+        length = layers[0].length
         self.keep[:, length] = alive
-        dtype = next(self.task.ref_model.parameters()).dtype
-        logits = self.task.ref_model(
-            input_ids=tokens[:, None],
-            attention_mask=additive_mask(self.keep[:, None, : length + 1], dtype),
-            position_ids=self.next_position[:, None],
-            past_key_values=self.cache,
-            use_cache=True,
-        ).logits[:, -1]
+        view = self.task.reference_view()
+        if view is not None:  # writes slot `length` of the same buffers in place
+            hidden = view.forward(tokens[:, None], self.next_position[:, None],
+                                  additive_mask(self.keep[:, None, : length + 1], view.dtype),
+                                  [(layer.keys, layer.values) for layer in layers], length)
+            for layer in layers:
+                layer.length = length + 1
+            logits = view.logits(hidden[:, -1])
+        else:
+            logits = self.task.ref_model(
+                input_ids=tokens[:, None],
+                attention_mask=additive_mask(self.keep[:, None, : length + 1], next(self.task.ref_model.parameters()).dtype),
+                position_ids=self.next_position[:, None],
+                past_key_values=self.cache,
+                use_cache=True,
+            ).logits[:, -1]
         self.next_position += 1
         self.ref_next = processed_logprobs(logits, self.task.ref_sampling)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rlhf_envs.fast_lm import GPT2Decoder, PromptKVCache, gpt2_view
+from rlhf_envs.fast_lm import GPT2Decoder, PromptKVCache, ViewCache, gpt2_view
 from rlhf_envs.sampling import SamplingConfig, generate, positions_from_mask, response_logprobs
 from rlhf_envs.text_common import TextTask, tiny_causal_lm
 
@@ -206,3 +206,24 @@ def test_prompt_cache_fills_lazily_and_empties_on_parameter_change(tokenizer):
         _, hidden = cache.get(view, model, torch.tensor([3]))
         assert cache.ready.tolist() == [False, False, False, True]
         torch.testing.assert_close(view.logits(hidden), _hf_last_logits(model, ids[3:], mask[3:]), atol=1e-5, rtol=0)
+
+
+def test_view_cache_follows_hooks_dropout_and_replaced_parameters():
+    model = _gpt2()
+    cache = ViewCache(model)
+    view = cache.get()
+    assert view is not None and cache.get() is view  # kept between calls
+    handle = model.register_forward_pre_hook(lambda module, args: None)
+    assert cache.get() is None  # a hook: Hugging Face's forward must run
+    handle.remove()
+    assert cache.get() is view
+    model.train()  # GPT-2's default dropout (0.1) is now active
+    assert cache.get() is None
+    model.eval()
+    new_weight = torch.nn.Parameter(model.transformer.h[0].mlp.c_fc.weight.detach() * 2)
+    model.transformer.h[0].mlp.c_fc.weight = new_weight
+    rebuilt = cache.get()
+    assert rebuilt is not view and rebuilt.layers[0].fc_w is new_weight
+    model.transformer.h[1].attn = type(model.transformer.h[1].attn)(model.config, layer_idx=1).eval()
+    replaced = cache.get()
+    assert replaced is not rebuilt and replaced.layers[1].attn_w is model.transformer.h[1].attn.c_attn.weight

@@ -73,10 +73,14 @@ def test_bandit_kl_zero_for_reference_logprobs_and_reward_formula(lm, estimator)
     assert (info["kl"] != 0).any()
 
 
-def test_token_env_kl_zero_when_policy_is_reference(lm):
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-forward", "hf-forward"])
+def test_token_env_kl_zero_when_policy_is_reference(lm, lean):
     model, _ = lm
     envs = gym.make_vec("TextToken-v0", num_envs=3, model=lm, prompts=PROMPTS, max_new_tokens=5,
                         reward_model=count_a, kl_estimator="exact", temperature=0.8)
+    if not lean:  # a no-op hook makes the reference ineligible for the lean forward: Hugging Face's runs
+        envs.task.ref_model.register_forward_pre_hook(lambda module, args: None)
+    assert (envs.task.reference_view() is not None) == lean
     obs, _ = envs.reset(seed=0)
     finished = 0
     for step in range(30):
