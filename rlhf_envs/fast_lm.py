@@ -286,16 +286,23 @@ class GPT2View:
         if past is not None:
             attn_mask = torch.cat([past[2][:, None, :].expand(-1, length, -1), attn_mask], dim=-1)
         attn_mask = _additive(attn_mask.unsqueeze(1), x.dtype)
-        grid = x.new_zeros(3, batch, self.n_head, start + length, self.head_dim)
-        cells = grid.permute(1, 3, 0, 2, 4)  # [B, Lp + L, 3, H, hd] view of the grid
-        slot = col + start
+        span = start + length
+        grid = x.new_zeros(3, batch, self.n_head, span, self.head_dim)
+        # Row of grid.view(-1, hd) that token m's (part c, head h) vector goes to: ((c * B + b) * H + h) * span + s,
+        # in the order qkv.view(-1, hd) lists them (token, then part, then head).
+        part_head = (torch.arange(3, device=mask.device)[:, None] * batch * self.n_head
+                     + torch.arange(self.n_head, device=mask.device)) * span
+        cells = (part_head.view(1, -1) + (row * self.n_head * span + col + start)[:, None]).view(-1)
+        # and the row of the attention output [B, H, L, hd] viewed as (-1, hd) holding token m's head h: (b * H + h) * L + j
+        outputs = ((row * self.n_head)[:, None] + torch.arange(self.n_head, device=mask.device)) * length + col[:, None]
+        outputs = outputs.view(-1)
         for i, layer in enumerate(self.layers):
             if past is not None:
                 grid[1:, :, :, :start] = past[0][:, i].index_select(0, past[1]).transpose(0, 1)
             qkv = torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
-            cells[row, slot] = qkv.view(-1, 3, self.n_head, self.head_dim)
+            grid.view(-1, self.head_dim).index_copy_(0, cells, qkv.view(-1, self.head_dim))
             att = _attention(grid[0, :, :, start:], grid[1], grid[2], attn_mask, layer.scaling)
-            att = att.transpose(1, 2)[row, col].reshape(-1, self.d_model)
+            att = att.view(-1, self.head_dim).index_select(0, outputs).view(-1, self.d_model)
             x = self._mlp(torch.addmm(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
         return x.index_select(0, picked)
 
