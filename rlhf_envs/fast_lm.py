@@ -272,8 +272,9 @@ class GPT2View:
         per layer keys then values, as :class:`PromptKVCache` keeps them.
 
         Queries, keys and values live in one head-major ``[3, B, H, Lp + L, hd]`` grid: each layer
-        scatters its real tokens' projections into it and copies the past in, so attention reads
-        contiguous tensors and nothing padded is copied.
+        copies its real tokens' projections into it (one ``index_copy_`` of ``hd``-wide rows) and the
+        past in, so attention reads contiguous tensors and nothing padded is copied; the outputs come
+        back with one ``index_select``.
         """
         batch, length = input_ids.shape
         start = 0 if past is None else past[0].shape[-2]
@@ -288,14 +289,13 @@ class GPT2View:
         attn_mask = _additive(attn_mask.unsqueeze(1), x.dtype)
         span = start + length
         grid = x.new_zeros(3, batch, self.n_head, span, self.head_dim)
-        # Row of grid.view(-1, hd) that token m's (part c, head h) vector goes to: ((c * B + b) * H + h) * span + s,
-        # in the order qkv.view(-1, hd) lists them (token, then part, then head).
-        part_head = (torch.arange(3, device=mask.device)[:, None] * batch * self.n_head
-                     + torch.arange(self.n_head, device=mask.device)) * span
-        cells = (part_head.view(1, -1) + (row * self.n_head * span + col + start)[:, None]).view(-1)
-        # and the row of the attention output [B, H, L, hd] viewed as (-1, hd) holding token m's head h: (b * H + h) * L + j
-        outputs = ((row * self.n_head)[:, None] + torch.arange(self.n_head, device=mask.device)) * length + col[:, None]
-        outputs = outputs.view(-1)
+        # Flat row indices, computed once: where each token's vector for (part c of q/k/v, head h) goes in
+        # grid.view(-1, hd), ((c * B + b) * H + h) * span + start + j, in the order qkv.view(-1, hd) lists them;
+        # and where its head h's output lies in the attention output [B, H, L, hd] viewed as (-1, hd).
+        heads = torch.arange(self.n_head, device=mask.device)
+        part_head = (torch.arange(3, device=mask.device)[:, None] * batch * self.n_head + heads).view(1, -1) * span
+        cells = (part_head + (row * self.n_head * span + start + col)[:, None]).view(-1)
+        outputs = (((row * self.n_head)[:, None] + heads) * length + col[:, None]).view(-1)
         for i, layer in enumerate(self.layers):
             if past is not None:
                 grid[1:, :, :, :start] = past[0][:, i].index_select(0, past[1]).transpose(0, 1)
