@@ -18,7 +18,8 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str
             continue
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        # argparse %-formats help strings (the subcommands' formatter appends the default itself)
+        help_text = f.metadata.get('help', '').replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         base = _base_type(kind)
         if base is bool:

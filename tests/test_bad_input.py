@@ -697,3 +697,16 @@ def test_bad_input(build, exc, match, lm, saved, tmp_path):
         call()
     assert _files(tmp_path) == before, "files were written or changed by a rejected input"
     check()
+
+
+@pytest.mark.parametrize("command", ["pipeline", "sft", "rm", "dpo", "ppo", "eval", "elo", "catgrid"])
+def test_every_command_prints_its_help(command):
+    """A ``%`` in an option's help once made ``rlhf pipeline --help`` crash inside argparse."""
+    from agents.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = out.getvalue()
+    assert text.startswith(f"usage: rlhf {command}") and "(default:" in text and "(default: %" not in text
