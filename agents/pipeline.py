@@ -60,7 +60,8 @@ class PipelineConfig:
     dpo_label_smoothing: float = field(default=0.0, metadata={"help": "cdpo's epsilon, the assumed rate of flipped labels, in (0, 0.5); 0 for sigmoid and ipo"})
     max_new_tokens: int = field(default=24, metadata={"help": "longest response everywhere"})
     n_eval_prompts: int = field(default=256, metadata={"help": "held-out prompts of the final evaluation"})
-    curve_points: int = field(default=4, metadata={"help": "intermediate PPO/DPO models evaluated for the gold-vs-KL curve"})
+    ppo_snapshots: int = field(default=8, metadata={"help": "PPO policies saved at even intervals: the KL-guarded choice of the reported model picks among them, and the gold-vs-KL curve shows them"})
+    curve_points: int = field(default=4, metadata={"help": "intermediate DPO checkpoints evaluated for the gold-vs-KL curve"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     resume: bool = field(default=False, metadata={"help": "keep stages already finished in output_dir and run the rest"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -77,8 +78,10 @@ class PipelineConfig:
             raise ValueError(f"ppo_episodes {self.ppo_episodes} < ppo_batch_size {self.ppo_batch_size}: PPO would not run one iteration")
         if not 0.0 < self.kl_setpoint_fraction <= 1.0:
             raise ValueError(f"PipelineConfig.kl_setpoint_fraction must be in (0, 1], got {self.kl_setpoint_fraction!r}")
-        if self.curve_points < 0:
-            raise ValueError(f"PipelineConfig.curve_points must be >= 0, got {self.curve_points!r}")
+        for name in ("ppo_snapshots", "curve_points"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"PipelineConfig.{name} must be an integer >= 0, got {value!r}")
         self._check_stage_values()
         if self.model_path is not None and not (Path(self.model_path) / "config.json").is_file():
             raise FileNotFoundError(f"model_path {self.model_path!r} is not a Hugging Face model directory (no config.json)")
@@ -243,7 +246,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     n_iterations = max(1, config.ppo_episodes // config.ppo_batch_size)
     t = time.perf_counter()
     if _stage(out, "ppo", config):
-        snapshot_every = max(1, n_iterations // config.curve_points) if config.curve_points else 0
+        snapshot_every = max(1, n_iterations // config.ppo_snapshots) if config.ppo_snapshots else 0
         result = train_lm_ppo(LMPPOConfig(
             model_path=sft, reward_model="learned", reward_model_path=rm, prompts=ppo_prompts, output_dir=str(out / "ppo"), seed=seed,
             total_episodes=config.ppo_episodes, batch_size=config.ppo_batch_size, learning_rate=config.ppo_learning_rate,
