@@ -64,6 +64,9 @@ def tables() -> str:
         b = d["bandit_step"]
         perf.append(f"| `TextBandit` scoring step (reference pass + reward) vs sampling the {b['num_envs']} responses ({threads}) | "
                     f"{_f(b['step_median_s'] * 1000, 0)} ms | {_f(b['sample_median_s'] * 1000, 0)} ms | {_f(b['step_over_sample'])} of it | bench_sampling |")
+        if (t := d.get("token_step")) is not None:
+            perf.append(f"| `TextToken` vector step, {t['num_envs']} envs: reference on our lean GPT-2 forward vs Hugging Face's forward "
+                        f"({threads}) | {_f(t['lean_median_s'] * 1000)} ms | {_f(t['hf_median_s'] * 1000)} ms | {_f(t['speedup'])}x | bench_sampling |")
     if (d := _load("trainers")) is not None:
         for name, r in d["results"].items():
             for variant, key in (("matched settings", "trl"), ("as shipped", "trl_shipped")):

@@ -5,7 +5,8 @@ tokens, temperature 0.9, top-k 50, top-p 0.95 by default), interleaved, ``--repe
 table reports medians. The second part times one ``TextBandit-v0`` vector step over 64 envs
 (one reference forward + decoding + one reward call) against sampling those 64 responses, after
 one warm-up step (it fills the reference model's prompt cache, which every later step reuses).
-Both parts run under the same ``--threads``.
+The third times one ``TextToken-v0`` vector step over 64 envs with the reference on the lean GPT-2
+forward against the same env on Hugging Face's forward. All parts run under the same ``--threads``.
 
     python -m benchmarks.bench_sampling [--device cuda] [--repeats 9] [--threads 1]
 
@@ -52,6 +53,36 @@ def _model(device: str):
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _token_steps(model, tokenizer, prompts: list[str], args: argparse.Namespace, steps: int = 200) -> dict:
+    """One ``TextToken-v0`` vector step over ``args.batch`` envs: the reference on the lean GPT-2 forward
+    against Hugging Face's forward (the same env with a no-op forward hook on its reference, which makes
+    it take the generic path). Both envs get the same random actions, interleaved; medians after a warm-up."""
+    envs = {}
+    for name in ("lean", "hf"):
+        env = gym.make_vec("TextToken-v0", num_envs=args.batch, model=(model, tokenizer), prompts=prompts,
+                           max_new_tokens=args.new_tokens, temperature=0.9, device=args.device)
+        if name == "hf":
+            env.task.ref_model.register_forward_pre_hook(lambda module, inputs: None)
+        env.reset(seed=0)
+        envs[name] = env
+    vocab = envs["lean"].task.vocab_size
+    uniform = np.full((args.batch, vocab), -np.log(vocab), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    times: dict[str, list[float]] = {name: [] for name in envs}
+    for step in range(steps + 10):
+        actions = rng.integers(0, vocab, args.batch)
+        for name, env in envs.items():
+            env.set_policy_logprobs(uniform)
+            _sync(args.device)
+            start = time.perf_counter()
+            env.step(actions)
+            _sync(args.device)
+            if step >= 10:
+                times[name].append(time.perf_counter() - start)
+    lean, hf = statistics.median(times["lean"]), statistics.median(times["hf"])
+    return {"num_envs": args.batch, "steps": steps, "lean_median_s": lean, "hf_median_s": hf, "speedup": hf / lean}
 
 
 def main() -> None:
@@ -148,6 +179,9 @@ def main() -> None:
     print(f"speed-up over HF generate: {speedup:.2f}x")
     print(f"TextBandit vector step ({args.batch} envs): {step_s * 1e3:.1f} ms vs sampling {sample_s * 1e3:.1f} ms "
           f"-> ratio {step_s / sample_s:.3f} (target <= 0.25)")
+    token = _token_steps(model, tokenizer, prompts, args)
+    print(f"TextToken vector step ({args.batch} envs): {token['lean_median_s'] * 1e3:.2f} ms on the lean forward vs "
+          f"{token['hf_median_s'] * 1e3:.2f} ms on Hugging Face's -> {token['speedup']:.2f}x")
     result = {
         "model": model_name, "device": device, "batch": args.batch, "max_new_tokens": args.new_tokens,
         "sampling": {"temperature": 0.9, "top_k": 50, "top_p": 0.95}, "repeats": args.repeats,
@@ -156,6 +190,7 @@ def main() -> None:
         "bandit_step": {"num_envs": args.batch, "step_median_s": step_s, "sample_median_s": sample_s,
                         "step_over_sample": step_s / sample_s,
                         "reference_prompt_cache": task._ref_prompt_cache is not None},
+        "token_step": token,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
