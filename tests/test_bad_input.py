@@ -644,6 +644,8 @@ ROWS = [
         r"PipelineConfig: batch_size 30 is not divisible by num_minibatches 4"),
     row("config-pipeline-k-responses-1", config("agents.pipeline:PipelineConfig", k_responses=1), ValueError,
         r"PipelineConfig\.k_responses must be >= 2"),
+    row("config-pipeline-negative-ppo-snapshots", config("agents.pipeline:PipelineConfig", ppo_snapshots=-1), ValueError,
+        r"PipelineConfig\.ppo_snapshots must be an integer >= 0, got -1"),
     row("config-sampling-top-p-0", config("rlhf_envs.sampling:SamplingConfig", top_p=0.0), ValueError,
         r"top_p must be in \(0, 1\] \(1\.0 = off\), got 0\.0"),
     row("config-sampling-top-p-above-1", config("rlhf_envs.sampling:SamplingConfig", top_p=1.01), ValueError,
