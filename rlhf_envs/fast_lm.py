@@ -15,9 +15,10 @@ immediately. HF's ``Conv1D`` stores weights ``[in, out]`` and computes ``addmm(b
 so does this module. ``gelu(approximate="tanh")`` is ``gelu_new``.
 
 :func:`gpt2_view` returns a :class:`GPT2View` only when the shortcut is exact: a ``GPT2LMHeadModel``
-or ``GPT2ForSequenceClassification`` (not a subclass) with no dropout active, without forward hooks
-and without cross-attention, with a tanh-GELU activation. Anything else gets ``None`` and callers
-take the generic Hugging Face path.
+or ``GPT2ForSequenceClassification`` (not a subclass; bare, or inside a peft model with plain LoRA
+adapters on its projections) with no dropout active, without forward hooks and without
+cross-attention, with a tanh-GELU activation. Anything else gets ``None`` and callers take the
+generic Hugging Face path.
 
 Two teacher-forced forwards skip padding in the per-token work: :meth:`GPT2View.packed_hidden`
 (inference: a shared buffer written in place) and :meth:`GPT2View.packed_forward` (differentiable,
@@ -39,18 +40,35 @@ __all__ = ["GPT2Decoder", "GPT2View", "PromptKVCache", "ViewCache", "gpt2_view"]
 _TANH_GELUS = frozenset({"gelu_new", "gelu_pytorch_tanh"})
 
 
+class _LoRA(NamedTuple):
+    """A projection with a LoRA adapter: ``x @ base + (x @ a.T) @ b.T * scaling``, as peft computes it
+    (the base weight ``[in, out]``, ``a [r, in]``, ``b [out, r]``); nothing of size ``in x out`` is built."""
+
+    base: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+
+
+def _proj(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | _LoRA) -> torch.Tensor:
+    """A Conv1D projection ``bias + x @ weight`` of ``x [N, in]``, with a LoRA adapter's term when it has one."""
+    if isinstance(weight, _LoRA):
+        return torch.addmm(bias, x, weight.base) + (x @ weight.a.T @ weight.b.T) * weight.scaling
+    return torch.addmm(bias, x, weight)
+
+
 class _Layer(NamedTuple):
-    """One GPT-2 block's tensors (Conv1D weights are ``[in, out]``) and its attention scale."""
+    """One GPT-2 block's tensors (Conv1D weights are ``[in, out]``, or a :class:`_LoRA`) and its attention scale."""
 
     ln_1: tuple[torch.Tensor, torch.Tensor]
-    attn_w: torch.Tensor
+    attn_w: torch.Tensor | _LoRA
     attn_b: torch.Tensor
-    attn_proj_w: torch.Tensor
+    attn_proj_w: torch.Tensor | _LoRA
     attn_proj_b: torch.Tensor
     ln_2: tuple[torch.Tensor, torch.Tensor]
-    fc_w: torch.Tensor
+    fc_w: torch.Tensor | _LoRA
     fc_b: torch.Tensor
-    proj_w: torch.Tensor
+    proj_w: torch.Tensor | _LoRA
     proj_b: torch.Tensor
     scaling: float
 
@@ -95,20 +113,80 @@ def _hooks_or_dropout(modules: Iterable[torch.nn.Module]) -> bool:
 def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
     """A :class:`GPT2View` of ``model`` when the lean forward computes exactly what ``model`` does, else ``None``.
 
-    Eligible: ``type(model)`` is ``GPT2LMHeadModel`` or ``GPT2ForSequenceClassification``, no dropout
-    active (eval mode, or every dropout probability 0, as the trainers set it), no forward (pre-)hooks
-    (module or global: e.g. accelerate offloading, output capture), no cross-attention, activation
-    ``gelu_new``/``gelu_pytorch_tanh``, ``reorder_and_upcast_attn`` off.
+    Eligible: ``type(model)`` is ``GPT2LMHeadModel`` or ``GPT2ForSequenceClassification`` (or a peft
+    model wrapping one), no dropout active (eval mode, or every dropout probability 0, as the trainers
+    set it), no forward (pre-)hooks (module or global: e.g. accelerate offloading, output capture), no
+    cross-attention, activation ``gelu_new``/``gelu_pytorch_tanh``, ``reorder_and_upcast_attn`` off,
+    and every submodule the forward reads of exactly its stock type, except plain LoRA adapters on
+    the projections (see :func:`_projection`): an adapter or wrapper the view does not know would
+    otherwise be skipped silently.
     """
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    if type(model) not in (GPT2LMHeadModel, GPT2ForSequenceClassification):
+    base = model.get_base_model() if _is_peft_model(model) else model
+    if type(base) not in (GPT2LMHeadModel, GPT2ForSequenceClassification):
         return None
-    config = model.config
+    config = base.config
     if (config.add_cross_attention or config.activation_function not in _TANH_GELUS
             or config.reorder_and_upcast_attn or _hooks_or_dropout(model.modules())):
         return None
-    return GPT2View(model)
+    try:
+        return GPT2View(base)
+    except _NotExact:
+        return None
+
+
+class _NotExact(Exception):
+    """A module the lean forward cannot reproduce exactly (an adapter type it does not know, ...)."""
+
+
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model")
+
+
+def _exactly(module: torch.nn.Module, kind: type) -> torch.nn.Module:
+    if type(module) is not kind:
+        raise _NotExact(f"{type(module).__name__} where a {kind.__name__} was expected")
+    return module
+
+
+def _projection(module: torch.nn.Module) -> tuple[torch.Tensor | _LoRA, torch.Tensor]:
+    """``(weight, bias)`` of a GPT-2 projection.
+
+    A transformers ``Conv1D`` gives its own tensors (weight ``[in, out]``). A peft LoRA layer over
+    one (plain LoRA, one active adapter, no active dropout, no DoRA or other variant, no LoRA bias,
+    not merged) gives a :class:`_LoRA` over the base weight and the adapter's own ``A`` and ``B``
+    (gradients reach them), or the base weight alone while adapters are disabled. Anything else
+    raises :class:`_NotExact`.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    if type(module) is Conv1D:
+        return module.weight, module.bias
+    if not type(module).__module__.startswith("peft."):
+        raise _NotExact(f"unknown projection {type(module).__name__}")
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(module) is not LoraLinear or type(module.base_layer) is not Conv1D or not module.fan_in_fan_out:
+        raise _NotExact(f"{type(module).__name__} over {type(getattr(module, 'base_layer', None)).__name__}")
+    base = module.base_layer
+    if module.merged:
+        raise _NotExact("merged LoRA weights")
+    if module.disable_adapters:
+        return base.weight, base.bias
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if not active:
+        return base.weight, base.bias
+    if len(active) > 1:
+        raise _NotExact("several active LoRA adapters")
+    name = active[0]
+    dropout = module.lora_dropout[name]
+    if (name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False)
+            or getattr(module, "lora_bias", {}).get(name, False) or module.lora_B[name].bias is not None
+            or not (type(dropout) is torch.nn.Identity
+                    or (type(dropout) is torch.nn.Dropout and (dropout.p == 0 or not dropout.training)))):
+        raise _NotExact("a LoRA variant, bias or dropout")
+    return _LoRA(base.weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]), base.bias
 
 
 class ViewCache:
@@ -119,7 +197,8 @@ class ViewCache:
     Each :meth:`get` checks a flat list of the modules instead (tens of microseconds): if any
     module's children or parameter objects changed (by identity) the view is rebuilt; while a hook
     is registered or a dropout is active it returns ``None``, as :func:`gpt2_view` would. In-place
-    weight updates need no check: the view reads the model's own tensors.
+    weight updates need no check: the view reads the model's own tensors. A model with peft adapters
+    gets a fresh view on every call (adapters can be disabled without any module changing).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -127,6 +206,7 @@ class ViewCache:
         self._modules: list[torch.nn.Module] = []
         self._key: tuple[int, ...] = ()
         self._view: GPT2View | None = None
+        self._adapters = False
 
     def _identity(self) -> tuple[int, ...]:
         return tuple(id(x) for m in self._modules for x in (*m._modules.values(), *m._parameters.values()))
@@ -136,12 +216,18 @@ class ViewCache:
         if not self._modules or self._identity() != self._key:
             self._modules = list(self.model.modules())
             self._key = self._identity()
+            self._adapters = any(type(m).__module__.startswith("peft.") for m in self._modules)
             self._view = gpt2_view(self.model)
             return self._view
-        if self._view is None:
+        if self._view is None or self._adapters:  # adapters switch on and off without changing any module
             self._view = gpt2_view(self.model)
             return self._view
         return None if _hooks_or_dropout(self._modules) else self._view
+
+
+def _norm(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    module = _exactly(module, torch.nn.LayerNorm)
+    return module.weight, module.bias
 
 
 class GPT2View:
@@ -160,21 +246,22 @@ class GPT2View:
         self.d_model = config.n_embd
         self.head_dim = self.d_model // self.n_head
         self.eps = config.layer_norm_epsilon
-        self.wte, self.wpe = body.wte.weight, body.wpe.weight
-        self.ln_f = (body.ln_f.weight, body.ln_f.bias)
+        nn = torch.nn
+        self.wte, self.wpe = _exactly(body.wte, nn.Embedding).weight, _exactly(body.wpe, nn.Embedding).weight
+        self.ln_f = _norm(body.ln_f)
         head, score = getattr(model, "lm_head", None), getattr(model, "score", None)
-        self.lm_head = head.weight if head is not None else None
-        self.score = score.weight if isinstance(score, torch.nn.Linear) else None
+        self.lm_head = _exactly(head, nn.Linear).weight if head is not None else None
+        self.score = _exactly(score, nn.Linear).weight if score is not None else None
         self.layers = []
         for i, block in enumerate(body.h):
             scaling = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
             if config.scale_attn_by_inverse_layer_idx:
                 scaling /= float(i + 1)
             attn, mlp = block.attn, block.mlp
-            self.layers.append(_Layer(
-                (block.ln_1.weight, block.ln_1.bias), attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight,
-                attn.c_proj.bias, (block.ln_2.weight, block.ln_2.bias), mlp.c_fc.weight, mlp.c_fc.bias,
-                mlp.c_proj.weight, mlp.c_proj.bias, scaling))
+            (attn_w, attn_b), (attn_proj_w, attn_proj_b), (fc_w, fc_b), (proj_w, proj_b) = (
+                _projection(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
+            self.layers.append(_Layer(_norm(block.ln_1), attn_w, attn_b, attn_proj_w, attn_proj_b, _norm(block.ln_2),
+                                      fc_w, fc_b, proj_w, proj_b, scaling))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -185,9 +272,9 @@ class GPT2View:
 
     def _mlp_out(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         """``MLP(ln_2(x))`` for ``x [N, D]``; the GELU runs in place when no gradient is recorded."""
-        hidden = torch.addmm(layer.fc_b, self._ln(x, layer.ln_2), layer.fc_w)
+        hidden = _proj(layer.fc_b, self._ln(x, layer.ln_2), layer.fc_w)
         hidden = F.gelu(hidden, approximate="tanh") if torch.is_grad_enabled() else _gelu_tanh_(hidden)
-        return torch.addmm(layer.proj_b, hidden, layer.proj_w)
+        return _proj(layer.proj_b, hidden, layer.proj_w)
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         """``x [N, D]`` -> ``x + MLP(ln_2(x))``."""
@@ -221,14 +308,14 @@ class GPT2View:
             torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril_(), self.dtype)
         x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         for layer in self.layers:
-            qkv = torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
+            qkv = _proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
             q, k, v = qkv.index_select(0, gather).view(rows, width, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
             if grad:
                 att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling)
             else:
                 att = _attention(q, k, v, causal, layer.scaling)
             att = att.transpose(1, 2).reshape(rows * width, self.d_model).index_select(0, owner)
-            x = x + torch.addmm(layer.attn_proj_b, att, layer.attn_proj_w)
+            x = x + _proj(layer.attn_proj_b, att, layer.attn_proj_w)
             x = x + self._mlp_out(x, layer)
         return x
 
@@ -243,14 +330,14 @@ class GPT2View:
         end = start + length
         x = (F.embedding(input_ids, self.wte) + F.embedding(position_ids, self.wpe)).view(batch * length, self.d_model)
         for layer, (keys, values) in zip(self.layers, cache):
-            qkv = torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
+            qkv = _proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
             q, k, v = qkv.view(batch, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
             keys[:, :, start:end] = k
             values[:, :, start:end] = v
             att = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=attn_mask,
                                                  scale=layer.scaling)
             att = att.transpose(1, 2).reshape(batch * length, self.d_model)
-            x = self._mlp(torch.addmm(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
+            x = self._mlp(_proj(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
         return x.view(batch, length, self.d_model)
 
     def new_cache(self, batch: int, max_len: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -299,11 +386,11 @@ class GPT2View:
         for i, layer in enumerate(self.layers):
             if past is not None:
                 grid[1:, :, :, :start] = past[0][:, i].index_select(0, past[1]).transpose(0, 1)
-            qkv = torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
+            qkv = _proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
             grid.view(-1, self.head_dim).index_copy_(0, cells, qkv.view(-1, self.head_dim))
             att = _attention(grid[0, :, :, start:], grid[1], grid[2], attn_mask, layer.scaling)
             att = att.view(-1, self.head_dim).index_select(0, outputs).view(-1, self.d_model)
-            x = self._mlp(torch.addmm(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
+            x = self._mlp(_proj(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
         return x.index_select(0, picked)
 
 

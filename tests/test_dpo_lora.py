@@ -69,3 +69,74 @@ def test_a_full_checkpoint_does_not_resume_as_lora(setup):
 def test_bad_lora_settings(setup, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _config(setup, "bad", **kwargs)
+
+
+def _peft_gpt2(**lora_kw):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    lora = dict(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"],
+                fan_in_fan_out=True, task_type="CAUSAL_LM")
+    model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(**{**lora, **lora_kw}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # B starts at zero; make the adapters count
+    return model.train()
+
+
+def test_lora_takes_the_packed_path_with_hugging_face_numbers_and_gradients():
+    import torch.nn.functional as F
+
+    from agents.packing import pack_groups
+    from rlhf_envs.fast_lm import gpt2_view
+
+    model = _peft_gpt2()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50, (5,), generator=g)
+    groups = [[torch.cat([prompt, torch.randint(0, 50, (n,), generator=g)]) for n in (4, 7)],
+              [torch.randint(0, 50, (6,), generator=g)]]
+    batch = pack_groups(groups)
+    starts = [5, 5, 1]
+    view = gpt2_view(model)
+    assert view is not None
+    packed = batch.sequence_logps(view, *batch.targets(starts))
+    packed.sum().backward()
+    lora = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    packed_grads = {name: p.grad.clone() for name, p in lora.items()}
+    model.zero_grad()
+    alone = torch.stack([-F.cross_entropy(model(input_ids=seq[None]).logits[0, start - 1 : -1], seq[start:], reduction="sum")
+                         for seq, start in zip(batch.sequences, starts)])
+    alone.sum().backward()
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    for name, p in lora.items():
+        torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad(), model.disable_adapter():  # the DPO reference: the same weights, adapters off
+        off = gpt2_view(model)
+        assert off is not None
+        ref = batch.sequence_logps(off, *batch.targets(starts))
+        base = torch.stack([-F.cross_entropy(model(input_ids=seq[None]).logits[0, start - 1 : -1], seq[start:], reduction="sum")
+                            for seq, start in zip(batch.sequences, starts)])
+    torch.testing.assert_close(ref, base, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ref, alone, atol=1e-3), "the adapters changed nothing: the test would prove nothing"
+
+
+@pytest.mark.parametrize("lora_kw", [{"lora_dropout": 0.1}, {"use_dora": True}, {"target_modules": ["c_attn", "lm_head"]}],
+                         ids=["dropout", "dora", "lm-head-adapter"])
+def test_lora_the_view_cannot_reproduce_takes_hugging_face_path(lora_kw):
+    from rlhf_envs.fast_lm import gpt2_view
+
+    model = _peft_gpt2(**lora_kw)
+    assert gpt2_view(model) is None
+    assert gpt2_view(model.get_base_model()) is None, "the bare model with adapters injected must not skip them"
+
+
+def test_lora_dropout_is_exact_in_eval_mode_only():
+    from rlhf_envs.fast_lm import gpt2_view
+
+    model = _peft_gpt2(lora_dropout=0.1)
+    assert gpt2_view(model.train()) is None
+    assert gpt2_view(model.eval()) is not None
