@@ -23,6 +23,7 @@ SCRIPTS = {
     "sampling_2threads": ["benchmarks.bench_sampling", "--repeats", "9", "--threads", "2",
                           "--out", str(RESULTS_DIR / "sampling_2threads.json")],
     "ppo_iteration": ["benchmarks.bench_ppo_iteration", "--threads", "1"],
+    "breakdown": ["benchmarks.bench_breakdown", "--threads", "1"],
     "trainers": ["benchmarks.bench_trainers"],
     "lora": ["benchmarks.bench_lora"],
     "reliability": ["benchmarks.bench_reliability"],

@@ -150,6 +150,11 @@ def _sync(device: str) -> None:
 
 def run_ours(algorithm: str, workdir: Path, out: Path, s: Settings) -> float:
     """Seconds of our trainer's timed region (its ``TrainResult.train_seconds``)."""
+    return train_ours(algorithm, workdir, out, s).train_seconds
+
+
+def train_ours(algorithm: str, workdir: Path, out: Path, s: Settings, **overrides):
+    """Our trainer on the benchmark's model and data with the shared settings (``overrides``: more config fields)."""
     from agents.dpo import DPOConfig, train_dpo
     from agents.reward_model import RewardModelConfig, train_reward_model
     from agents.sft import SFTConfig, train_sft
@@ -164,8 +169,8 @@ def run_ours(algorithm: str, workdir: Path, out: Path, s: Settings) -> float:
                         seed=s.seed, max_steps=s.steps, batch_size=s.batch_size, max_length=s.max_length,
                         learning_rate=s.learning_rate, lr_schedule="linear", warmup_ratio=0.0, weight_decay=0.0,
                         max_grad_norm=1.0, eval_fraction=0.0, log_every=s.steps, checkpoint_every=0,
-                        device=s.device, torch_threads=s.threads, progress=False, **extra)
-    return train(config).train_seconds
+                        device=s.device, torch_threads=s.threads, progress=False, **extra, **overrides)
+    return train(config)
 
 
 def trl_config(algorithm: str, side: str, out: Path, s: Settings) -> TrainingArguments:
