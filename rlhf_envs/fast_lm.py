@@ -192,8 +192,8 @@ def _projection(module: torch.nn.Module) -> tuple[torch.Tensor | _LoRA, torch.Te
 class ViewCache:
     """:func:`gpt2_view` of one model, kept between calls for as long as it stays exact.
 
-    Walking the module tree and collecting the parameters costs more than a small batch's forward
-    (about 0.15-0.3 ms for the embedded model), so an env that scores every step keeps the view.
+    Walking the module tree and collecting the parameters is a noticeable part of a small batch's
+    forward, so an env that scores every step keeps the view.
     Each :meth:`get` checks a flat list of the modules instead (tens of microseconds): if any
     module's children or parameter objects changed (by identity) the view is rebuilt; while a hook
     is registered or a dropout is active it returns ``None``, as :func:`gpt2_view` would. In-place
