@@ -54,8 +54,7 @@ def scoring_parts(repeats: int) -> dict:
     import rlhf_envs  # noqa: F401  (registers the envs)
     from rlhf_envs.corpus import make_prompts
     from rlhf_envs.lm import load_causal_lm
-    from rlhf_envs.sampling import generate
-    from rlhf_envs.text_common import _picked_logprobs
+    from rlhf_envs.sampling import generate, processed_logprobs
 
     model, tokenizer = load_causal_lm(None)
     model.eval()
@@ -99,8 +98,9 @@ def scoring_parts(repeats: int) -> dict:
             with torch.no_grad():
                 hidden = timed("reference hidden states",
                                lambda: task._ref_hidden(view, torch.as_tensor(prompt_index), ids[:, :width], mask[:, :width]))
-                timed("LM head + log-softmax", lambda: _picked_logprobs(view.logits(hidden), ids[:, :width][mask[:, :width]],
-                                                                          task.ref_sampling.temperature))
+                picked = ids[:, :width][mask[:, :width]].unsqueeze(-1)
+                timed("LM head + log-softmax",
+                      lambda: processed_logprobs(view.logits(hidden), task.ref_sampling).gather(-1, picked))
             texts = timed("decoding", lambda: task.decode(ids, mask))
             timed("reward call (VADER)", lambda: task.score(prompt_index.tolist(), texts))
     medians = {k: statistics.median(v) for k, v in times.items()}
