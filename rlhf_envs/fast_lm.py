@@ -31,6 +31,7 @@ import math
 from collections.abc import Iterable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
@@ -225,6 +226,15 @@ class ViewCache:
         return None if _hooks_or_dropout(self._modules) else self._view
 
 
+def _flat(items: Iterable) -> Iterable[torch.Tensor | None]:
+    """The tensors (and Nones) in nested tuples and lists: layers, LoRA projections, layer norms' pairs."""
+    for item in items:
+        if isinstance(item, (tuple, list)):
+            yield from _flat(item)
+        elif item is None or isinstance(item, torch.Tensor):
+            yield item
+
+
 def _norm(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     module = _exactly(module, torch.nn.LayerNorm)
     return module.weight, module.bias
@@ -262,6 +272,9 @@ class GPT2View:
                 _projection(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
             self.layers.append(_Layer(_norm(block.ln_1), attn_w, attn_b, attn_proj_w, attn_proj_b, _norm(block.ln_2),
                                       fc_w, fc_b, proj_w, proj_b, scaling))
+        self.tensors = [t for t in _flat((self.wte, self.wpe, self.ln_f, self.lm_head, self.score, self.layers))
+                        if t is not None]
+        """Every tensor the view reads (a LoRA projection's base and adapter weights too)."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -351,47 +364,134 @@ class GPT2View:
                       ) -> torch.Tensor:
         """Teacher-forced hidden states ``[M, D]`` (before ``ln_f``) at the ``M`` positions where ``wanted [B, L]`` is True.
 
-        Row-major order; ``wanted`` must lie inside ``mask [B, L]``. Only real tokens go through the
-        per-token work (layer norms, projections, MLP), so padding costs nothing there; attention runs
-        on the padded ``[B, L]`` layout, causal over real keys. ``past = (kv, rows, past_mask)`` are
-        earlier positions every new token may also attend to, e.g. cached prompts: row ``b`` attends
-        to ``kv[rows[b]]`` where ``past_mask [B, Lp]`` is True; ``kv [n, n_layer, 2, H, Lp, hd]`` holds
-        per layer keys then values, as :class:`PromptKVCache` keeps them.
+        Row-major order; ``wanted`` must lie inside ``mask [B, L]``. Row ``b``'s real tokens
+        (``mask[b]``) attend causally to each other and, with ``past = (kv, rows, past_mask)``, to
+        earlier positions, e.g. cached prompts: to ``kv[rows[b]]`` where ``past_mask [B, Lp]`` is
+        True; ``kv [n, n_layer, 2, H, Lp, hd]`` holds per layer keys then values, as
+        :class:`PromptKVCache` keeps them. Only real tokens go through the per-token work (layer
+        norms, projections, MLP), so padding costs nothing there.
 
-        Queries, keys and values live in one head-major ``[3, B, H, Lp + L, hd]`` grid: each layer
-        copies its real tokens' projections into it (one ``index_copy_`` of ``hd``-wide rows) and the
-        past in, so attention reads contiguous tensors and nothing padded is copied; the outputs come
-        back with one ``index_select``.
+        Attention runs on :func:`_pack_segments`' layout: each row's past and real tokens (a
+        *segment*) lie side by side with other rows' in a few shared grid rows, keys and values in
+        ``[R, H, W, hd]`` (``W`` = the longest segment), queries (real tokens only) in
+        ``[R, H, Wq, hd]``, and a block-diagonal causal mask keeps segments apart. For a scoring
+        batch whose responses stop early this is half as many, denser attention products as one
+        padded row per sequence. One flat buffer holds the three grids: each layer fills it with one
+        ``index_copy_`` of ``hd``-wide rows (plus one for the past), and the outputs come back with
+        one ``index_select``.
         """
-        batch, length = input_ids.shape
-        start = 0 if past is None else past[0].shape[-2]
+        heads, hd = self.n_head, self.head_dim
+        device = mask.device
         row, col = mask.nonzero(as_tuple=True)
         picked = wanted[row, col].nonzero().squeeze(-1)
         x = F.embedding(input_ids[row, col], self.wte) + F.embedding(position_ids[row, col], self.wpe)
-        causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril_()
-        eye = torch.eye(length, dtype=torch.bool, device=mask.device)
-        attn_mask = (mask[:, None, :] & causal) | eye
+        new = mask.cpu().numpy()
+        old = past[2].cpu().numpy() if past is not None else np.zeros((len(new), 0), dtype=bool)
+        layout = _SegmentLayout(old.sum(1), new.sum(1))
+        n_rows, width, q_width = layout.rows, layout.width, layout.q_width
+        bases = (0, n_rows * heads * q_width, n_rows * heads * (q_width + width))  # where the Q, K and V grids start
+        # Per real token: its segment's grid row and its query and key columns (its rank among its row's real tokens).
+        b_new, rank = _ranks(new)
+        seg_row = layout.row[b_new]
+        q_col = layout.q_offset[b_new] + rank
+        k_col = layout.k_offset[b_new] + layout.past[b_new] + rank
+        h = np.arange(heads)
+        cells = np.stack([bases[0] + ((seg_row * heads)[:, None] + h) * q_width + q_col[:, None],
+                          bases[1] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None],
+                          bases[2] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None]], axis=1)
+        outputs = torch.from_numpy(cells[:, 0].reshape(-1)).to(device)
+        cells = torch.from_numpy(cells.reshape(-1)).to(device)
+        attn_mask = torch.from_numpy(layout.additive_mask(np.finfo(np.float32).min)).to(device, x.dtype)
+        buffer = x.new_zeros(bases[2] + n_rows * heads * width, hd)
         if past is not None:
-            attn_mask = torch.cat([past[2][:, None, :].expand(-1, length, -1), attn_mask], dim=-1)
-        attn_mask = _additive(attn_mask.unsqueeze(1), x.dtype)
-        span = start + length
-        grid = x.new_zeros(3, batch, self.n_head, span, self.head_dim)
-        # Flat row indices, computed once: where each token's vector for (part c of q/k/v, head h) goes in
-        # grid.view(-1, hd), ((c * B + b) * H + h) * span + start + j, in the order qkv.view(-1, hd) lists them;
-        # and where its head h's output lies in the attention output [B, H, L, hd] viewed as (-1, hd).
-        heads = torch.arange(self.n_head, device=mask.device)
-        part_head = (torch.arange(3, device=mask.device)[:, None] * batch * self.n_head + heads).view(1, -1) * span
-        cells = (part_head + (row * self.n_head * span + start + col)[:, None]).view(-1)
-        outputs = (((row * self.n_head)[:, None] + heads) * length + col[:, None]).view(-1)
+            kv, table_rows = past[0], past[1].cpu().numpy()
+            b_old, p = old.nonzero()
+            old_rank = _ranks(old)[1]
+            span = kv.shape[-2]
+            k_old = layout.k_offset[b_old] + old_rank
+            # kv.view(-1, hd) row of (table row n, layer i, part c, head h, position p): (((n * layers + i) * 2 + c) * H + h) * span + p
+            source = (((table_rows[b_old] * len(self.layers))[:, None, None] * 2 + np.arange(2)[:, None]) * heads + h) * span
+            source = torch.from_numpy((source + p[:, None, None]).reshape(-1)).to(device)
+            target = np.stack([bases[c] + ((layout.row[b_old] * heads)[:, None] + h) * width + k_old[:, None] for c in (1, 2)],
+                              axis=1)
+            target = torch.from_numpy(target.reshape(-1)).to(device)
+            kv_rows = kv.reshape(-1, hd)
+            layer_stride = 2 * heads * span
+        q_shape, kv_shape = (n_rows, heads, q_width, hd), (n_rows, heads, width, hd)
         for i, layer in enumerate(self.layers):
             if past is not None:
-                grid[1:, :, :, :start] = past[0][:, i].index_select(0, past[1]).transpose(0, 1)
+                buffer.index_copy_(0, target, kv_rows.index_select(0, source + i * layer_stride))
             qkv = _proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
-            grid.view(-1, self.head_dim).index_copy_(0, cells, qkv.view(-1, self.head_dim))
-            att = _attention(grid[0, :, :, start:], grid[1], grid[2], attn_mask, layer.scaling)
-            att = att.view(-1, self.head_dim).index_select(0, outputs).view(-1, self.d_model)
+            buffer.index_copy_(0, cells, qkv.view(-1, hd))
+            att = _attention(buffer[: bases[1]].view(q_shape), buffer[bases[1] : bases[2]].view(kv_shape),
+                             buffer[bases[2] :].view(kv_shape), attn_mask, layer.scaling)
+            att = att.view(-1, hd).index_select(0, outputs).view(-1, self.d_model)
             x = self._mlp(_proj(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
         return x.index_select(0, picked)
+
+def _ranks(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the True cells of ``mask [B, L]`` in row-major order: their row, and their rank among their row's True cells."""
+    row, col = mask.nonzero()
+    return row, (np.cumsum(mask, axis=1) - 1)[row, col]
+
+
+class _SegmentLayout:
+    """Where :meth:`GPT2View.packed_hidden` puts each sequence ("segment": ``past[b]`` cached keys
+    then ``new[b]`` real tokens) in its attention grids.
+
+    Segments are placed longest first; each grid row is topped up with the shortest remaining
+    segments that still fit in ``width`` (the longest segment's length). ``row[b]``,
+    ``k_offset[b]`` (column of its first key) and ``q_offset[b]`` (column of its first query; only
+    new tokens are queries) say where segment ``b`` lies.
+    """
+
+    def __init__(self, past: np.ndarray, new: np.ndarray):
+        self.past, self.new = past.astype(np.int64), new.astype(np.int64)
+        length = (self.past + self.new).tolist()
+        order = sorted(range(len(length)), key=length.__getitem__, reverse=True)
+        self.width = length[order[0]] if order else 0
+        row, k_offset, q_offset = [0] * len(length), [0] * len(length), [0] * len(length)
+        new_list = self.new.tolist()
+        q_width, n_rows, first, last = 0, 0, 0, len(order) - 1
+        while first <= last:
+            b = order[first]
+            first += 1
+            row[b], used, q_used = n_rows, length[b], new_list[b]
+            while first <= last and used + length[order[last]] <= self.width:
+                b = order[last]
+                last -= 1
+                row[b], k_offset[b], q_offset[b] = n_rows, used, q_used
+                used += length[b]
+                q_used += new_list[b]
+            q_width = max(q_width, q_used)
+            n_rows += 1
+        self.rows, self.q_width = n_rows, max(q_width, 1)
+        self.row, self.k_offset, self.q_offset = (np.asarray(v, dtype=np.int64) for v in (row, k_offset, q_offset))
+
+    def additive_mask(self, minimum: float) -> np.ndarray:
+        """``[R, 1, Wq, W]`` float32: 0 where a query may attend to a key (same segment, key not later), else ``minimum``.
+
+        A query cell no token uses attends to nothing; its output is never read.
+        """
+        segments = np.arange(len(self.row))
+        q_seg = np.full((self.rows, self.q_width), -1)
+        q_pos = np.zeros((self.rows, self.q_width), dtype=np.int64)
+        k_seg = np.full((self.rows, self.width), -2)
+        k_pos = np.zeros((self.rows, self.width), dtype=np.int64)
+        b, j = np.repeat(segments, self.new), _within(self.new)
+        q_seg[self.row[b], self.q_offset[b] + j] = b
+        q_pos[self.row[b], self.q_offset[b] + j] = self.past[b] + j
+        length = self.past + self.new
+        b, j = np.repeat(segments, length), _within(length)
+        k_seg[self.row[b], self.k_offset[b] + j] = b
+        k_pos[self.row[b], self.k_offset[b] + j] = j
+        allowed = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= q_pos[:, :, None])
+        return np.where(allowed, np.float32(0.0), np.float32(minimum))[:, None]
+
+
+def _within(counts: np.ndarray) -> np.ndarray:
+    """``0 .. counts[i] - 1`` for each ``i``, concatenated."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 class PromptKVCache:
@@ -399,9 +499,9 @@ class PromptKVCache:
 
     Per prompt: every layer's keys and values ``[n_layer, 2, H, P, hd]`` (the layout
     :meth:`GPT2View.packed_hidden` takes as ``past``) and the last position's hidden
-    state ``[D]``, computed the first time the prompt is asked for and reused while the model's
-    parameters are unchanged (same storage, no in-place update: checked with each tensor's version
-    counter on every :meth:`get`; any change empties the cache). For a frozen reference model that
+    state ``[D]``, computed the first time the prompt is asked for and reused while the tensors the
+    view reads are unchanged (the same tensors and storage, no in-place update: checked with each
+    tensor's version counter on every :meth:`get`; any change empties the cache). For a frozen reference model that
     scores responses to the same prompts over and over, this takes the prompt tokens out of every
     scoring forward.
     """
@@ -420,9 +520,9 @@ class PromptKVCache:
         per_prompt = (2 * len(view.layers) * length + 1) * view.d_model
         return n * per_prompt * view.wte.element_size()
 
-    def get(self, view: GPT2View, model: torch.nn.Module, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, view: GPT2View, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(kv, last_hidden)``: the whole table ``[n, n_layer, 2, H, P, hd]`` with prompts ``index [N]`` filled, and ``[N, D]``."""
-        fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        fingerprint = tuple((id(t), t.data_ptr(), t._version) for t in view.tensors)
         if fingerprint != self.fingerprint or self.kv is None:
             n, length = self.prompt_ids.shape
             device = self.prompt_ids.device

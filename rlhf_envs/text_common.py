@@ -287,7 +287,7 @@ class TextTask:
             predicts = torch.zeros_like(full_mask)
             predicts[:, prompt_mask.shape[1] - 1 : -1] = mask
             return view.packed_hidden(input_ids, full_mask, positions_from_mask(full_mask), predicts)
-        kv, last_hidden = self._ref_prompt_cache.get(view, self.ref_model, prompt_index)
+        kv, last_hidden = self._ref_prompt_cache.get(view, prompt_index)
         hidden = last_hidden.new_zeros(mask.shape + last_hidden.shape[-1:])
         hidden[:, 0] = last_hidden
         if mask.shape[1] > 1:

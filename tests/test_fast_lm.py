@@ -1,10 +1,11 @@
 """The lean GPT-2 forward: same logits as Hugging Face, same generations as the generic path, same log-probs."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rlhf_envs.fast_lm import GPT2Decoder, PromptKVCache, ViewCache, gpt2_view
+from rlhf_envs.fast_lm import GPT2Decoder, PromptKVCache, ViewCache, _SegmentLayout, gpt2_view
 from rlhf_envs.sampling import SamplingConfig, generate, positions_from_mask, response_logprobs
 from rlhf_envs.text_common import TextTask, tiny_causal_lm
 
@@ -192,20 +193,61 @@ def test_reference_scoring_equals_teacher_forced_hf(tokenizer, monkeypatch, cach
             task.ref_model.transformer.wte.weight.mul_(1.5)
 
 
+@pytest.mark.parametrize("cache_bytes", [256 * 2**20, 0])
+def test_reference_scoring_exact_when_rows_share_the_attention_grid(tokenizer, monkeypatch, cache_bytes):
+    """Many responses of very different lengths: short ones are packed beside long ones in a grid row."""
+    monkeypatch.setattr("rlhf_envs.text_common._PROMPT_CACHE_BYTES", cache_bytes)
+    task = TextTask(model=(_gpt2(seed=2), tokenizer), reward_model=lambda p, r: [0.0] * len(p), prompts=PROMPTS,
+                    max_new_tokens=12, temperature=0.9)
+    gen = torch.Generator().manual_seed(3)
+    index = torch.randint(0, len(PROMPTS), (24,), generator=gen)
+    response_ids = torch.randint(0, 256, (24, 12), generator=gen)
+    response_ids[torch.arange(24), torch.randint(0, 12, (24,), generator=gen)] = EOS
+    response_ids[:3] = torch.randint(0, 256, (3, 12), generator=gen)  # three run to the end
+    response_mask = task.response_mask(response_ids)
+    response_ids = response_ids.masked_fill(~response_mask, PAD)
+    lengths = task.prompt_mask[index].sum(1) + response_mask[:, 1:].sum(1)
+    layout = _SegmentLayout(task.prompt_mask[index].sum(1).numpy(), response_mask[:, 1:].sum(1).numpy())
+    assert layout.rows < 20 and layout.width == int(lengths.max())  # rows are shared
+    ref, _ = task.ref_logprobs(index, response_ids, response_mask, full=False)
+    expected, _ = _reference_logprobs(task, index, response_ids, response_mask)
+    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=0)
+
+
+def test_segment_layout_places_every_segment_once_inside_its_row():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        past, new = rng.integers(0, 8, 40), rng.integers(0, 30, 40)
+        layout = _SegmentLayout(past, new)
+        keys = np.zeros((layout.rows, layout.width), dtype=int)
+        queries = np.zeros((layout.rows, layout.q_width), dtype=int)
+        for b in range(40):
+            keys[layout.row[b], layout.k_offset[b] : layout.k_offset[b] + past[b] + new[b]] += 1
+            queries[layout.row[b], layout.q_offset[b] : layout.q_offset[b] + new[b]] += 1
+        assert keys.max() <= 1 and keys.sum() == (past + new).sum() and queries.max() <= 1 and queries.sum() == new.sum()
+        assert layout.width == (past + new).max() and layout.rows <= 40
+        allowed = layout.additive_mask(-1.0)[:, 0] == 0
+        assert allowed.sum() == sum(n * p + n * (n + 1) // 2 for p, n in zip(past, new))  # past keys + causal new keys
+
+
 def test_prompt_cache_fills_lazily_and_empties_on_parameter_change(tokenizer):
     model = _gpt2()
     ids, mask = _prompts(tokenizer)
     view = gpt2_view(model)
     cache = PromptKVCache(ids, mask)
     with torch.no_grad():
-        _, hidden = cache.get(view, model, torch.tensor([1, 1]))
+        _, hidden = cache.get(view, torch.tensor([1, 1]))
         assert cache.ready.tolist() == [False, True, False, False]
         torch.testing.assert_close(view.logits(hidden[0]), _hf_last_logits(model, ids[1:2], mask[1:2])[0],
                                    atol=1e-5, rtol=0)
         model.transformer.h[0].ln_1.bias.add_(0.3)
-        _, hidden = cache.get(view, model, torch.tensor([3]))
+        _, hidden = cache.get(view, torch.tensor([3]))
         assert cache.ready.tolist() == [False, False, False, True]
         torch.testing.assert_close(view.logits(hidden), _hf_last_logits(model, ids[3:], mask[3:]), atol=1e-5, rtol=0)
+        model.lm_head.weight.data = model.lm_head.weight.data * 1.5  # new storage, same Parameter (tied to wte)
+        _, hidden = cache.get(view, torch.tensor([2]))
+        assert cache.ready.tolist() == [False, False, True, False]
+        torch.testing.assert_close(view.logits(hidden), _hf_last_logits(model, ids[2:3], mask[2:3]), atol=1e-5, rtol=0)
 
 
 def test_view_cache_follows_hooks_dropout_and_replaced_parameters():
