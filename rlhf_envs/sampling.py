@@ -101,12 +101,21 @@ def _truncate(logits: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, 
     return torch.log_softmax(scaled, dim=-1), index
 
 
-def processed_logprobs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+def processed_logprobs(logits: torch.Tensor, cfg: SamplingConfig, *, overwrite: bool = False) -> torch.Tensor:
     """Log-probs ``[..., V]`` (float32) of the distribution sampled from: temperature, top-k, top-p.
 
     Removed tokens get ``-inf``. With ``cfg.greedy`` the distribution is one-hot on the argmax
     (log-prob 0 there, ``-inf`` elsewhere). Differentiable in ``logits``.
+
+    ``overwrite=True`` (float32 ``logits`` that no graph records and the caller discards, and
+    neither top-k nor top-p set) computes the result in ``logits``' own memory, the same values
+    without allocating two more ``[..., V]`` tensors: on CPU each fresh multi-megabyte tensor costs
+    a page fault per 4 KiB the first time it is written.
     """
+    if overwrite and not cfg.greedy and cfg.top_k == 0 and cfg.top_p == 1.0:
+        if logits.dtype != torch.float32 or (torch.is_grad_enabled() and logits.requires_grad):
+            raise ValueError("overwrite=True needs float32 logits outside autograd")
+        return torch.log_softmax(logits.div_(cfg.temperature), dim=-1, out=logits)
     logits = logits.float()
     if cfg.greedy:
         best = logits.argmax(-1, keepdim=True)

@@ -259,8 +259,8 @@ class TextTask:
             ref_full = processed_logprobs(logits, self.ref_sampling).masked_fill_(~mask[..., None], 0.0)
             ref[:, :width] = ref_full.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         else:
-            ref_picked = processed_logprobs(view.logits(self._ref_hidden(view, prompt_index, ids, mask)),
-                                            self.ref_sampling)
+            ref_picked = processed_logprobs(view.logits(self._ref_hidden(view, prompt_index, ids, mask)).float(),
+                                            self.ref_sampling, overwrite=True)
             ref[:, :width][mask] = ref_picked.gather(-1, ids[mask].unsqueeze(-1)).squeeze(-1)
             if full:
                 ref_full = ref_picked.new_zeros(mask.shape + ref_picked.shape[-1:])

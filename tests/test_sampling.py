@@ -40,6 +40,15 @@ def test_processed_logprobs_truncation_rules():
     assert greedy[0, 0] == 0 and torch.isinf(greedy[0, 1:]).all()
 
 
+def test_overwriting_logits_gives_the_same_logprobs_bit_for_bit():
+    logits = torch.randn(300, 1024, generator=torch.Generator().manual_seed(0)) * 4
+    for cfg in (SamplingConfig(temperature=0.7), SamplingConfig(temperature=0.7, top_k=5), SamplingConfig(greedy=True)):
+        expected = processed_logprobs(logits, cfg)
+        assert torch.equal(processed_logprobs(logits.clone(), cfg, overwrite=True), expected)
+    with pytest.raises(ValueError, match="outside autograd"):
+        processed_logprobs(logits.clone().requires_grad_(), SamplingConfig(temperature=0.7), overwrite=True)
+
+
 def test_reported_logprobs_match_empirical_frequencies(lm):
     model, tokenizer = lm
     ids, mask = _prompts(tokenizer, ["ab"] * 6000)
