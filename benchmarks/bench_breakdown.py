@@ -100,7 +100,7 @@ def scoring_parts(repeats: int) -> dict:
                                lambda: task._ref_hidden(view, torch.as_tensor(prompt_index), ids[:, :width], mask[:, :width]))
                 picked = ids[:, :width][mask[:, :width]].unsqueeze(-1)
                 timed("LM head + log-softmax",
-                      lambda: processed_logprobs(view.logits(hidden), task.ref_sampling).gather(-1, picked))
+                      lambda: processed_logprobs(view.logits(hidden), task.ref_sampling, overwrite=True).gather(-1, picked))
             texts = timed("decoding", lambda: task.decode(ids, mask))
             timed("reward call (VADER)", lambda: task.score(prompt_index.tolist(), texts))
     medians = {k: statistics.median(v) for k, v in times.items()}

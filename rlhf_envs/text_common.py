@@ -141,6 +141,7 @@ class TextTask:
         self._warned_uniform = False
         self._ref_prompt_cache: PromptKVCache | None = None
         self._ref_view = ViewCache(self.ref_model)
+        self._backend_decode = _decodes_with_backend(self.tokenizer)
 
     @property
     def beta(self) -> float:
@@ -230,6 +231,8 @@ class TextTask:
         ids = response_ids.cpu().numpy()
         keep = response_mask.cpu().numpy() & (ids != self.eos_token_id)
         rows = [row[k].tolist() for row, k in zip(ids, keep)]
+        if self._backend_decode:  # what batch_decode does for these arguments, without its per-row Python
+            return self.tokenizer.backend_tokenizer.decode_batch(rows, skip_special_tokens=True)
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def reference_view(self) -> GPT2View | None:
@@ -307,6 +310,17 @@ class TextTask:
     def score(self, prompt_index: Sequence[int], responses: list[str]) -> np.ndarray:
         """One batched reward-model call: float32 ``[N]``."""
         return self.reward_model.score([self.prompts[i] for i in prompt_index], responses)
+
+
+def _decodes_with_backend(tokenizer: Any) -> bool:
+    """Whether ``tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)``
+    is its ``tokenizers`` backend's ``decode_batch``: a transformers ``TokenizersBackend`` that does not
+    override ``_decode``."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    return isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode
 
 
 def vector_task(num_envs: Any, render_mode: str | None, env_id: str, task_kwargs: dict) -> TextTask:

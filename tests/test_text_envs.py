@@ -255,3 +255,20 @@ def test_token_env_episode_ends_at_eos_or_length(lm):
         env.reset(seed=0)
         _, r, term, _, info = env.step(EOS)
         assert term and info["response"] == "" and info["score"] == 0.0
+
+
+def test_decoding_equals_the_tokenizers_batch_decode():
+    from rlhf_envs.lm import load_causal_lm
+    from rlhf_envs.text_common import TextTask
+
+    model, tokenizer = load_causal_lm(None)
+    task = TextTask(model=(model, tokenizer), max_new_tokens=20)
+    assert task._backend_decode  # the embedded tokenizer takes the backend's decode_batch
+    ids = torch.randint(0, tokenizer.vocab_size, (16, 20), generator=torch.Generator().manual_seed(0))
+    ids[3, 5] = tokenizer.eos_token_id
+    mask = task.response_mask(ids)
+    rows = [row[keep & (row != tokenizer.eos_token_id)].tolist() for row, keep in zip(ids, mask)]
+    expected = tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert task.decode(ids, mask) == expected
+    task._backend_decode = False
+    assert task.decode(ids, mask) == expected
