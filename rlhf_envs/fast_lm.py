@@ -371,7 +371,7 @@ class GPT2View:
         :class:`PromptKVCache` keeps them. Only real tokens go through the per-token work (layer
         norms, projections, MLP), so padding costs nothing there.
 
-        Attention runs on :func:`_pack_segments`' layout: each row's past and real tokens (a
+        Attention runs on :class:`_SegmentLayout`: each row's past and real tokens (a
         *segment*) lie side by side with other rows' in a few shared grid rows, keys and values in
         ``[R, H, W, hd]`` (``W`` = the longest segment), queries (real tokens only) in
         ``[R, H, Wq, hd]``, and a block-diagonal causal mask keeps segments apart. For a scoring
@@ -401,7 +401,7 @@ class GPT2View:
                           bases[2] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None]], axis=1)
         outputs = torch.from_numpy(cells[:, 0].reshape(-1)).to(device)
         cells = torch.from_numpy(cells.reshape(-1)).to(device)
-        attn_mask = torch.from_numpy(layout.additive_mask(np.finfo(np.float32).min)).to(device, x.dtype)
+        attn_mask = _additive(torch.from_numpy(layout.allowed()).to(device), x.dtype)
         buffer = x.new_zeros(bases[2] + n_rows * heads * width, hd)
         if past is not None:
             kv, table_rows = past[0], past[1].cpu().numpy()
@@ -428,6 +428,7 @@ class GPT2View:
             att = att.view(-1, hd).index_select(0, outputs).view(-1, self.d_model)
             x = self._mlp(_proj(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
         return x.index_select(0, picked)
+
 
 def _ranks(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For the True cells of ``mask [B, L]`` in row-major order: their row, and their rank among their row's True cells."""
@@ -468,8 +469,8 @@ class _SegmentLayout:
         self.rows, self.q_width = n_rows, max(q_width, 1)
         self.row, self.k_offset, self.q_offset = (np.asarray(v, dtype=np.int64) for v in (row, k_offset, q_offset))
 
-    def additive_mask(self, minimum: float) -> np.ndarray:
-        """``[R, 1, Wq, W]`` float32: 0 where a query may attend to a key (same segment, key not later), else ``minimum``.
+    def allowed(self) -> np.ndarray:
+        """``[R, 1, Wq, W]`` bool: True where a query may attend to a key (same segment, key not later).
 
         A query cell no token uses attends to nothing; its output is never read.
         """
@@ -485,8 +486,7 @@ class _SegmentLayout:
         b, j = np.repeat(segments, length), _within(length)
         k_seg[self.row[b], self.k_offset[b] + j] = b
         k_pos[self.row[b], self.k_offset[b] + j] = j
-        allowed = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= q_pos[:, :, None])
-        return np.where(allowed, np.float32(0.0), np.float32(minimum))[:, None]
+        return ((q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= q_pos[:, :, None]))[:, None]
 
 
 def _within(counts: np.ndarray) -> np.ndarray:

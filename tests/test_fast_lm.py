@@ -226,7 +226,7 @@ def test_segment_layout_places_every_segment_once_inside_its_row():
             queries[layout.row[b], layout.q_offset[b] : layout.q_offset[b] + new[b]] += 1
         assert keys.max() <= 1 and keys.sum() == (past + new).sum() and queries.max() <= 1 and queries.sum() == new.sum()
         assert layout.width == (past + new).max() and layout.rows <= 40
-        allowed = layout.additive_mask(-1.0)[:, 0] == 0
+        allowed = layout.allowed()[:, 0]
         assert allowed.sum() == sum(n * p + n * (n + 1) // 2 for p, n in zip(past, new))  # past keys + causal new keys
 
 
