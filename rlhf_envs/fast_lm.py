@@ -333,10 +333,12 @@ class GPT2View:
         return x
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
-                cache: list[tuple[torch.Tensor, torch.Tensor]], start: int) -> torch.Tensor:
+                cache: list[tuple[torch.Tensor, torch.Tensor]], start: int, first: int = 0) -> torch.Tensor:
         """Run ``input_ids [B, L]`` at cache slots ``[start, start + L)``; return hidden states ``[B, L, D]`` (before ``ln_f``).
 
-        ``attn_mask [B, 1, L, start + L]`` is additive (0 = may attend, the dtype's minimum = may not);
+        The queries attend to cache slots ``[first, start + L)``: ``attn_mask [B, 1, L, start + L - first]``
+        is additive over them (0 = may attend, the dtype's minimum = may not); slots before ``first``
+        are not read (a caller whose live keys all lie later says so, e.g. a rolling cache).
         ``cache`` holds per layer ``(keys, values)`` of ``[B, H, max_len, hd]``, written in place.
         """
         batch, length = input_ids.shape
@@ -347,8 +349,11 @@ class GPT2View:
             q, k, v = qkv.view(batch, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
             keys[:, :, start:end] = k
             values[:, :, start:end] = v
-            att = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=attn_mask,
-                                                 scale=layer.scaling)
+            if length == 1:  # decoding: one query per row, where two small matmuls beat the flash kernel
+                att = _attention(q, keys[:, :, first:end], values[:, :, first:end], attn_mask, layer.scaling)
+            else:
+                att = F.scaled_dot_product_attention(q, keys[:, :, first:end], values[:, :, first:end],
+                                                     attn_mask=attn_mask, scale=layer.scaling)
             att = att.transpose(1, 2).reshape(batch * length, self.d_model)
             x = self._mlp(_proj(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
         return x.view(batch, length, self.d_model)

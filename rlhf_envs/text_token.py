@@ -151,9 +151,11 @@ class _TokenEpisodes:
         self.keep[:, length] = alive
         view = self.task.reference_view()
         if view is not None:  # writes slot `length` of the same buffers in place
+            # every row's live keys lie in the last `width` slots (see the class docstring): attend to those only
+            first = max(0, length + 1 - self.width)
             hidden = view.forward(tokens[:, None], self.next_position[:, None],
-                                  additive_mask(self.keep[:, None, : length + 1], view.dtype),
-                                  [(layer.keys, layer.values) for layer in layers], length)
+                                  additive_mask(self.keep[:, None, first : length + 1], view.dtype),
+                                  [(layer.keys, layer.values) for layer in layers], length, first)
             for layer in layers:
                 layer.length = length + 1
             logits = view.logits(hidden[:, -1])

@@ -269,3 +269,40 @@ def test_view_cache_follows_hooks_dropout_and_replaced_parameters():
     model.transformer.h[1].attn = type(model.transformer.h[1].attn)(model.config, layer_idx=1).eval()
     replaced = cache.get()
     assert replaced is not rebuilt and replaced.layers[1].attn_w is model.transformer.h[1].attn.c_attn.weight
+
+
+def test_token_env_reference_exact_over_staggered_episodes_and_compactions():
+    """TextToken's rolling cache (rows restart at different steps; the lean forward reads only the
+    last ``P + T`` slots; full buffers are compacted): every reported reference log-prob equals
+    Hugging Face's teacher-forced one for that episode's prompt and response so far."""
+    import gymnasium as gym
+
+    import rlhf_envs  # noqa: F401  (registers the envs)
+
+    model, tokenizer = tiny_causal_lm(seed=4)
+    T, n, vocab = 4, 5, 258
+    envs = gym.make_vec("TextToken-v0", num_envs=n, model=(model, tokenizer), prompts=PROMPTS, max_new_tokens=T)
+    task, episodes = envs.unwrapped.task, envs.unwrapped._episodes
+    assert task.reference_view() is not None, "the lean forward must be the one under test"
+    envs.reset(seed=0)
+    rng = np.random.default_rng(0)
+    responses: list[list[int]] = [[] for _ in range(n)]
+    compactions = 0
+    for _ in range(70):
+        before = episodes.cache.layers[0].length
+        actions = np.where(rng.random(n) < 0.3, EOS, rng.integers(0, 256, n))
+        prompt_index = episodes.prompt_index.copy()
+        envs.set_policy_logprobs(np.full((n, vocab), -np.log(vocab), dtype=np.float32))
+        _, _, terminated, _, info = envs.step(actions)
+        compactions += episodes.cache.layers[0].length < before
+        for row in range(n):
+            responses[row].append(int(actions[row]))
+            prompt = task.prompt_ids[prompt_index[row]][task.prompt_mask[prompt_index[row]]]
+            response = torch.tensor(responses[row])
+            with torch.no_grad():
+                logits = model(torch.cat([prompt, response])[None]).logits[0, len(prompt) - 1 : -1]
+            expected = torch.log_softmax(logits, -1).gather(-1, response[:, None])[:, 0].numpy()
+            np.testing.assert_allclose(info["ref_logprobs"][row, : len(response)], expected, atol=1e-5, rtol=0)
+            if terminated[row]:
+                responses[row] = []
+    assert compactions >= 2
