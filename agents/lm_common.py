@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from agents.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
-_CPU_FUSED_ADAMW = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
+CPU_FUSED_ADAM = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
 
 
 @dataclass
@@ -259,7 +259,7 @@ def make_optimizer(model: nn.Module, config: LMTrainConfig, device: torch.device
     ]
     # The fused kernel (CUDA, and CPU since torch 2.4) updates every tensor in one call: 3x faster than
     # the per-tensor loop on the embedded model's 52 tensors.
-    fused = device.type == "cuda" or (device.type == "cpu" and _CPU_FUSED_ADAMW)
+    fused = device.type == "cuda" or (device.type == "cpu" and CPU_FUSED_ADAM)
     return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused)
 
 
@@ -378,7 +378,7 @@ def run_training(
                 loss, metrics = loss_fn(model, batch)
             loss.backward()
             if config.max_grad_norm is not None:
-                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm, foreach=True)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

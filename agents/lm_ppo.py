@@ -221,7 +221,7 @@ def _ptx_loss(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     """RLHF PPO against ``TextBandit-v0``; writes the policy (HF dir), value head, metrics.jsonl."""
     from agents.checkpoint import load_checkpoint, save_checkpoint
-    from agents.lm_common import MetricsWriter, fuse_gelu, set_seed
+    from agents.lm_common import CPU_FUSED_ADAM, MetricsWriter, fuse_gelu, set_seed
     from rlhf_envs.lm import load_causal_lm
     from rlhf_envs.text_common import attention_mask_from_obs
 
@@ -241,7 +241,8 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     if task.vocab_size != lm.get_output_embeddings().weight.shape[0]:
         raise ValueError(f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
                          f"{task.vocab_size}: the policy and ref_model must share a tokenizer")
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5)
+    # the fused kernel updates every tensor in one call (the per-tensor loop was ~9% of an iteration)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5, fused=CPU_FUSED_ADAM)
     cfg = config.sampling
     generator = torch.Generator()
     ptx = _ptx_batches(config, tokenizer, torch.Generator().manual_seed(config.seed)) if config.ptx_coef > 0 else None
@@ -315,7 +316,7 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
                     stats["ptx_loss"].append(ptx_loss.item())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm, foreach=True)
                 optimizer.step()
                 stats["pg_loss"].append(pg.item())
                 stats["vf_loss"].append(vf.item())
