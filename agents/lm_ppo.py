@@ -241,7 +241,7 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     if task.vocab_size != lm.get_output_embeddings().weight.shape[0]:
         raise ValueError(f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
                          f"{task.vocab_size}: the policy and ref_model must share a tokenizer")
-    # the fused kernel updates every tensor in one call (the per-tensor loop was ~9% of an iteration)
+    # the fused kernel updates every tensor in one call, not a Python loop over them
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5, fused=CPU_FUSED_ADAM)
     cfg = config.sampling
     generator = torch.Generator()
