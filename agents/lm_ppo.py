@@ -141,7 +141,7 @@ def _packed_policy_forward(view: GPT2View, v_head: ValueHead, prompt_ids: torch.
     batch = pack_groups([[seq] for seq in seqs])
     predictor, targets, _ = batch.targets(prompt_keep.sum(-1).tolist())
     device = prompt_ids.device
-    hidden = view.final_norm(batch.to(device).hidden(view)[predictor.to(device)])
+    hidden = view.final_norm(batch.to(device).hidden(view, predictor.to(device)))
     logprobs, entropy = _logprobs_and_entropy(F.linear(hidden, view.lm_head), targets.to(device), cfg)
     out = []
     for flat in (logprobs, v_head(hidden), entropy):  # response tokens in row-major order = keep's True cells

@@ -9,7 +9,9 @@ is exact: a prefix token's hidden state does not depend on what follows it.
 
 Attention runs on a grid with one row per sequence, right-padded to the longest: a row gathers
 the keys and values of its group's shared prefix (computed once) and of its own tokens, so plain
-causal attention is exact and the padding is never attended to. The per-token work (layer norms,
+causal attention is exact and the padding is never attended to. On CPU, short sequences instead
+share grid rows (:class:`Segments`: a block-diagonal causal mask keeps them apart, and attention
+runs as two matmuls), which cuts the padding and the per-row overhead. The per-token work (layer norms,
 projections, MLP, LM head) runs on the ``N`` packed tokens only, through
 :meth:`rlhf_envs.fast_lm.GPT2View.packed_forward`. On the benchmark's preference pairs this is
 2.2x fewer tokens than padding chosen and rejected to the batch's longest sequence.
@@ -24,9 +26,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlhf_envs.fast_lm import GPT2View
+from rlhf_envs.fast_lm import GPT2View, _additive, _SegmentLayout, _within
 
 __all__ = ["PackedBatch", "pack_groups"]
+
+SEGMENT_ATTENTION_BYTES = 16 << 20
+"""Largest ``[rows, H, W, W]`` float32 attention-probability tensor (per layer) for which
+:meth:`PackedBatch.hidden` takes the segment layout on CPU; above it, causal rows through SDPA."""
+_MAX_SEGMENT_CELLS = 1 << 22
+"""pack_groups builds the segment layout's ``[rows, 1, W, W]`` mask only up to this many cells."""
+
+
+@dataclass
+class Segments:
+    """The batch's sequences laid side by side in fewer attention rows (:class:`rlhf_envs.fast_lm._SegmentLayout`).
+
+    A grid row holds several sequences (each its shared prefix then its own tokens), and a
+    block-diagonal causal mask keeps them apart. On the benchmark's preference pairs this is 40%
+    fewer rows than one row per sequence, and with attention as two matmuls the attention part of
+    a training step (gathers included, forward and backward) takes half the time of SDPA on causal rows.
+    """
+
+    gather: torch.Tensor
+    """``[R * W]`` the packed token at each cell (cells no sequence uses name token 0; nothing attends to them)."""
+    owner: torch.Tensor
+    """``[N]`` the cell whose output each packed token takes."""
+    allowed: torch.Tensor
+    """``[R, 1, W, W]`` bool: True where a query cell may attend to a key cell (same sequence, key not later)."""
+
+    @property
+    def rows(self) -> int:
+        return self.allowed.shape[0]
 
 
 @dataclass
@@ -53,6 +83,8 @@ class PackedBatch:
     """``[S, W]`` (CPU) the token at each cell (padding cells repeat the sequence's last token)."""
     lengths: np.ndarray = field(repr=False)
     """``[S]`` (CPU) each sequence's length."""
+    segments: Segments | None = field(default=None, repr=False)
+    """The same sequences in the segment layout (None when its mask would exceed ``_MAX_SEGMENT_CELLS``)."""
 
     @property
     def index(self) -> list[torch.Tensor]:
@@ -87,15 +119,29 @@ class PackedBatch:
     def to(self, device: torch.device) -> PackedBatch:
         """The tensors the forward reads moved to ``device`` (the CPU grids and ``sequences`` stay)."""
         move = {name: getattr(self, name).to(device, non_blocking=True) for name in ("tokens", "positions", "gather", "owner")}
+        if self.segments is not None:
+            move["segments"] = Segments(*(t.to(device, non_blocking=True) for t in
+                                          (self.segments.gather, self.segments.owner, self.segments.allowed)))
         return replace(self, **move)
 
-    def hidden(self, view: GPT2View) -> torch.Tensor:
-        """``[N, D]`` hidden states before ``ln_f`` (differentiable), from :meth:`GPT2View.packed_forward`."""
-        return view.packed_forward(self.tokens, self.positions, self.gather, self.owner, len(self.sequences))
+    def hidden(self, view: GPT2View, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states before ``ln_f`` (differentiable) from :meth:`GPT2View.packed_forward`: ``[N, D]``,
+        or ``[K, D]`` at the packed indices ``keep`` (the last layer then runs only there after attention).
+
+        On CPU, when the attention probabilities stay under ``SEGMENT_ATTENTION_BYTES`` per layer,
+        attention runs on the :class:`Segments` layout as two matmuls; otherwise (and on GPUs, where
+        SDPA's fused kernels win) on one causal row per sequence through SDPA. Both are exact.
+        """
+        seg = self.segments
+        if seg is not None and self.tokens.device.type == "cpu" and \
+                view.n_head * seg.allowed.numel() * 4 <= SEGMENT_ATTENTION_BYTES:
+            return view.packed_forward(self.tokens, self.positions, seg.gather, seg.owner, seg.rows, keep,
+                                       _additive(seg.allowed, view.dtype))
+        return view.packed_forward(self.tokens, self.positions, self.gather, self.owner, len(self.sequences), keep)
 
     def target_logits(self, view: GPT2View, predictor: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[M, V]`` at the ``predictor`` indices of :meth:`targets` (the LM head runs there only)."""
-        return view.logits(self.hidden(view)[predictor]).float()
+        return view.logits(self.hidden(view, predictor)).float()
 
     def sequence_logps(self, view: GPT2View, predictor: torch.Tensor, target_ids: torch.Tensor,
                        sequence: torch.Tensor) -> torch.Tensor:
@@ -154,4 +200,19 @@ def pack_groups(groups: list[list[torch.Tensor]]) -> PackedBatch:
     owner = np.empty(n_tokens, dtype=np.int64)
     owner[grid[own]] = (np.arange(len(arrays))[:, None] * width + column)[own]
     return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(grid.reshape(-1)),
-                       torch.from_numpy(owner), sequences, grid, tokens[grid], lengths)
+                       torch.from_numpy(owner), sequences, grid, tokens[grid], lengths, _segments(grid, lengths, owner))
+
+
+def _segments(grid: np.ndarray, lengths: np.ndarray, owner: np.ndarray) -> Segments | None:
+    """:class:`Segments` for sequences whose packed indices are ``grid [S, W]`` (one row each) and whose
+    tokens take their outputs from the cells ``owner [N]`` of that grid."""
+    layout = _SegmentLayout(np.zeros_like(lengths), lengths)
+    rows, width = layout.rows, layout.width
+    if rows * width * width > _MAX_SEGMENT_CELLS:
+        return None
+    seq, column = np.repeat(np.arange(len(lengths)), lengths), _within(lengths)
+    start = layout.row * width + layout.k_offset  # each sequence's first cell
+    gather = np.zeros(rows * width, dtype=np.int64)
+    gather[start[seq] + column] = grid[seq, column]
+    moved = start[owner // grid.shape[1]] + owner % grid.shape[1]
+    return Segments(torch.from_numpy(gather), torch.from_numpy(moved), torch.from_numpy(layout.allowed()))

@@ -134,7 +134,7 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
         if isinstance(batch[0], PackedBatch):
             packed_batch, last, *pairs = batch
             view = gpt2_view(model)
-            hidden = view.final_norm(packed_batch.hidden(view)[last])
+            hidden = view.final_norm(packed_batch.hidden(view, last))
             return (torch.nn.functional.linear(hidden, view.score)[:, 0].float(), *pairs)
         input_ids, mask, positions, *pairs = batch
         scores = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, 0]

@@ -94,10 +94,12 @@ def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """``softmax(q k^T * scale + attn_mask) v`` as two batched matmuls (inference, short sequences).
+    """``softmax(q k^T * scale + attn_mask) v`` as two batched matmuls (short sequences).
 
     For the short rows of a scoring batch (tens of keys, head size 32) this is as fast as CPU SDPA's
     flash kernel on one thread and twice as fast on two, where that kernel parallelises poorly.
+    Differentiable: the in-place scaling and masking touch only the fresh scores, which autograd
+    does not keep.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(attn_mask)
     return torch.matmul(scores.softmax(-1), v)
@@ -302,8 +304,9 @@ class GPT2View:
         return self._ln(hidden, self.ln_f)
 
     def packed_forward(self, tokens: torch.Tensor, positions: torch.Tensor, gather: torch.Tensor, owner: torch.Tensor,
-                       rows: int) -> torch.Tensor:
-        """Differentiable hidden states ``[N, D]`` (before ``ln_f``) of ``N`` packed tokens.
+                       rows: int, keep: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Differentiable hidden states ``[N, D]`` (before ``ln_f``) of ``N`` packed tokens, or ``[K, D]`` of
+        the ``K`` packed indices ``keep`` (in that order, repeats allowed).
 
         ``tokens`` and ``positions`` are ``[N]``. Attention runs on a ``[rows, W]`` grid of causal
         rows: ``gather [rows * W]`` names the packed token at each cell (a token may stand in several
@@ -314,20 +317,37 @@ class GPT2View:
         autograd sees every op and gradients reach the model's parameters (a token gathered into
         several rows sums its gradients); without (a reference pass), the GELU runs in place and
         attention as two matmuls.
+
+        With ``keep`` (e.g. the tokens that predict a target, or each sequence's last token for a
+        reward model), the last layer's per-token work after attention (its output projection, layer
+        norm and MLP) runs on those tokens only: every other token's last-layer output feeds nothing
+        (its keys and values, which later tokens do read, come before). On DPO's preference pairs a
+        fifth of the tokens (prompts) drop out there; for a reward model all but one per sequence.
+
+        With ``attn_mask`` (additive, ``[rows, 1, W, W]``) a grid row may hold several sequences
+        side by side (:class:`_SegmentLayout`): attention runs as two matmuls under that mask
+        instead of causal rows, for gradients too (it keeps the ``[rows, H, W, W]`` probabilities
+        for the backward pass, so callers pass it for short rows only).
         """
         width = gather.numel() // rows
         grad = torch.is_grad_enabled()
-        causal = None if grad else _additive(
+        causal = None if grad or attn_mask is not None else _additive(
             torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril_(), self.dtype)
         x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
             qkv = _proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
             q, k, v = qkv.index_select(0, gather).view(rows, width, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-            if grad:
+            if attn_mask is not None:
+                att = _attention(q, k, v, attn_mask, layer.scaling)
+            elif grad:
                 att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling)
             else:
                 att = _attention(q, k, v, causal, layer.scaling)
-            att = att.transpose(1, 2).reshape(rows * width, self.d_model).index_select(0, owner)
+            cells = owner
+            if keep is not None and i == last:
+                cells, x = owner.index_select(0, keep), x.index_select(0, keep)
+            att = att.transpose(1, 2).reshape(rows * width, self.d_model).index_select(0, cells)
             x = x + _proj(layer.attn_proj_b, att, layer.attn_proj_w)
             x = x + self._mlp_out(x, layer)
         return x

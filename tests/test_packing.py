@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
+import agents.packing
 from agents.packing import pack_groups
 from rlhf_envs.fast_lm import gpt2_view
 
@@ -33,6 +34,26 @@ def _groups() -> list[list[torch.Tensor]]:
     ]
 
 
+@pytest.fixture(params=["segments", "rows"])
+def layout(request, monkeypatch):
+    """Attention on the segment layout (several sequences per grid row, the CPU default) or one causal row per sequence."""
+    if request.param == "rows":
+        monkeypatch.setattr(agents.packing, "SEGMENT_ATTENTION_BYTES", 0)
+    return request.param
+
+
+def test_segment_layout_shares_rows_and_keeps_sequences_apart():
+    batch = pack_groups(_groups())
+    seg = batch.segments
+    assert seg is not None and seg.rows < len(batch.sequences)
+    width = seg.allowed.shape[-1]
+    allowed = seg.allowed[:, 0].reshape(-1, width)  # [R * W, W]: query cell -> the key cells of its row it may read
+    for index in batch.index:
+        for j, token in enumerate(index.tolist()):
+            cell = int(seg.owner[token])  # the cell whose output this token takes: it sees its sequence up to itself
+            assert seg.gather.view(-1, width)[cell // width][allowed[cell]].tolist() == index[: j + 1].tolist()
+
+
 def test_shared_prefix_is_laid_out_once():
     groups = _groups()
     batch = pack_groups(groups)
@@ -42,7 +63,7 @@ def test_shared_prefix_is_laid_out_once():
         assert torch.equal(batch.positions[index], torch.arange(len(seq)))
 
 
-def test_logprobs_and_gradients_equal_one_sequence_at_a_time():
+def test_logprobs_and_gradients_equal_one_sequence_at_a_time(layout):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(_config()).train()  # train mode: no dropout to apply, so the lean path is exact
     view = gpt2_view(model)
@@ -65,7 +86,7 @@ def test_logprobs_and_gradients_equal_one_sequence_at_a_time():
         torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_rewards_pool_where_hugging_face_pools():
+def test_rewards_pool_where_hugging_face_pools(layout):
     torch.manual_seed(0)
     model = GPT2ForSequenceClassification(_config(num_labels=1)).eval()
     view = gpt2_view(model)
