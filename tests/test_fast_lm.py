@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rlhf_envs.fast_lm import GPT2Decoder, PromptKVCache, ViewCache, _SegmentLayout, gpt2_view
+from rlhf_envs.fast_lm import GPT2Decoder, PromptKVCache, ViewCache, _GeluTanh, _SegmentLayout, gpt2_view
 from rlhf_envs.sampling import SamplingConfig, generate, positions_from_mask, response_logprobs
 from rlhf_envs.text_common import TextTask, tiny_causal_lm
 
@@ -306,3 +306,18 @@ def test_token_env_reference_exact_over_staggered_episodes_and_compactions():
             if terminated[row]:
                 responses[row] = []
     assert compactions >= 2
+
+
+def test_training_gelu_matches_torch_tanh_gelu_and_its_gradient():
+    x = torch.linspace(-8, 8, 4001, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_GeluTanh.apply, (x[::40].detach().clone().requires_grad_(),))
+    ours = _GeluTanh.apply(x)
+    theirs = torch.nn.functional.gelu(x, approximate="tanh")
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(x)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0],
+                               atol=1e-12, rtol=1e-12)
+    x32 = x.detach().float().requires_grad_()
+    torch.testing.assert_close(torch.autograd.grad(_GeluTanh.apply(x32), x32, grad.float())[0],
+                               torch.autograd.grad(torch.nn.functional.gelu(x32, approximate="tanh"), x32, grad.float())[0],
+                               atol=2e-6, rtol=1e-5)
