@@ -170,11 +170,17 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     loss_of = DPO_LOSSES[config.loss_type]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
-    def collate(indices: list[int], packed: bool) -> tuple:
-        """The pairs of ``indices``: packed (prompt once, then chosen and rejected), or right-padded
-        with every chosen sequence before every rejected one."""
+    def collate(indices: list[int], packed: bool, by_prompt: bool = False) -> tuple:
+        """The pairs of ``indices``: packed (prompt once, then chosen and rejected; with ``by_prompt``,
+        consecutive pairs of the same prompt share one group, so that prompt runs once for all of
+        them), or right-padded with every chosen sequence before every rejected one."""
         if packed:
-            batch = pack_groups([[data.input_ids[2 * i], data.input_ids[2 * i + 1]] for i in indices])
+            groups: list[list[torch.Tensor]] = []
+            for n, i in enumerate(indices):
+                if not (by_prompt and n and prompt_of[i] == prompt_of[indices[n - 1]]):
+                    groups.append([])
+                groups[-1] += [data.input_ids[2 * i], data.input_ids[2 * i + 1]]
+            batch = pack_groups(groups)
             starts = data.prompt_lengths[[2 * i + k for i in indices for k in (0, 1)]].tolist()
             return (batch.to(device), *(t.to(device, non_blocking=True) for t in batch.targets(starts)))
         rows = [2 * i for i in indices] + [2 * i + 1 for i in indices]
@@ -199,14 +205,24 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     ref_packed = gpt2_view(reference) is not None
     ref_split = None if ref_packed else split_lm_head(reference)
     ref_logps = torch.empty(len(records), 2, device=device)
-    # Pairs sorted by their longer sequence: each reference batch is padded to nearly its own length
-    # (a row's log-probs do not depend on the other rows): 36% less time in this pass on the corpus pairs
-    # of benchmarks/bench_trainers.py.
-    by_length = sorted(range(len(records)), key=lambda i: max(len(data.input_ids[2 * i]), len(data.input_ids[2 * i + 1])))
+    # The pass may take the pairs in any order (a sequence's log-probs do not depend on the others).
+    # Pairs sorted by their longer sequence: each batch is padded to nearly its own length (36% less
+    # time in this pass on the corpus pairs of benchmarks/bench_trainers.py, before the packed path).
+    # Packed, pairs of one prompt come together (prompts ordered by their longest pair) and share one
+    # group: the prompt runs once for all of them.
+    prompt_of = [tuple(data.input_ids[2 * i][: int(data.prompt_lengths[2 * i])].tolist()) for i in range(len(records))]
+    longest = [max(len(data.input_ids[2 * i]), len(data.input_ids[2 * i + 1])) for i in range(len(records))]
+    order = sorted(range(len(records)), key=longest.__getitem__)
+    if ref_packed:
+        by_prompt: dict[tuple, list[int]] = {}
+        for i in order:
+            by_prompt.setdefault(prompt_of[i], []).append(i)
+        order = [i for group in sorted(by_prompt.values(), key=lambda g: longest[g[-1]]) for i in group]
     with torch.inference_mode(), autocast, adapters_off:
         for first in range(0, len(records), 2 * config.batch_size):
-            indices = by_length[first : first + 2 * config.batch_size]
-            ref_logps[indices] = logps_of(reference, ref_split, collate(indices, ref_packed)).view(2, -1).T
+            indices = order[first : first + 2 * config.batch_size]
+            logps = logps_of(reference, ref_split, collate(indices, ref_packed, by_prompt=True))
+            ref_logps[indices] = logps.view(2, -1).T
     del reference, ref_split
     ref_seconds = time.perf_counter() - start
 

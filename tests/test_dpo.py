@@ -99,3 +99,30 @@ def test_separate_reference_equals_the_default_reference(tmp_path):
     separate = train_dpo(DPOConfig(output_dir=str(tmp_path / "separate"), ref_model_path=str(lm), **common))
     assert separate.metrics["loss"] == pytest.approx(own.metrics["loss"], abs=1e-6)
     assert separate.metrics["rewards/margins"] == pytest.approx(own.metrics["rewards/margins"], abs=1e-6)
+
+
+def test_reference_logps_equal_the_untrained_policys_in_every_batch(tmp_path):
+    """The reference pass (inference, prompts shared by all their pairs, any order) and the training
+    forward agree: with a learning rate too small to move a weight, every batch's loss is log 2."""
+    import json
+    import math
+
+    rng = random.Random(1)
+    pairs = []
+    for _ in range(12):  # four pairs per prompt, responses of different lengths
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+        for _ in range(4):
+            pairs.append({"prompt": prompt, "chosen": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
+                          "rejected": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))})
+    rng.shuffle(pairs)
+    lm = make_tiny_lm(tmp_path / "lm")
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    train_dpo(DPOConfig(model_path=str(lm), data_path=str(data), output_dir=str(tmp_path / "dpo"), batch_size=8,
+                        learning_rate=1e-30, eval_fraction=0.0, log_every=1, torch_threads=1, progress=False))
+    logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in logged if "loss" in row]
+    assert len(losses) == 6
+    for row in logged:
+        if "loss" in row:
+            assert row["loss"] == pytest.approx(math.log(2), abs=1e-6)
+            assert abs(row["rewards/margins"]) < 1e-6
