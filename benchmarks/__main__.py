@@ -25,6 +25,7 @@ SCRIPTS = {
     "ppo_iteration": ["benchmarks.bench_ppo_iteration", "--threads", "1"],
     "breakdown": ["benchmarks.bench_breakdown", "--threads", "1"],
     "trainers": ["benchmarks.bench_trainers"],
+    "trainers_2threads": ["benchmarks.bench_trainers", "--threads", "2", "--out", str(RESULTS_DIR / "trainers_2threads.json")],
     "lora": ["benchmarks.bench_lora"],
     "reliability": ["benchmarks.bench_reliability"],
     "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
@@ -68,13 +69,16 @@ def tables() -> str:
         if (t := d.get("token_step")) is not None:
             perf.append(f"| `TextToken` vector step, {t['num_envs']} envs: reference on our lean GPT-2 forward vs Hugging Face's forward "
                         f"({threads}) | {_f(t['lean_median_s'] * 1000)} ms | {_f(t['hf_median_s'] * 1000)} ms | {_f(t['speedup'])}x | bench_sampling |")
-    if (d := _load("trainers")) is not None:
+    for file in ("trainers", "trainers_2threads"):
+        if (d := _load(file)) is None:
+            continue
+        threads = f"{d['settings']['threads']} thread{'s' if d['settings']['threads'] > 1 else ''}"
         for name, r in d["results"].items():
             for variant, key in (("matched settings", "trl"), ("as shipped", "trl_shipped")):
                 if key not in r["median"]:
                     continue
                 ours, peer = r["median"]["ours"], r["median"][key]
-                perf.append(f"| {name.upper()} {r['unit']} vs TRL `{r['trl_trainer']}` ({variant}); peak RSS MiB | "
+                perf.append(f"| {name.upper()} {r['unit']} vs TRL `{r['trl_trainer']}` ({variant}; {threads}); peak RSS MiB | "
                             f"{_f(ours['per_second'], 1)}; {_f(ours['peak_rss_mib'], 0)} | {_f(peer['per_second'], 1)}; {_f(peer['peak_rss_mib'], 0)} | "
                             f"{_f(ours['per_second'] / peer['per_second'])}x | bench_trainers |")
     if (d := _load("ppo_iteration")) is not None:

@@ -25,9 +25,10 @@ log-probs of DPO on both sides: ours computes them in one pass over the data bef
 TRL (``precompute_ref_log_probs=False`` in both variants, its default) runs the reference model on
 every batch inside the loop.
 
-    python -m benchmarks.bench_trainers [--quick] [--device cpu|cuda] [--repeats 3] [--threads 2]
+    python -m benchmarks.bench_trainers [--quick] [--device cpu|cuda] [--repeats 3] [--threads 2] [--out PATH]
 
-Writes ``benchmarks/results/trainers.json`` (``trainers_cuda.json`` with ``--device cuda``).
+Writes ``benchmarks/results/trainers.json`` (``trainers_cuda.json`` with ``--device cuda``; ``python -m
+benchmarks`` also runs it on two threads into ``trainers_2threads.json``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import RESULTS_DIR, print_table, write_json
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -296,6 +297,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on both sides (default 1: on a shared 2-core machine, 2 threads oversubscribe)")
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    parser.add_argument("--out", default=None,
+                        help="results file (default benchmarks/results/trainers.json, trainers_cuda.json with --device cuda)")
     parser.add_argument("--worker", nargs=2, metavar=("ALGORITHM", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
@@ -350,7 +353,8 @@ def main() -> None:
 
     print_table(f"Training throughput, ours vs TRL {trl.__version__} ({args.device}, {steps} steps of "
                 f"{settings.batch_size}, median of {repeats})", rows)
-    write_json("trainers_cuda" if args.device == "cuda" else "trainers", {
+    out = Path(args.out) if args.out else RESULTS_DIR / ("trainers_cuda.json" if args.device == "cuda" else "trainers.json")
+    write_json(out.stem, {
         "command": "python -m benchmarks.bench_trainers " + " ".join(sys.argv[1:]),
         "trl_version": trl.__version__,
         "settings": asdict(settings), "repeats": repeats, **inputs,
@@ -361,7 +365,7 @@ def main() -> None:
                   "trl_shipped": "TRL with only the experiment set, everything else at its config defaults"},
         "target": "target_met: ours/TRL >= target_speedup (ratio of medians) and memory_ratio (ours/TRL) <= 1.0",
         "results": results,
-    })
+    }, out.parent)
 
 
 if __name__ == "__main__":
