@@ -119,10 +119,11 @@ class PackedBatch:
     def to(self, device: torch.device) -> PackedBatch:
         """The tensors the forward reads moved to ``device`` (the CPU grids and ``sequences`` stay)."""
         move = {name: getattr(self, name).to(device, non_blocking=True) for name in ("tokens", "positions", "gather", "owner")}
-        if self.segments is not None:
-            move["segments"] = Segments(*(t.to(device, non_blocking=True) for t in
-                                          (self.segments.gather, self.segments.owner, self.segments.allowed)))
-        return replace(self, **move)
+        segments = self.segments
+        if segments is not None:  # only CPU forwards read them (see hidden)
+            segments = None if torch.device(device).type != "cpu" else \
+                Segments(*(t.to(device) for t in (segments.gather, segments.owner, segments.allowed)))
+        return replace(self, **move, segments=segments)
 
     def hidden(self, view: GPT2View, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states before ``ln_f`` (differentiable) from :meth:`GPT2View.packed_forward`: ``[N, D]``,
