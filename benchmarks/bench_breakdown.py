@@ -34,7 +34,8 @@ from benchmarks.common import median_time, print_table, write_json
 MATMUL = ("aten::addmm", "aten::mm", "aten::bmm")
 ATTENTION = ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data")
 FAMILIES = {
-    # an operator's family is decided by its name and the names of the events it ran inside
+    # an operator's family is decided by its name and the names of the events it ran inside; GELU counts
+    # the training forward's and backward's (the reference pass's in-place GELU is plain element-wise ops)
     "matrix multiplies (projections, LM head)": lambda name, within: name in ("aten::addmm", "aten::mm"),
     "attention (batched products, softmax or SDPA; forward and backward)":
         lambda name, within: name in ATTENTION or "scaled_dot_product" in name,
