@@ -418,7 +418,7 @@ class GPT2View:
 
     def packed_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
                       wanted: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                      ) -> torch.Tensor:
+                      kv_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Teacher-forced hidden states ``[M, D]`` (before ``ln_f``) at the ``M`` positions where ``wanted [B, L]`` is True.
 
         Row-major order; ``wanted`` must lie inside ``mask [B, L]``. Row ``b``'s real tokens
@@ -436,6 +436,10 @@ class GPT2View:
         padded row per sequence. One flat buffer holds the three grids: each layer fills it with one
         ``index_copy_`` of ``hd``-wide rows (plus one for the past), and the outputs come back with
         one ``index_select``.
+
+        With ``kv_out = (table, rows)`` every layer's keys and values of the real tokens are also
+        written to ``table [n, n_layer, 2, H, L, hd]`` (the :class:`PromptKVCache` layout): row ``b``'s
+        token in column ``j`` goes to ``table[rows[b], layer, :, :, j]``.
         """
         heads, hd = self.n_head, self.head_dim
         device = mask.device
@@ -474,12 +478,22 @@ class GPT2View:
             target = torch.from_numpy(target.reshape(-1)).to(device)
             kv_rows = kv.reshape(-1, hd)
             layer_stride = 2 * heads * span
+        if kv_out is not None:
+            table, out_rows = kv_out[0], kv_out[1].cpu().numpy()
+            out_span = table.shape[-2]
+            # table.view(-1, hd) row of (table row n, layer i, part c, head h, column j), as for the past above
+            out_index = (((out_rows[b_new] * len(self.layers))[:, None, None] * 2 + np.arange(2)[:, None]) * heads
+                         + h) * out_span + col.cpu().numpy()[:, None, None]
+            out_index = torch.from_numpy(out_index.reshape(-1)).to(device)
+            out_flat = table.view(-1, hd)
         q_shape, kv_shape = (n_rows, heads, q_width, hd), (n_rows, heads, width, hd)
         for i, layer in enumerate(self.layers):
             if past is not None:
                 buffer.index_copy_(0, target, kv_rows.index_select(0, source + i * layer_stride))
             qkv = _proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
             buffer.index_copy_(0, cells, qkv.view(-1, hd))
+            if kv_out is not None:
+                out_flat.index_copy_(0, out_index + i * 2 * heads * out_span, qkv[:, self.d_model :].reshape(-1, hd))
             att = _attention(buffer[: bases[1]].view(q_shape), buffer[bases[1] : bases[2]].view(kv_shape),
                              buffer[bases[2] :].view(kv_shape), attn_mask, layer.scaling)
             att = att.view(-1, hd).index_select(0, outputs).view(-1, self.d_model)
@@ -590,9 +604,14 @@ class PromptKVCache:
             self.fingerprint = fingerprint
         missing = index[~self.ready[index]].unique()
         if missing.numel():
-            decoder = GPT2Decoder(view, self.prompt_ids[missing], self.prompt_mask[missing], 0)
-            self.last_hidden[missing] = decoder.prefill_hidden()
-            self.kv[missing] = torch.stack([torch.stack(pair, dim=1) for pair in decoder.cache], dim=1)
+            # One packed forward over the prompts' real tokens (no padding) writes their keys and values
+            # into the table; a left-padded row's last column is its last prompt token.
+            mask = self.prompt_mask[missing]
+            last = torch.zeros_like(mask)
+            last[:, -1] = True
+            positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+            self.last_hidden[missing] = view.packed_hidden(self.prompt_ids[missing], mask, positions, last,
+                                                           kv_out=(self.kv, missing))
             self.ready[missing] = True
         return self.kv, self.last_hidden[index]
 

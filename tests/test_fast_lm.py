@@ -194,6 +194,23 @@ def test_reference_scoring_equals_teacher_forced_hf(tokenizer, monkeypatch, cach
 
 
 @pytest.mark.parametrize("cache_bytes", [256 * 2**20, 0])
+def test_cache_prompts_fills_the_reference_prompt_cache_ahead_of_steps(tokenizer, monkeypatch, cache_bytes):
+    monkeypatch.setattr("rlhf_envs.text_common._PROMPT_CACHE_BYTES", cache_bytes)
+    task = TextTask(model=(_gpt2(seed=3), tokenizer), reward_model=lambda p, r: [0.0] * len(p), prompts=PROMPTS,
+                    max_new_tokens=5, temperature=0.8)
+    assert task.cache_prompts(batch_size=3) == (cache_bytes > 0)  # 3 does not divide the prompt count
+    if cache_bytes:
+        assert bool(task._ref_prompt_cache.ready.all())
+    index = torch.arange(len(PROMPTS))
+    response_ids = torch.randint(0, 256, (len(PROMPTS), 5), generator=torch.Generator().manual_seed(1))
+    response_mask = task.response_mask(response_ids)
+    response_ids = response_ids.masked_fill(~response_mask, PAD)
+    ref, _ = task.ref_logprobs(index, response_ids, response_mask, full=False)
+    expected, _ = _reference_logprobs(task, index, response_ids, response_mask)
+    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cache_bytes", [256 * 2**20, 0])
 def test_reference_scoring_exact_when_rows_share_the_attention_grid(tokenizer, monkeypatch, cache_bytes):
     """Many responses of very different lengths: short ones are packed beside long ones in a grid row."""
     monkeypatch.setattr("rlhf_envs.text_common._PROMPT_CACHE_BYTES", cache_bytes)
