@@ -64,8 +64,13 @@ def tables() -> str:
                     f"top-k {d['sampling']['top_k']}, top-p {d['sampling']['top_p']}; {threads}) | {_f(s['rlhf_envs.generate']['tokens_per_s'], 0)} | "
                     f"{_f(s['hf.generate']['tokens_per_s'], 0)} | {_f(d['speedup_vs_hf'])}x | bench_sampling |")
         b = d["bandit_step"]
-        perf.append(f"| `TextBandit` scoring step (reference pass + reward) vs sampling the {b['num_envs']} responses ({threads}) | "
-                    f"{_f(b['step_median_s'] * 1000, 0)} ms | {_f(b['sample_median_s'] * 1000, 0)} ms | {_f(b['step_over_sample'])} of it | bench_sampling |")
+        perf.append(f"| `TextBandit` scoring step (reference pass + reward) vs sampling the {b['num_envs']} responses, prompts the reference "
+                    f"has seen before ({threads}) | {_f(b['step_median_s'] * 1000, 1)} ms | {_f(b['sample_median_s'] * 1000, 1)} ms | "
+                    f"{_f(b['step_over_sample'], 3)} of it | bench_sampling |")
+        if "first_sight_step_median_s" in b:
+            perf.append(f"| the same step on prompts the reference meets for the first time ({threads}) | "
+                        f"{_f(b['first_sight_step_median_s'] * 1000, 1)} ms | {_f(b['sample_median_s'] * 1000, 1)} ms | "
+                        f"{_f(b['first_sight_step_over_sample'], 3)} of it | bench_sampling |")
         if (t := d.get("token_step")) is not None:
             perf.append(f"| `TextToken` vector step, {t['num_envs']} envs: reference on our lean GPT-2 forward vs Hugging Face's forward "
                         f"({threads}) | {_f(t['lean_median_s'] * 1000)} ms | {_f(t['hf_median_s'] * 1000)} ms | {_f(t['speedup'])}x | bench_sampling |")
