@@ -2,10 +2,20 @@
 
 Every model answers the same held-out prompts once (same sampler, same settings). Scoring runs
 through the TextBandit machinery itself (:func:`rlhf_envs.text_bandit.score_responses` with the
-reference as the env's ``ref_model`` and the gold reward as its reward model), so the KL reported
-here is computed exactly as the KL the agents were trained against: the per-token k1 estimate
-summed over the response, ``log pi(y|x) - log ref(y|x)``, averaged over prompts (an unbiased
-estimate of ``KL(pi || ref)``).
+reference as the env's ``ref_model`` and the gold reward as its reward model).
+
+The KL to the reference, ``KL(pi || ref)`` over whole responses, is reported two ways, both
+averaged over prompts and both unbiased for the same quantity:
+
+- ``kl_to_<ref>``: at every position of each sampled response, the exact KL between the two
+  next-token distributions (a sum over the vocabulary, the env's ``exact`` estimator), summed over
+  the response. By the chain rule its mean over sampled responses is the sequence-level KL; it
+  averages out the choice of each token, so its standard error is several times smaller than k1's
+  (:mod:`rlhf_envs.kl`). The pipeline's KL budget and its snapshot choice use this one.
+- ``kl_to_<ref>_k1``: the sampled log-ratio ``log pi(y|x) - log ref(y|x)`` summed over the
+  response (the k1 estimate the agents train against).
+
+Each comes with its standard error over prompts (``..._stderr``).
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from tqdm.auto import tqdm
 
 from agents.elo import elo_ratings, win_rate
 from rlhf_envs.lm import load_causal_lm
-from rlhf_envs.sampling import generate
+from rlhf_envs.fast_lm import gpt2_view
+from rlhf_envs.sampling import (Generation, SamplingConfig, generate, positions_from_mask,
+                                processed_logprobs, response_logprobs)
 from rlhf_envs.text_bandit import score_responses
 from rlhf_envs.text_common import TextTask
 
@@ -59,12 +71,20 @@ class ModelSamples:
     gold: np.ndarray
     kl: np.ndarray
     proxy: np.ndarray | None
+    kl_k1: np.ndarray | None = None
+    """per response, the sampled log-ratio summed (``kl`` itself is the task's estimator; see the module docstring)."""
 
 
 def sample_and_score(task: TextTask, model, config: EvalConfig, proxy=None) -> ModelSamples:
-    """Sample one response per prompt of ``task`` and score it (gold reward, KL to the task's reference)."""
+    """Sample one response per prompt of ``task`` and score it (gold reward, KL to the task's reference).
+
+    With ``task.kl_estimator == "exact"`` the model's full next-token distributions along each
+    response come from one teacher-forced forward after sampling (the sampler keeps only the
+    sampled tokens' log-probs), so ``kl`` is the per-position exact KL summed over the response.
+    """
     generator = torch.Generator().manual_seed(config.seed)
-    responses, gold, kl = [], [], []
+    exact = task.kl_estimator == "exact"
+    responses, gold, kl, kl_k1 = [], [], [], []
     n = len(task.prompts)
     for start in range(0, n, config.batch_size):
         idx = np.arange(start, min(start + config.batch_size, n))
@@ -77,14 +97,46 @@ def sample_and_score(task: TextTask, model, config: EvalConfig, proxy=None) -> M
         tokens[:, :gen.response_ids.shape[1]] = gen.response_ids
         logprobs = torch.zeros(len(idx), width)
         logprobs[:, :gen.logprobs.shape[1]] = gen.logprobs
-        _, info = score_responses(task, idx, tokens.numpy(), (logprobs, None))
+        full = None
+        if exact:
+            full = torch.zeros(len(idx), width, task.vocab_size)
+            full[:, :gen.response_ids.shape[1]] = _full_logprobs(model, prompt_ids, prompt_mask, gen, task.sampling)
+        _, info = score_responses(task, idx, tokens.numpy(), (logprobs, full))
         responses.extend(info["response"].tolist())
         gold.append(info["score"])
         kl.append(info["kl"])
+        kl_k1.append((info["logprobs"] - info["ref_logprobs"]).sum(-1))
     proxy_scores = None
     if proxy is not None:
         proxy_scores = np.asarray(proxy.score(list(task.prompts), responses), dtype=np.float64)
-    return ModelSamples(responses, np.concatenate(gold), np.concatenate(kl), proxy_scores)
+    return ModelSamples(responses, np.concatenate(gold), np.concatenate(kl), proxy_scores, np.concatenate(kl_k1))
+
+
+@torch.inference_mode()
+def _full_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: Generation,
+                   cfg: SamplingConfig) -> torch.Tensor:
+    """``[B, T, V]`` the model's processed next-token log-distributions along ``gen``'s responses (0 past them).
+
+    A ``GPT2LMHeadModel`` runs the lean packed forward (no padding, LM head only where a response
+    token is predicted: twice as fast as Hugging Face's forward here); any other model
+    :func:`rlhf_envs.sampling.response_logprobs`.
+    """
+    view = gpt2_view(model)
+    if view is None:
+        full = response_logprobs(model, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask, cfg, return_full=True)[1]
+        return full.masked_fill(~gen.response_mask[..., None], 0.0)
+    ids = torch.cat([prompt_ids, gen.response_ids], dim=1)
+    mask = torch.cat([prompt_mask.bool(), gen.response_mask], dim=1)
+    predicts = torch.zeros_like(mask)
+    predicts[:, prompt_ids.shape[1] - 1 : -1] = gen.response_mask
+    picked = processed_logprobs(view.logits(view.packed_hidden(ids, mask, positions_from_mask(mask), predicts)).float(), cfg)
+    full = picked.new_zeros(gen.response_mask.shape + picked.shape[-1:])
+    full[gen.response_mask] = picked
+    return full
+
+
+def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def evaluate_models(config: EvalConfig) -> dict:
@@ -93,7 +145,7 @@ def evaluate_models(config: EvalConfig) -> dict:
     from rlhf_envs.rewards import make_reward_model
 
     prompts = config.prompts or make_prompts(config.n_prompts, config.prompt_seed)
-    task = TextTask(config.models[config.reference], config.gold_reward, prompts, beta=0.0, kl_estimator="k1",
+    task = TextTask(config.models[config.reference], config.gold_reward, prompts, beta=0.0, kl_estimator="exact",
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     proxy = make_reward_model("learned", path=config.reward_model_path) if config.reward_model_path else None
     samples: dict[str, ModelSamples] = {}
@@ -104,12 +156,16 @@ def evaluate_models(config: EvalConfig) -> dict:
     elo = elo_ratings({name: s.gold for name, s in samples.items()}) if len(samples) > 1 else {config.reference: 1000.0}
     rows = []
     for name, s in samples.items():
+        kl, kl_stderr = _mean_and_stderr(s.kl)
+        kl_k1, kl_k1_stderr = _mean_and_stderr(s.kl_k1)
         rows.append({
             "model": name,
             "gold_reward": float(s.gold.mean()),
             "proxy_reward": None if s.proxy is None else float(s.proxy.mean()),
-            f"kl_to_{config.reference}": float(s.kl.mean()),
-            f"kl_to_{config.reference}_stderr": float(s.kl.std(ddof=1) / np.sqrt(len(s.kl))) if len(s.kl) > 1 else 0.0,
+            f"kl_to_{config.reference}": kl,
+            f"kl_to_{config.reference}_stderr": kl_stderr,
+            f"kl_to_{config.reference}_k1": kl_k1,
+            f"kl_to_{config.reference}_k1_stderr": kl_k1_stderr,
             f"win_rate_vs_{config.reference}": win_rate(s.gold, ref.gold),
             "elo": elo[name],
         })

@@ -129,7 +129,7 @@ def write_report(out: Path, config, evaluation: dict, curves: dict, summary: dic
     plot_ppo_training(out / "ppo_training.png", read_jsonl(out / "ppo" / "metrics.jsonl"))
     plot_dpo_training(out / "dpo_training.png", read_jsonl(out / "dpo" / "metrics.jsonl"))
     plot_gold_vs_kl(out / "gold_vs_kl.png", curves["points"])
-    columns = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "win_rate_vs_sft", "elo"]
+    columns = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "kl_to_sft_k1", "win_rate_vs_sft", "elo"]
     examples = "\n".join(
         f"- **{e['prompt']}**\n" + "\n".join(f"  - {name}: {e[name]!r}" for name in ("base", "sft", "ppo", "dpo"))
         for e in evaluation["examples"][:4])
@@ -137,7 +137,9 @@ def write_report(out: Path, config, evaluation: dict, curves: dict, summary: dic
 
 Base model `{config.model_path or 'embedded default'}`, seed {config.seed}, {evaluation['n_prompts']} held-out prompts,
 one sampled response each (temperature 1). Gold reward: VADER sentiment (compound, in [-1, 1]). Proxy reward: the
-reward model trained on gold-ranked SFT samples. KL: k1 estimate of KL(model || SFT) in nats per response. Win rate:
+reward model trained on gold-ranked SFT samples. KL (`kl_to_sft`): KL(model || SFT) in nats per response, as the
+exact KL between the two next-token distributions at every position of the sampled response, summed, with its standard
+error over prompts; `kl_to_sft_k1` is the sampled log-ratio (k1) estimate of the same quantity, noisier. Win rate:
 share of prompts where the model's response has a higher gold reward than SFT's (ties count half). Elo: Bradley-Terry
 maximum likelihood over all head-to-head games judged by the gold reward, mean 1000.
 
