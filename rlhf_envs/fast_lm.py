@@ -347,8 +347,9 @@ class GPT2View:
         token takes (:func:`agents.packing.pack_groups` builds them). Layer norms, projections and
         the MLP run on the ``N`` tokens only. With gradients recorded nothing is written in place, so
         autograd sees every op and gradients reach the model's parameters (a token gathered into
-        several rows sums its gradients); without (a reference pass), the GELU runs in place and
-        attention as two matmuls.
+        several rows sums its gradients); without (a reference pass), the GELU runs in place. Causal
+        rows go through SDPA's causal kernel with or without gradients (see
+        :data:`agents.packing.SEGMENT_INFERENCE_WIDTH` for when a reference pass takes them on CPU).
 
         With ``keep`` (e.g. the tokens that predict a target, or each sequence's last token for a
         reward model), the last layer's per-token work after attention (its output projection, layer
@@ -362,9 +363,6 @@ class GPT2View:
         for the backward pass, so callers pass it for short rows only).
         """
         width = gather.numel() // rows
-        grad = torch.is_grad_enabled()
-        causal = None if grad or attn_mask is not None else _additive(
-            torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril_(), self.dtype)
         x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -372,10 +370,8 @@ class GPT2View:
             q, k, v = qkv.index_select(0, gather).view(rows, width, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
             if attn_mask is not None:
                 att = _attention(q, k, v, attn_mask, layer.scaling)
-            elif grad:
-                att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling)
             else:
-                att = _attention(q, k, v, causal, layer.scaling)
+                att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling)
             cells = owner
             if keep is not None and i == last:
                 cells, x = owner.index_select(0, keep), x.index_select(0, keep)

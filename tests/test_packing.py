@@ -34,11 +34,14 @@ def _groups() -> list[list[torch.Tensor]]:
     ]
 
 
-@pytest.fixture(params=["segments", "rows"])
+@pytest.fixture(params=["segments", "rows", "wide"])
 def layout(request, monkeypatch):
-    """Attention on the segment layout (several sequences per grid row, the CPU default) or one causal row per sequence."""
+    """Attention on the segment layout (several sequences per grid row, the CPU default), one causal row per
+    sequence, or ("wide") rows too wide for the segment layout without gradients (a reference pass then takes causal rows)."""
     if request.param == "rows":
         monkeypatch.setattr(agents.packing, "SEGMENT_ATTENTION_BYTES", 0)
+    if request.param == "wide":
+        monkeypatch.setattr(agents.packing, "SEGMENT_INFERENCE_WIDTH", 0)
     return request.param
 
 
@@ -82,6 +85,9 @@ def test_logprobs_and_gradients_equal_one_sequence_at_a_time(layout):
     alone = torch.stack(alone)
     alone.sum().backward()
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # a reference pass: in-place GELU, and attention as the layout says
+        torch.testing.assert_close(batch.sequence_logps(view, predictor, targets, sequence), alone.detach(),
+                                   atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
