@@ -26,9 +26,14 @@ TRL (``precompute_ref_log_probs=False`` in both variants, its default) runs the 
 every batch inside the loop.
 
     python -m benchmarks.bench_trainers [--quick] [--device cpu|cuda] [--repeats 3] [--threads 2] [--out PATH]
+                                        [--data reviews|shakespeare] [--algorithms sft rm dpo]
 
-Writes ``benchmarks/results/trainers.json`` (``trainers_cuda.json`` with ``--device cuda``; ``python -m
-benchmarks`` also runs it on two threads into ``trainers_2threads.json``).
+Writes ``benchmarks/results/trainers.json`` (``trainers_cuda.json`` with ``--device cuda``,
+``trainers_shakespeare.json`` with ``--data shakespeare``; ``python -m benchmarks`` also runs it on two
+threads into ``trainers_2threads.json``, and on the Shakespeare data). The review pairs are short
+(about 14 tokens a sequence); ``--data shakespeare`` takes long ones from the public-domain text in
+``../shared/data`` (about 94 tokens, near ``max_length``), where attention and the padding TRL
+computes weigh more.
 """
 
 from __future__ import annotations
@@ -133,15 +138,77 @@ def preference_pairs(n: int, seed: int) -> list[dict[str, str]]:
     return pairs[:n]
 
 
-def write_inputs(workdir: Path, settings: Settings) -> dict:
-    """The model directory and both JSONL datasets (one pass = ``steps * batch_size`` examples)."""
+SHAKESPEARE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+"""The public-domain text of ``--data shakespeare`` (read from there, never copied into the repository)."""
+
+
+def _cut(text: str, chars: int) -> str:
+    """``text`` cut to at most ``chars`` characters, at a word boundary."""
+    return text if len(text) <= chars else text[:chars].rsplit(" ", 1)[0]
+
+
+def shakespeare_data(n: int, seed: int, path: Path = SHAKESPEARE) -> tuple[list[dict], list[dict]]:
+    """``n`` demonstrations and ``n`` preference pairs from the speeches of tinyshakespeare: long sequences.
+
+    A speech's first two lines (the speaker's name and the first line) are the prompt. The
+    demonstration's completion is the rest of the speech; a pair's two answers are that rest and
+    the lines of another speech, each cut at a word boundary to 100-400 characters, ranked by the
+    gold VADER reward (ties skipped). With the embedded tokenizer a prompt and an answer come to
+    about 94 tokens on average, so the trainers run near ``max_length`` 128, where the review pairs
+    of :func:`preference_pairs` average 14.
+    """
+    import random
+
+    from rlhf_envs.rewards import SentimentReward
+
+    if not path.is_file():
+        raise SystemExit(f"--data shakespeare reads {path}, which does not exist (the repository's ../shared/data)")
+    speeches = [block.strip().split("\n") for block in path.read_text().split("\n\n")]
+    speeches = [lines for lines in speeches if len(lines) >= 3]
+    rng, gold = random.Random(seed), SentimentReward()
+    demos, pairs = [], []
+    while len(demos) < n or len(pairs) < n:
+        candidates = []
+        for _ in range(n):
+            own, other = rng.sample(speeches, 2)
+            prompt = "\n".join(own[:2])
+            answers = [" " + _cut("\n".join(own[2:]), rng.randint(100, 400)),
+                       " " + _cut("\n".join(other[1:]), rng.randint(100, 400))]
+            demos.append({"prompt": prompt, "completion": answers[0]})
+            candidates.append((prompt, answers))
+        scores = gold.score([p for p, a in candidates for _ in a], [x for _, a in candidates for x in a]).reshape(-1, 2)
+        pairs += [{"prompt": p, "chosen": a[int(s[1] > s[0])], "rejected": a[int(s[1] <= s[0])]}
+                  for (p, a), s in zip(candidates, scores) if s[0] != s[1]]
+    return demos[:n], pairs[:n]
+
+
+def write_inputs(workdir: Path, settings: Settings, data: str = "reviews") -> dict:
+    """The model directory and both JSONL datasets (one pass = ``steps * batch_size`` examples).
+
+    ``data``: ``reviews`` (the project's corpus: short texts) or ``shakespeare`` (:func:`shakespeare_data`).
+    """
     from rlhf_envs.corpus import make_demonstrations
 
     n = settings.steps * settings.batch_size
     n_params = build_model(workdir / "model", settings.device, settings.seed)
-    for name, rows in (("sft", make_demonstrations(n, settings.seed)), ("pairs", preference_pairs(n, settings.seed))):
+    demos, pairs = shakespeare_data(n, settings.seed) if data == "shakespeare" else \
+        (make_demonstrations(n, settings.seed), preference_pairs(n, settings.seed))
+    for name, rows in (("sft", demos), ("pairs", pairs)):
         (workdir / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return {"n_parameters": n_params, "examples": n}
+    return {"n_parameters": n_params, "examples": n, "data": data, **token_lengths(workdir, settings.max_length)}
+
+
+def token_lengths(workdir: Path, max_length: int) -> dict:
+    """Mean tokens per sequence (prompt and answer, cut at ``max_length``) of both datasets, with the embedded tokenizer."""
+    from rlhf_envs.lm import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    lengths = {}
+    for name, answers in (("sft", ("completion",)), ("pairs", ("chosen", "rejected"))):
+        rows = [json.loads(line) for line in (workdir / f"{name}.jsonl").read_text().splitlines()]
+        counts = [len(tokenizer(row["prompt"] + row[a], truncation=True, max_length=max_length)["input_ids"]) for row in rows for a in answers]
+        lengths[f"mean_tokens_per_sequence_{name}"] = sum(counts) / len(counts)
+    return lengths
 
 
 def _sync(device: str) -> None:
@@ -297,6 +364,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on both sides (default 1: on a shared 2-core machine, 2 threads oversubscribe)")
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    parser.add_argument("--data", choices=("reviews", "shakespeare"), default="reviews",
+                        help="reviews: the project's corpus (about 14 tokens a sequence); shakespeare: speeches from "
+                             "../shared/data/tinyshakespeare.txt (about 94, near max length 128)")
     parser.add_argument("--out", default=None,
                         help="results file (default benchmarks/results/trainers.json, trainers_cuda.json with --device cuda)")
     parser.add_argument("--worker", nargs=2, metavar=("ALGORITHM", "SIDE"), help=argparse.SUPPRESS)
@@ -316,7 +386,7 @@ def main() -> None:
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        inputs = write_inputs(workdir, settings)
+        inputs = write_inputs(workdir, settings, args.data)
         for algorithm in args.algorithms:
             runs: dict[str, list[dict]] = {side: [] for side in SIDES}
             for repeat in range(repeats):
@@ -351,9 +421,10 @@ def main() -> None:
                          "matched MiB": median["trl"][memory_key], "shipped MiB": median["trl_shipped"][memory_key]})
     import trl
 
-    print_table(f"Training throughput, ours vs TRL {trl.__version__} ({args.device}, {steps} steps of "
+    print_table(f"Training throughput, ours vs TRL {trl.__version__} ({args.device}, {args.data} data, {steps} steps of "
                 f"{settings.batch_size}, median of {repeats})", rows)
-    out = Path(args.out) if args.out else RESULTS_DIR / ("trainers_cuda.json" if args.device == "cuda" else "trainers.json")
+    default = "trainers" + ("_shakespeare" if args.data == "shakespeare" else "") + ("_cuda" if args.device == "cuda" else "")
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{default}.json"
     write_json(out.stem, {
         "command": "python -m benchmarks.bench_trainers " + " ".join(sys.argv[1:]),
         "trl_version": trl.__version__,
