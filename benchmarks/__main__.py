@@ -109,7 +109,7 @@ def tables() -> str:
                         f"{_f(r['wall_seconds'], 0)} s |")
         out.append("\n".join(rows))
     if (d := _load("shakespeare")) is not None and "rows" in d:
-        cols = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "win_rate_vs_sft", "elo"]
+        cols = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "win_rate_vs_sft", "elo"]
         rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in d["rows"]:
             rows.append("| " + " | ".join(_f(r[c], 3) if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")
