@@ -27,6 +27,7 @@ SCRIPTS = {
     "trainers": ["benchmarks.bench_trainers"],
     "trainers_2threads": ["benchmarks.bench_trainers", "--threads", "2", "--out", str(RESULTS_DIR / "trainers_2threads.json")],
     "trainers_shakespeare": ["benchmarks.bench_trainers", "--data", "shakespeare", "--algorithms", "dpo"],
+    "trainers_shakespeare_bf16": ["benchmarks.bench_trainers", "--data", "shakespeare", "--algorithms", "dpo", "--bf16"],
     "lora": ["benchmarks.bench_lora"],
     "reliability": ["benchmarks.bench_reliability"],
     "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
@@ -75,12 +76,14 @@ def tables() -> str:
         if (t := d.get("token_step")) is not None:
             perf.append(f"| `TextToken` vector step, {t['num_envs']} envs: reference on our lean GPT-2 forward vs Hugging Face's forward "
                         f"({threads}) | {_f(t['lean_median_s'] * 1000)} ms | {_f(t['hf_median_s'] * 1000)} ms | {_f(t['speedup'])}x | bench_sampling |")
-    for file in ("trainers", "trainers_2threads", "trainers_shakespeare"):
+    for file in ("trainers", "trainers_2threads", "trainers_shakespeare", "trainers_shakespeare_bf16"):
         if (d := _load(file)) is None:
             continue
         threads = f"{d['settings']['threads']} thread{'s' if d['settings']['threads'] > 1 else ''}"
         if d.get("data") == "shakespeare":
             threads += f"; long Shakespeare sequences, {d['mean_tokens_per_sequence_pairs']:.0f} tokens on average"
+        if d["settings"].get("bf16"):
+            threads += "; bf16 autocast on both sides"
         for name, r in d["results"].items():
             for variant, key in (("matched settings", "trl"), ("as shipped", "trl_shipped")):
                 if key not in r["median"]:

@@ -6,8 +6,12 @@ same data (demonstrations from :mod:`rlhf_envs.corpus`; preference pairs are two
 prompt ranked by the gold VADER reward), the same batch size, max length, number of optimizer steps
 (one pass over the data), learning rate, device, no evaluation, no checkpoints, logging off and the
 same torch threads. TRL runs in two variants. "Matched" (side ``trl``) also takes ours' linear
-schedule, no warmup or weight decay, clipping at 1.0, fp32 and in-process dataloader, which turns off
-``gradient_checkpointing`` and ``bf16`` (TRL turns both on by default). "As shipped" (side
+schedule, no warmup or weight decay, clipping at 1.0, fp32 (with ``--bf16``, bf16 autocast on both
+sides) and in-process dataloader, which turns off ``gradient_checkpointing`` and (without ``--bf16``)
+``bf16`` (TRL turns both on by default). Each side keeps its own runtime behaviour: ours, with bf16
+on CPU, turns oneDNN's primitive cache off (:func:`agents.lm_common.start_run`); TRL keeps oneDNN's
+default cache, which serves its padded batches' recurring shapes (with the cache off, TRL matched in
+bf16 ran at under half its speed in a trial run on the Shakespeare pairs). "As shipped" (side
 ``trl_shipped``) sets only the experiment and leaves every other field at TRL's config default; the
 JSON's ``trl_shipped_differs_from_matched`` lists, per algorithm, each resolved config field where
 the two variants differ (found by comparing the two configs' ``to_dict()``). Both variants pass
@@ -86,6 +90,8 @@ class Settings:
     threads: int = 1
     device: str = "cpu"
     seed: int = 0
+    bf16: bool = False
+    """bf16 autocast on ours and on TRL matched (TRL as shipped has it on by default either way)."""
 
 
 def build_model(path: Path, device: str, seed: int = 0) -> int:
@@ -237,7 +243,7 @@ def train_ours(algorithm: str, workdir: Path, out: Path, s: Settings, **override
                         seed=s.seed, max_steps=s.steps, batch_size=s.batch_size, max_length=s.max_length,
                         learning_rate=s.learning_rate, lr_schedule="linear", warmup_ratio=0.0, weight_decay=0.0,
                         max_grad_norm=1.0, eval_fraction=0.0, log_every=s.steps, checkpoint_every=0,
-                        device=s.device, torch_threads=s.threads, progress=False, **extra, **overrides)
+                        device=s.device, torch_threads=s.threads, progress=False, bf16=s.bf16, **extra, **overrides)
     return train(config)
 
 
@@ -256,7 +262,7 @@ def trl_config(algorithm: str, side: str, out: Path, s: Settings) -> TrainingArg
                       eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
                       disable_tqdm=True)
     matched = dict(lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                   gradient_checkpointing=False, bf16=False, fp16=False, dataloader_num_workers=0,
+                   gradient_checkpointing=False, bf16=s.bf16, fp16=False, dataloader_num_workers=0,
                    dataloader_pin_memory=s.device == "cuda")
     config_cls, algorithm_matched = {
         "sft": (SFTConfig, dict(completion_only_loss=True)),
@@ -367,6 +373,8 @@ def main() -> None:
     parser.add_argument("--data", choices=("reviews", "shakespeare"), default="reviews",
                         help="reviews: the project's corpus (about 14 tokens a sequence); shakespeare: speeches from "
                              "../shared/data/tinyshakespeare.txt (about 94, near max length 128)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast on ours and on TRL matched (as TRL ships; weights and optimizer stay float32)")
     parser.add_argument("--out", default=None,
                         help="results file (default benchmarks/results/trainers.json, trainers_cuda.json with --device cuda)")
     parser.add_argument("--worker", nargs=2, metavar=("ALGORITHM", "SIDE"), help=argparse.SUPPRESS)
@@ -381,7 +389,7 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device is visible to torch; run on a GPU machine or use --device cpu")
     steps = args.steps or (10 if args.quick else 40)
     repeats = args.repeats or (1 if args.quick else 3)
-    settings = Settings(steps=steps, threads=args.threads, device=args.device)
+    settings = Settings(steps=steps, threads=args.threads, device=args.device, bf16=args.bf16)
     memory_key = "cuda_max_allocated_mib" if args.device == "cuda" else "peak_rss_mib"
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -421,9 +429,11 @@ def main() -> None:
                          "matched MiB": median["trl"][memory_key], "shipped MiB": median["trl_shipped"][memory_key]})
     import trl
 
-    print_table(f"Training throughput, ours vs TRL {trl.__version__} ({args.device}, {args.data} data, {steps} steps of "
+    print_table(f"Training throughput, ours vs TRL {trl.__version__} ({args.device}, {args.data} data"
+                f"{', bf16 autocast' if args.bf16 else ''}, {steps} steps of "
                 f"{settings.batch_size}, median of {repeats})", rows)
-    default = "trainers" + ("_shakespeare" if args.data == "shakespeare" else "") + ("_cuda" if args.device == "cuda" else "")
+    default = "trainers" + ("_shakespeare" if args.data == "shakespeare" else "") + ("_bf16" if args.bf16 else "") + \
+        ("_cuda" if args.device == "cuda" else "")
     out = Path(args.out) if args.out else RESULTS_DIR / f"{default}.json"
     write_json(out.stem, {
         "command": "python -m benchmarks.bench_trainers " + " ".join(sys.argv[1:]),

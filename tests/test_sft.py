@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -92,3 +93,16 @@ def test_config_errors_say_what_to_change():
         SFTConfig(data_path="x.jsonl", batch_size=0)
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         SFTConfig(data_path="x.jsonl", lr_schedule="step")
+
+
+def test_bf16_on_cpu_caps_the_onednn_primitive_cache_unless_set(monkeypatch):
+    from agents.lm_common import ONEDNN_CACHE_VARIABLE, start_run
+
+    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE, raising=False)
+    start_run(SFTConfig(data_path="d.jsonl", device="cpu"))
+    assert ONEDNN_CACHE_VARIABLE not in os.environ  # float32 leaves oneDNN alone
+    start_run(SFTConfig(data_path="d.jsonl", device="cpu", bf16=True))
+    assert os.environ[ONEDNN_CACHE_VARIABLE] == "0"
+    monkeypatch.setenv(ONEDNN_CACHE_VARIABLE, "16")
+    start_run(SFTConfig(data_path="d.jsonl", device="cpu", bf16=True))
+    assert os.environ[ONEDNN_CACHE_VARIABLE] == "16"  # the user's setting wins
