@@ -117,7 +117,9 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if v is None:
             return "n/a"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:.3f}" if abs(v) >= 5e-4 else "0.000"  # no "-0.000" for a KL of -1e-8 (float rounding)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
