@@ -117,9 +117,8 @@ def _full_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, g
                    cfg: SamplingConfig) -> torch.Tensor:
     """``[B, T, V]`` the model's processed next-token log-distributions along ``gen``'s responses (0 past them).
 
-    A ``GPT2LMHeadModel`` runs the lean packed forward (no padding, LM head only where a response
-    token is predicted: twice as fast as Hugging Face's forward here); any other model
-    :func:`rlhf_envs.sampling.response_logprobs`.
+    A ``GPT2LMHeadModel`` runs the lean packed forward (no padding, the LM head only where a
+    response token is predicted); any other model :func:`rlhf_envs.sampling.response_logprobs`.
     """
     view = gpt2_view(model)
     if view is None:
