@@ -243,7 +243,7 @@ def train_ours(algorithm: str, workdir: Path, out: Path, s: Settings, **override
                         seed=s.seed, max_steps=s.steps, batch_size=s.batch_size, max_length=s.max_length,
                         learning_rate=s.learning_rate, lr_schedule="linear", warmup_ratio=0.0, weight_decay=0.0,
                         max_grad_norm=1.0, eval_fraction=0.0, log_every=s.steps, checkpoint_every=0,
-                        device=s.device, torch_threads=s.threads, progress=False, bf16=s.bf16, **extra, **overrides)
+                        device=s.device, torch_threads=s.threads, progress=False, **extra, **{"bf16": s.bf16, **overrides})
     return train(config)
 
 
