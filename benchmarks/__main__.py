@@ -26,7 +26,7 @@ SCRIPTS = {
     "breakdown": ["benchmarks.bench_breakdown", "--threads", "1"],
     "trainers": ["benchmarks.bench_trainers"],
     "trainers_2threads": ["benchmarks.bench_trainers", "--threads", "2", "--out", str(RESULTS_DIR / "trainers_2threads.json")],
-    "trainers_shakespeare": ["benchmarks.bench_trainers", "--data", "shakespeare", "--algorithms", "dpo"],
+    "trainers_shakespeare": ["benchmarks.bench_trainers", "--data", "shakespeare"],
     "trainers_shakespeare_bf16": ["benchmarks.bench_trainers", "--data", "shakespeare", "--algorithms", "dpo", "--bf16"],
     "lora": ["benchmarks.bench_lora"],
     "reliability": ["benchmarks.bench_reliability"],
@@ -79,12 +79,13 @@ def tables() -> str:
     for file in ("trainers", "trainers_2threads", "trainers_shakespeare", "trainers_shakespeare_bf16"):
         if (d := _load(file)) is None:
             continue
-        threads = f"{d['settings']['threads']} thread{'s' if d['settings']['threads'] > 1 else ''}"
-        if d.get("data") == "shakespeare":
-            threads += f"; long Shakespeare sequences, {d['mean_tokens_per_sequence_pairs']:.0f} tokens on average"
-        if d["settings"].get("bf16"):
-            threads += "; bf16 autocast on both sides"
         for name, r in d["results"].items():
+            threads = f"{d['settings']['threads']} thread{'s' if d['settings']['threads'] > 1 else ''}"
+            if d.get("data") == "shakespeare":
+                tokens = d["mean_tokens_per_sequence_" + ("sft" if name == "sft" else "pairs")]
+                threads += f"; long Shakespeare sequences, {tokens:.0f} tokens on average"
+            if d["settings"].get("bf16"):
+                threads += "; bf16 autocast on both sides"
             for variant, key in (("matched settings", "trl"), ("as shipped", "trl_shipped")):
                 if key not in r["median"]:
                     continue
