@@ -31,10 +31,9 @@ from tqdm.auto import tqdm
 from agents.elo import elo_ratings, win_rate
 from rlhf_envs.lm import load_causal_lm
 from rlhf_envs.fast_lm import gpt2_view
-from rlhf_envs.sampling import (Generation, SamplingConfig, generate, positions_from_mask,
-                                processed_logprobs, response_logprobs)
+from rlhf_envs.sampling import Generation, SamplingConfig, generate, processed_logprobs, response_logprobs
 from rlhf_envs.text_bandit import score_responses
-from rlhf_envs.text_common import TextTask
+from rlhf_envs.text_common import TextTask, response_hidden
 
 
 @dataclass
@@ -124,11 +123,8 @@ def _full_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, g
     if view is None:
         full = response_logprobs(model, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask, cfg, return_full=True)[1]
         return full.masked_fill(~gen.response_mask[..., None], 0.0)
-    ids = torch.cat([prompt_ids, gen.response_ids], dim=1)
-    mask = torch.cat([prompt_mask.bool(), gen.response_mask], dim=1)
-    predicts = torch.zeros_like(mask)
-    predicts[:, prompt_ids.shape[1] - 1 : -1] = gen.response_mask
-    picked = processed_logprobs(view.logits(view.packed_hidden(ids, mask, positions_from_mask(mask), predicts)).float(), cfg)
+    hidden = response_hidden(view, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask)
+    picked = processed_logprobs(view.logits(hidden).float(), cfg)
     full = picked.new_zeros(gen.response_mask.shape + picked.shape[-1:])
     full[gen.response_mask] = picked
     return full

@@ -308,11 +308,7 @@ class TextTask:
         cache = self._prompt_cache(view)
         prompt_mask = self.prompt_mask[prompt_index]
         if cache is None:
-            input_ids = torch.cat([self.prompt_ids[prompt_index], ids], dim=1)
-            full_mask = torch.cat([prompt_mask, mask], dim=1)
-            predicts = torch.zeros_like(full_mask)
-            predicts[:, prompt_mask.shape[1] - 1 : -1] = mask
-            return view.packed_hidden(input_ids, full_mask, positions_from_mask(full_mask), predicts)
+            return response_hidden(view, self.prompt_ids[prompt_index], prompt_mask, ids, mask)
         kv, last_hidden = cache.get(view, prompt_index)
         hidden = last_hidden.new_zeros(mask.shape + last_hidden.shape[-1:])
         hidden[:, 0] = last_hidden
@@ -333,6 +329,16 @@ class TextTask:
     def score(self, prompt_index: Sequence[int], responses: list[str]) -> np.ndarray:
         """One batched reward-model call: float32 ``[N]``."""
         return self.reward_model.score([self.prompts[i] for i in prompt_index], responses)
+
+
+def response_hidden(view: GPT2View, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                    response_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states ``[M, D]`` (before ``ln_f``) predicting the ``M`` tokens ``response_ids[response_mask]``
+    (row-major), from one packed forward over the left-padded prompts ``[B, P]`` and the responses ``[B, T]``."""
+    mask = torch.cat([prompt_mask.bool(), response_mask.bool()], dim=1)
+    predicts = torch.zeros_like(mask)
+    predicts[:, prompt_ids.shape[1] - 1 : -1] = response_mask
+    return view.packed_hidden(torch.cat([prompt_ids, response_ids], dim=1), mask, positions_from_mask(mask), predicts)
 
 
 def _decodes_with_backend(tokenizer: Any) -> bool:
