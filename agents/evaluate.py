@@ -16,11 +16,15 @@ averaged over prompts and both unbiased for the same quantity:
   response (the k1 estimate the agents train against).
 
 Each comes with its standard error over prompts (``..._stderr``).
+
+``repetition`` is the share of responses in which one word runs four or more times in a row ("my
+my my my"): the mark of a policy that has collapsed into a loop, which a mean KL or reward can hide.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +134,14 @@ def _full_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, g
     return full
 
 
+_LOOP = re.compile(r"\b(\w+)(?:\W+\1\b){3}", re.IGNORECASE)
+
+
+def repetition_rate(responses: list[str]) -> float:
+    """Share of ``responses`` in which one word runs four or more times in a row (case-insensitive)."""
+    return sum(bool(_LOOP.search(r)) for r in responses) / len(responses) if responses else 0.0
+
+
 def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
 
@@ -163,6 +175,7 @@ def evaluate_models(config: EvalConfig) -> dict:
             f"kl_to_{config.reference}_k1_stderr": kl_k1_stderr,
             f"win_rate_vs_{config.reference}": win_rate(s.gold, ref.gold),
             "elo": elo[name],
+            "repetition": repetition_rate(s.responses),
         })
     examples = [{"prompt": p, **{name: s.responses[i] for name, s in samples.items()}} for i, p in enumerate(prompts[:8])]
     return {"rows": rows, "elo": elo, "examples": examples, "n_prompts": len(prompts), "reference": config.reference}

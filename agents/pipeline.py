@@ -50,18 +50,18 @@ class PipelineConfig:
     ppo_learning_rate: float = field(default=5e-5, metadata={"help": "PPO learning rate"})
     ppo_max_approx_kl: float = field(default=0.01, metadata={"help": "stop a PPO update at the first minibatch whose approximate KL to the rollout policy exceeds this (nats per token)"})
     beta: float = field(default=0.1, metadata={"help": "initial KL coefficient of PPO"})
-    target_kl: float | None = field(default=4.0, metadata={"help": "PPO's KL budget to SFT (nats per response); None = fixed beta, no budget"})
+    target_kl: float | None = field(default=4.0, metadata={"help": "KL budget to SFT (nats per response): PPO's controller aims below it, and the reported PPO and DPO models are the latest within it on validation prompts; None = fixed PPO beta, final models, no budget"})
     kl_setpoint_fraction: float = field(default=0.75, metadata={"help": "the adaptive controller aims at this fraction of target_kl: the KL it steers swings about +-25% between iterations, so aiming below the budget keeps the final policy within it"})
     kl_horizon: float = field(default=256.0, metadata={"help": "episodes over which the adaptive controller moves beta (short runs need a short horizon)"})
     dpo_epochs: int = field(default=2, metadata={"help": "DPO epochs"})
-    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta"})
-    dpo_learning_rate: float = field(default=2e-4, metadata={"help": "DPO learning rate"})
+    dpo_beta: float = field(default=1.0, metadata={"help": "DPO's beta, the strength of its implicit KL penalty (on the embedded model, 0.1 let some answers collapse into a repeated word, 10-24 nats from SFT)"})
+    dpo_learning_rate: float = field(default=3e-4, metadata={"help": "DPO learning rate"})
     dpo_loss: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid (DPO), ipo or cdpo (conservative DPO)"})
     dpo_label_smoothing: float = field(default=0.0, metadata={"help": "cdpo's epsilon, the assumed rate of flipped labels, in (0, 0.5); 0 for sigmoid and ipo"})
     max_new_tokens: int = field(default=24, metadata={"help": "longest response everywhere"})
     n_eval_prompts: int = field(default=256, metadata={"help": "held-out prompts of the final evaluation"})
     ppo_snapshots: int = field(default=8, metadata={"help": "PPO policies saved at even intervals: the KL-guarded choice of the reported model picks among them, and the gold-vs-KL curve shows them"})
-    curve_points: int = field(default=4, metadata={"help": "intermediate DPO checkpoints evaluated for the gold-vs-KL curve"})
+    curve_points: int = field(default=4, metadata={"help": "intermediate DPO checkpoints: the KL-guarded choice of the reported model picks among them and the final one, and the gold-vs-KL curve shows them"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     resume: bool = field(default=False, metadata={"help": "keep stages already finished in output_dir and run the rest"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -114,7 +114,7 @@ _N_VALIDATION_PROMPTS = 256
 
 
 def _prompt_splits(config: PipelineConfig) -> tuple[list[str], list[str], list[str], list[str]]:
-    """Disjoint prompts for preferences, PPO, the PPO model's selection (validation) and the held-out evaluation."""
+    """Disjoint prompts for preferences, PPO, the KL-guarded choice of the PPO and DPO models (validation) and the held-out evaluation."""
     from rlhf_envs.corpus import make_prompts
 
     if config.prompts_path is None:
@@ -270,8 +270,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
     timings["dpo"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ppo_model, selection = _select_ppo(out, sft, config, validation_prompts, n_iterations)
-    models = {"base": base, "sft": sft, "ppo": ppo_model, "dpo": str(out / "dpo")}
+    selections = _select_within_budget(out, sft, config, validation_prompts, _candidates(out, sft, n_iterations))
+    models = {"base": base, "sft": sft, "ppo": selections["ppo"]["path"], "dpo": selections["dpo"]["path"]}
     eval_config = EvalConfig(models=models, reference="sft", reward_model_path=rm, prompts=eval_prompts,
                              max_new_tokens=config.max_new_tokens, seed=seed, progress=config.progress)
     evaluation = evaluate_models(eval_config)
@@ -288,7 +288,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
         "dpo_win_rate_vs_sft": _row(evaluation, "dpo")["win_rate_vs_sft"],
         "dpo_kl_to_sft": _row(evaluation, "dpo")["kl_to_sft"],
         "target_kl": config.target_kl,
-        "ppo_selected": selection["selected"],
+        "ppo_selected": selections["ppo"]["selected"],
+        "dpo_selected": selections["dpo"]["selected"],
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "total_seconds": round(sum(timings.values()), 1),
         "preferences": json.loads((out / "preferences" / "DONE").read_text()),
@@ -298,54 +299,66 @@ def run_pipeline(config: PipelineConfig) -> dict:
     return summary
 
 
-def _select_ppo(out: Path, sft: str, config: PipelineConfig, prompts: list[str], n_iterations: int) -> tuple[str, dict]:
-    """The PPO model the evaluation reports, chosen by KL alone on validation prompts (not the evaluation's).
+def _candidates(out: Path, sft: str, n_iterations: int) -> dict[str, dict[str, str]]:
+    """Per algorithm, the models the KL-guarded choice picks among (name -> directory), oldest first, final last.
 
-    The adaptive controller holds the KL of each training batch near its setpoint, but a single
+    PPO: its snapshots and the final policy (the snapshot of the last iteration holds the final
+    policy's weights: left out, sampled once as "final"). DPO: its intermediate checkpoints and the
+    final model (a checkpoint of the final step likewise left out).
+    """
+    ppo = {snap.name: str(snap) for snap in sorted((out / "ppo" / "snapshots").glob("iter-*"))
+           if snap.name != f"iter-{n_iterations:05d}"}
+    ppo["final"] = str(out / "ppo" / "policy")
+    timing = out / "dpo" / "timing.json"
+    final_step = json.loads(timing.read_text()).get("step") if timing.is_file() else None
+    dpo = {name: path for name, (path, step) in _dpo_checkpoint_dirs(out, sft).items() if step != final_step}
+    dpo["final"] = str(out / "dpo")
+    return {"ppo": ppo, "dpo": dpo}
+
+
+def _select_within_budget(out: Path, sft: str, config: PipelineConfig, prompts: list[str],
+                          candidates: dict[str, dict[str, str]]) -> dict[str, dict]:
+    """The PPO and DPO models the evaluation reports, each chosen by KL alone on validation prompts (not the evaluation's).
+
+    PPO's adaptive controller holds the KL of each training batch near its setpoint, but a single
     update can still move the policy's KL to SFT on fresh samples well past the budget (seed 0 of
-    the benchmark: 3.0 to 6.2 nats in one update). So the final policy and every snapshot are
-    sampled on the validation prompts, and the latest one whose KL to SFT is within ``target_kl``
-    with two standard errors to spare (the k1 estimate is a noisy mean over a heavy-tailed
-    distribution) is reported; the one with the lowest such bound if none is. No reward enters the
-    choice. Written to ``ppo_selection.json``.
+    the benchmark: 3.0 to 6.2 nats in one update); DPO has no KL control at all, only beta's
+    implicit one. So every candidate of ``candidates`` (per algorithm, oldest first) is sampled on
+    the validation prompts, and per algorithm the latest one whose KL to SFT is within
+    ``target_kl`` with two standard errors to spare (the KL is a mean over a heavy-tailed
+    distribution) is reported; the one with the lowest such bound if none is. Both methods are thus
+    compared within the same budget. No reward enters the choice. Written to
+    ``<algorithm>_selection.json``; each entry of the result is that file's content. Without a
+    budget (``target_kl`` None) the final models are reported and no file is written.
     """
     from agents.evaluate import EvalConfig, evaluate_models
 
-    final = str(out / "ppo" / "policy")
     if config.target_kl is None:
-        return final, {"selected": "final"}
-    # The snapshot of the last iteration holds the final policy's weights: sampled once, as "final".
-    candidates = {snap.name: str(snap) for snap in sorted((out / "ppo" / "snapshots").glob("iter-*"))
-                  if snap.name != f"iter-{n_iterations:05d}"}
-    candidates["final"] = final
-    result = evaluate_models(EvalConfig(models={"sft": sft, **candidates}, reference="sft", prompts=prompts,
+        return {algorithm: {"selected": "final", "path": models["final"]} for algorithm, models in candidates.items()}
+    named = {f"{algorithm}:{name}": path for algorithm, models in candidates.items() for name, path in models.items()}
+    result = evaluate_models(EvalConfig(models={"sft": sft, **named}, reference="sft", prompts=prompts,
                                         max_new_tokens=config.max_new_tokens, seed=config.seed + 2, progress=False))
-    rows = [row for row in result["rows"] if row["model"] != "sft"]
-    kl = {row["model"]: row["kl_to_sft"] for row in rows}
-    bound = {row["model"]: row["kl_to_sft"] + 2.0 * row["kl_to_sft_stderr"] for row in rows}
-    within = [name for name in candidates if bound[name] <= config.target_kl]
-    selected = within[-1] if within else min(bound, key=bound.get)
-    selection = {"selected": selected, "path": candidates[selected], "target_kl": config.target_kl,
-                 "kl_to_sft_on_validation": kl, "kl_upper_bound_on_validation": bound,
-                 "n_validation_prompts": len(prompts)}
-    (out / "ppo_selection.json").write_text(json.dumps(selection, indent=2) + "\n")
-    return candidates[selected], selection
+    rows = {row["model"]: row for row in result["rows"]}
+    selections = {}
+    for algorithm, models in candidates.items():
+        kl = {name: rows[f"{algorithm}:{name}"]["kl_to_sft"] for name in models}
+        bound = {name: kl[name] + 2.0 * rows[f"{algorithm}:{name}"]["kl_to_sft_stderr"] for name in models}
+        within = [name for name in models if bound[name] <= config.target_kl]
+        selected = within[-1] if within else min(bound, key=bound.get)
+        selections[algorithm] = {"selected": selected, "path": models[selected], "target_kl": config.target_kl,
+                                 "kl_to_sft_on_validation": kl, "kl_upper_bound_on_validation": bound,
+                                 "n_validation_prompts": len(prompts)}
+        (out / f"{algorithm}_selection.json").write_text(json.dumps(selections[algorithm], indent=2) + "\n")
+    return selections
 
 
-def _row(evaluation: dict, name: str) -> dict:
-    return next(r for r in evaluation["rows"] if r["model"] == name)
-
-
-def _over_optimisation_curves(out: Path, sft: str, rm: str, config: PipelineConfig, prompts: list[str]) -> dict:
-    """Gold reward, proxy reward and KL to SFT of intermediate PPO snapshots and DPO checkpoints."""
+def _dpo_checkpoint_dirs(out: Path, sft: str) -> dict[str, tuple[str, int]]:
+    """DPO's intermediate checkpoints as loadable Hugging Face directories (``dpo/curve/<name>``), oldest
+    first: name -> (directory, the checkpoint's optimizer step)."""
     from agents.checkpoint import list_checkpoints
-    from agents.evaluate import EvalConfig, evaluate_models
     from rlhf_envs.lm import load_causal_lm
 
-    models = {"sft": sft}
-    for snap in sorted((out / "ppo" / "snapshots").glob("iter-*")):
-        models[f"ppo@{snap.name}"] = str(snap)
-    models["ppo@final"] = str(out / "ppo" / "policy")
+    found = {}
     for ckpt in list_checkpoints(out / "dpo" / "checkpoints"):
         target = out / "dpo" / "curve" / ckpt.name
         if not (target / "config.json").is_file():  # a checkpoint's weights as a loadable HF directory
@@ -355,7 +368,25 @@ def _over_optimisation_curves(out: Path, sft: str, rm: str, config: PipelineConf
             load_model(model, str(ckpt / "model.safetensors"))
             model.save_pretrained(target)
             tokenizer.save_pretrained(target)
-        models[f"dpo@{ckpt.name}"] = str(target)
+        step = json.loads((ckpt / "checkpoint.json").read_text())["state"]["global_step"]
+        found[ckpt.name] = (str(target), step)
+    return found
+
+
+def _row(evaluation: dict, name: str) -> dict:
+    return next(r for r in evaluation["rows"] if r["model"] == name)
+
+
+def _over_optimisation_curves(out: Path, sft: str, rm: str, config: PipelineConfig, prompts: list[str]) -> dict:
+    """Gold reward, proxy reward and KL to SFT of intermediate PPO snapshots and DPO checkpoints."""
+    from agents.evaluate import EvalConfig, evaluate_models
+
+    models = {"sft": sft}
+    for snap in sorted((out / "ppo" / "snapshots").glob("iter-*")):
+        models[f"ppo@{snap.name}"] = str(snap)
+    models["ppo@final"] = str(out / "ppo" / "policy")
+    for name, (path, _) in _dpo_checkpoint_dirs(out, sft).items():
+        models[f"dpo@{name}"] = path
     models["dpo@final"] = str(out / "dpo")
     result = evaluate_models(EvalConfig(models=models, reference="sft", reward_model_path=rm, prompts=prompts,
                                         max_new_tokens=config.max_new_tokens, seed=config.seed + 1, progress=config.progress))

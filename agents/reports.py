@@ -131,7 +131,7 @@ def write_report(out: Path, config, evaluation: dict, curves: dict, summary: dic
     plot_ppo_training(out / "ppo_training.png", read_jsonl(out / "ppo" / "metrics.jsonl"))
     plot_dpo_training(out / "dpo_training.png", read_jsonl(out / "dpo" / "metrics.jsonl"))
     plot_gold_vs_kl(out / "gold_vs_kl.png", curves["points"])
-    columns = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "kl_to_sft_k1", "win_rate_vs_sft", "elo"]
+    columns = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "kl_to_sft_k1", "win_rate_vs_sft", "elo", "repetition"]
     examples = "\n".join(
         f"- **{e['prompt']}**\n" + "\n".join(f"  - {name}: {e[name]!r}" for name in ("base", "sft", "ppo", "dpo"))
         for e in evaluation["examples"][:4])
@@ -143,7 +143,8 @@ reward model trained on gold-ranked SFT samples. KL (`kl_to_sft`): KL(model || S
 exact KL between the two next-token distributions at every position of the sampled response, summed, with its standard
 error over prompts; `kl_to_sft_k1` is the sampled log-ratio (k1) estimate of the same quantity, noisier. Win rate:
 share of prompts where the model's response has a higher gold reward than SFT's (ties count half). Elo: Bradley-Terry
-maximum likelihood over all head-to-head games judged by the gold reward, mean 1000.
+maximum likelihood over all head-to-head games judged by the gold reward, mean 1000. Repetition: share of responses in
+which one word runs four or more times in a row ("my my my my"), the mark of a policy collapsed into a loop.
 
 {_table(evaluation['rows'], columns)}
 
@@ -154,6 +155,8 @@ maximum likelihood over all head-to-head games judged by the gold reward, mean 1
 | PPO KL to SFT (target {config.target_kl}) | {_fmt(summary['ppo_kl_to_sft'])} |
 | PPO model reported (the latest within the KL budget on validation prompts, `ppo_selection.json`) | {summary.get('ppo_selected', 'final')} |
 | DPO win rate vs SFT (gold) | {_fmt(summary['dpo_win_rate_vs_sft'])} |
+| DPO KL to SFT (target {config.target_kl}) | {_fmt(summary['dpo_kl_to_sft'])} |
+| DPO model reported (the latest within the KL budget on validation prompts, `dpo_selection.json`) | {summary.get('dpo_selected', 'final')} |
 | wall time | {summary['total_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}) |
 
 ![gold vs KL](gold_vs_kl.png)

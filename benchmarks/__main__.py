@@ -105,15 +105,16 @@ def tables() -> str:
     out.append("\n".join(perf))
 
     if (d := _load("pipeline")) is not None:
-        rows = ["| seed | RM held-out accuracy | PPO model | PPO win rate vs SFT | PPO KL to SFT (target) | DPO win rate vs SFT | DPO KL to SFT | Elo SFT / PPO / DPO | wall |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| seed | RM held-out accuracy | PPO model | PPO win rate vs SFT | PPO KL to SFT (target) | DPO model | DPO win rate vs SFT | DPO KL to SFT | Elo SFT / PPO / DPO | wall |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in d["runs"]:
             rows.append(f"| {r['seed']} | {_f(r['rm_heldout_accuracy'])} | {r.get('ppo_selected') or 'final'} | {_f(r['ppo_win_rate_vs_sft'])} | {_f(r['ppo_kl_to_sft'])} ({r['target_kl']}) | "
-                        f"{_f(r['dpo_win_rate_vs_sft'])} | {_f(r['dpo_kl_to_sft'])} | {_f(r['elo_sft'], 0)} / {_f(r['elo_ppo'], 0)} / {_f(r['elo_dpo'], 0)} | "
+                        f"{r.get('dpo_selected') or 'final'} | {_f(r['dpo_win_rate_vs_sft'])} | {_f(r['dpo_kl_to_sft'])} | {_f(r['elo_sft'], 0)} / {_f(r['elo_ppo'], 0)} / {_f(r['elo_dpo'], 0)} | "
                         f"{_f(r['wall_seconds'], 0)} s |")
         out.append("\n".join(rows))
     if (d := _load("shakespeare")) is not None and "rows" in d:
         cols = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "win_rate_vs_sft", "elo"]
+        cols += ["repetition"] if all("repetition" in r for r in d["rows"]) else []
         rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in d["rows"]:
             rows.append("| " + " | ".join(_f(r[c], 3) if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.evaluate import EvalConfig, evaluate_models, sample_and_score
+from agents.evaluate import EvalConfig, evaluate_models, repetition_rate, sample_and_score
 from rlhf_envs.text_common import TextTask
 
 PROMPTS = [f"review {i}: the film was" for i in range(48)]
@@ -69,3 +69,12 @@ def test_exact_and_k1_agree_on_average_and_exact_is_less_noisy(two_models):
     spread = np.hypot(policy["kl_to_ref_stderr"], policy["kl_to_ref_k1_stderr"])
     assert abs(policy["kl_to_ref"] - policy["kl_to_ref_k1"]) < 4 * spread
     assert policy["kl_to_ref_stderr"] < 0.7 * policy["kl_to_ref_k1_stderr"]
+
+
+def test_repetition_rate_flags_a_word_run_four_times_in_a_row():
+    looped = [" quite lovely. Just as my my my my my my", " I want My my, MY my money back"]
+    fine = [" my my, what a lovely book.", " very very very good", " the plot was plot plot and plot", ""]
+    assert repetition_rate(looped) == 1.0
+    assert repetition_rate(fine) == 0.0
+    assert repetition_rate(looped + fine) == pytest.approx(2 / 6)
+    assert repetition_rate([]) == 0.0

@@ -34,11 +34,17 @@ def test_pipeline_twice_same_seed_identical_metrics(tmp_path):
         assert f"| {model} |" in report
     summary = json.loads((run / "summary.json").read_text())
     assert 0.0 <= summary["ppo_win_rate_vs_sft"] <= 1.0 and summary["rm_heldout_accuracy"] is not None
-    selection = json.loads((run / "ppo_selection.json").read_text())
-    assert summary["ppo_selected"] == selection["selected"] and selection["selected"] in selection["kl_to_sft_on_validation"]
-    bound = selection["kl_upper_bound_on_validation"]
-    within = [name for name in bound if bound[name] <= selection["target_kl"]]
-    assert selection["selected"] == (within[-1] if within else min(bound, key=bound.get))
+    for algorithm in ("ppo", "dpo"):
+        selection = json.loads((run / f"{algorithm}_selection.json").read_text())
+        assert summary[f"{algorithm}_selected"] == selection["selected"] in selection["kl_to_sft_on_validation"]
+        bound = selection["kl_upper_bound_on_validation"]
+        assert list(bound)[-1] == "final"  # candidates oldest first, the final model last
+        within = [name for name in bound if bound[name] <= selection["target_kl"]]
+        assert selection["selected"] == (within[-1] if within else min(bound, key=bound.get))
+        assert f"`{algorithm}_selection.json`) | {selection['selected']} |" in report
+    # DPO's candidates: its intermediate checkpoint (--curve-points 1 saves one, at the last step) is the final
+    # model's weights, so only "final" is sampled
+    assert list(json.loads((run / "dpo_selection.json").read_text())["kl_to_sft_on_validation"]) == ["final"]
     a, b = _metrics_files(tmp_path / "a"), _metrics_files(tmp_path / "b")
     assert set(a) >= {"sft/metrics.jsonl", "rm/metrics.jsonl", "ppo/metrics.jsonl", "dpo/metrics.jsonl"}
     assert a == b
