@@ -91,8 +91,13 @@ def plot_dpo_training(path: Path, metrics: list[dict]) -> Path:
     return _plot_panels(path, [m["step"] for m in rows], panels, "DPO step")
 
 
-def plot_gold_vs_kl(path: Path, points: list[dict]) -> Path:
-    """Gold and proxy reward against KL to SFT for PPO and DPO checkpoints (reward over-optimisation)."""
+def plot_gold_vs_kl(path: Path, points: list[dict], target_kl: float | None = None,
+                    selected: dict[str, str] | None = None) -> Path:
+    """Gold and proxy reward against KL to SFT for PPO and DPO checkpoints (reward over-optimisation).
+
+    With ``target_kl`` a dotted line marks the KL budget; ``selected`` (``{"ppo": "iter-00056", "dpo":
+    "final"}``) rings each family's reported model.
+    """
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
     sft = next(p for p in points if p["model"] == "sft")
     for family, colour in [("ppo", "tab:blue"), ("dpo", "tab:orange")]:
@@ -103,6 +108,12 @@ def plot_gold_vs_kl(path: Path, points: list[dict]) -> Path:
         if all(p["proxy_reward"] is not None for p in series):
             ax.plot(kl, [p["proxy_reward"] for p in series], marker="x", ls="--", color=colour, alpha=0.6,
                     label=f"{family.upper()}: proxy (reward model)")
+        chosen = [p for p in series if selected and p["model"] == f"{family}@{selected.get(family)}"]
+        for p in chosen:
+            ax.plot([p["kl_to_sft"]], [p["gold_reward"]], marker="o", ms=13, mfc="none", mec=colour, mew=2, ls="",
+                    label=f"{family.upper()}: reported model")
+    if target_kl is not None:
+        ax.axvline(target_kl, color="grey", ls=":", lw=1.5, label=f"KL budget ({target_kl:g})")
     ax.set(xlabel="KL to SFT (nats per response)", ylabel="mean reward on held-out prompts",
            title="Gold vs proxy reward as the policy moves away from SFT")
     ax.grid(alpha=0.3)
@@ -130,7 +141,8 @@ def write_report(out: Path, config, evaluation: dict, curves: dict, summary: dic
     """``report.md`` plus its PNG plots in the run folder."""
     plot_ppo_training(out / "ppo_training.png", read_jsonl(out / "ppo" / "metrics.jsonl"))
     plot_dpo_training(out / "dpo_training.png", read_jsonl(out / "dpo" / "metrics.jsonl"))
-    plot_gold_vs_kl(out / "gold_vs_kl.png", curves["points"])
+    selected = {family: summary.get(f"{family}_selected", "final") for family in ("ppo", "dpo")}
+    plot_gold_vs_kl(out / "gold_vs_kl.png", curves["points"], config.target_kl, selected)
     columns = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "kl_to_sft_k1", "win_rate_vs_sft", "elo", "repetition"]
     examples = "\n".join(
         f"- **{e['prompt']}**\n" + "\n".join(f"  - {name}: {e[name]!r}" for name in ("base", "sft", "ppo", "dpo"))
