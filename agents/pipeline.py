@@ -37,7 +37,7 @@ class PipelineConfig:
     model_path: str | None = field(default=None, metadata={"help": "base causal LM directory; None = the embedded default"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
     demonstrations_path: str | None = field(default=None, metadata={"help": "SFT demonstrations, JSONL {prompt, completion}; None = drawn from the embedded corpus"})
-    prompts_path: str | None = field(default=None, metadata={"help": "prompts for preferences, PPO and evaluation, JSONL {prompt}; None = corpus prompts (split three ways by seed)"})
+    prompts_path: str | None = field(default=None, metadata={"help": "prompts for preferences, PPO, validation and evaluation, JSONL {prompt}; None = corpus prompts. Either way each distinct prompt goes to one of the four"})
     n_demonstrations: int = field(default=3000, metadata={"help": "SFT demonstrations drawn from the corpus"})
     sft_epochs: int = field(default=1, metadata={"help": "SFT epochs"})
     sft_learning_rate: float = field(default=5e-4, metadata={"help": "SFT learning rate"})
@@ -59,7 +59,7 @@ class PipelineConfig:
     dpo_loss: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid (DPO), ipo or cdpo (conservative DPO)"})
     dpo_label_smoothing: float = field(default=0.0, metadata={"help": "cdpo's epsilon, the assumed rate of flipped labels, in (0, 0.5); 0 for sigmoid and ipo"})
     max_new_tokens: int = field(default=24, metadata={"help": "longest response everywhere"})
-    n_eval_prompts: int = field(default=256, metadata={"help": "held-out prompts of the final evaluation"})
+    n_eval_prompts: int = field(default=256, metadata={"help": "distinct held-out prompts of the final evaluation (no stage trains on them)"})
     ppo_snapshots: int = field(default=8, metadata={"help": "PPO policies saved at even intervals: the KL-guarded choice of the reported model picks among them, and the gold-vs-KL curve shows them"})
     curve_points: int = field(default=4, metadata={"help": "intermediate DPO checkpoints: the KL-guarded choice of the reported model picks among them and the final one, and the gold-vs-KL curve shows them"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
@@ -111,28 +111,59 @@ class PipelineConfig:
 
 
 _N_VALIDATION_PROMPTS = 256
+_N_PPO_CORPUS_PROMPTS = 512
 
 
 def _prompt_splits(config: PipelineConfig) -> tuple[list[str], list[str], list[str], list[str]]:
-    """Disjoint prompts for preferences, PPO, the KL-guarded choice of the PPO and DPO models (validation) and the held-out evaluation."""
-    from rlhf_envs.corpus import make_prompts
+    """Prompts for preferences, PPO, the KL-guarded choice of the PPO and DPO models (validation) and the
+    evaluation, with no prompt in two of them.
 
+    The distinct prompts of ``prompts_path`` (or of corpus draws: the review grammar has about 1,500
+    distinct openings, so prompts drawn with different seeds would overlap) are shuffled with the
+    seed and dealt out: ``n_eval_prompts`` to the evaluation (at most a quarter of them) and 256 to
+    validation (at most a sixth), each once; of the rest, a third to PPO and two thirds to
+    preferences. Those two take the draws (or lines) of their prompts, so a frequent prompt stays
+    frequent there: preferences up to ``n_preference_prompts`` of them, PPO all (512 from the corpus).
+    """
     if config.prompts_path is None:
-        return (make_prompts(config.n_preference_prompts, seed=config.seed + 2),
-                make_prompts(512, seed=config.seed + 4), make_prompts(_N_VALIDATION_PROMPTS, seed=config.seed + 777),
-                make_prompts(config.n_eval_prompts, seed=config.seed + 12345))
-    from agents.data import read_prompts
+        from rlhf_envs.corpus import make_prompts
 
-    prompts = read_prompts(config.prompts_path)
-    order = np.random.default_rng(config.seed).permutation(len(prompts))
-    n_eval = min(config.n_eval_prompts, len(prompts) // 4)
-    n_pref = min(config.n_preference_prompts, (len(prompts) - n_eval) // 2)
-    if n_eval < 1 or n_pref < 1:
-        raise ValueError(f"{config.prompts_path} has {len(prompts)} prompts: give at least 8 (they are split for preferences, PPO and evaluation)")
-    pick = [prompts[i] for i in order]
-    ppo = pick[n_eval + n_pref:]
-    n_val = max(1, min(_N_VALIDATION_PROMPTS, len(ppo) // 4))
-    return pick[n_eval:n_eval + n_pref], ppo[n_val:], ppo[:n_val], pick[:n_eval]
+        # enough draws that the preference and PPO shares (about 40% and 20% of the draws) fill their quotas
+        n_draws = 4 * (config.n_preference_prompts + _N_PPO_CORPUS_PROMPTS)
+        draws, source = make_prompts(n_draws, seed=config.seed + 2), "the corpus"
+    else:
+        from agents.data import read_prompts
+
+        draws, source = read_prompts(config.prompts_path), config.prompts_path
+    rng = np.random.default_rng(config.seed)
+    distinct = list(dict.fromkeys(draws))
+    distinct = [distinct[i] for i in rng.permutation(len(distinct))]
+    n_eval = min(config.n_eval_prompts, len(distinct) // 4)
+    n_val = min(_N_VALIDATION_PROMPTS, len(distinct) // 6)
+    rest = distinct[n_eval + n_val:]
+    n_ppo = len(rest) // 3
+    if min(n_eval, n_val, n_ppo) < 1:
+        raise ValueError(f"{source} has {len(distinct)} distinct prompts: give at least 6 (each goes to one of the "
+                         f"preference, PPO, validation and evaluation splits)")
+    ppo_set, pref_set = set(rest[:n_ppo]), set(rest[n_ppo:])
+    shuffled = [draws[i] for i in rng.permutation(len(draws))]
+    pref = [p for p in shuffled if p in pref_set][:config.n_preference_prompts]
+    ppo = [p for p in shuffled if p in ppo_set]
+    if config.prompts_path is None:
+        ppo = ppo[:_N_PPO_CORPUS_PROMPTS]
+    return pref, ppo, distinct[n_eval:n_eval + n_val], distinct[:n_eval]
+
+
+def _demonstrations_avoiding(n: int, seed: int, held_out: set[str]) -> list[dict[str, str]]:
+    """``n`` corpus demonstrations whose prompt is none of ``held_out`` (the validation and evaluation prompts)."""
+    from rlhf_envs.corpus import make_demonstrations
+
+    draws = 2 * n
+    while True:
+        kept = [d for d in make_demonstrations(draws, seed=seed) if d["prompt"] not in held_out]
+        if len(kept) >= n:
+            return kept[:n]
+        draws *= 2
 
 
 def _stage(out: Path, name: str, config: PipelineConfig) -> bool:
@@ -195,7 +226,6 @@ def run_pipeline(config: PipelineConfig) -> dict:
     from agents.reports import write_report
     from agents.reward_model import RewardModelConfig, train_reward_model
     from agents.sft import SFTConfig, train_sft
-    from rlhf_envs.corpus import make_demonstrations
     from rlhf_envs.lm import EMBEDDED_MODEL_DIR
 
     if config.torch_threads:
@@ -211,7 +241,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
     pref_prompts, ppo_prompts, validation_prompts, eval_prompts = _prompt_splits(config)
     if _stage(out, "sft", config):
         if config.demonstrations_path is None:
-            demonstrations = make_demonstrations(config.n_demonstrations, seed=seed + 1)
+            demonstrations = _demonstrations_avoiding(config.n_demonstrations, seed + 1,
+                                                      set(validation_prompts) | set(eval_prompts))
         else:
             from agents.data import read_sft
 

@@ -213,7 +213,11 @@ def make_reviews(n: int, seed: int) -> list[str]:
 
 
 def make_prompts(n: int, seed: int) -> list[str]:
-    """``n`` review openings such as ``"The pasta was"``; use a fresh seed for held-out prompts."""
+    """``n`` review openings such as ``"The pasta was"``, drawn with repeats.
+
+    The grammar has about 1,500 distinct openings, so draws with another seed overlap these: for
+    held-out prompts, deal distinct prompts out as ``agents.pipeline`` does.
+    """
     rng = np.random.default_rng(seed)
     return [_review_parts(rng)[0] for _ in range(n)]
 
