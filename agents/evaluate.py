@@ -49,8 +49,8 @@ class EvalConfig:
     gold_reward: str = field(default="sentiment", metadata={"help": "reward plugin that judges (the gold reward)"})
     reward_model_path: str | None = field(default=None, metadata={"help": "a learned reward model directory: reported as the proxy reward"})
     prompts: list | None = field(default=None, metadata={"help": "evaluation prompts; None = corpus prompts from prompt_seed"})
-    n_prompts: int = field(default=256, metadata={"help": "how many corpus prompts when prompts is None"})
-    prompt_seed: int = field(default=12345, metadata={"help": "seed of the held-out corpus prompts (training uses other seeds)"})
+    n_prompts: int = field(default=256, metadata={"help": "how many distinct corpus prompts when prompts is None"})
+    prompt_seed: int = field(default=12345, metadata={"help": "seed of the corpus prompts (the grammar has about 1,500 distinct openings, so another seed's training prompts may include some; rlhf pipeline keeps its evaluation prompts out of training)"})
     max_new_tokens: int = field(default=24, metadata={"help": "longest response"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of every model"})
     seed: int = field(default=0, metadata={"help": "sampling seed (each model samples with the same one)"})
@@ -148,10 +148,10 @@ def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
 
 def evaluate_models(config: EvalConfig) -> dict:
     """Rows per model (gold, proxy, KL to reference, win rate vs reference, Elo) and the samples."""
-    from rlhf_envs.corpus import make_prompts
+    from rlhf_envs.corpus import distinct_prompts
     from rlhf_envs.rewards import make_reward_model
 
-    prompts = config.prompts or make_prompts(config.n_prompts, config.prompt_seed)
+    prompts = config.prompts or distinct_prompts(config.n_prompts, config.prompt_seed)
     task = TextTask(config.models[config.reference], config.gold_reward, prompts, beta=0.0, kl_estimator="exact",
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     proxy = make_reward_model("learned", path=config.reward_model_path) if config.reward_model_path else None

@@ -222,6 +222,20 @@ def make_prompts(n: int, seed: int) -> list[str]:
     return [_review_parts(rng)[0] for _ in range(n)]
 
 
+def distinct_prompts(n: int, seed: int) -> list[str]:
+    """``n`` different review openings: the first ``n`` distinct ones among corpus draws with ``seed``.
+
+    Raises ValueError if the grammar (about 1,500 distinct openings) cannot supply ``n``.
+    """
+    draws = make_prompts(4 * n, seed)
+    found = list(dict.fromkeys(draws))
+    if len(found) < n:
+        found = list(dict.fromkeys(draws + make_prompts(16 * n, seed + 1)))
+    if len(found) < n:
+        raise ValueError(f"the corpus grammar supplied {len(found)} distinct prompts, fewer than the {n} asked for")
+    return found[:n]
+
+
 def make_demonstrations(n: int, seed: int) -> list[dict[str, str]]:
     """``n`` SFT demonstrations ``{"prompt", "completion"}``; completion starts with a space."""
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from agents.pipeline import PipelineConfig, _demonstrations_avoiding, _prompt_splits
-from rlhf_envs.corpus import make_prompts
+from rlhf_envs.corpus import distinct_prompts, make_prompts
 
 
 def _assert_disjoint(splits):
@@ -28,8 +28,9 @@ def test_corpus_splits_share_no_prompt_although_the_corpus_repeats_them(tmp_path
     assert len(evaluation) == len(set(evaluation)) == config.n_eval_prompts  # distinct held-out prompts
     assert len(validation) == len(set(validation)) > 200
     assert len(set(pref)) < len(pref)  # training splits keep the corpus's repeats (its prompt frequencies)
-    assert _prompt_splits(config) == (pref, ppo, validation, evaluation)  # the seed fixes them
-    assert _prompt_splits(PipelineConfig(output_dir=str(tmp_path / "run"), seed=1))[3] != evaluation
+    small = dict(output_dir=str(tmp_path / "run"), n_preference_prompts=48)
+    assert _prompt_splits(PipelineConfig(**small)) == _prompt_splits(PipelineConfig(**small))  # the seed fixes them
+    assert _prompt_splits(PipelineConfig(**small, seed=1))[3] != _prompt_splits(PipelineConfig(**small))[3]
 
 
 def test_file_splits_keep_duplicates_within_one_split(tmp_path):
@@ -54,3 +55,11 @@ def test_sft_demonstrations_avoid_the_held_out_prompts():
     held_out = set(make_prompts(400, seed=3))
     demonstrations = _demonstrations_avoiding(500, seed=1, held_out=held_out)
     assert len(demonstrations) == 500 and not {d["prompt"] for d in demonstrations} & held_out
+
+
+def test_distinct_corpus_prompts_for_a_standalone_evaluation():
+    prompts = distinct_prompts(300, seed=12345)
+    assert len(prompts) == len(set(prompts)) == 300
+    assert prompts[:100] == distinct_prompts(100, seed=12345)
+    with pytest.raises(ValueError, match="fewer than the 2000 asked for"):
+        distinct_prompts(2000, seed=0)
