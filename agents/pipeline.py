@@ -89,6 +89,8 @@ class PipelineConfig:
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"PipelineConfig.{name} {value!r} does not exist: give a JSONL file")
+        if self.prompts_path is not None:
+            _prompt_splits(self)  # too few distinct prompts fails here, before anything is written
 
     def _check_stage_values(self) -> None:
         """Build each stage's config from these values now, so a bad ``beta``, learning rate or DPO loss

@@ -48,7 +48,8 @@ def test_too_few_distinct_prompts_is_a_clear_error(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"p{i % 5}"}) + "\n" for i in range(100)))
     with pytest.raises(ValueError, match="has 5 distinct prompts: give at least 6"):
-        _prompt_splits(PipelineConfig(output_dir=str(tmp_path / "run"), prompts_path=str(path)))
+        PipelineConfig(output_dir=str(tmp_path / "run"), prompts_path=str(path))  # before anything is written
+    assert not (tmp_path / "run").exists()
 
 
 def test_sft_demonstrations_avoid_the_held_out_prompts():
