@@ -228,7 +228,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
 
     packed = gpt2_view(model.train()) is not None
     split = None if packed else split_lm_head(model)
-    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed)
+    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[r["prompt"] for r in records])
 
     def loss_and_metrics(model: torch.nn.Module, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = logps_of(model, split, collate(indices, packed))

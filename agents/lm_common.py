@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -296,13 +297,33 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: LMTrainConfig, tota
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def held_out_split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded ``(train_indices, eval_indices)``; at least one eval example when eval_fraction > 0."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+def held_out_split(n: int, eval_fraction: float, seed: int, groups: Sequence[Hashable] | None = None,
+                   ) -> tuple[list[int], list[int]]:
+    """Seeded ``(train_indices, eval_indices)``; at least one eval example when eval_fraction > 0.
+
+    With ``groups`` (one key per example, e.g. its prompt) whole groups are held out, in a seeded
+    order, until ``eval_fraction`` of the examples are: no held-out example shares its group with a
+    training one, so a held-out score measures new prompts, not new answers to seen ones. When every
+    key is distinct this is the same split as without ``groups``.
+    """
     n_eval = max(1, round(eval_fraction * n)) if eval_fraction > 0 else 0
-    if n - n_eval < 1:
-        raise ValueError(f"{n} examples leave none for training after holding out {n_eval}: add data or lower eval_fraction")
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
+    keys = list(range(n)) if groups is None else list(dict.fromkeys(groups))
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"held_out_split: {len(groups)} group keys for {n} examples")
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    members: dict = {key: [] for key in keys}
+    for i, key in enumerate(range(n) if groups is None else groups):
+        members[key].append(i)
+    held: list[int] = []
+    for g in order:
+        if len(held) >= n_eval:
+            break
+        held += members[keys[g]]
+    if n - len(held) < 1:
+        raise ValueError(f"{n} examples leave none for training after holding out {len(held)}"
+                         f"{'' if groups is None else f' (whole groups of {len(keys)})'}: add data or lower eval_fraction")
+    chosen = set(held)
+    return [i for i in range(n) if i not in chosen], sorted(held)
 
 
 class MetricsWriter:

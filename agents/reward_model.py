@@ -110,7 +110,8 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     texts, _ = tokenize_texts(tokenizer, [r["prompt"] + y for r in records for y in r["responses"]], config.max_length)
     starts = list(itertools.accumulate((len(r["responses"]) for r in records), initial=0))
     groups = [texts[starts[i] : starts[i + 1]] for i in range(len(records))]
-    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed)
+    # held out by prompt: the accuracy on held-out rankings is on prompts the model never trained on
+    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[r["prompt"] for r in records])
     pad_id, side = tokenizer.pad_token_id, tokenizer.padding_side
 
     # A GPT-2 without active dropout takes the packed lean forward: each prompt's K texts share their

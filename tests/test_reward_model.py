@@ -14,6 +14,7 @@ import torch
 from test_data import WORDS, make_tiny_lm, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
+from agents.lm_common import held_out_split
 from agents.reward_model import RewardModelConfig, bradley_terry_loss, ranking_loss, ranking_pairs, train_reward_model
 from rlhf_envs.rewards import LearnedReward
 
@@ -89,3 +90,14 @@ def test_reward_model_learns_a_toy_preference(tmp_path):
     alone = np.concatenate([reward.score([p], [r]) for p, r in zip(prompts[:5], [" great"] * 2 + [" the very long story was good"] * 3)])
     batched = reward.score(prompts[:5], [" great"] * 2 + [" the very long story was good"] * 3)
     np.testing.assert_allclose(alone, batched, atol=1e-5)
+
+
+def test_held_out_split_by_prompt_keeps_each_prompt_on_one_side():
+    prompts = [f"prompt {i % 7}" for i in range(60)]  # 7 prompts, each asked 8 or 9 times
+    train, held = held_out_split(len(prompts), 0.2, seed=3, groups=prompts)
+    assert sorted(train + held) == list(range(60)) and len(held) >= 12
+    assert not {prompts[i] for i in train} & {prompts[i] for i in held}
+    # every key distinct: exactly the split without groups
+    assert held_out_split(50, 0.1, seed=3, groups=[f"p{i}" for i in range(50)]) == held_out_split(50, 0.1, seed=3)
+    with pytest.raises(ValueError, match="whole groups of 1"):
+        held_out_split(10, 0.1, seed=0, groups=["same"] * 10)
