@@ -127,14 +127,16 @@ class ValueHead(nn.Module):
         return self.summary(hidden).squeeze(-1)
 
 
-def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, cfg: SamplingConfig
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(chosen [...], entropy [...], full [..., V])`` of the processed (sampled-from) distribution."""
     full = processed_logprobs(logits, cfg)
     probs = full.exp()
-    return full.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(probs * full.masked_fill(probs == 0, 0.0)).sum(-1)
+    return full.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(probs * full.masked_fill(probs == 0, 0.0)).sum(-1), full
 
 
 def _packed_policy_forward(view: GPT2View, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                           response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig):
+                           response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig, return_full: bool = False):
     """:func:`policy_forward` through the packed lean GPT-2 forward: no padding, LM head at response tokens only."""
     prompt_keep, keep = prompt_mask.bool(), response_mask.bool()
     seqs = [torch.cat([p[pk], r[k]]) for p, pk, r, k in zip(prompt_ids.cpu(), prompt_keep.cpu(), response_ids.cpu(), keep.cpu())]
@@ -142,32 +144,37 @@ def _packed_policy_forward(view: GPT2View, v_head: ValueHead, prompt_ids: torch.
     predictor, targets, _ = batch.targets(prompt_keep.sum(-1).tolist())
     device = prompt_ids.device
     hidden = view.final_norm(batch.to(device).hidden(view, predictor.to(device)))
-    logprobs, entropy = _logprobs_and_entropy(F.linear(hidden, view.lm_head), targets.to(device), cfg)
+    logprobs, entropy, full = _logprobs_and_entropy(F.linear(hidden, view.lm_head), targets.to(device), cfg)
     out = []
     for flat in (logprobs, v_head(hidden), entropy):  # response tokens in row-major order = keep's True cells
         out.append(flat.new_zeros(keep.shape).masked_scatter(keep, flat))
+    if return_full:
+        out.append(full.new_zeros(keep.shape + full.shape[-1:]).index_put_((keep,), full))
     return tuple(out)
 
 
 def policy_forward(policy: nn.Module, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig):
+                   response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig, return_full: bool = False):
     """One teacher-forced pass: ``(logprobs [B, T], values [B, T], entropy [B, T])`` of the responses
     under the processed (sampled-from) distribution; the value at t is that of the state before token t.
+    With ``return_full`` a fourth tensor, the full log-distributions ``[B, T, V]`` (0 past each
+    response), e.g. for the env's ``exact`` KL estimator.
 
     A GPT-2 without active dropout takes the packed lean forward (:mod:`agents.packing`); other
     models Hugging Face's forward on the padded batch. Both give the same values to float rounding.
     """
     view = gpt2_view(policy)
     if view is not None and view.lm_head is not None:
-        return _packed_policy_forward(view, v_head, prompt_ids, prompt_mask, response_ids, response_mask, cfg)
+        return _packed_policy_forward(view, v_head, prompt_ids, prompt_mask, response_ids, response_mask, cfg, return_full)
     prompt_len = prompt_ids.shape[1]
     mask = torch.cat([prompt_mask.bool(), response_mask.bool()], dim=1)
     out = policy(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=mask.long(),
                  position_ids=positions_from_mask(mask), output_hidden_states=True, use_cache=False)
-    logprobs, entropy = _logprobs_and_entropy(out.logits[:, prompt_len - 1:-1], response_ids, cfg)
+    logprobs, entropy, full = _logprobs_and_entropy(out.logits[:, prompt_len - 1:-1], response_ids, cfg)
     values = v_head(out.hidden_states[-1][:, prompt_len - 1:-1])
     keep = response_mask.bool()
-    return logprobs.masked_fill(~keep, 0.0), values.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0)
+    result = (logprobs.masked_fill(~keep, 0.0), values.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0))
+    return result + (full.masked_fill(~keep[..., None], 0.0),) if return_full else result
 
 
 class PolicyWithValueHead(nn.Module):
@@ -178,8 +185,8 @@ class PolicyWithValueHead(nn.Module):
         self.lm = lm
         self.v_head = ValueHead(lm.config.get_text_config().hidden_size)
 
-    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, cfg: SamplingConfig):
-        return policy_forward(self.lm, self.v_head, prompt_ids, prompt_mask, response_ids, response_mask, cfg)
+    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, cfg: SamplingConfig, return_full: bool = False):
+        return policy_forward(self.lm, self.v_head, prompt_ids, prompt_mask, response_ids, response_mask, cfg, return_full)
 
 
 @dataclass
@@ -275,7 +282,9 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
             gen = generate(model.lm, prompt_ids, prompt_mask, cfg, eos_token_id=task.eos_token_id,
                            pad_token_id=task.pad_token_id, generator=generator)
             response_ids, response_mask = gen.response_ids, gen.response_mask
-            old_logprobs, old_values, _ = model(prompt_ids, prompt_mask, response_ids, response_mask, cfg)
+            # the exact KL estimator needs the policy's full next-token distributions, handed over with the log-probs
+            old_logprobs, old_values, _, *old_full = model(prompt_ids, prompt_mask, response_ids, response_mask, cfg,
+                                                           return_full=config.kl_estimator == "exact")
         t_rollout = time.perf_counter()
 
         width = config.max_new_tokens
@@ -283,7 +292,12 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
         action[:, :response_ids.shape[1]] = response_ids
         handed = torch.zeros(config.batch_size, width)
         handed[:, :response_ids.shape[1]] = old_logprobs
-        envs.set_policy_logprobs(handed.numpy())
+        handed_full = None
+        if old_full:
+            handed_full = torch.zeros(config.batch_size, width, old_full[0].shape[-1])
+            handed_full[:, :response_ids.shape[1]] = old_full[0]
+            handed_full = handed_full.numpy()
+        envs.set_policy_logprobs(handed.numpy(), handed_full)
         _, _, _, _, info = envs.step(action.numpy())
         t_score = time.perf_counter()
 

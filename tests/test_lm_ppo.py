@@ -42,6 +42,36 @@ def test_ppo_raises_the_score_with_bounded_kl(tiny_dir, tmp_path):
     assert (tmp_path / "policy" / "model.safetensors").is_file() and (tmp_path / "policy" / "value_head.safetensors").is_file()
 
 
+@pytest.mark.parametrize("return_full_path", ["packed", "generic"])
+def test_full_distributions_for_the_exact_estimator_match_the_chosen_log_probs(save_tiny_lm, tmp_path, return_full_path):
+    from agents.lm_ppo import PolicyWithValueHead
+    from rlhf_envs.lm import load_causal_lm
+    from rlhf_envs.sampling import SamplingConfig
+
+    model = PolicyWithValueHead(load_causal_lm(str(save_tiny_lm(tmp_path / "m")))[0])
+    handle = model.lm.register_forward_pre_hook(lambda module, args: None) if return_full_path == "generic" else None
+    g = torch.Generator().manual_seed(0)
+    prompt_ids, prompt_mask = torch.randint(0, 256, (3, 4), generator=g), torch.ones(3, 4, dtype=torch.bool)
+    response_ids, response_mask = torch.randint(0, 256, (3, 5), generator=g), torch.ones(3, 5, dtype=torch.bool)
+    response_mask[1, 3:] = False
+    with torch.no_grad():
+        logprobs, _, _, full = model(prompt_ids, prompt_mask, response_ids, response_mask,
+                                     SamplingConfig(max_new_tokens=5, temperature=0.7, top_k=20), return_full=True)
+    if handle is not None:
+        handle.remove()
+    picked = full.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(picked[response_mask], logprobs[response_mask])
+    assert (full[~response_mask] == 0).all()
+    sums = full[response_mask].exp().sum(-1)  # top-k 20: a distribution over 20 tokens
+    torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def test_exact_kl_estimator_trains_and_starts_at_zero(tiny_dir, tmp_path):
+    result = train_lm_ppo(_config(tiny_dir, tmp_path, total_episodes=32 * 3, kl_estimator="exact"))
+    kls = [row["objective/kl"] for row in result.history]
+    assert kls[0] == pytest.approx(0.0, abs=1e-5) and all(np.isfinite(kls)) and min(kls) >= -1e-5, kls
+
+
 def test_adaptive_beta_moves_toward_the_target(tiny_dir, tmp_path):
     result = train_lm_ppo(_config(tiny_dir, tmp_path, total_episodes=32 * 4, target_kl=1e-3, beta=0.1))
     betas = [row["objective/kl_coef"] for row in result.history]
