@@ -307,15 +307,15 @@ def held_out_split(n: int, eval_fraction: float, seed: int, groups: Sequence[Has
     key is distinct this is the same split as without ``groups``.
     """
     n_eval = max(1, round(eval_fraction * n)) if eval_fraction > 0 else 0
-    keys = list(range(n)) if groups is None else list(dict.fromkeys(groups))
-    if groups is not None and len(groups) != n:
-        raise ValueError(f"held_out_split: {len(groups)} group keys for {n} examples")
-    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
-    members: dict = {key: [] for key in keys}
-    for i, key in enumerate(range(n) if groups is None else groups):
-        members[key].append(i)
+    labels = list(range(n)) if groups is None else list(groups)
+    if len(labels) != n:
+        raise ValueError(f"held_out_split: {len(labels)} group keys for {n} examples")
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(labels):
+        members.setdefault(key, []).append(i)
+    keys = list(members)
     held: list[int] = []
-    for g in order:
+    for g in torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist():
         if len(held) >= n_eval:
             break
         held += members[keys[g]]
