@@ -10,6 +10,10 @@ import typing
 from pathlib import Path
 
 
+DATA_PARALLEL = ("sft", "rm", "dpo")
+"""The sub-commands that run data parallel when launched by ``torchrun`` (see :mod:`agents.lm_common`)."""
+
+
 def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = ()) -> None:
     """One ``--field-name`` option per dataclass field, with the field's help string and default."""
     hints = typing.get_type_hints(config_cls)
@@ -199,10 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     args = parser.parse_args(argv)
     try:
+        if args.command not in DATA_PARALLEL:
+            from agents.lm_common import refuse_distributed
+
+            refuse_distributed(f"rlhf {args.command}")
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"rlhf {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ epoch, one optimizer step per batch of pre-tokenised examples padded to the batc
 sequence, gradient clipping, metrics every ``log_every`` steps (tensors stay on the device between
 logs, so there is no per-step host sync), evaluation, atomic checkpoints every ``checkpoint_every``
 steps, exact resume, and the final model saved as a loadable Hugging Face directory.
+
+Data parallel: launched by ``torchrun`` (or ``accelerate launch``), each process joins the
+process group in :func:`start_run` and the loop trains one model with torch's
+``DistributedDataParallel``: every optimizer step's batch of ``batch_size`` examples is dealt out
+to the processes, gradients are averaged by DDP, and only rank 0 logs, evaluates and writes.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from agents.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -133,9 +140,77 @@ def start_run(config: LMTrainConfig) -> torch.device:
         torch.set_num_threads(config.torch_threads)
     set_seed(config.seed)
     device = resolve_device(config.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = join_process_group(device)
     if config.bf16 and device.type == "cpu":
         os.environ.setdefault(ONEDNN_CACHE_VARIABLE, "0")
     return device
+
+
+def join_process_group(device: torch.device) -> torch.device:
+    """Join the process group of a ``torchrun`` / ``accelerate launch`` run (``WORLD_SIZE`` > 1) and
+    return this process's device: ``cuda:LOCAL_RANK`` on GPUs (NCCL), the CPU otherwise (gloo).
+
+    Every process must run the same command: the same seed gives them the same model, data order and
+    held-out split, and :func:`run_training` deals each step's batch out among them.
+    """
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def distributed() -> tuple[int, int]:
+    """``(rank, world size)`` of this process's data-parallel group; ``(0, 1)`` when it trains alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """True on the process that logs, evaluates and writes files (rank 0, or the only one)."""
+    return distributed()[0] == 0
+
+
+def refuse_distributed(what: str) -> None:
+    """Raise if launched as several processes: ``what`` does not split its work among them yet."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{what} does not run data parallel yet (WORLD_SIZE={os.environ['WORLD_SIZE']}): "
+                         "launch it as one process; `rlhf sft`, `rlhf rm` and `rlhf dpo` run under torchrun")
+
+
+def shard(indices: list[int], rank: int, world: int, weights: Sequence[float] | None = None) -> tuple[list[int], float]:
+    """This process's share of one step's batch ``indices``, and the factor its mean loss is scaled by.
+
+    The examples are dealt out round-robin. DDP averages the processes' gradients, so a process
+    whose share holds ``n`` of the batch's ``N`` examples scales its (per-example mean) loss by
+    ``n * world / N``: the averaged gradient is then exactly that of the mean over all ``N``. A loss
+    that is a mean over something else (SFT's, over target tokens) gives each example its
+    ``weights[i]`` (its number of targets) and the share is weighed by those. A batch with fewer
+    examples than processes goes whole to every process (factor 1), so none idles without a loss
+    to back-propagate.
+    """
+    if world == 1 or len(indices) < world:
+        return indices, 1.0
+    mine = indices[rank::world]
+    if weights is None:
+        return mine, len(mine) * world / len(indices)
+    total = sum(weights[i] for i in indices)
+    return mine, sum(weights[i] for i in mine) * world / total if total else 1.0
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module's forward, so that DDP sees the pass it synchronises."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.loss_fn(self.model, batch)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -363,6 +438,7 @@ def run_training(
     evaluate: Callable[[nn.Module], dict[str, float]] | None,
     device: torch.device,
     extra_seconds: float = 0.0,
+    example_weights: Sequence[float] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``num_train`` examples and save it to ``config.output_dir``.
 
@@ -370,7 +446,14 @@ def run_training(
     batch)`` returns the scalar loss and detached metric tensors; ``evaluate(model)`` returns
     held-out metrics (logged with an ``eval/`` prefix). ``extra_seconds`` (e.g. DPO's reference
     pass) is added to the training time used for ``samples_per_second``.
+
+    In a data-parallel run (see the module's docstring) ``collate`` gets this process's share of
+    each batch (:func:`shard`; ``example_weights``, one per training example, when ``loss_fn``'s
+    loss is not a mean over examples), ``loss_fn`` runs under DDP, the logged training metrics are the
+    batch's over every process, and ``evaluate`` runs on rank 0 alone.
     """
+    rank, world = distributed()
+    main = rank == 0
     output_dir = Path(config.output_dir)
     checkpoint_root = output_dir / "checkpoints"
     steps_per_epoch = math.ceil(num_train / config.batch_size)
@@ -396,12 +479,21 @@ def run_training(
             raise ValueError(
                 f"checkpoint {resume_from} was written with other settings ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}): "
                 "resume with the same values, or set resume=False to start over")
-    writer = MetricsWriter(output_dir / "metrics.jsonl", resume_step=state["global_step"] if resume_from else None)
+    if world > 1:
+        ddp = DistributedDataParallel(_LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None)
+
+        def step_loss(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return ddp(batch)
+    else:
+        def step_loss(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            return loss_fn(model, batch)
+    writer = MetricsWriter(output_dir / "metrics.jsonl", resume_step=state["global_step"] if resume_from else None) if main else None
+    log = writer.write if writer is not None else (lambda record: None)
     step, samples = state["global_step"], state["samples_seen"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
     pending: list[dict[str, torch.Tensor]] = []
     last: dict[str, float] = {}
-    bar = tqdm(total=total_steps, initial=step, desc=algorithm, disable=not config.progress)
+    bar = tqdm(total=total_steps, initial=step, desc=algorithm, disable=not (config.progress and main))
     start = time.perf_counter()
     for epoch in range(step // steps_per_epoch, num_epochs):
         order = torch.randperm(num_train, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
@@ -409,45 +501,64 @@ def run_training(
         for indices in batches[step - epoch * steps_per_epoch :]:
             if step >= total_steps:
                 break
-            batch = collate(indices)
+            mine, scale = shard(indices, rank, world, example_weights)
+            batch = collate(mine)
             with autocast:
-                loss, metrics = loss_fn(model, batch)
-            loss.backward()
+                loss, metrics = step_loss(batch)
+            (loss * scale if scale != 1.0 else loss).backward()
             if config.max_grad_norm is not None:
                 metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm, foreach=True)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             metrics["loss"] = loss.detach()
-            pending.append(metrics)
+            # scaled like the loss, so that the mean over processes is the mean over the whole batch
+            pending.append({k: v * scale for k, v in metrics.items()} if scale != 1.0 else metrics)
             step += 1
             samples += len(indices)
             bar.update(1)
             if step % config.log_every == 0 or step == total_steps:
-                last = {k: float(torch.stack([m[k].float() for m in pending]).mean()) for k in pending[0]}
+                last = _mean_metrics(pending, world)
                 pending.clear()
-                writer.write({"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0], **last})
+                log({"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0], **last})
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if evaluate is not None and config.eval_every and step % config.eval_every == 0 and step != total_steps:
-                writer.write({"step": step, **{f"eval/{k}": v for k, v in _evaluate(model, evaluate, autocast).items()}})
+            if main and evaluate is not None and config.eval_every and step % config.eval_every == 0 and step != total_steps:
+                log({"step": step, **{f"eval/{k}": v for k, v in _evaluate(model, evaluate, autocast).items()}})
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 meta = {"algorithm": algorithm, "global_step": step, "samples_seen": samples, "num_train": num_train, "config": asdict(config)}
-                save_checkpoint(checkpoint_root / f"checkpoint-{step:08d}", model=model, optimizer=optimizer, scheduler=scheduler, state=meta)
-                prune_checkpoints(checkpoint_root, keep=config.keep_checkpoints)
+                if main:
+                    save_checkpoint(checkpoint_root / f"checkpoint-{step:08d}", model=model, optimizer=optimizer, scheduler=scheduler, state=meta)
+                    prune_checkpoints(checkpoint_root, keep=config.keep_checkpoints)
+                if world > 1:
+                    dist.barrier()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start + extra_seconds
     bar.close()
-    if evaluate is not None:
-        last.update({f"eval/{k}": v for k, v in _evaluate(model, evaluate, autocast).items()})
-        writer.write({"step": step, **{k: v for k, v in last.items() if k.startswith("eval/")}})
     new_samples = samples - state["samples_seen"]
     speed = new_samples / seconds if seconds > 0 else 0.0
-    # Wall-clock figures go beside the metrics, so that metrics.jsonl is identical across runs with one seed.
-    (output_dir / "timing.json").write_text(json.dumps({"step": step, "train_seconds": seconds, "samples_per_second": speed}) + "\n")
-    writer.close()
-    save_pretrained_model(output_dir, model, tokenizer)
+    if main:
+        if evaluate is not None:
+            last.update({f"eval/{k}": v for k, v in _evaluate(model, evaluate, autocast).items()})
+            log({"step": step, **{k: v for k, v in last.items() if k.startswith("eval/")}})
+        # Wall-clock figures go beside the metrics, so that metrics.jsonl is identical across runs with one seed.
+        (output_dir / "timing.json").write_text(json.dumps({"step": step, "train_seconds": seconds, "samples_per_second": speed,
+                                                            "processes": world}) + "\n")
+        writer.close()
+        save_pretrained_model(output_dir, model, tokenizer)
+    if world > 1:
+        dist.barrier()
     return TrainResult(str(output_dir), step, samples, seconds, speed, last)
+
+
+def _mean_metrics(pending: list[dict[str, torch.Tensor]], world: int) -> dict[str, float]:
+    """The mean of each metric over the steps in ``pending`` and, in a data-parallel run, over the processes."""
+    keys = list(pending[0])
+    means = torch.stack([torch.stack([m[k].float() for m in pending]).mean() for k in keys])
+    if world > 1:
+        dist.all_reduce(means)
+        means /= world
+    return dict(zip(keys, means.tolist()))
 
 
 def _evaluate(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], autocast: torch.autocast) -> dict[str, float]:

@@ -228,10 +228,11 @@ def _ptx_loss(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     """RLHF PPO against ``TextBandit-v0``; writes the policy (HF dir), value head, metrics.jsonl."""
     from agents.checkpoint import load_checkpoint, save_checkpoint
-    from agents.lm_common import CPU_FUSED_ADAM, MetricsWriter, fuse_gelu, set_seed
+    from agents.lm_common import CPU_FUSED_ADAM, MetricsWriter, fuse_gelu, refuse_distributed, set_seed
     from rlhf_envs.lm import load_causal_lm
     from rlhf_envs.text_common import attention_mask_from_obs
 
+    refuse_distributed("RLHF PPO")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     set_seed(config.seed)

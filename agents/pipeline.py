@@ -224,12 +224,14 @@ def run_pipeline(config: PipelineConfig) -> dict:
     """Run every stage and write the report; returns the summary (also in ``summary.json``)."""
     from agents.dpo import DPOConfig, train_dpo
     from agents.evaluate import EvalConfig, evaluate_models, write_eval
+    from agents.lm_common import refuse_distributed
     from agents.lm_ppo import LMPPOConfig, train_lm_ppo
     from agents.reports import write_report
     from agents.reward_model import RewardModelConfig, train_reward_model
     from agents.sft import SFTConfig, train_sft
     from rlhf_envs.lm import EMBEDDED_MODEL_DIR
 
+    refuse_distributed("the pipeline")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     out = Path(config.output_dir)

@@ -36,6 +36,7 @@ from agents.lm_common import (
     disable_dropout,
     fuse_gelu,
     held_out_split,
+    is_main_process,
     model_dir,
     pad,
     run_training,
@@ -172,6 +173,8 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
         evaluate=evaluate if eval_idx else None,
         device=device,
     )
+    if not is_main_process():  # in a data-parallel run rank 0 writes the normalisation, as it wrote the model
+        return result
     # InstructGPT normalises the reward model so that the responses it was trained on score 0 on
     # average; we also divide by their spread, so a policy's reward (and the KL coefficient beta
     # that trades against it) has the same units whatever scale the raw logits ended up on.

@@ -98,4 +98,6 @@ def train_sft(config: SFTConfig) -> TrainResult:
         loss_fn=loss_fn,
         evaluate=evaluate if eval_idx else None,
         device=device,
+        # the loss is a mean over target tokens: data-parallel shares are weighed by their targets
+        example_weights=[max(len(data.input_ids[i]) - max(int(data.prompt_lengths[i]), 1), 0) for i in train_idx],
     )

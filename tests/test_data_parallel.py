@@ -1,0 +1,119 @@
+"""Data-parallel training under ``torchrun``: two CPU processes (gloo) train the same model as one.
+
+Each trainer is launched the way a user would (``python -m torch.distributed.run --nproc_per_node 2
+-m agents.cli ...``) and compared with the same command in one process: the same global batch,
+so the final weights and every logged training loss must agree to float rounding. Only rank 0
+writes, and the commands that do not split their work refuse to start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agents.lm_common import shard
+from test_data import make_tiny_lm, write_jsonl
+from test_dpo import _pairs
+from test_reward_model import _toy_preferences
+from test_sft import _demonstrations
+
+COMMON = ["--num-epochs", "2", "--batch-size", "8", "--learning-rate", "3e-3", "--eval-fraction", "0.125",
+          "--log-every", "1", "--torch-threads", "1", "--no-progress", "--seed", "3"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _cli(args: list[str], processes: int) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    return subprocess.run([*launch, "-m", "agents.cli", *args], env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+
+
+def _train_both_ways(tmp_path: Path, command: str, data: Path, extra: list[str] = ()) -> tuple[Path, Path]:
+    lm = make_tiny_lm(tmp_path / "lm")
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"{command}-{processes}"
+        done = _cli([command, "--model-path", str(lm), "--data-path", str(data), "--output-dir", str(out), *COMMON, *extra],
+                    processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = out
+    return runs[1], runs[2]
+
+
+def _assert_same_training(alone: Path, together: Path) -> None:
+    losses_a, losses_b = _losses(alone), _losses(together)
+    assert len(losses_a) == len(losses_b) > 1
+    assert losses_b == pytest.approx(losses_a, abs=1e-5)
+    # the held-out metrics come from rank 0 alone, over the whole held-out set: the same numbers
+    alone_eval, together_eval = (json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (alone, together))
+    assert together_eval["eval/loss"] == pytest.approx(alone_eval["eval/loss"], abs=1e-5)
+    # Weights agree to float rounding, except where the true gradient is 0 (a reward model's final
+    # norm bias shifts every score alike, an attention key bias every score of a query alike): there
+    # Adam turns rounding noise into steps of up to the learning rate, in either run.
+    a, b = load_file(alone / "model.safetensors"), load_file(together / "model.safetensors")
+    assert a.keys() == b.keys()
+    moved = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert moved < 1e-3, f"two processes ended {moved} away from one"
+    timing = json.loads((together / "timing.json").read_text())
+    assert timing["processes"] == 2
+    assert not list(together.glob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_dpo_on_two_processes_trains_exactly_like_one(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(40, seed=0))  # 35 train pairs: a last batch of 3
+    alone, together = _train_both_ways(tmp_path, "dpo", data, ["--beta", "0.5"])
+    _assert_same_training(alone, together)
+
+
+@pytest.mark.slow
+def test_reward_model_and_sft_on_two_processes_train_exactly_like_one(tmp_path):
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", _toy_preferences(40, seed=0))
+    alone, together = _train_both_ways(tmp_path / "rm", "rm", prefs)
+    _assert_same_training(alone, together)
+    assert (together / "reward_normalization.json").exists()
+    demos = write_jsonl(tmp_path / "demos.jsonl", _demonstrations(40))
+    _assert_same_training(*_train_both_ways(tmp_path / "sft", "sft", demos))
+
+
+def test_shard_deals_out_the_batch_and_weighs_each_share():
+    batch = list(range(10, 17))  # 7 examples on 2 processes: 4 and 3
+    shares = [shard(batch, rank, 2) for rank in (0, 1)]
+    assert sorted(i for mine, _ in shares for i in mine) == batch
+    assert [scale for _, scale in shares] == [pytest.approx(8 / 7), pytest.approx(6 / 7)]
+    # the mean of the scaled per-share means is the mean over the whole batch
+    values = {i: float(i * i) for i in batch}
+    mean = sum(scale * sum(values[i] for i in mine) / len(mine) for mine, scale in shares) / 2
+    assert mean == pytest.approx(sum(values.values()) / len(batch))
+    # a loss averaged over targets: shares weighed by each example's number of targets
+    weights = {i: i - 9 for i in batch}
+    shares = [shard(batch, rank, 2, weights) for rank in (0, 1)]
+    per_target = {i: torch.arange(float(weights[i])) + i for i in batch}
+    mean = sum(scale * torch.cat([per_target[i] for i in mine]).mean() for mine, scale in shares) / 2
+    assert float(mean) == pytest.approx(float(torch.cat(list(per_target.values())).mean()))
+    # fewer examples than processes: everyone takes the whole batch, unscaled
+    assert shard([5], 1, 2) == ([5], 1.0)
+    assert shard(batch, 0, 1) == (batch, 1.0)
+
+
+@pytest.mark.parametrize("command", [["pipeline"], ["ppo"]])
+def test_commands_that_do_not_split_their_work_refuse_several_processes(command):
+    env = dict(_env(), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+    done = subprocess.run([sys.executable, "-m", "agents.cli", *command], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "does not run data parallel yet" in done.stderr and "torchrun" in done.stderr
