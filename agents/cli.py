@@ -95,6 +95,10 @@ def _train(config_cls, train_fn_path: str, skip: tuple[str, ...] = ()):
 
             overrides["prompts"] = read_prompts(args.prompts_file)
         result = getattr(importlib.import_module(module), name)(config_from_args(config_cls, args, **overrides))
+        from agents.lm_common import is_main_process
+
+        if not is_main_process():  # data parallel: rank 0 has the held-out metrics and speaks for the run
+            return 0
         summary = {k: v for k, v in vars(result).items() if k != "history"}
         if hasattr(result, "history") and result.history:
             summary["last"] = result.history[-1]

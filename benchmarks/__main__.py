@@ -29,6 +29,7 @@ SCRIPTS = {
     "trainers_shakespeare": ["benchmarks.bench_trainers", "--data", "shakespeare"],
     "trainers_shakespeare_bf16": ["benchmarks.bench_trainers", "--data", "shakespeare", "--algorithms", "dpo", "--bf16"],
     "lora": ["benchmarks.bench_lora"],
+    "data_parallel": ["benchmarks.bench_data_parallel"],
     "reliability": ["benchmarks.bench_reliability"],
     "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
     "shakespeare": ["benchmarks.bench_shakespeare"],
@@ -102,6 +103,13 @@ def tables() -> str:
         perf.append(f"| DPO peak RSS MiB, LoRA r={d['rank']} vs full fine-tuning ({d['n_parameters'] / 1e6:.0f}M-param GPT-2, "
                     f"batch {d['batch_size']}); pairs/s | {_f(lora['peak_rss_mib'], 0)}; {_f(lora['pairs_per_second'])} | "
                     f"{_f(full['peak_rss_mib'], 0)}; {_f(full['pairs_per_second'])} | {_f(d['peak_memory_ratio_lora_over_full'])}x the memory | bench_lora |")
+    if (d := _load("data_parallel")) is not None:
+        for name, r in d["results"].items():
+            m = r["median_per_second"]
+            perf.append(f"| {name.upper()} {r['unit']}, data parallel: 2 processes x 1 thread (torchrun, DDP) vs 1 process x 1 thread; "
+                        f"vs 1 process x 2 threads ({_f(m['1 process x 2 threads'], 1)}, {_f(r['two_processes_over_two_threads'])}x) | "
+                        f"{_f(m['2 processes x 1 thread'], 1)} | {_f(m['1 process x 1 thread'], 1)} | "
+                        f"{_f(r['two_processes_over_one_thread'])}x | bench_data_parallel |")
     out.append("\n".join(perf))
 
     if (d := _load("pipeline")) is not None:
