@@ -15,6 +15,7 @@ to the processes, gradients are averaged by DDP, and only rank 0 logs, evaluates
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -479,14 +480,8 @@ def run_training(
             raise ValueError(
                 f"checkpoint {resume_from} was written with other settings ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}): "
                 "resume with the same values, or set resume=False to start over")
-    if world > 1:
-        ddp = DistributedDataParallel(_LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None)
-
-        def step_loss(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return ddp(batch)
-    else:
-        def step_loss(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            return loss_fn(model, batch)
+    step_loss = DistributedDataParallel(_LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else functools.partial(loss_fn, model)
     writer = MetricsWriter(output_dir / "metrics.jsonl", resume_step=state["global_step"] if resume_from else None) if main else None
     log = writer.write if writer is not None else (lambda record: None)
     step, samples = state["global_step"], state["samples_seen"]
