@@ -429,9 +429,10 @@ class GPT2View:
         ``[R, H, W, hd]`` (``W`` = the longest segment), queries (real tokens only) in
         ``[R, H, Wq, hd]``, and a block-diagonal causal mask keeps segments apart. For a scoring
         batch whose responses stop early this is half as many, denser attention products as one
-        padded row per sequence. One flat buffer holds the three grids: each layer fills it with one
-        ``index_copy_`` of ``hd``-wide rows (plus one for the past), and the outputs come back with
-        one ``index_select``.
+        padded row per sequence. One flat buffer holds the three grids: each layer writes its q, k, v
+        heads (and copies the past's keys and values) into a table of ``hd``-wide rows, the buffer
+        gathers its cells from that table with one ``index_select`` (on CPU several times faster per
+        row than scattering them with ``index_copy_``), and the outputs come back with another.
 
         With ``kv_out = (table, rows)`` every layer's keys and values of the real tokens are also
         written to ``table [n, n_layer, 2, H, L, hd]`` (the :class:`PromptKVCache` layout): row ``b``'s
@@ -457,9 +458,15 @@ class GPT2View:
                           bases[1] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None],
                           bases[2] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None]], axis=1)
         outputs = torch.from_numpy(cells[:, 0].reshape(-1)).to(device)
-        cells = torch.from_numpy(cells.reshape(-1)).to(device)
         attn_mask = _additive(torch.from_numpy(layout.allowed()).to(device), x.dtype)
-        buffer = x.new_zeros(bases[2] + n_rows * heads * width, hd)
+        # Each layer's source rows (``hd`` wide): the new tokens' q, k, v heads, then the past keys and values,
+        # then one zero row; every grid cell gathers its row from there (unused cells the zero row).
+        n_new = len(b_new) * 3 * heads
+        n_past = 0 if past is None else int(old.sum()) * 2 * heads
+        grid = np.full(bases[2] + n_rows * heads * width, n_new + n_past, dtype=np.int64)
+        grid[cells.reshape(-1)] = np.arange(n_new)
+        source_rows = x.new_zeros(n_new + n_past + 1, hd)
+        new_rows = source_rows[:n_new].view(len(b_new), 3 * self.d_model)
         if past is not None:
             kv, table_rows = past[0], past[1].cpu().numpy()
             b_old, p = old.nonzero()
@@ -471,9 +478,11 @@ class GPT2View:
             source = torch.from_numpy((source + p[:, None, None]).reshape(-1)).to(device)
             target = np.stack([bases[c] + ((layout.row[b_old] * heads)[:, None] + h) * width + k_old[:, None] for c in (1, 2)],
                               axis=1)
-            target = torch.from_numpy(target.reshape(-1)).to(device)
+            grid[target.reshape(-1)] = n_new + np.arange(n_past)
             kv_rows = kv.reshape(-1, hd)
             layer_stride = 2 * heads * span
+            past_rows = source_rows[n_new : n_new + n_past]
+        grid = torch.from_numpy(grid).to(device)
         if kv_out is not None:
             table, out_rows = kv_out[0], kv_out[1].cpu().numpy()
             out_span = table.shape[-2]
@@ -483,13 +492,18 @@ class GPT2View:
             out_index = torch.from_numpy(out_index.reshape(-1)).to(device)
             out_flat = table.view(-1, hd)
         q_shape, kv_shape = (n_rows, heads, q_width, hd), (n_rows, heads, width, hd)
+        buffer = x.new_empty(grid.shape[0], hd)
         for i, layer in enumerate(self.layers):
             if past is not None:
-                buffer.index_copy_(0, target, kv_rows.index_select(0, source + i * layer_stride))
-            qkv = _proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
-            buffer.index_copy_(0, cells, qkv.view(-1, hd))
+                torch.index_select(kv_rows, 0, source + i * layer_stride, out=past_rows)
+            if isinstance(layer.attn_w, _LoRA):
+                new_rows.copy_(_proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w))
+            else:
+                torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w, out=new_rows)
+            torch.index_select(source_rows, 0, grid, out=buffer)
             if kv_out is not None:
-                out_flat.index_copy_(0, out_index + i * 2 * heads * out_span, qkv[:, self.d_model :].reshape(-1, hd))
+                out_flat.index_copy_(0, out_index + i * 2 * heads * out_span,
+                                     new_rows[:, self.d_model :].reshape(-1, hd))
             att = _attention(buffer[: bases[1]].view(q_shape), buffer[bases[1] : bases[2]].view(kv_shape),
                              buffer[bases[2] :].view(kv_shape), attn_mask, layer.scaling)
             att = att.view(-1, hd).index_select(0, outputs).view(-1, self.d_model)
