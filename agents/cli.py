@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 
-DATA_PARALLEL = ("sft", "rm", "dpo")
+DATA_PARALLEL = ("sft", "rm", "dpo", "ppo")
 """The sub-commands that run data parallel when launched by ``torchrun`` (see :mod:`agents.lm_common`)."""
 
 

@@ -179,7 +179,7 @@ def refuse_distributed(what: str) -> None:
     """Raise if launched as several processes: ``what`` does not split its work among them yet."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"{what} does not run data parallel yet (WORLD_SIZE={os.environ['WORLD_SIZE']}): "
-                         "launch it as one process; `rlhf sft`, `rlhf rm` and `rlhf dpo` run under torchrun")
+                         "launch it as one process; `rlhf sft`, `rlhf rm`, `rlhf dpo` and `rlhf ppo` run under torchrun")
 
 
 def shard(indices: list[int], rank: int, world: int, weights: Sequence[float] | None = None) -> tuple[list[int], float]:

@@ -15,11 +15,22 @@ One iteration reads top to bottom in :func:`train_lm_ppo`:
    optionally the pretraining loss mixed in (PPO-ptx, coefficient ``ptx_coef``).
 
 Logged names follow TRL's PPO trainer (``objective/kl``, ``objective/scores``, ``policy/approxkl_avg``...).
+
+Data parallel (launched by ``torchrun``, ``WORLD_SIZE`` > 1): each process rolls out and scores
+``batch_size / world`` responses (its own prompts and sampler seed), then the processes exchange
+their rollouts (token ids, log-probs, values, scores, KL: small next to the model) so that every
+one holds the whole batch. From there each computes the same GAE, whitening over the whole batch
+and adaptive-KL step, cuts the same minibatches, and back-propagates its share of each minibatch
+under ``DistributedDataParallel``, its loss scaled by its share of the minibatch's tokens: the
+averaged gradient is that of one process on the whole minibatch, and the approx-KL early stop is
+decided on the whole minibatch's figure. Rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,12 +39,15 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 import rlhf_envs  # noqa: F401  (registers the envs)
+from agents.lm_common import distributed, join_process_group, shard
 from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from agents.packing import pack_groups
 from rlhf_envs.fast_lm import GPT2View, gpt2_view
@@ -197,10 +211,10 @@ class LMPPOResult:
     seconds: float
 
 
-def _make_env(config: LMPPOConfig):
+def _make_env(config: LMPPOConfig, num_envs: int):
     reward_kwargs = {"path": config.reward_model_path} if config.reward_model_path else None
     return gym.make_vec(
-        "TextBandit-v0", num_envs=config.batch_size, model=config.ref_model_path or config.model_path,
+        "TextBandit-v0", num_envs=num_envs, model=config.ref_model_path or config.model_path,
         reward_model=config.reward_model, reward_kwargs=reward_kwargs, prompts=config.prompts,
         beta=config.beta, target_kl=config.target_kl, kl_horizon=config.kl_horizon, kl_estimator=config.kl_estimator,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
@@ -225,16 +239,105 @@ def _ptx_loss(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
+_RANK_SEED_STRIDE = 1_000_000_007
+"""Process ``r`` of a data-parallel run seeds its prompts and sampler ``r`` strides away from rank 0's."""
+
+_STAT_KEYS = ("approxkl", "pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "entropy", "ptx_loss")
+
+
+def _minibatch_loss(model: PolicyWithValueHead, batch: dict[str, Any], config: LMPPOConfig, cfg: SamplingConfig
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One minibatch (this process's share of it): the scaled PPO loss (+ PPO-ptx) and its stats, unscaled."""
+    m = batch["response_mask"]
+    logprobs, values, entropy = model(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], m, cfg)
+    pg, pg_stats = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], m, config.cliprange)
+    vf, vf_stats = value_loss(values, batch["old_values"], batch["returns"], m, config.cliprange_value)
+    loss = batch["scale"] * (pg + config.vf_coef * vf)
+    stats = {"approxkl": pg_stats["approx_kl"], "pg_loss": pg.detach(), "vf_loss": vf.detach(),
+             "clipfrac": pg_stats["clipfrac"], "vf_clipfrac": vf_stats["clipfrac"],
+             "entropy": masked_mean(entropy.detach(), m)}
+    if "ptx_ids" in batch:
+        ptx_loss = _ptx_loss(model.lm, batch["ptx_ids"], batch["ptx_mask"])
+        loss = loss + config.ptx_coef * batch["ptx_scale"] * ptx_loss
+        stats["ptx_loss"] = ptx_loss.detach()
+    return loss, stats
+
+
+def _gather_rollout(rollout: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
+    """Every process's rollout rows, in rank order (each tensor has one shape on every process)."""
+    whole = {}
+    for key, tensor in rollout.items():
+        sent = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor.contiguous()  # gloo has no bool
+        parts = [torch.empty_like(sent) for _ in range(world)]
+        dist.all_gather(parts, sent)
+        whole[key] = torch.cat(parts).to(tensor.dtype)
+    return whole
+
+
+def _ppo_update(step_loss: Any, model: nn.Module, optimizer: torch.optim.Optimizer, rollout: dict[str, torch.Tensor],
+                config: LMPPOConfig, generator: torch.Generator, ptx: Any, rank: int = 0, world: int = 1
+                ) -> tuple[dict[str, list[float]], bool]:
+    """``ppo_epochs`` passes of minibatches over the whole batch ``rollout``; returns the stats and whether
+    the approx-KL stop ended it early.
+
+    Every process draws the same minibatches from ``generator`` and back-propagates its share of each
+    (:func:`agents.lm_common.shard`, weighed by response tokens, as the losses are means over tokens);
+    the stats are the whole minibatch's (scaled shares summed over the processes).
+    """
+    mb_size = config.batch_size // config.num_minibatches
+    tokens = rollout["response_mask"].sum(-1).tolist()
+    stats: dict[str, list[float]] = {k: [] for k in _STAT_KEYS}
+    for _epoch in range(config.ppo_epochs):
+        perm = torch.randperm(config.batch_size, generator=generator)
+        for mb in perm.split(mb_size):
+            mine, scale = shard(mb.tolist(), rank, world, tokens)
+            batch = {key: value[mine] for key, value in rollout.items()}
+            batch["scale"] = scale
+            ptx_scale = 1.0
+            if ptx is not None:
+                ids, mask = next(ptx)
+                rows, ptx_scale = shard(list(range(len(ids))), rank, world, mask[:, 1:].sum(-1).tolist())
+                batch.update(ptx_ids=ids[rows], ptx_mask=mask[rows], ptx_scale=ptx_scale)
+            loss, mb_stats = step_loss(batch)
+            keys = [k for k in _STAT_KEYS if k in mb_stats]
+            values = torch.stack([mb_stats[k].float() * (ptx_scale if k == "ptx_loss" else scale) for k in keys])
+            if world > 1:
+                # every process receives the same sum (as DDP's averaged gradients), so all take the same decision below
+                dist.all_reduce(values)
+                values /= world
+            figures = dict(zip(keys, values.tolist()))
+            if config.max_approx_kl is not None and figures["approxkl"] > config.max_approx_kl:  # checked per minibatch, before its step: one bad step can wreck a small LM
+                stats["approxkl"].append(figures["approxkl"])
+                return stats, True
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm, foreach=True)
+            optimizer.step()
+            for key, value in figures.items():
+                stats[key].append(value)
+    return stats, False
+
+
 def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
-    """RLHF PPO against ``TextBandit-v0``; writes the policy (HF dir), value head, metrics.jsonl."""
+    """RLHF PPO against ``TextBandit-v0``; writes the policy (HF dir), value head, metrics.jsonl.
+
+    Runs data parallel under ``torchrun`` (see the module's docstring); ``batch_size`` is then the
+    whole batch over all processes and must divide among them.
+    """
     from agents.checkpoint import load_checkpoint, save_checkpoint
-    from agents.lm_common import CPU_FUSED_ADAM, MetricsWriter, fuse_gelu, refuse_distributed, set_seed
+    from agents.lm_common import CPU_FUSED_ADAM, MetricsWriter, fuse_gelu, set_seed
     from rlhf_envs.lm import load_causal_lm
     from rlhf_envs.text_common import attention_mask_from_obs
 
-    refuse_distributed("RLHF PPO")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        join_process_group(torch.device("cpu"))
+    rank, world = distributed()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} does not divide among {world} processes: "
+                         f"make it a multiple of {world}")
+    main = rank == 0
     set_seed(config.seed)
     out = Path(config.output_dir)
     lm, tokenizer = load_causal_lm(config.model_path)
@@ -244,7 +347,8 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     for module in model.modules():  # RLHF PPO runs without dropout: the ratio must be 1 before the first step
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    envs = _make_env(config)
+    local = config.batch_size // world
+    envs = _make_env(config, local)
     task = envs.unwrapped.task
     if task.vocab_size != lm.get_output_embeddings().weight.shape[0]:
         raise ValueError(f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
@@ -254,6 +358,13 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     cfg = config.sampling
     generator = torch.Generator()
     ptx = _ptx_batches(config, tokenizer, torch.Generator().manual_seed(config.seed)) if config.ptx_coef > 0 else None
+    loss_fn = functools.partial(_minibatch_loss, config=config, cfg=cfg)
+    if world > 1:
+        from agents.lm_common import _LossModule
+
+        step_loss = DistributedDataParallel(_LossModule(model, loss_fn))
+    else:
+        step_loss = functools.partial(loss_fn, model)
 
     start_iter = 0
     checkpoint_dir = out / "checkpoint"
@@ -261,21 +372,22 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
         state = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)
         start_iter = state["iteration"]
         task.kl_controller.kl_coef = state["kl_coef"]
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_iter if config.resume else None)
-    timings = MetricsWriter(out / "timing.jsonl", resume_step=start_iter if config.resume else None)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+    metrics = timings = None
+    if main:
+        metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_iter if config.resume else None)
+        timings = MetricsWriter(out / "timing.jsonl", resume_step=start_iter if config.resume else None)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
 
     history: list[dict] = []
     started = time.perf_counter()
     bar = tqdm(range(start_iter, config.num_iterations), initial=start_iter, total=config.num_iterations,
-               disable=not config.progress, desc="RLHF PPO", unit="iter")
-    mb_size = config.batch_size // config.num_minibatches
+               disable=not (config.progress and main), desc="RLHF PPO", unit="iter")
     for iteration in bar:
         t0 = time.perf_counter()
         # Every iteration draws its prompts and samples from seeds derived from (seed, iteration),
         # so a resumed run makes exactly the same rollouts as an uninterrupted one.
-        obs, _ = envs.reset(seed=config.seed * 100_003 + iteration)
-        generator.manual_seed(config.seed * 1_000_003 + iteration)
+        obs, _ = envs.reset(seed=config.seed * 100_003 + iteration + rank * _RANK_SEED_STRIDE)
+        generator.manual_seed(config.seed * 1_000_003 + iteration + rank * _RANK_SEED_STRIDE)
         prompt_ids = torch.as_tensor(obs)
         prompt_mask = attention_mask_from_obs(prompt_ids, task.pad_token_id)
         model.eval()
@@ -289,17 +401,36 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
         t_rollout = time.perf_counter()
 
         width = config.max_new_tokens
-        action = torch.full((config.batch_size, width), task.pad_token_id, dtype=torch.long)
+        action = torch.full((local, width), task.pad_token_id, dtype=torch.long)
         action[:, :response_ids.shape[1]] = response_ids
-        handed = torch.zeros(config.batch_size, width)
+        handed = torch.zeros(local, width)
         handed[:, :response_ids.shape[1]] = old_logprobs
         handed_full = None
         if old_full:
-            handed_full = torch.zeros(config.batch_size, width, old_full[0].shape[-1])
+            handed_full = torch.zeros(local, width, old_full[0].shape[-1])
             handed_full[:, :response_ids.shape[1]] = old_full[0]
             handed_full = handed_full.numpy()
+        kl_coef = task.kl_controller.kl_coef
         envs.set_policy_logprobs(handed.numpy(), handed_full)
         _, _, _, _, info = envs.step(action.numpy())
+        if world > 1:
+            # every process gets the whole batch: responses padded to max_new_tokens, then cut to the longest
+            values = torch.zeros(local, width)
+            values[:, :response_ids.shape[1]] = old_values
+            mask = torch.zeros(local, width, dtype=torch.bool)
+            mask[:, :response_ids.shape[1]] = response_mask
+            whole = _gather_rollout({
+                "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": action, "response_mask": mask,
+                "old_logprobs": handed, "old_values": values, **{k: torch.as_tensor(info[k]) for k in ("score", "kl", "kl_per_token", "beta")},
+            }, world)
+            longest = int(whole["response_mask"].any(0).nonzero().max()) + 1
+            prompt_ids, prompt_mask = whole["prompt_ids"], whole["prompt_mask"]
+            response_ids, response_mask = whole["response_ids"][:, :longest], whole["response_mask"][:, :longest]
+            old_logprobs, old_values = whole["old_logprobs"][:, :longest], whole["old_values"][:, :longest]
+            info = {k: whole[k].numpy() for k in ("score", "kl", "kl_per_token", "beta")}
+            # the adaptive controller steps on the whole batch's KL, alike on every process
+            task.kl_controller.kl_coef = kl_coef
+            task.kl_controller.update(float(np.mean(info["kl"])), len(info["kl"]))
         t_score = time.perf_counter()
 
         T = response_ids.shape[1]
@@ -311,36 +442,13 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
             advantages = masked_whiten(advantages, response_mask)
 
         model.train()
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "clipfrac", "vf_clipfrac", "entropy", "ptx_loss")}
-        kl_stop = False
-        for _epoch in range(config.ppo_epochs):
-            perm = torch.randperm(config.batch_size, generator=generator)
-            for mb in perm.split(mb_size):
-                m = response_mask[mb]
-                logprobs, values, entropy = model(prompt_ids[mb], prompt_mask[mb], response_ids[mb], m, cfg)
-                pg, pg_stats = policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, config.cliprange)
-                if config.max_approx_kl is not None and pg_stats["approx_kl"].item() > config.max_approx_kl:
-                    kl_stop = True  # checked per minibatch, before its step: one bad step can wreck a small LM
-                    stats["approxkl"].append(pg_stats["approx_kl"].item())
-                    break
-                vf, vf_stats = value_loss(values, old_values[mb], returns[mb], m, config.cliprange_value)
-                loss = pg + config.vf_coef * vf
-                if ptx is not None:
-                    ptx_loss = _ptx_loss(model.lm, *next(ptx))
-                    loss = loss + config.ptx_coef * ptx_loss
-                    stats["ptx_loss"].append(ptx_loss.item())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm, foreach=True)
-                optimizer.step()
-                stats["pg_loss"].append(pg.item())
-                stats["vf_loss"].append(vf.item())
-                stats["approxkl"].append(pg_stats["approx_kl"].item())
-                stats["clipfrac"].append(pg_stats["clipfrac"].item())
-                stats["vf_clipfrac"].append(vf_stats["clipfrac"].item())
-                stats["entropy"].append(masked_mean(entropy.detach(), m).item())
-            if kl_stop:
-                break
+        rollout = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+                   "response_mask": response_mask, "old_logprobs": old_logprobs, "old_values": old_values,
+                   "advantages": advantages, "returns": returns}
+        # one process keeps drawing minibatches from its sampler's generator; several share one seeded alike
+        minibatches = generator if world == 1 else \
+            torch.Generator().manual_seed(config.seed * 1_000_003 + iteration + world * _RANK_SEED_STRIDE)
+        stats, kl_stop = _ppo_update(step_loss, model, optimizer, rollout, config, minibatches, ptx, rank, world)
         t_update = time.perf_counter()
 
         row = {
@@ -366,21 +474,34 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
         timing = {"step": iteration + 1, "time/rollout_s": t_rollout - t0, "time/scoring_s": t_score - t_rollout,
                   "time/update_s": t_update - t_score}
         history.append({**row, **timing})
-        metrics.write(row)  # wall-clock figures go to timing.jsonl: metrics.jsonl is identical across runs with one seed
-        timings.write(timing)
+        if main:
+            metrics.write(row)  # wall-clock figures go to timing.jsonl: metrics.jsonl is identical across runs with one seed
+            timings.write(timing)
         bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.2f}", beta=f"{row['objective/kl_coef']:.3f}")
 
         done = iteration + 1
-        if config.snapshot_every and done % config.snapshot_every == 0:
+        if main and config.snapshot_every and done % config.snapshot_every == 0:
             _save_policy(out / "snapshots" / f"iter-{done:05d}", model, tokenizer)
         if (config.save_every and done % config.save_every == 0) or done == config.num_iterations:
-            save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
-                            state={"iteration": done, "kl_coef": task.kl_controller.kl_coef})
-    metrics.close()
-    timings.close()
-    _save_policy(out / "policy", model, tokenizer)
+            if main:
+                save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
+                                state={"iteration": done, "kl_coef": task.kl_controller.kl_coef})
+            if world > 1:
+                dist.barrier()
+    seconds = time.perf_counter() - started
+    if main:
+        metrics.close()
+        timings.close()
+        episodes = (config.num_iterations - start_iter) * config.batch_size
+        # as the other trainers' timing.json: this run's iterations (rollout, scoring, update), beside timing.jsonl's
+        (out / "timing.json").write_text(json.dumps({
+            "iterations": config.num_iterations - start_iter, "train_seconds": seconds,
+            "samples_per_second": episodes / seconds if seconds > 0 else 0.0, "processes": world}) + "\n")
+        _save_policy(out / "policy", model, tokenizer)
+    if world > 1:
+        dist.barrier()
     envs.close()
-    return LMPPOResult(str(out), config.num_iterations, history, time.perf_counter() - started)
+    return LMPPOResult(str(out), config.num_iterations, history, seconds)
 
 
 def _save_policy(directory: Path, model: PolicyWithValueHead, tokenizer) -> None:

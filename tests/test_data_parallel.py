@@ -4,6 +4,10 @@ Each trainer is launched the way a user would (``python -m torch.distributed.run
 -m agents.cli ...``) and compared with the same command in one process: the same global batch,
 so the final weights and every logged training loss must agree to float rounding. Only rank 0
 writes, and the commands that do not split their work refuse to start.
+
+RLHF PPO's rollouts differ with the number of processes (each samples its own share), so its
+update is compared on a fixed rollout (``tests/_torchrun_ppo.py``), and a two-process run must
+learn, agree with itself across ranks and resume exactly.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from _torchrun_ppo import fixed_rollout, run_update
 from agents.lm_common import shard
 from test_data import make_tiny_lm, write_jsonl
 from test_dpo import _pairs
@@ -111,9 +117,64 @@ def test_shard_deals_out_the_batch_and_weighs_each_share():
     assert shard(batch, 0, 1) == (batch, 1.0)
 
 
-@pytest.mark.parametrize("command", [["pipeline"], ["ppo"]])
+@pytest.mark.parametrize("command", [["pipeline"], ["eval", "--model", "a=b"]])
 def test_commands_that_do_not_split_their_work_refuse_several_processes(command):
     env = dict(_env(), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
     done = subprocess.run([sys.executable, "-m", "agents.cli", *command], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "does not run data parallel yet" in done.stderr and "torchrun" in done.stderr
+
+
+def _torchrun_ppo(args: list[str]) -> None:
+    script = Path(__file__).with_name("_torchrun_ppo.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ppo_update_on_two_processes_equals_one_on_the_whole_rollout(tmp_path):
+    # 12 responses of uneven lengths, 3 minibatches of 4 dealt out 2 + 2, PPO-ptx batches of 4 with uneven targets
+    _torchrun_ppo(["update", str(tmp_path)])
+    alone, stats, stopped = run_update(0, 1)
+    together = load_file(str(tmp_path / "update.safetensors"))
+    start = fixed_rollout()[0].state_dict()
+    moved = max(float((alone.state_dict()[k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-2  # the update did something to compare
+    gap = max(float((alone.state_dict()[k] - together[k]).abs().max()) for k in start)
+    assert gap < 1e-5, f"two processes ended {gap} away from one"
+    logged = json.loads((tmp_path / "update.json").read_text())
+    assert logged["stopped"] is stopped is False
+    assert logged["stats"].keys() == stats.keys()
+    for key in stats:  # each minibatch's figures are the whole minibatch's, not rank 0's share
+        assert logged["stats"][key] == pytest.approx(stats[key], abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_ppo_on_two_processes_learns_and_resumes_exactly(tmp_path, save_tiny_lm):
+    lm = save_tiny_lm(tmp_path / "lm")
+
+    def run(out: Path, iterations: int, batch: int, **extra) -> list[dict]:
+        out.mkdir(exist_ok=True)
+        config = dict(model_path=str(lm), prompts=["hello", "the cat", "once upon"], output_dir=str(out),
+                      batch_size=batch, total_episodes=batch * iterations, max_new_tokens=8, learning_rate=3e-3,
+                      beta=0.01, progress=False, torch_threads=1, **extra)
+        (out / "config-in.json").write_text(json.dumps(config))
+        _torchrun_ppo(["train", str(out / "config-in.json"), str(out)])
+        histories = [json.loads((out / f"history-{rank}.json").read_text()) for rank in (0, 1)]
+        assert histories[0] == histories[1]  # every rank holds the whole batch's figures
+        return histories[0]
+
+    history = run(tmp_path / "learn", 12, 32)
+    scores = [row["objective/scores"] for row in history]
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert np.mean(scores[-3:]) > 3 * np.mean(scores[:3]), scores
+    assert max(row["objective/kl"] for row in history) < 15.0
+    assert len((tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()) == 12  # rank 0 alone writes
+
+    full = run(tmp_path / "full", 3, 16, save_every=1, target_kl=0.5)
+    run(tmp_path / "cut", 2, 16, save_every=1, target_kl=0.5)
+    resumed = run(tmp_path / "cut", 3, 16, save_every=1, target_kl=0.5, resume=True)
+    assert resumed[-1] == full[-1]
+    a, b = (load_file(str(tmp_path / run_dir / "policy" / "model.safetensors")) for run_dir in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
