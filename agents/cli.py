@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 
-DATA_PARALLEL = ("sft", "rm", "dpo", "ppo")
+DATA_PARALLEL = ("sft", "rm", "dpo", "ppo", "pipeline")
 """The sub-commands that run data parallel when launched by ``torchrun`` (see :mod:`agents.lm_common`)."""
 
 
@@ -138,6 +138,10 @@ def _pipeline(args: argparse.Namespace) -> int:
     from agents.pipeline import PipelineConfig, run_pipeline
 
     summary = run_pipeline(config_from_args(PipelineConfig, args))
+    from agents.lm_common import is_main_process
+
+    if not is_main_process():  # data parallel: rank 0 evaluated and wrote the report
+        return 0
     print(json.dumps(summary, indent=2))
     print(f"report: {Path(args.output_dir) / 'report.md'}")
     return 0

@@ -318,6 +318,14 @@ def _ppo_update(step_loss: Any, model: nn.Module, optimizer: torch.optim.Optimiz
     return stats, False
 
 
+def check_divides_among_processes(batch_size: int, name: str) -> None:
+    """Raise unless ``batch_size`` responses divide among the ``WORLD_SIZE`` processes of a data-parallel run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size % world:
+        raise ValueError(f"{name} {batch_size} does not divide among {world} processes (WORLD_SIZE): "
+                         f"make it a multiple of {world}")
+
+
 def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     """RLHF PPO against ``TextBandit-v0``; writes the policy (HF dir), value head, metrics.jsonl.
 
@@ -329,14 +337,12 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     from rlhf_envs.lm import load_causal_lm
     from rlhf_envs.text_common import attention_mask_from_obs
 
+    check_divides_among_processes(config.batch_size, "batch_size")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         join_process_group(torch.device("cpu"))
     rank, world = distributed()
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} does not divide among {world} processes: "
-                         f"make it a multiple of {world}")
     main = rank == 0
     set_seed(config.seed)
     out = Path(config.output_dir)

@@ -13,19 +13,27 @@ The run folder::
     data/{sft,rankings,preferences}.jsonl   the generated data
     sft/ rm/ dpo/ ppo/policy/               models (Hugging Face dirs, safetensors), each with metrics.jsonl
     eval.json  curves.json  report.md  *.png
+
+Under ``torchrun`` every training stage runs data parallel (each trainer splits its own work);
+rank 0 alone writes the data, samples the preferences, evaluates and writes the report, and the
+other processes wait for its files where a stage reads them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from agents.lm_common import distributed, is_main_process, join_process_group
 from agents.reports import write_jsonl
 
 
@@ -169,18 +177,33 @@ def _demonstrations_avoiding(n: int, seed: int, held_out: set[str]) -> list[dict
 
 
 def _stage(out: Path, name: str, config: PipelineConfig) -> bool:
-    """True when stage ``name`` must run (it has not finished, or we are not resuming)."""
-    done = out / name / "DONE"
-    if config.resume and done.is_file():
-        print(f"[pipeline] {name}: already done, kept")
-        return False
-    if (out / name).exists():
-        shutil.rmtree(out / name)
-    return True
+    """True when stage ``name`` must run (it has not finished, or we are not resuming).
+
+    Rank 0 decides (and clears the stage's folder) and tells the other processes of a data-parallel run.
+    """
+    run = True
+    if is_main_process():
+        done = out / name / "DONE"
+        if config.resume and done.is_file():
+            print(f"[pipeline] {name}: already done, kept")
+            run = False
+        elif (out / name).exists():
+            shutil.rmtree(out / name)
+    return _from_rank_zero(run)
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every process (a barrier too); ``value`` itself when training alone."""
+    if distributed()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _mark_done(out: Path, name: str, info: dict) -> None:
-    (out / name / "DONE").write_text(json.dumps(info) + "\n")
+    if is_main_process():
+        (out / name / "DONE").write_text(json.dumps(info) + "\n")
 
 
 def make_preferences(model_path: str, prompts: list[str], config: PipelineConfig, seed: int) -> tuple[list[dict], list[dict], dict]:
@@ -224,19 +247,22 @@ def run_pipeline(config: PipelineConfig) -> dict:
     """Run every stage and write the report; returns the summary (also in ``summary.json``)."""
     from agents.dpo import DPOConfig, train_dpo
     from agents.evaluate import EvalConfig, evaluate_models, write_eval
-    from agents.lm_common import refuse_distributed
-    from agents.lm_ppo import LMPPOConfig, train_lm_ppo
+    from agents.lm_ppo import LMPPOConfig, check_divides_among_processes, train_lm_ppo
     from agents.reports import write_report
     from agents.reward_model import RewardModelConfig, train_reward_model
     from agents.sft import SFTConfig, train_sft
     from rlhf_envs.lm import EMBEDDED_MODEL_DIR
 
-    refuse_distributed("the pipeline")
+    check_divides_among_processes(config.ppo_batch_size, "ppo_batch_size")  # before any stage runs
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        join_process_group(torch.device("cpu"))
+    main = is_main_process()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pipeline_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     base = config.model_path or str(EMBEDDED_MODEL_DIR)
     timings: dict[str, float] = {}
     seed = config.seed
@@ -251,7 +277,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
             from agents.data import read_sft
 
             demonstrations = read_sft(config.demonstrations_path)[:config.n_demonstrations]
-        write_jsonl(out / "data" / "sft.jsonl", demonstrations)
+        if main:
+            write_jsonl(out / "data" / "sft.jsonl", demonstrations)
+        _from_rank_zero(None)  # the other processes read the file rank 0 wrote
         result = train_sft(SFTConfig(model_path=base, data_path=str(out / "data" / "sft.jsonl"), output_dir=str(out / "sft"),
                                      seed=seed, num_epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
                                      batch_size=32, max_length=64, progress=config.progress))
@@ -261,11 +289,13 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     t = time.perf_counter()
     if _stage(out, "preferences", config):
-        rankings, pairs, stats = make_preferences(sft, pref_prompts, config, seed=seed + 3)
-        (out / "preferences").mkdir(parents=True)
-        write_jsonl(out / "data" / "rankings.jsonl", rankings)
-        write_jsonl(out / "data" / "preferences.jsonl", pairs)
-        _mark_done(out, "preferences", stats)
+        if main:  # sampled by rank 0 alone; the others wait for its files
+            rankings, pairs, stats = make_preferences(sft, pref_prompts, config, seed=seed + 3)
+            (out / "preferences").mkdir(parents=True)
+            write_jsonl(out / "data" / "rankings.jsonl", rankings)
+            write_jsonl(out / "data" / "preferences.jsonl", pairs)
+            _mark_done(out, "preferences", stats)
+        _from_rank_zero(None)
     timings["preferences"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -304,6 +334,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
         _mark_done(out, "dpo", result.metrics)
     timings["dpo"] = time.perf_counter() - t
 
+    if not main:  # evaluation and the report are rank 0's; the others are done
+        _from_rank_zero(None)
+        return {}
     t = time.perf_counter()
     selections = _select_within_budget(out, sft, config, validation_prompts, _candidates(out, sft, n_iterations))
     models = {"base": base, "sft": sft, "ppo": selections["ppo"]["path"], "dpo": selections["dpo"]["path"]}
@@ -331,6 +364,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_report(out, config, evaluation, curves, summary)
+    _from_rank_zero(None)
     return summary
 
 

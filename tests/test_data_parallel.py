@@ -7,7 +7,8 @@ writes, and the commands that do not split their work refuse to start.
 
 RLHF PPO's rollouts differ with the number of processes (each samples its own share), so its
 update is compared on a fixed rollout (``tests/_torchrun_ppo.py``), and a two-process run must
-learn, agree with itself across ranks and resume exactly.
+learn, agree with itself across ranks and resume exactly. ``rlhf pipeline`` runs every training
+stage data parallel and evaluates on rank 0.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from _torchrun_ppo import fixed_rollout, run_update
 from agents.lm_common import shard
 from test_data import make_tiny_lm, write_jsonl
 from test_dpo import _pairs
+from test_pipeline import TINY
 from test_reward_model import _toy_preferences
 from test_sft import _demonstrations
 
@@ -117,7 +119,7 @@ def test_shard_deals_out_the_batch_and_weighs_each_share():
     assert shard(batch, 0, 1) == (batch, 1.0)
 
 
-@pytest.mark.parametrize("command", [["pipeline"], ["eval", "--model", "a=b"]])
+@pytest.mark.parametrize("command", [["catgrid"], ["eval", "--model", "a=b"]])
 def test_commands_that_do_not_split_their_work_refuse_several_processes(command):
     env = dict(_env(), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
     done = subprocess.run([sys.executable, "-m", "agents.cli", *command], env=env, capture_output=True, text=True, timeout=120)
@@ -178,3 +180,36 @@ def test_ppo_on_two_processes_learns_and_resumes_exactly(tmp_path, save_tiny_lm)
     assert resumed[-1] == full[-1]
     a, b = (load_file(str(tmp_path / run_dir / "policy" / "model.safetensors")) for run_dir in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_pipeline_on_two_processes_trains_every_stage_data_parallel(tmp_path):
+    from agents.cli import main
+
+    together, alone = tmp_path / "together", tmp_path / "alone"
+    done = _cli(["pipeline", "--output-dir", str(together), *TINY], 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("report:") == 1  # rank 0 alone speaks for the run
+    for stage in ("sft", "rm", "dpo"):
+        assert json.loads((together / stage / "timing.json").read_text())["processes"] == 2, stage
+    assert len((together / "ppo" / "metrics.jsonl").read_text().splitlines()) == 4  # one writer: 128 episodes / 32
+    report = (together / "report.md").read_text()
+    for model in ("base", "sft", "ppo", "dpo"):
+        assert f"| {model} |" in report
+    summary = json.loads((together / "summary.json").read_text())
+    assert 0.0 <= summary["ppo_win_rate_vs_sft"] <= 1.0 and 0.0 <= summary["dpo_win_rate_vs_sft"] <= 1.0
+    # SFT, the first stage, trains exactly as in one process (later stages sample, and PPO splits its rollouts)
+    assert main(["pipeline", "--output-dir", str(alone), *TINY]) == 0
+    assert _losses(together / "sft") == pytest.approx(_losses(alone / "sft"), abs=1e-5)
+
+
+def test_ppo_batch_that_does_not_divide_among_the_processes_fails_before_joining(monkeypatch, tmp_path):
+    from agents.lm_ppo import LMPPOConfig, train_lm_ppo
+    from agents.pipeline import PipelineConfig, run_pipeline
+
+    monkeypatch.setenv("WORLD_SIZE", "3")  # no process group is set up: the check comes first, nothing waits
+    with pytest.raises(ValueError, match="batch_size 32 does not divide among 3 processes"):
+        train_lm_ppo(LMPPOConfig(batch_size=32, output_dir=str(tmp_path / "ppo")))
+    with pytest.raises(ValueError, match="ppo_batch_size 64 does not divide among 3 processes"):
+        run_pipeline(PipelineConfig(output_dir=str(tmp_path / "pipeline")))
+    assert not (tmp_path / "pipeline").exists()
