@@ -202,7 +202,7 @@ def shard(indices: list[int], rank: int, world: int, weights: Sequence[float] | 
     return mine, sum(weights[i] for i in mine) * world / total if total else 1.0
 
 
-class _LossModule(nn.Module):
+class LossModule(nn.Module):
     """``loss_fn(model, batch)`` as a module's forward, so that DDP sees the pass it synchronises."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]):
@@ -480,7 +480,7 @@ def run_training(
             raise ValueError(
                 f"checkpoint {resume_from} was written with other settings ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}): "
                 "resume with the same values, or set resume=False to start over")
-    step_loss = DistributedDataParallel(_LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None) \
+    step_loss = DistributedDataParallel(LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else functools.partial(loss_fn, model)
     writer = MetricsWriter(output_dir / "metrics.jsonl", resume_step=state["global_step"] if resume_from else None) if main else None
     log = writer.write if writer is not None else (lambda record: None)

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 import rlhf_envs  # noqa: F401  (registers the envs)
-from agents.lm_common import distributed, join_process_group, shard
+from agents.lm_common import LossModule, distributed, join_process_group, shard
 from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from agents.packing import pack_groups
 from rlhf_envs.fast_lm import GPT2View, gpt2_view
@@ -306,7 +306,8 @@ def _ppo_update(step_loss: Any, model: nn.Module, optimizer: torch.optim.Optimiz
                 dist.all_reduce(values)
                 values /= world
             figures = dict(zip(keys, values.tolist()))
-            if config.max_approx_kl is not None and figures["approxkl"] > config.max_approx_kl:  # checked per minibatch, before its step: one bad step can wreck a small LM
+            # checked per minibatch, before its step: one bad step can wreck a small LM
+            if config.max_approx_kl is not None and figures["approxkl"] > config.max_approx_kl:
                 stats["approxkl"].append(figures["approxkl"])
                 return stats, True
             optimizer.zero_grad(set_to_none=True)
@@ -366,9 +367,7 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     ptx = _ptx_batches(config, tokenizer, torch.Generator().manual_seed(config.seed)) if config.ptx_coef > 0 else None
     loss_fn = functools.partial(_minibatch_loss, config=config, cfg=cfg)
     if world > 1:
-        from agents.lm_common import _LossModule
-
-        step_loss = DistributedDataParallel(_LossModule(model, loss_fn))
+        step_loss = DistributedDataParallel(LossModule(model, loss_fn))
     else:
         step_loss = functools.partial(loss_fn, model)
 

@@ -48,7 +48,7 @@ def run_update(rank: int, world: int, ptx: bool = True):
     """One ``_ppo_update`` (2 epochs of 3 minibatches, PPO-ptx on) over :func:`fixed_rollout`; ``(model, stats, stopped)``."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from agents.lm_common import _LossModule
+    from agents.lm_common import LossModule
     from agents.lm_ppo import LMPPOConfig, _minibatch_loss, _ppo_update
 
     model, rollout, cfg = fixed_rollout()
@@ -65,7 +65,7 @@ def run_update(rank: int, world: int, ptx: bool = True):
     # plain SGD: the comparison is of gradients, which Adam would blur where they are 0 (float noise turned into steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
     loss_fn = functools.partial(_minibatch_loss, config=config, cfg=cfg)
-    step_loss = DistributedDataParallel(_LossModule(model, loss_fn)) if world > 1 else functools.partial(loss_fn, model)
+    step_loss = DistributedDataParallel(LossModule(model, loss_fn)) if world > 1 else functools.partial(loss_fn, model)
     stats, stopped = _ppo_update(step_loss, model, optimizer, rollout, config, torch.Generator().manual_seed(3),
                                  ptx_batches() if ptx else None, rank, world)
     return model, stats, stopped
