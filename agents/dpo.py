@@ -172,14 +172,14 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     loss_of = DPO_LOSSES[config.loss_type]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
-    def collate(indices: list[int], packed: bool, by_prompt: bool = False) -> tuple:
-        """The pairs of ``indices``: packed (prompt once, then chosen and rejected; with ``by_prompt``,
-        consecutive pairs of the same prompt share one group, so that prompt runs once for all of
-        them), or right-padded with every chosen sequence before every rejected one."""
+    def collate(indices: list[int], packed: bool) -> tuple:
+        """The pairs of ``indices``: packed (prompt once, then chosen and rejected; consecutive pairs of
+        the same prompt share one group, so that prompt runs once for all of them), or right-padded
+        with every chosen sequence before every rejected one."""
         if packed:
             groups: list[list[torch.Tensor]] = []
             for n, i in enumerate(indices):
-                if not (by_prompt and n and prompt_of[i] == prompt_of[indices[n - 1]]):
+                if not (n and prompt_of[i] == prompt_of[indices[n - 1]]):
                     groups.append([])
                 groups[-1] += [data.input_ids[2 * i], data.input_ids[2 * i + 1]]
             batch = pack_groups(groups)
@@ -226,7 +226,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     with torch.inference_mode(), autocast, adapters_off:
         for first in range(rank * 2 * config.batch_size, len(records), world * 2 * config.batch_size):
             indices = order[first : first + 2 * config.batch_size]
-            logps = logps_of(reference, ref_split, collate(indices, ref_packed, by_prompt=True))
+            logps = logps_of(reference, ref_split, collate(indices, ref_packed))
             ref_logps[indices] = logps.view(2, -1).T
     if world > 1:
         dist.all_reduce(ref_logps)
@@ -238,6 +238,11 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[r["prompt"] for r in records])
 
     def loss_and_metrics(model: torch.nn.Module, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if packed:  # pairs of one prompt side by side, so that the prompt runs once for all of them
+            first: dict[tuple, int] = {}
+            for i in indices:
+                first.setdefault(prompt_of[i], len(first))
+            indices = sorted(indices, key=lambda i: first[prompt_of[i]])
         logps = logps_of(model, split, collate(indices, packed))
         policy_chosen, policy_rejected = logps.chunk(2)
         ref = ref_logps[indices]

@@ -80,17 +80,22 @@ def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 _SQRT_8_OVER_PI = math.sqrt(8.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def _gelu_gate(x: torch.Tensor) -> torch.Tensor:
+    """``s = sigmoid(sqrt(8/pi) * (x + 0.044715 x^3))`` in three passes: ``(c + c * 0.044715 x^2) * x``, then the sigmoid."""
+    scale = torch.tensor(_SQRT_8_OVER_PI, dtype=x.dtype, device=x.device)
+    return torch.addcmul(scale, x, x, value=_SQRT_8_OVER_PI * _GELU_CUBIC).mul_(x).sigmoid_()
 
 
 def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     """``gelu(x, approximate="tanh")`` in place, as ``x * sigmoid(sqrt(8/pi) * (x + 0.044715 x^3))``.
 
     The same function (``(1 + tanh(z)) / 2 = sigmoid(2z)``), equal to float rounding; on CPU torch's
-    tanh-GELU kernel runs at about half the speed of these five in-place passes.
+    tanh-GELU kernel runs at about half the speed of these four passes.
     """
-    gate = x * x
-    gate.mul_(0.044715).add_(1.0).mul_(x).mul_(_SQRT_8_OVER_PI).sigmoid_()
-    return x.mul_(gate)
+    return x.mul_(_gelu_gate(x))
 
 
 class _GeluTanh(torch.autograd.Function):
@@ -103,16 +108,15 @@ class _GeluTanh(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        gate = x * x
-        gate.mul_(0.044715).add_(1.0).mul_(x).mul_(_SQRT_8_OVER_PI).sigmoid_()
+        gate = _gelu_gate(x)
         ctx.save_for_backward(x, gate)
         return x * gate
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         x, gate = ctx.saved_tensors
-        slope = x * x
-        slope.mul_(3 * 0.044715 * _SQRT_8_OVER_PI).add_(_SQRT_8_OVER_PI).mul_(x)
+        scale = torch.tensor(_SQRT_8_OVER_PI, dtype=x.dtype, device=x.device)
+        slope = torch.addcmul(scale, x, x, value=3 * _GELU_CUBIC * _SQRT_8_OVER_PI).mul_(x)
         slope.mul_(torch.addcmul(gate, gate, gate, value=-1.0)).add_(gate)
         return slope.mul_(grad)
 
@@ -124,6 +128,12 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float32:
         return _GeluTanh.apply(x)
     return F.gelu(x, approximate="tanh")  # lower precision: torch's kernel computes in float32 inside
+
+
+def _residual(update: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + update``, written into ``update`` (a fresh output whose backward does not need it) when the
+    dtypes agree; under autocast a lower-precision ``update`` is promoted to the residual stream's dtype."""
+    return update.add_(x) if update.dtype == x.dtype else x + update
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -345,9 +355,10 @@ class GPT2View:
         rows, e.g. a prompt shared by two responses; right padding repeats a real token, which
         causal attention never reaches from a real one), and ``owner [N]`` the cell whose output each
         token takes (:func:`agents.packing.pack_groups` builds them). Layer norms, projections and
-        the MLP run on the ``N`` tokens only. With gradients recorded nothing is written in place, so
-        autograd sees every op and gradients reach the model's parameters (a token gathered into
-        several rows sums its gradients); without (a reference pass), the GELU runs in place. Causal
+        the MLP run on the ``N`` tokens only. With gradients recorded only the residual adds write in
+        place, into projection outputs that their backward does not read, so autograd sees every op
+        and gradients reach the model's parameters (a token gathered into several rows sums its
+        gradients); without (a reference pass), the GELU runs in place too. Causal
         rows go through SDPA's causal kernel with or without gradients (see
         :data:`agents.packing.SEGMENT_INFERENCE_WIDTH` for when a reference pass takes them on CPU).
 
@@ -363,21 +374,30 @@ class GPT2View:
         for the backward pass, so callers pass it for short rows only).
         """
         width = gather.numel() // rows
+        heads, hd = self.n_head, self.head_dim
         x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         last = len(self.layers) - 1
+        if attn_mask is not None:  # [rows, 1, W, W] -> [H * rows, W, W] in the grids' head-major order, once for all layers
+            attn_mask = attn_mask.transpose(0, 1).expand(heads, rows, width, width).reshape(heads * rows, width, width)
         for i, layer in enumerate(self.layers):
             qkv = _proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
-            q, k, v = qkv.index_select(0, gather).view(rows, width, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            # Gathered head-major, ``[3 * H, rows * W, hd]``: each of q, k, v is then a contiguous
+            # ``[H * rows, W, hd]`` batch of matrices, which the batched products read without copying.
+            grid = qkv.view(-1, 3 * heads, hd).transpose(0, 1).index_select(1, gather)
+            q, k, v = grid.view(3, heads * rows, width, hd).unbind(0)
             if attn_mask is not None:
-                att = _attention(q, k, v, attn_mask, layer.scaling)
+                scores = torch.baddbmm(attn_mask, q, k.transpose(1, 2), alpha=layer.scaling)
+                att = torch.bmm(scores.softmax(-1), v)
             else:
-                att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling)
+                shape = (heads, rows, width, hd)  # SDPA's batch and head dimensions, here heads then rows
+                att = F.scaled_dot_product_attention(q.view(shape), k.view(shape), v.view(shape), is_causal=True,
+                                                     scale=layer.scaling)
             cells = owner
             if keep is not None and i == last:
                 cells, x = owner.index_select(0, keep), x.index_select(0, keep)
-            att = att.transpose(1, 2).reshape(rows * width, self.d_model).index_select(0, cells)
-            x = x + _proj(layer.attn_proj_b, att, layer.attn_proj_w)
-            x = x + self._mlp_out(x, layer)
+            att = att.reshape(heads, rows * width, hd).transpose(0, 1).index_select(0, cells).view(-1, self.d_model)
+            x = _residual(_proj(layer.attn_proj_b, att, layer.attn_proj_w), x)
+            x = _residual(self._mlp_out(x, layer), x)
         return x
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
