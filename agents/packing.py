@@ -154,7 +154,11 @@ class PackedBatch:
     def sequence_logps(self, view: GPT2View, predictor: torch.Tensor, target_ids: torch.Tensor,
                        sequence: torch.Tensor) -> torch.Tensor:
         """``[S]`` float32: each sequence's summed log-prob of its targets (from :meth:`targets`)."""
-        token_logps = -F.cross_entropy(self.target_logits(view, predictor), target_ids, reduction="none")
+        logits = self.target_logits(view, predictor)
+        if torch.is_grad_enabled():
+            token_logps = -F.cross_entropy(logits, target_ids, reduction="none")
+        else:  # a reference pass: the log-softmax overwrites the logits (a fresh [M, V] tensor) and one value per row is read
+            token_logps = torch.log_softmax(logits, -1, out=logits).gather(1, target_ids.unsqueeze(1)).squeeze(1)
         return token_logps.new_zeros(len(self.sequences)).index_add_(0, sequence, token_logps)
 
 

@@ -395,7 +395,7 @@ class GPT2View:
             cells = owner
             if keep is not None and i == last:
                 cells, x = owner.index_select(0, keep), x.index_select(0, keep)
-            att = att.reshape(heads, rows * width, hd).transpose(0, 1).index_select(0, cells).view(-1, self.d_model)
+            att = att.reshape(heads, rows * width, hd).index_select(1, cells).transpose(0, 1).reshape(-1, self.d_model)
             x = _residual(_proj(layer.attn_proj_b, att, layer.attn_proj_w), x)
             x = _residual(self._mlp_out(x, layer), x)
         return x
