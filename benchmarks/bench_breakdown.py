@@ -20,6 +20,7 @@ Writes ``benchmarks/results/breakdown.json``.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -31,8 +32,8 @@ import torch
 
 from benchmarks.common import median_time, print_table, write_json
 
-MATMUL = ("aten::addmm", "aten::mm", "aten::bmm")
-ATTENTION = ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data")
+MATMUL = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+ATTENTION = ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data")
 FAMILIES = {
     # an operator's family is decided by its name and the names of the events it ran inside; GELU counts
     # the training forward's and backward's (the reference pass's in-place GELU is plain element-wise ops)
@@ -146,6 +147,8 @@ def dpo_profile(repeats: int, threads: int) -> dict:
             for name in speed:
                 out = workdir / f"{name.split()[0]}-{repeat}"
                 run = train_ours("dpo", workdir, out, settings, bf16=name != "float32")
+                if not math.isfinite(run.metrics["loss"]):
+                    raise RuntimeError(f"DPO in {name} ended with loss {run.metrics['loss']!r}; its speed is not a figure")
                 speed[name].append(settings.steps * settings.batch_size / run.train_seconds)
     return {"steps": settings.steps, "batch_size": settings.batch_size, "operator_shares": shares,
             "reference_pass_share_of_run": reference_share,

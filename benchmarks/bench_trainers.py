@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -223,8 +224,12 @@ def _sync(device: str) -> None:
 
 
 def run_ours(algorithm: str, workdir: Path, out: Path, s: Settings) -> float:
-    """Seconds of our trainer's timed region (its ``TrainResult.train_seconds``)."""
-    return train_ours(algorithm, workdir, out, s).train_seconds
+    """Seconds of our trainer's timed region (its ``TrainResult.train_seconds``); a run whose last logged
+    loss is not finite is an error, not a figure."""
+    result = train_ours(algorithm, workdir, out, s)
+    if not math.isfinite(result.metrics.get("loss", math.nan)):
+        raise RuntimeError(f"{algorithm}: our run ended with loss {result.metrics.get('loss')!r}; its speed is not a figure")
+    return result.train_seconds
 
 
 def train_ours(algorithm: str, workdir: Path, out: Path, s: Settings, **overrides):

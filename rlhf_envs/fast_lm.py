@@ -573,7 +573,10 @@ class _SegmentLayout:
     def allowed(self) -> np.ndarray:
         """``[R, 1, Wq, W]`` bool: True where a query may attend to a key (same segment, key not later).
 
-        A query cell no token uses attends to nothing; its output is never read.
+        A query cell no token uses attends to its row's first key only: its output is never read, and
+        one allowed key keeps its softmax finite where the additive mask's minimum turns into -inf
+        (float32's minimum rounds to -inf in bfloat16, under autocast), which would make a row with
+        nothing allowed NaN and spread NaN through the backward pass.
         """
         segments = np.arange(len(self.row))
         q_seg = np.full((self.rows, self.q_width), -1)
@@ -587,7 +590,9 @@ class _SegmentLayout:
         b, j = np.repeat(segments, length), _within(length)
         k_seg[self.row[b], self.k_offset[b] + j] = b
         k_pos[self.row[b], self.k_offset[b] + j] = j
-        return ((q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= q_pos[:, :, None]))[:, None]
+        allowed = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= q_pos[:, :, None])
+        allowed[:, :, 0] |= q_seg < 0
+        return allowed[:, None]
 
 
 def _within(counts: np.ndarray) -> np.ndarray:

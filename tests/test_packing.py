@@ -92,6 +92,24 @@ def test_logprobs_and_gradients_equal_one_sequence_at_a_time(layout):
         torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_bf16_autocast_stays_finite(layout):
+    """Under bf16 autocast the additive mask's float32 minimum becomes -inf: a grid cell no token uses must
+    still allow one key, or its softmax is NaN and the NaN reaches every gradient through the backward pass."""
+    batch = pack_groups(_groups())
+    assert batch.segments.allowed.any(-1).all()  # every query cell, used or not, may read some key
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(_config()).train()
+    view = gpt2_view(model)
+    targets = batch.targets([5, 5, 1, 2, 1, 5, 4, 5, 5, 5])
+    exact = batch.sequence_logps(view, *targets).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = batch.sequence_logps(view, *targets)
+    low.sum().backward()
+    assert torch.isfinite(low).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(low.float(), exact, atol=0.5, rtol=0.05)
+
+
 def test_rewards_pool_where_hugging_face_pools(layout):
     torch.manual_seed(0)
     model = GPT2ForSequenceClassification(_config(num_labels=1)).eval()
