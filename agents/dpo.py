@@ -182,7 +182,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
                 if not (n and prompt_of[i] == prompt_of[indices[n - 1]]):
                     groups.append([])
                 groups[-1] += [data.input_ids[2 * i], data.input_ids[2 * i + 1]]
-            batch = pack_groups(groups)
+            batch = pack_groups(groups, drop_last=True)  # a response's last token predicts nothing
             starts = data.prompt_lengths[[2 * i + k for i in indices for k in (0, 1)]].tolist()
             return (batch.to(device), *(t.to(device, non_blocking=True) for t in batch.targets(starts)))
         rows = [2 * i for i in indices] + [2 * i + 1 for i in indices]

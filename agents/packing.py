@@ -85,25 +85,30 @@ class PackedBatch:
     grid: np.ndarray = field(repr=False)
     """``[S, W]`` (CPU) ``gather`` as a grid: the packed index of sequence ``s``'s token at position ``p``."""
     token_grid: np.ndarray = field(repr=False)
-    """``[S, W]`` (CPU) the token at each cell (padding cells repeat the sequence's last token)."""
+    """``[S, W']`` (CPU) the token at each position of each sequence as given (padding cells repeat its last token)."""
     lengths: np.ndarray = field(repr=False)
-    """``[S]`` (CPU) each sequence's length."""
+    """``[S]`` (CPU) each sequence's packed length: its length, less its last token with ``dropped``."""
     segments: Segments | None = field(default=None, repr=False)
     """The same sequences in the segment layout (None when its mask would exceed ``_MAX_SEGMENT_CELLS``)."""
+    dropped: np.ndarray | None = field(default=None, repr=False)
+    """``[S]`` (CPU) 1 where the sequence's last token was left out of the packed tokens
+    (``pack_groups(..., drop_last=True)``), else 0; None when nothing was left out."""
 
     @property
     def index(self) -> list[torch.Tensor]:
-        """Per sequence, the packed index (into ``tokens``) of each of its tokens, in order."""
+        """Per sequence, the packed index (into ``tokens``) of each of its packed tokens, in order."""
         return [torch.from_numpy(row[:n]) for row, n in zip(self.grid, self.lengths)]
 
     def targets(self, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Next-token targets from position ``starts[s]`` (>= 1) to the end of each sequence ``s``.
 
         Returns ``predictor [M]`` (packed index of the token whose hidden state predicts the
-        target), ``target_ids [M]`` and ``sequence [M]`` (which sequence each target is in).
+        target), ``target_ids [M]`` and ``sequence [M]`` (which sequence each target is in). A last
+        token left out of the packed tokens (``drop_last``) is still a target: its predictor is packed.
         """
         first = np.maximum(np.asarray(starts, dtype=np.int64), 1)
-        counts = np.maximum(self.lengths - first, 0)
+        ends = self.lengths if self.dropped is None else self.lengths + self.dropped
+        counts = np.maximum(ends - first, 0)
         sequence = np.repeat(np.arange(len(counts)), counts)
         position = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
         return (torch.from_numpy(self.grid[sequence, position - 1]), torch.from_numpy(self.token_grid[sequence, position]),
@@ -115,9 +120,11 @@ class PackedBatch:
         This is where Hugging Face's ``GPT2ForSequenceClassification`` pools (its first token when
         every token is the pad id).
         """
+        if self.dropped is not None and self.dropped.any():
+            raise ValueError("last_index: this batch was packed with drop_last=True, so last tokens have no hidden state")
         keep = np.arange(self.grid.shape[1])[None, :] < self.lengths[:, None]
         if pad_token_id is not None:
-            keep &= self.token_grid != pad_token_id
+            keep &= self.token_grid[:, : self.grid.shape[1]] != pad_token_id
         last = np.where(keep.any(1), keep.shape[1] - 1 - keep[:, ::-1].argmax(1), 0)
         return torch.from_numpy(self.grid[np.arange(len(last)), last])
 
@@ -171,8 +178,15 @@ def _common_prefix(seqs: list[np.ndarray]) -> int:
     return int(differ[0]) if len(differ) else shortest
 
 
-def pack_groups(groups: list[list[torch.Tensor]]) -> PackedBatch:
+def pack_groups(groups: list[list[torch.Tensor]], drop_last: bool = False) -> PackedBatch:
     """Pack ``groups`` (lists of non-empty 1-D int64 token tensors); see the module docstring.
+
+    With ``drop_last`` each sequence's last token (of sequences longer than one) is left out of the
+    forward: under a next-token loss (SFT, DPO, PPO) its hidden state predicts nothing, and no later
+    token of its sequence reads it, so every other token's results are the same. Sequences are cut
+    before their shared prefixes are found, so a token that one sequence ends on and another goes on
+    from is still packed for the other. :meth:`PackedBatch.targets` still names the left-out token as
+    its sequence's last target. Not for a reward model, which reads the last token's hidden state.
 
     The layout is computed with array arithmetic on the CPU (no per-sequence tensor ops): group
     ``g``'s prefix starts at ``offset[g]``, and sequence ``s``'s own tokens follow the rest of its group's.
@@ -180,10 +194,14 @@ def pack_groups(groups: list[list[torch.Tensor]]) -> PackedBatch:
     if not groups or any(not group for group in groups):
         raise ValueError("pack_groups needs a non-empty list of non-empty groups of sequences")
     sequences = [seq for group in groups for seq in group]
-    arrays = [np.asarray(seq.cpu(), dtype=np.int64) for seq in sequences]
-    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
-    if (lengths == 0).any():
+    given = [np.asarray(seq.cpu(), dtype=np.int64) for seq in sequences]
+    given_lengths = np.fromiter((len(a) for a in given), dtype=np.int64, count=len(given))
+    if (given_lengths == 0).any():
         raise ValueError("pack_groups got an empty sequence; every sequence needs at least one token")
+    dropped = (given_lengths > 1).astype(np.int64) if drop_last else None
+    arrays = [a[: len(a) - 1] for a in given] if drop_last else given
+    arrays = [a if len(a) else g for a, g in zip(arrays, given)]  # a one-token sequence keeps its token
+    lengths = given_lengths - dropped if dropped is not None else given_lengths
     sizes = np.fromiter((len(group) for group in groups), dtype=np.int64, count=len(groups))
     first_row = np.cumsum(sizes) - sizes
     group_of = np.repeat(np.arange(len(groups)), sizes)
@@ -211,8 +229,12 @@ def pack_groups(groups: list[list[torch.Tensor]]) -> PackedBatch:
     own = real & ((column >= shared[:, None]) | first[:, None])
     owner = np.empty(n_tokens, dtype=np.int64)
     owner[grid[own]] = (np.arange(len(arrays))[:, None] * width + column)[own]
+    # the tokens as given, position by position (padding repeats each sequence's last token)
+    given_start = np.cumsum(given_lengths) - given_lengths
+    given_column = np.minimum(np.arange(int(given_lengths.max()))[None, :], given_lengths[:, None] - 1)
+    token_grid = np.concatenate(given)[given_start[:, None] + given_column]
     return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(grid.reshape(-1)),
-                       torch.from_numpy(owner), sequences, grid, tokens[grid], lengths, _segments(grid, lengths, owner))
+                       torch.from_numpy(owner), sequences, grid, token_grid, lengths, _segments(grid, lengths, owner), dropped)
 
 
 def _segments(grid: np.ndarray, lengths: np.ndarray, owner: np.ndarray) -> Segments | None:

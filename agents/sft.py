@@ -64,7 +64,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
 
     def collate(indices: list[int]) -> tuple:
         if packed:
-            batch = pack_groups([[data.input_ids[i]] for i in indices])
+            batch = pack_groups([[data.input_ids[i]] for i in indices], drop_last=True)  # the last token predicts nothing
             predictor, targets, _ = batch.targets(data.prompt_lengths[indices].tolist())
             return batch.to(device), predictor.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         return batch_sequences([data.input_ids[i] for i in indices], data.prompt_lengths[indices], pad_id, device)

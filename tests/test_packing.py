@@ -66,12 +66,31 @@ def test_shared_prefix_is_laid_out_once():
         assert torch.equal(batch.positions[index], torch.arange(len(seq)))
 
 
-def test_logprobs_and_gradients_equal_one_sequence_at_a_time(layout):
+def test_drop_last_leaves_each_last_token_out_and_keeps_it_a_target():
+    groups = _groups()
+    batch, full = pack_groups(groups, drop_last=True), pack_groups(groups)
+    # each sequence less its last token; where one sequence is the other's prefix, the shared prefix
+    # shrinks to 4 and the prompt's fifth token is packed as the longer one's own
+    assert len(batch.tokens) == (5 + 3 + 6) + (2 + 8) + 5 + (4 + 5) + 6
+    for seq, index in zip(batch.sequences, batch.index):
+        assert torch.equal(batch.tokens[index], seq[:-1])
+    starts = [5, 5, 1, 2, 1, 5, 4, 5, 5, 5]
+    (predictor, targets, sequence), (full_predictor, full_targets, full_sequence) = batch.targets(starts), full.targets(starts)
+    assert torch.equal(targets, full_targets) and torch.equal(sequence, full_sequence)
+    assert torch.equal(batch.tokens[predictor], full.tokens[full_predictor])  # the same predicting tokens
+    with pytest.raises(ValueError, match="drop_last"):
+        batch.last_index(PAD)
+    one = pack_groups([[torch.tensor([7])], [torch.tensor([3, 4])]], drop_last=True)  # a one-token sequence keeps its token
+    assert one.tokens.tolist() == [7, 3] and one.targets([1, 1])[1].tolist() == [4]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_logprobs_and_gradients_equal_one_sequence_at_a_time(layout, drop_last):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(_config()).train()  # train mode: no dropout to apply, so the lean path is exact
     view = gpt2_view(model)
     assert view is not None
-    batch = pack_groups(_groups())
+    batch = pack_groups(_groups(), drop_last=drop_last)
     starts = [5, 5, 1, 2, 1, 5, 4, 5, 5, 5]
     predictor, targets, sequence = batch.targets(starts)
     packed = batch.sequence_logps(view, predictor, targets, sequence)
