@@ -14,6 +14,31 @@ from typing import Callable
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+"""The vector-unit flags that move these figures: AVX-512, and bf16 in hardware (without it a CPU's bf16
+matrix products are emulated, and bf16 autocast slows to a crawl)."""
+
+
+def cpu_info() -> dict:
+    """The CPU's model name (with family and model numbers) and which of :data:`_CPU_FEATURES` it has, from /proc/cpuinfo.
+
+    Two machines of the same name ("AMD EPYC" under a hypervisor) can be different generations: one
+    with AVX-512 and bf16, one with AVX2 only. Ratios against a peer that uses bf16 differ between them.
+    """
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first processor's block is enough
+    except OSError:
+        return {}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})",
+            "cpu_features": [f for f in _CPU_FEATURES if f in flags]}
+
+
 def machine_info() -> dict:
     """What the figures were measured on."""
     import torch
@@ -23,9 +48,11 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        **cpu_info(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
