@@ -45,38 +45,48 @@ def _f(x, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
+def _when(d: dict) -> str:
+    """A results file's date and, where it recorded them, its CPU's vector features (they move the ratios)."""
+    m = d.get("machine", {})
+    features = m.get("cpu_features")
+    if features is None:
+        return m.get("date", "?")
+    kind = "AVX-512, bf16" if "avx512_bf16" in features else "AVX-512" if "avx512f" in features else "AVX2, no bf16"
+    return f"{m.get('date', '?')} ({kind})"
+
+
 def tables() -> str:
     """The README's performance, pipeline and reliability tables, from the results files."""
     out = []
-    perf = ["| comparison (same machine, same run) | ours | peer | ratio | script |", "|---|---|---|---|---|"]
+    perf = ["| comparison (same machine, same run) | ours | peer | ratio | measured on | script |", "|---|---|---|---|---|---|"]
     if (d := _load("catgrid")) is not None:
         for row in d["step_throughput"]:
             perf.append(f"| `{row['ours']}` env steps/s vs Gymnasium `{row['peer']}` | {_f(row['ours_steps_per_s'], 0)} | "
-                        f"{_f(row['peer_steps_per_s'], 0)} | {_f(row['ratio'])}x | bench_catgrid |")
+                        f"{_f(row['peer_steps_per_s'], 0)} | {_f(row['ratio'])}x | {_when(d)} | bench_catgrid |")
         for row in d["vector_throughput"]:
-            perf.append(f"| `{row['env']}` vector env, {row['num_envs']} envs, steps/s | {_f(row['steps_per_s'], 0)} | | | bench_catgrid |")
+            perf.append(f"| `{row['env']}` vector env, {row['num_envs']} envs, steps/s | {_f(row['steps_per_s'], 0)} | | | {_when(d)} | bench_catgrid |")
         for row in d["ppo_summary"]:
             perf.append(f"| PPO wall time to 95% of optimum on `{row['env']}` (median of {row['seeds']} seeds; "
                         f"reached {row['seeds_reached_ours']}/{row['seeds']} vs {row['seeds_reached_sb3']}/{row['seeds']}) vs SB3 PPO, same hyper-parameters | "
-                        f"{_f(row['ours_median_s'])} s | {_f(row['sb3_median_s'])} s | {_f(row['wall_ratio_ours_over_sb3'])}x the time | bench_catgrid |")
+                        f"{_f(row['ours_median_s'])} s | {_f(row['sb3_median_s'])} s | {_f(row['wall_ratio_ours_over_sb3'])}x the time | {_when(d)} | bench_catgrid |")
     for name in ("sampling", "sampling_2threads"):
         if (d := _load(name)) is None:
             continue
         s, threads = d["samplers"], f"{d['torch_threads']} thread{'s' if d['torch_threads'] > 1 else ''}"
         perf.append(f"| sampler tokens/s vs HF `generate` (batch {d['batch']}, {d['max_new_tokens']} new tokens, T={d['sampling']['temperature']}, "
                     f"top-k {d['sampling']['top_k']}, top-p {d['sampling']['top_p']}; {threads}) | {_f(s['rlhf_envs.generate']['tokens_per_s'], 0)} | "
-                    f"{_f(s['hf.generate']['tokens_per_s'], 0)} | {_f(d['speedup_vs_hf'])}x | bench_sampling |")
+                    f"{_f(s['hf.generate']['tokens_per_s'], 0)} | {_f(d['speedup_vs_hf'])}x | {_when(d)} | bench_sampling |")
         b = d["bandit_step"]
         perf.append(f"| `TextBandit` scoring step (reference pass + reward) vs sampling the {b['num_envs']} responses, prompts the reference "
                     f"has seen before ({threads}) | {_f(b['step_median_s'] * 1000, 1)} ms | {_f(b['sample_median_s'] * 1000, 1)} ms | "
-                    f"{_f(b['step_over_sample'], 3)} of it | bench_sampling |")
+                    f"{_f(b['step_over_sample'], 3)} of it | {_when(d)} | bench_sampling |")
         if "first_sight_step_median_s" in b:
             perf.append(f"| the same step on prompts the reference meets for the first time ({threads}) | "
                         f"{_f(b['first_sight_step_median_s'] * 1000, 1)} ms | {_f(b['sample_median_s'] * 1000, 1)} ms | "
-                        f"{_f(b['first_sight_step_over_sample'], 3)} of it | bench_sampling |")
+                        f"{_f(b['first_sight_step_over_sample'], 3)} of it | {_when(d)} | bench_sampling |")
         if (t := d.get("token_step")) is not None:
             perf.append(f"| `TextToken` vector step, {t['num_envs']} envs: reference on our lean GPT-2 forward vs Hugging Face's forward "
-                        f"({threads}) | {_f(t['lean_median_s'] * 1000)} ms | {_f(t['hf_median_s'] * 1000)} ms | {_f(t['speedup'])}x | bench_sampling |")
+                        f"({threads}) | {_f(t['lean_median_s'] * 1000)} ms | {_f(t['hf_median_s'] * 1000)} ms | {_f(t['speedup'])}x | {_when(d)} | bench_sampling |")
     for file in ("trainers", "trainers_2threads", "trainers_shakespeare", "trainers_shakespeare_bf16"):
         if (d := _load(file)) is None:
             continue
@@ -93,23 +103,23 @@ def tables() -> str:
                 ours, peer = r["median"]["ours"], r["median"][key]
                 perf.append(f"| {name.upper()} {r['unit']} vs TRL `{r['trl_trainer']}` ({variant}; {threads}); peak RSS MiB | "
                             f"{_f(ours['per_second'], 1)}; {_f(ours['peak_rss_mib'], 0)} | {_f(peer['per_second'], 1)}; {_f(peer['peak_rss_mib'], 0)} | "
-                            f"{_f(ours['per_second'] / peer['per_second'])}x | bench_trainers |")
+                            f"{_f(ours['per_second'] / peer['per_second'])}x | {_when(d)} | bench_trainers |")
     if (d := _load("ppo_iteration")) is not None:
         phases = ", ".join(f"{p['phase']} {_f(p['median_seconds'])} s ({p['share']:.0%})" for p in d["phases"])
-        perf.append(f"| one RLHF PPO iteration, batch {d['settings']['batch_size']} (embedded model) | {phases} | | | bench_ppo_iteration |")
+        perf.append(f"| one RLHF PPO iteration, batch {d['settings']['batch_size']} (embedded model) | {phases} | | | {_when(d)} | bench_ppo_iteration |")
     if (d := _load("lora")) is not None:
         runs = d["runs"]
         lora, full = runs[f"LoRA r={d['rank']}"], runs["full fine-tuning"]
         perf.append(f"| DPO peak RSS MiB, LoRA r={d['rank']} vs full fine-tuning ({d['n_parameters'] / 1e6:.0f}M-param GPT-2, "
                     f"batch {d['batch_size']}); pairs/s | {_f(lora['peak_rss_mib'], 0)}; {_f(lora['pairs_per_second'])} | "
-                    f"{_f(full['peak_rss_mib'], 0)}; {_f(full['pairs_per_second'])} | {_f(d['peak_memory_ratio_lora_over_full'])}x the memory | bench_lora |")
+                    f"{_f(full['peak_rss_mib'], 0)}; {_f(full['pairs_per_second'])} | {_f(d['peak_memory_ratio_lora_over_full'])}x the memory | {_when(d)} | bench_lora |")
     if (d := _load("data_parallel")) is not None:
         for name, r in d["results"].items():
             m = r["median_per_second"]
             perf.append(f"| {name.upper()} {r['unit']}, data parallel: 2 processes x 1 thread (torchrun, DDP) vs 1 process x 1 thread; "
                         f"vs 1 process x 2 threads ({_f(m['1 process x 2 threads'], 1)}, {_f(r['two_processes_over_two_threads'])}x) | "
                         f"{_f(m['2 processes x 1 thread'], 1)} | {_f(m['1 process x 1 thread'], 1)} | "
-                        f"{_f(r['two_processes_over_one_thread'])}x | bench_data_parallel |")
+                        f"{_f(r['two_processes_over_one_thread'])}x | {_when(d)} | bench_data_parallel |")
     out.append("\n".join(perf))
 
     if (d := _load("pipeline")) is not None:
