@@ -31,6 +31,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from benchmarks.common import machine_info
 import rlhf_envs  # noqa: F401  (registers the envs)
 from rlhf_envs.sampling import SamplingConfig, generate
 
@@ -211,6 +212,7 @@ def main() -> None:
     print(f"TextToken vector step ({args.batch} envs): {token['lean_median_s'] * 1e3:.2f} ms on the lean forward vs "
           f"{token['hf_median_s'] * 1e3:.2f} ms on Hugging Face's -> {token['speedup']:.2f}x")
     result = {
+        "machine": machine_info(),
         "model": model_name, "device": device, "batch": args.batch, "max_new_tokens": args.new_tokens,
         "sampling": {"temperature": 0.9, "top_k": 50, "top_p": 0.95}, "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
