@@ -21,6 +21,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ class LMTrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir/checkpoints"})
     device: str = field(default="auto", metadata={"help": "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."})
-    bf16: bool = field(default=False, metadata={"help": "autocast the forward passes to bfloat16 (weights and optimizer stay float32); on a CPU with bf16 instructions faster on long sequences, slower on short ones (README, Performance)"})
+    bf16: bool = field(default=False, metadata={"help": "autocast the forward passes to bfloat16 (weights and optimizer stay float32); on a CPU with bf16 instructions faster on long sequences, slower on short ones; on a CPU without them emulated and about 15x slower, with a warning (README, Performance)"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped inside model_path"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -127,6 +128,14 @@ def set_seed(seed: int) -> None:
 ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 
 
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bfloat16 instructions (AVX512_BF16 or AMX); None where torch cannot tell."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(check is None for check in checks):
+        return None
+    return any(check() for check in checks)
+
+
 def start_run(config: LMTrainConfig) -> torch.device:
     """What every trainer does first: torch threads, seeds, and the device to train on.
 
@@ -136,6 +145,10 @@ def start_run(config: LMTrainConfig) -> torch.device:
     1,550 MiB with it and 1,130 without, at the same speed). So, unless ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``
     is already set, it is set to 0 here (oneDNN reads it when it first builds a primitive, so this
     takes effect only if nothing in the process used oneDNN before).
+
+    ``bf16`` on a CPU without bfloat16 instructions is allowed, with a warning: its bfloat16 matrix
+    products are emulated, and our DPO trained 15x slower in bf16 than in float32 on such a CPU
+    (``python -m benchmarks.bench_breakdown``, 2026-12-01: 16.7 against 244 pairs/s).
     """
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
@@ -145,6 +158,10 @@ def start_run(config: LMTrainConfig) -> torch.device:
         device = join_process_group(device)
     if config.bf16 and device.type == "cpu":
         os.environ.setdefault(ONEDNN_CACHE_VARIABLE, "0")
+        if cpu_has_bf16() is False:
+            warnings.warn("bf16=True on a CPU without bfloat16 instructions (AVX512_BF16 or AMX): its bf16 matrix products "
+                          "are emulated and training runs many times slower than in float32 (15x for DPO in "
+                          "benchmarks/bench_breakdown.py on such a CPU); leave bf16 off on this machine", stacklevel=2)
     return device
 
 

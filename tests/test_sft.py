@@ -95,6 +95,22 @@ def test_config_errors_say_what_to_change():
         SFTConfig(data_path="x.jsonl", lr_schedule="step")
 
 
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch, has_bf16):
+    import warnings
+
+    import agents.lm_common
+    from agents.lm_common import start_run
+
+    monkeypatch.setattr(agents.lm_common, "cpu_has_bf16", lambda: has_bf16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start_run(SFTConfig(data_path="d.jsonl", device="cpu", bf16=True))
+        start_run(SFTConfig(data_path="d.jsonl", device="cpu"))  # float32: never a word
+    emulated = [w for w in caught if "emulated" in str(w.message)]
+    assert len(emulated) == (0 if has_bf16 else 1)
+
+
 def test_bf16_on_cpu_caps_the_onednn_primitive_cache_unless_set(monkeypatch):
     from agents.lm_common import ONEDNN_CACHE_VARIABLE, start_run
 
