@@ -198,9 +198,8 @@ def pack_groups(groups: list[list[torch.Tensor]], drop_last: bool = False) -> Pa
     given_lengths = np.fromiter((len(a) for a in given), dtype=np.int64, count=len(given))
     if (given_lengths == 0).any():
         raise ValueError("pack_groups got an empty sequence; every sequence needs at least one token")
-    dropped = (given_lengths > 1).astype(np.int64) if drop_last else None
-    arrays = [a[: len(a) - 1] for a in given] if drop_last else given
-    arrays = [a if len(a) else g for a, g in zip(arrays, given)]  # a one-token sequence keeps its token
+    dropped = (given_lengths > 1).astype(np.int64) if drop_last else None  # a one-token sequence keeps its token
+    arrays = [a[:-1] if cut else a for a, cut in zip(given, dropped)] if dropped is not None else given
     lengths = given_lengths - dropped if dropped is not None else given_lengths
     sizes = np.fromiter((len(group) for group in groups), dtype=np.int64, count=len(groups))
     first_row = np.cumsum(sizes) - sizes
