@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from agents.data import read_preferences, tokenize_pairs
-from agents.packing import PackedBatch, pack_groups
+from agents.packing import PackedBatch, pack_sequences
 from agents.lm_common import (
     LMTrainConfig,
     TrainResult,
@@ -173,18 +173,15 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
     def collate(indices: list[int], packed: bool) -> tuple:
-        """The pairs of ``indices``: packed (prompt once, then chosen and rejected; consecutive pairs of
-        the same prompt share one group, so that prompt runs once for all of them), or right-padded
-        with every chosen sequence before every rejected one."""
+        """The pairs of ``indices``: packed as a prefix tree (each distinct prefix once: a prompt shared by
+        several pairs runs once for all of them), or right-padded with every chosen sequence before
+        every rejected one."""
+        rows = [2 * i + k for i in indices for k in (0, 1)]
         if packed:
-            groups: list[list[torch.Tensor]] = []
-            for n, i in enumerate(indices):
-                if not (n and prompt_of[i] == prompt_of[indices[n - 1]]):
-                    groups.append([])
-                groups[-1] += [data.input_ids[2 * i], data.input_ids[2 * i + 1]]
-            batch = pack_groups(groups, drop_last=True)  # a response's last token predicts nothing
-            starts = data.prompt_lengths[[2 * i + k for i in indices for k in (0, 1)]].tolist()
-            return (batch.to(device), *(t.to(device, non_blocking=True) for t in batch.targets(starts)))
+            # a response's last token predicts nothing: it leaves the forward
+            batch = pack_sequences([data.input_ids[r] for r in rows], drop_last=True)
+            targets = batch.distinct_targets(data.prompt_lengths[rows].tolist())
+            return (batch.to(device), *(t.to(device, non_blocking=True) for t in targets))
         rows = [2 * i for i in indices] + [2 * i + 1 for i in indices]
         return batch_sequences([data.input_ids[r] for r in rows], data.prompt_lengths[rows], pad_id, device)
 
@@ -210,8 +207,8 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     # The pass may take the pairs in any order (a sequence's log-probs do not depend on the others).
     # Pairs sorted by their longer sequence: each batch is padded to nearly its own length (36% less
     # time in this pass on the corpus pairs of benchmarks/bench_trainers.py, before the packed path).
-    # Packed, pairs of one prompt come together (prompts ordered by their longest pair) and share one
-    # group: the prompt runs once for all of them.
+    # Packed, pairs of one prompt come together (prompts ordered by their longest pair), so that the
+    # prompt runs once for all of them (the prefix tree of agents.packing).
     prompt_of = [tuple(data.input_ids[2 * i][: int(data.prompt_lengths[2 * i])].tolist()) for i in range(len(records))]
     longest = [max(len(data.input_ids[2 * i]), len(data.input_ids[2 * i + 1])) for i in range(len(records))]
     order = sorted(range(len(records)), key=longest.__getitem__)
@@ -238,11 +235,6 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[r["prompt"] for r in records])
 
     def loss_and_metrics(model: torch.nn.Module, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if packed:  # pairs of one prompt side by side, so that the prompt runs once for all of them
-            first: dict[tuple, int] = {}
-            for i in indices:
-                first.setdefault(prompt_of[i], len(first))
-            indices = sorted(indices, key=lambda i: first[prompt_of[i]])
         logps = logps_of(model, split, collate(indices, packed))
         policy_chosen, policy_rejected = logps.chunk(2)
         ref = ref_logps[indices]

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 import rlhf_envs  # noqa: F401  (registers the envs)
 from agents.lm_common import LossModule, distributed, join_process_group, shard
 from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
-from agents.packing import pack_groups
+from agents.packing import pack_sequences
 from rlhf_envs.fast_lm import GPT2View, gpt2_view
 from rlhf_envs.sampling import SamplingConfig, generate, positions_from_mask, processed_logprobs
 
@@ -154,7 +154,7 @@ def _packed_policy_forward(view: GPT2View, v_head: ValueHead, prompt_ids: torch.
     """:func:`policy_forward` through the packed lean GPT-2 forward: no padding, LM head at response tokens only."""
     prompt_keep, keep = prompt_mask.bool(), response_mask.bool()
     seqs = [torch.cat([p[pk], r[k]]) for p, pk, r, k in zip(prompt_ids.cpu(), prompt_keep.cpu(), response_ids.cpu(), keep.cpu())]
-    batch = pack_groups([[seq] for seq in seqs], drop_last=True)  # the last token predicts nothing
+    batch = pack_sequences(seqs, drop_last=True)  # the last token predicts nothing
     predictor, targets, _ = batch.targets(prompt_keep.sum(-1).tolist())
     device = prompt_ids.device
     hidden = view.final_norm(batch.to(device).hidden(view, predictor.to(device)))

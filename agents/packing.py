@@ -1,20 +1,20 @@
 """Packed batches for the LM trainers: no padding in the per-token work, shared prefixes computed once.
 
-A batch is a list of **groups** of token sequences: a DPO pair (chosen, rejected), the K ranked
-responses of one prompt for the reward model, or a single SFT example. The tokens every sequence
-of a group starts with (their longest common prefix: the prompt, and any first response tokens
-they agree on) are laid out once, and each sequence's remaining tokens follow it, attending to the
-prefix and to themselves only, with the position ids they would have alone. For a causal LM this
-is exact: a prefix token's hidden state does not depend on what follows it.
+A batch's token sequences (DPO's chosen and rejected responses, the K ranked responses of a prompt
+for the reward model, SFT examples, PPO rollouts) are laid out as a **prefix tree**: every distinct
+prefix in the batch is one packed token, so a prompt that several sequences start with, any first
+response tokens they agree on, and a beginning that different prompts share are all computed once.
+Each packed token keeps the position id it has in its sequences. For a causal LM this is exact:
+a token's hidden state depends only on the tokens before it, which are the same in every sequence
+that shares it.
 
-Attention runs on a grid with one row per sequence, right-padded to the longest: a row gathers
-the keys and values of its group's shared prefix (computed once) and of its own tokens, so plain
-causal attention is exact and the padding is never attended to. On CPU, short sequences instead
-share grid rows (:class:`Segments`: a block-diagonal causal mask keeps them apart, and attention
-runs as two matmuls), which cuts the padding and the per-row overhead. The per-token work (layer norms,
-projections, MLP, LM head) runs on the ``N`` packed tokens only, through
-:meth:`rlhf_envs.fast_lm.GPT2View.packed_forward`. On the benchmark's preference pairs this is
-2.2x fewer tokens than padding chosen and rejected to the batch's longest sequence.
+Attention runs on a grid with one row per sequence, right-padded to the longest: a row gathers the
+keys and values of its sequence's packed tokens (shared ones included), so plain causal attention
+is exact and the padding is never attended to. On CPU, short sequences instead share grid rows
+(:class:`Segments`: a block-diagonal causal mask keeps them apart, and attention runs as two
+matmuls), which cuts the padding and the per-row overhead. The per-token work (layer norms,
+projections, MLP) runs on the ``N`` packed tokens only, and the LM head on each distinct token that
+predicts a target, through :meth:`rlhf_envs.fast_lm.GPT2View.packed_forward`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from rlhf_envs.fast_lm import GPT2View, _additive, _SegmentLayout, _within
 
-__all__ = ["PackedBatch", "pack_groups"]
+__all__ = ["PackedBatch", "pack_sequences"]
 
 SEGMENT_ATTENTION_BYTES = 16 << 20
 """Largest ``[rows, H, W, W]`` float32 attention-probability tensor (per layer) for which
@@ -39,7 +39,7 @@ causal kernel, which skips the masked half: at 96-128 keys, 2.3-3x faster than t
 whose ``[rows, H, W, W]`` scores outgrow the cache, on one thread or two; at 64 or fewer the matmuls
 win. With gradients the segment layout stays faster at these widths, backward included."""
 _MAX_SEGMENT_CELLS = 1 << 22
-"""pack_groups builds the segment layout's ``[rows, 1, W, W]`` mask only up to this many cells."""
+"""pack_sequences builds the segment layout's ``[rows, 1, W, W]`` mask only up to this many cells."""
 
 
 @dataclass
@@ -66,20 +66,21 @@ class Segments:
 
 @dataclass
 class PackedBatch:
-    """Tokens of a batch of sequence groups, packed (see the module docstring).
+    """Tokens of a batch of sequences, packed as a prefix tree (see the module docstring).
 
-    Sequences are numbered group by group, in order (``s = 0 .. S-1``).
+    Sequences are numbered in the order given (``s = 0 .. S-1``).
     """
 
     tokens: torch.Tensor
-    """``[N]`` token ids: each group's shared prefix once, then each sequence's own tokens."""
+    """``[N]`` token ids: one per distinct prefix of the batch's sequences (its last token)."""
     positions: torch.Tensor
     """``[N]`` position ids (each sequence's own: 0 at its first token)."""
     gather: torch.Tensor
     """``[S * W]`` the packed token at each cell of the ``[S, W]`` grid (row ``s`` = sequence ``s``;
     padding cells repeat a real token, which causal attention never reaches from a real one)."""
     owner: torch.Tensor
-    """``[N]`` the grid cell whose output each packed token takes (a prefix token: its group's first sequence)."""
+    """``[N]`` the grid cell whose output each packed token takes (in the row of the sequence that added
+    it to the tree: the first in lexicographic order that has it)."""
     sequences: list[torch.Tensor]
     """the sequences as given (CPU)."""
     grid: np.ndarray = field(repr=False)
@@ -92,7 +93,7 @@ class PackedBatch:
     """The same sequences in the segment layout (None when its mask would exceed ``_MAX_SEGMENT_CELLS``)."""
     dropped: np.ndarray | None = field(default=None, repr=False)
     """``[S]`` (CPU) 1 where the sequence's last token was left out of the packed tokens
-    (``pack_groups(..., drop_last=True)``), else 0; None when nothing was left out."""
+    (``pack_sequences(..., drop_last=True)``), else 0; None when nothing was left out."""
 
     @property
     def index(self) -> list[torch.Tensor]:
@@ -158,74 +159,73 @@ class PackedBatch:
         """float32 logits ``[M, V]`` at the ``predictor`` indices of :meth:`targets` (the LM head runs there only)."""
         return view.logits(self.hidden(view, predictor)).float()
 
-    def sequence_logps(self, view: GPT2View, predictor: torch.Tensor, target_ids: torch.Tensor,
+    def distinct_targets(self, starts: list[int]) -> tuple[torch.Tensor, ...]:
+        """:meth:`targets` with each predicting token named once: ``(predictor [U], row [M], target_ids [M],
+        sequence [M])``, where ``predictor[row[m]]`` predicts target ``m``. A token in several sequences'
+        prefix (a shared prompt's last token, a response's first tokens that sequences agree on)
+        predicts each of their next tokens from one hidden state, so the LM head runs ``U <= M`` times."""
+        predictor, target_ids, sequence = self.targets(starts)
+        distinct, row = np.unique(predictor.numpy(), return_inverse=True)
+        return torch.from_numpy(distinct), torch.from_numpy(row.reshape(-1)), target_ids, sequence
+
+    def sequence_logps(self, view: GPT2View, predictor: torch.Tensor, row: torch.Tensor, target_ids: torch.Tensor,
                        sequence: torch.Tensor) -> torch.Tensor:
-        """``[S]`` float32: each sequence's summed log-prob of its targets (from :meth:`targets`)."""
+        """``[S]`` float32: each sequence's summed log-prob of its targets (from :meth:`distinct_targets`)."""
         logits = self.target_logits(view, predictor)
-        if torch.is_grad_enabled():
-            token_logps = -F.cross_entropy(logits, target_ids, reduction="none")
-        else:  # a reference pass: the log-softmax overwrites the logits (a fresh [M, V] tensor) and one value per row is read
-            token_logps = torch.log_softmax(logits, -1, out=logits).gather(1, target_ids.unsqueeze(1)).squeeze(1)
-        return token_logps.new_zeros(len(self.sequences)).index_add_(0, sequence, token_logps)
+        # without gradients (a reference pass) the log-softmax overwrites the logits, a fresh [U, V] tensor
+        logps = torch.log_softmax(logits, -1, out=None if torch.is_grad_enabled() else logits)
+        return logps.new_zeros(len(self.sequences)).index_add_(0, sequence, logps[row, target_ids])
 
 
-def _common_prefix(seqs: list[np.ndarray]) -> int:
-    shortest = min(len(s) for s in seqs)
-    if len(seqs) == 1:
-        return shortest
-    first = seqs[0][:shortest]
-    differ = np.flatnonzero(np.logical_or.reduce([seq[:shortest] != first for seq in seqs[1:]]))
-    return int(differ[0]) if len(differ) else shortest
-
-
-def pack_groups(groups: list[list[torch.Tensor]], drop_last: bool = False) -> PackedBatch:
-    """Pack ``groups`` (lists of non-empty 1-D int64 token tensors); see the module docstring.
+def pack_sequences(sequences: list[torch.Tensor], drop_last: bool = False) -> PackedBatch:
+    """Pack ``sequences`` (non-empty 1-D int64 token tensors) as a prefix tree; see the module docstring.
 
     With ``drop_last`` each sequence's last token (of sequences longer than one) is left out of the
     forward: under a next-token loss (SFT, DPO, PPO) its hidden state predicts nothing, and no later
     token of its sequence reads it, so every other token's results are the same. Sequences are cut
-    before their shared prefixes are found, so a token that one sequence ends on and another goes on
-    from is still packed for the other. :meth:`PackedBatch.targets` still names the left-out token as
-    its sequence's last target. Not for a reward model, which reads the last token's hidden state.
+    before the tree is built, so a token that one sequence ends on and another goes on from is still
+    packed for the other. :meth:`PackedBatch.targets` still names the left-out token as its
+    sequence's last target. Not for a reward model, which reads the last token's hidden state.
 
-    The layout is computed with array arithmetic on the CPU (no per-sequence tensor ops): group
-    ``g``'s prefix starts at ``offset[g]``, and sequence ``s``'s own tokens follow the rest of its group's.
+    The tree is built in lexicographic order, where a sequence shares with all those before it
+    exactly its longest common prefix with the one just before it: one comparison per sequence,
+    and the grid, tokens, positions and owners then follow with array arithmetic on the CPU.
     """
-    if not groups or any(not group for group in groups):
-        raise ValueError("pack_groups needs a non-empty list of non-empty groups of sequences")
-    sequences = [seq for group in groups for seq in group]
+    if not sequences:
+        raise ValueError("pack_sequences needs a non-empty list of sequences")
     given = [np.asarray(seq.cpu(), dtype=np.int64) for seq in sequences]
     given_lengths = np.fromiter((len(a) for a in given), dtype=np.int64, count=len(given))
     if (given_lengths == 0).any():
-        raise ValueError("pack_groups got an empty sequence; every sequence needs at least one token")
+        raise ValueError("pack_sequences got an empty sequence; every sequence needs at least one token")
     dropped = (given_lengths > 1).astype(np.int64) if drop_last else None  # a one-token sequence keeps its token
     arrays = [a[:-1] if cut else a for a, cut in zip(given, dropped)] if dropped is not None else given
     lengths = given_lengths - dropped if dropped is not None else given_lengths
-    sizes = np.fromiter((len(group) for group in groups), dtype=np.int64, count=len(groups))
-    first_row = np.cumsum(sizes) - sizes
-    group_of = np.repeat(np.arange(len(groups)), sizes)
-    shared_g = np.fromiter((_common_prefix(arrays[a : a + n]) for a, n in zip(first_row, sizes)), dtype=np.int64,
-                           count=len(groups))
-    shared = shared_g[group_of]
-    rest = lengths - shared
-    group_tokens = shared_g + np.add.reduceat(rest, first_row)
-    offset = (np.cumsum(group_tokens) - group_tokens)[group_of]
-    rest_before = np.cumsum(rest) - rest
-    rest_start = offset + shared + rest_before - rest_before[first_row][group_of]
     width = int(lengths.max())
+    lists = [a.tolist() for a in arrays]
+    grid = np.empty((len(arrays), width), dtype=np.int64)
+    shared = np.zeros(len(arrays), dtype=np.int64)  # leading tokens a sequence takes from earlier ones
+    n_tokens, before = 0, None
+    for s in sorted(range(len(lists)), key=lists.__getitem__):
+        seq, n = lists[s], len(lists[s])
+        if before is not None:
+            other, common = lists[before], 0
+            limit = min(n, len(other))
+            while common < limit and seq[common] == other[common]:
+                common += 1
+            grid[s, :common] = grid[before, :common]
+            shared[s] = common
+        grid[s, shared[s] : n] = np.arange(n_tokens, n_tokens + n - shared[s])
+        grid[s, n:] = grid[s, n - 1]  # padding repeats the last real token
+        n_tokens += n - int(shared[s])
+        before = s
     column = np.arange(width)[None, :]
-    position = np.minimum(column, lengths[:, None] - 1)
-    grid = np.where(position < shared[:, None], offset[:, None] + position, rest_start[:, None] + position - shared[:, None])
     real = column < lengths[:, None]
-    n_tokens = int(group_tokens.sum())
     tokens = np.empty(n_tokens, dtype=np.int64)
     tokens[grid[real]] = np.concatenate(arrays)
     positions = np.empty(n_tokens, dtype=np.int64)
-    positions[grid] = position
-    # a prefix token's output comes from its group's first row; every other token's from its own row
-    first = np.zeros(len(arrays), dtype=bool)
-    first[first_row] = True
-    own = real & ((column >= shared[:, None]) | first[:, None])
+    positions[grid[real]] = np.broadcast_to(column, grid.shape)[real]
+    # each token's output comes from the row of the sequence that added it to the tree
+    own = real & (column >= shared[:, None])
     owner = np.empty(n_tokens, dtype=np.int64)
     owner[grid[own]] = (np.arange(len(arrays))[:, None] * width + column)[own]
     # the tokens as given, position by position (padding repeats each sequence's last token)
@@ -233,7 +233,8 @@ def pack_groups(groups: list[list[torch.Tensor]], drop_last: bool = False) -> Pa
     given_column = np.minimum(np.arange(int(given_lengths.max()))[None, :], given_lengths[:, None] - 1)
     token_grid = np.concatenate(given)[given_start[:, None] + given_column]
     return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(grid.reshape(-1)),
-                       torch.from_numpy(owner), sequences, grid, token_grid, lengths, _segments(grid, lengths, owner), dropped)
+                       torch.from_numpy(owner), list(sequences), grid, token_grid, lengths,
+                       _segments(grid, lengths, owner), dropped)
 
 
 def _segments(grid: np.ndarray, lengths: np.ndarray, owner: np.ndarray) -> Segments | None:

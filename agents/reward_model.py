@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.data import read_rankings, tokenize_texts
-from agents.packing import PackedBatch, pack_groups
+from agents.packing import PackedBatch, pack_sequences
 from agents.lm_common import (
     LMTrainConfig,
     TrainResult,
@@ -115,14 +115,15 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[r["prompt"] for r in records])
     pad_id, side = tokenizer.pad_token_id, tokenizer.padding_side
 
-    # A GPT-2 without active dropout takes the packed lean forward: each prompt's K texts share their
-    # common first tokens and nothing is padded (agents.packing); other models take Hugging Face's forward.
+    # A GPT-2 without active dropout takes the packed lean forward: the batch's texts share their common
+    # first tokens (a prompt runs once for its K texts) and nothing is padded (agents.packing); other
+    # models take Hugging Face's forward.
     packed = gpt2_view(model.train()) is not None
 
     def collate(indices: list[int]) -> tuple:
         pairs = ranking_pairs([len(groups[i]) for i in indices])
         if packed:
-            batch = pack_groups([groups[i] for i in indices])
+            batch = pack_sequences([seq for i in indices for seq in groups[i]])
             last = batch.last_index(model.config.pad_token_id)
             return (batch.to(device), *(t.to(device, non_blocking=True) for t in (last, *pairs)))
         seqs = [seq for i in indices for seq in groups[i]]

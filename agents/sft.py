@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.data import read_sft, tokenize_sft
-from agents.packing import PackedBatch, pack_groups
+from agents.packing import PackedBatch, pack_sequences
 from rlhf_envs.fast_lm import gpt2_view
 from rlhf_envs.lm import load_causal_lm
 from agents.lm_common import (
@@ -64,7 +64,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
 
     def collate(indices: list[int]) -> tuple:
         if packed:
-            batch = pack_groups([[data.input_ids[i]] for i in indices], drop_last=True)  # the last token predicts nothing
+            batch = pack_sequences([data.input_ids[i] for i in indices], drop_last=True)  # the last token predicts nothing
             predictor, targets, _ = batch.targets(data.prompt_lengths[indices].tolist())
             return batch.to(device), predictor.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         return batch_sequences([data.input_ids[i] for i in indices], data.prompt_lengths[indices], pad_id, device)

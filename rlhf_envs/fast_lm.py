@@ -354,7 +354,7 @@ class GPT2View:
         rows: ``gather [rows * W]`` names the packed token at each cell (a token may stand in several
         rows, e.g. a prompt shared by two responses; right padding repeats a real token, which
         causal attention never reaches from a real one), and ``owner [N]`` the cell whose output each
-        token takes (:func:`agents.packing.pack_groups` builds them). Layer norms, projections and
+        token takes (:func:`agents.packing.pack_sequences` builds them). Layer norms, projections and
         the MLP run on the ``N`` tokens only. With gradients recorded only the residual adds write in
         place, into projection outputs that their backward does not read, so autograd sees every op
         and gradients reach the model's parameters (a token gathered into several rows sums its

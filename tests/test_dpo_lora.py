@@ -91,19 +91,19 @@ def _peft_gpt2(**lora_kw):
 def test_lora_takes_the_packed_path_with_hugging_face_numbers_and_gradients():
     import torch.nn.functional as F
 
-    from agents.packing import pack_groups
+    from agents.packing import pack_sequences
     from rlhf_envs.fast_lm import gpt2_view
 
     model = _peft_gpt2()
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50, (5,), generator=g)
-    groups = [[torch.cat([prompt, torch.randint(0, 50, (n,), generator=g)]) for n in (4, 7)],
-              [torch.randint(0, 50, (6,), generator=g)]]
-    batch = pack_groups(groups)
+    sequences = [*(torch.cat([prompt, torch.randint(0, 50, (n,), generator=g)]) for n in (4, 7)),
+                 torch.randint(0, 50, (6,), generator=g)]
+    batch = pack_sequences(sequences)
     starts = [5, 5, 1]
     view = gpt2_view(model)
     assert view is not None
-    packed = batch.sequence_logps(view, *batch.targets(starts))
+    packed = batch.sequence_logps(view, *batch.distinct_targets(starts))
     packed.sum().backward()
     lora = {name: p for name, p in model.named_parameters() if "lora_" in name}
     packed_grads = {name: p.grad.clone() for name, p in lora.items()}
@@ -117,7 +117,7 @@ def test_lora_takes_the_packed_path_with_hugging_face_numbers_and_gradients():
     with torch.no_grad(), model.disable_adapter():  # the DPO reference: the same weights, adapters off
         off = gpt2_view(model)
         assert off is not None
-        ref = batch.sequence_logps(off, *batch.targets(starts))
+        ref = batch.sequence_logps(off, *batch.distinct_targets(starts))
         base = torch.stack([-F.cross_entropy(model(input_ids=seq[None]).logits[0, start - 1 : -1], seq[start:], reduction="sum")
                             for seq, start in zip(batch.sequences, starts)])
     torch.testing.assert_close(ref, base, atol=1e-5, rtol=1e-5)
