@@ -19,6 +19,7 @@ predicts a target, through :meth:`rlhf_envs.fast_lm.GPT2View.packed_forward`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -193,45 +194,44 @@ def pack_sequences(sequences: list[torch.Tensor], drop_last: bool = False) -> Pa
     """
     if not sequences:
         raise ValueError("pack_sequences needs a non-empty list of sequences")
-    given = [np.asarray(seq.cpu(), dtype=np.int64) for seq in sequences]
-    given_lengths = np.fromiter((len(a) for a in given), dtype=np.int64, count=len(given))
+    given = [seq.tolist() for seq in sequences]
+    given_lengths = np.fromiter(map(len, given), dtype=np.int64, count=len(given))
     if (given_lengths == 0).any():
         raise ValueError("pack_sequences got an empty sequence; every sequence needs at least one token")
     dropped = (given_lengths > 1).astype(np.int64) if drop_last else None  # a one-token sequence keeps its token
-    arrays = [a[:-1] if cut else a for a, cut in zip(given, dropped)] if dropped is not None else given
+    lists = [seq[:-1] if len(seq) > 1 else seq for seq in given] if drop_last else given
     lengths = given_lengths - dropped if dropped is not None else given_lengths
     width = int(lengths.max())
-    lists = [a.tolist() for a in arrays]
-    grid = np.empty((len(arrays), width), dtype=np.int64)
-    shared = np.zeros(len(arrays), dtype=np.int64)  # leading tokens a sequence takes from earlier ones
+    rows: list[list[int]] = [[]] * len(lists)  # per sequence, the packed index of each of its tokens
+    shared = np.zeros(len(lists), dtype=np.int64)  # leading tokens a sequence takes from earlier ones
     n_tokens, before = 0, None
     for s in sorted(range(len(lists)), key=lists.__getitem__):
-        seq, n = lists[s], len(lists[s])
+        seq, n, common = lists[s], len(lists[s]), 0
         if before is not None:
-            other, common = lists[before], 0
+            other = lists[before]
             limit = min(n, len(other))
             while common < limit and seq[common] == other[common]:
                 common += 1
-            grid[s, :common] = grid[before, :common]
-            shared[s] = common
-        grid[s, shared[s] : n] = np.arange(n_tokens, n_tokens + n - shared[s])
-        grid[s, n:] = grid[s, n - 1]  # padding repeats the last real token
-        n_tokens += n - int(shared[s])
-        before = s
+        row = rows[before][:common] if common else []
+        row.extend(range(n_tokens, n_tokens + n - common))
+        n_tokens += n - common
+        rows[s], shared[s], before = row + [row[-1]] * (width - n), common, s  # padding repeats the last real token
+    grid = np.array(rows, dtype=np.int64)
     column = np.arange(width)[None, :]
     real = column < lengths[:, None]
     tokens = np.empty(n_tokens, dtype=np.int64)
-    tokens[grid[real]] = np.concatenate(arrays)
+    tokens[grid[real]] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
     positions = np.empty(n_tokens, dtype=np.int64)
     positions[grid[real]] = np.broadcast_to(column, grid.shape)[real]
     # each token's output comes from the row of the sequence that added it to the tree
     own = real & (column >= shared[:, None])
     owner = np.empty(n_tokens, dtype=np.int64)
-    owner[grid[own]] = (np.arange(len(arrays))[:, None] * width + column)[own]
+    owner[grid[own]] = (np.arange(len(lists))[:, None] * width + column)[own]
     # the tokens as given, position by position (padding repeats each sequence's last token)
     given_start = np.cumsum(given_lengths) - given_lengths
     given_column = np.minimum(np.arange(int(given_lengths.max()))[None, :], given_lengths[:, None] - 1)
-    token_grid = np.concatenate(given)[given_start[:, None] + given_column]
+    flat_given = np.fromiter(itertools.chain.from_iterable(given), dtype=np.int64, count=int(given_lengths.sum()))
+    token_grid = flat_given[given_start[:, None] + given_column]
     return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(grid.reshape(-1)),
                        torch.from_numpy(owner), list(sequences), grid, token_grid, lengths,
                        _segments(grid, lengths, owner), dropped)
