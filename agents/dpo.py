@@ -176,8 +176,8 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         """The pairs of ``indices``: packed as a prefix tree (each distinct prefix once: a prompt shared by
         several pairs runs once for all of them), or right-padded with every chosen sequence before
         every rejected one."""
-        rows = [2 * i + k for i in indices for k in (0, 1)]
         if packed:
+            rows = [2 * i + k for i in indices for k in (0, 1)]
             # a response's last token predicts nothing: it leaves the forward
             batch = pack_sequences([data.input_ids[r] for r in rows], drop_last=True)
             targets = batch.distinct_targets(data.prompt_lengths[rows].tolist())
