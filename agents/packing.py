@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 import torch
-import torch.nn.functional as F
 
 from rlhf_envs.fast_lm import GPT2View, _additive, _SegmentLayout, _within
 
@@ -219,8 +218,6 @@ def pack_sequences(sequences: list[torch.Tensor], drop_last: bool = False) -> Pa
     grid = np.array(rows, dtype=np.int64)
     column = np.arange(width)[None, :]
     real = column < lengths[:, None]
-    tokens = np.empty(n_tokens, dtype=np.int64)
-    tokens[grid[real]] = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
     positions = np.empty(n_tokens, dtype=np.int64)
     positions[grid[real]] = np.broadcast_to(column, grid.shape)[real]
     # each token's output comes from the row of the sequence that added it to the tree
@@ -232,6 +229,8 @@ def pack_sequences(sequences: list[torch.Tensor], drop_last: bool = False) -> Pa
     given_column = np.minimum(np.arange(int(given_lengths.max()))[None, :], given_lengths[:, None] - 1)
     flat_given = np.fromiter(itertools.chain.from_iterable(given), dtype=np.int64, count=int(given_lengths.sum()))
     token_grid = flat_given[given_start[:, None] + given_column]
+    tokens = np.empty(n_tokens, dtype=np.int64)
+    tokens[grid[real]] = token_grid[:, :width][real]  # a cut sequence's tokens are its given ones
     return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(grid.reshape(-1)),
                        torch.from_numpy(owner), list(sequences), grid, token_grid, lengths,
                        _segments(grid, lengths, owner), dropped)
