@@ -1,10 +1,42 @@
 """agents: the algorithms that train against rlhf_envs, and the ``rlhf`` command.
 
 One flat module per algorithm, each with one config dataclass and one ``train_*`` function:
-``agents.ppo`` (discrete Gymnasium envs), ``agents.sft`` (:func:`~agents.sft.train_sft`),
-``agents.reward_model`` (:func:`~agents.reward_model.train_reward_model`), ``agents.dpo``
-(:func:`~agents.dpo.train_dpo`). ``agents.data`` reads and tokenises JSONL datasets,
-``agents.checkpoint`` writes atomic safetensors checkpoints, and ``agents.lm_common`` holds the
-training loop the LM trainers share. Importing this package imports nothing heavy; import the
-submodule you need.
+
+- :mod:`agents.ppo`: PPO for discrete Gymnasium envs (:class:`PPOConfig`, :func:`train_ppo`);
+- :mod:`agents.sft`: supervised fine-tuning (:class:`SFTConfig`, :func:`train_sft`);
+- :mod:`agents.reward_model`: Bradley-Terry reward model (:class:`RewardModelConfig`, :func:`train_reward_model`);
+- :mod:`agents.lm_ppo`: RLHF PPO for language models (:class:`LMPPOConfig`, :func:`train_lm_ppo`);
+- :mod:`agents.dpo`: DPO, IPO and cDPO (:class:`DPOConfig`, :func:`train_dpo`);
+- :mod:`agents.evaluate`: gold reward, KL, win rates, Elo (:class:`EvalConfig`, :func:`evaluate_models`);
+- :mod:`agents.pipeline`: the whole recipe (:class:`PipelineConfig`, :func:`run_pipeline`).
+
+The names are imported on first use, so ``import agents`` (and ``import rlhf_envs``) stay light.
+The name ``agents`` is also taken by the ``openai-agents`` distribution: the ``rlhf`` command checks
+:data:`__rlhf_gym__` and says what to do when another package answers to ``import agents``.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__rlhf_gym__ = True
+"""Marks this package as rlhf-gym's (see :mod:`rlhf_envs.launcher`)."""
+
+_EXPORTS = {
+    "PPOConfig": "ppo", "train_ppo": "ppo",
+    "SFTConfig": "sft", "train_sft": "sft",
+    "RewardModelConfig": "reward_model", "train_reward_model": "reward_model",
+    "LMPPOConfig": "lm_ppo", "train_lm_ppo": "lm_ppo",
+    "DPOConfig": "dpo", "train_dpo": "dpo",
+    "EvalConfig": "evaluate", "evaluate_models": "evaluate",
+    "PipelineConfig": "pipeline", "run_pipeline": "pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from agents.data import read_preferences, tokenize_pairs
-from agents.packing import PackedBatch, pack_sequences
+from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from agents.lm_common import (
     LMTrainConfig,
     TrainResult,
@@ -44,8 +44,8 @@ from agents.lm_common import (
     split_lm_head,
     target_logits,
 )
-from rlhf_envs.fast_lm import gpt2_view
-from rlhf_envs.lm import load_causal_lm
+from rlhf_envs.lm.gpt2 import gpt2_view
+from rlhf_envs.lm.loading import load_causal_lm
 
 
 def sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
@@ -200,7 +200,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         reference = load_causal_lm(config.ref_model_path, trust_remote_code=config.trust_remote_code)[0].to(device)
         fuse_gelu(reference)
     reference.eval()
-    # GPT-2s without active dropout take the packed lean forward (agents.packing); others Hugging Face's.
+    # GPT-2s without active dropout take the packed lean forward (rlhf_envs.lm.packing); others Hugging Face's.
     ref_packed = gpt2_view(reference) is not None
     ref_split = None if ref_packed else split_lm_head(reference)
     ref_logps = torch.zeros(len(records), 2, device=device)
@@ -208,7 +208,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     # Pairs sorted by their longer sequence: each batch is padded to nearly its own length (36% less
     # time in this pass on the corpus pairs of benchmarks/bench_trainers.py, before the packed path).
     # Packed, pairs of one prompt come together (prompts ordered by their longest pair), so that the
-    # prompt runs once for all of them (the prefix tree of agents.packing).
+    # prompt runs once for all of them (the prefix tree of rlhf_envs.lm.packing).
     prompt_of = [tuple(data.input_ids[2 * i][: int(data.prompt_lengths[2 * i])].tolist()) for i in range(len(records))]
     longest = [max(len(data.input_ids[2 * i]), len(data.input_ids[2 * i + 1])) for i in range(len(records))]
     order = sorted(range(len(records)), key=longest.__getitem__)

@@ -33,9 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from agents.elo import elo_ratings, win_rate
-from rlhf_envs.lm import load_causal_lm
-from rlhf_envs.fast_lm import gpt2_view
-from rlhf_envs.sampling import Generation, SamplingConfig, generate, processed_logprobs, response_logprobs
+from rlhf_envs.lm.loading import load_causal_lm
+from rlhf_envs.lm.gpt2 import gpt2_view
+from rlhf_envs.lm.sampling import Generation, SamplingConfig, generate, processed_logprobs, response_logprobs
 from rlhf_envs.text_bandit import score_responses
 from rlhf_envs.text_common import TextTask, response_hidden
 
@@ -121,7 +121,7 @@ def _full_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, g
     """``[B, T, V]`` the model's processed next-token log-distributions along ``gen``'s responses (0 past them).
 
     A ``GPT2LMHeadModel`` runs the lean packed forward (no padding, the LM head only where a
-    response token is predicted); any other model :func:`rlhf_envs.sampling.response_logprobs`.
+    response token is predicted); any other model :func:`rlhf_envs.lm.sampling.response_logprobs`.
     """
     view = gpt2_view(model)
     if view is None:

@@ -240,7 +240,7 @@ def resolve_device(device: str) -> torch.device:
 
 def model_dir(model_path: str | None) -> Path:
     """``model_path``, or the embedded default model's directory when it is None."""
-    from rlhf_envs.lm import EMBEDDED_MODEL_DIR
+    from rlhf_envs.lm.loading import EMBEDDED_MODEL_DIR
 
     return EMBEDDED_MODEL_DIR if model_path is None else Path(model_path)
 

@@ -49,9 +49,9 @@ from tqdm.auto import tqdm
 import rlhf_envs  # noqa: F401  (registers the envs)
 from agents.lm_common import LossModule, distributed, join_process_group, shard
 from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
-from agents.packing import pack_sequences
-from rlhf_envs.fast_lm import GPT2View, gpt2_view
-from rlhf_envs.sampling import SamplingConfig, generate, positions_from_mask, processed_logprobs
+from rlhf_envs.lm.packing import pack_sequences
+from rlhf_envs.lm.gpt2 import GPT2View, gpt2_view
+from rlhf_envs.lm.sampling import SamplingConfig, generate, positions_from_mask, processed_logprobs
 
 
 @dataclass
@@ -174,7 +174,7 @@ def policy_forward(policy: nn.Module, v_head: ValueHead, prompt_ids: torch.Tenso
     With ``return_full`` a fourth tensor, the full log-distributions ``[B, T, V]`` (0 past each
     response), e.g. for the env's ``exact`` KL estimator.
 
-    A GPT-2 without active dropout takes the packed lean forward (:mod:`agents.packing`); other
+    A GPT-2 without active dropout takes the packed lean forward (:mod:`rlhf_envs.lm.packing`); other
     models Hugging Face's forward on the padded batch. Both give the same values to float rounding.
     """
     view = gpt2_view(policy)
@@ -335,7 +335,7 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     """
     from agents.checkpoint import load_checkpoint, save_checkpoint
     from agents.lm_common import CPU_FUSED_ADAM, MetricsWriter, fuse_gelu, set_seed
-    from rlhf_envs.lm import load_causal_lm
+    from rlhf_envs.lm.loading import load_causal_lm
     from rlhf_envs.text_common import attention_mask_from_obs
 
     check_divides_among_processes(config.batch_size, "batch_size")

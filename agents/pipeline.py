@@ -251,7 +251,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     from agents.reports import write_report
     from agents.reward_model import RewardModelConfig, train_reward_model
     from agents.sft import SFTConfig, train_sft
-    from rlhf_envs.lm import EMBEDDED_MODEL_DIR
+    from rlhf_envs.lm.loading import EMBEDDED_MODEL_DIR
 
     check_divides_among_processes(config.ppo_batch_size, "ppo_batch_size")  # before any stage runs
     if config.torch_threads:
@@ -425,7 +425,7 @@ def _dpo_checkpoint_dirs(out: Path, sft: str) -> dict[str, tuple[str, int]]:
     """DPO's intermediate checkpoints as loadable Hugging Face directories (``dpo/curve/<name>``), oldest
     first: name -> (directory, the checkpoint's optimizer step)."""
     from agents.checkpoint import list_checkpoints
-    from rlhf_envs.lm import load_causal_lm
+    from rlhf_envs.lm.loading import load_causal_lm
 
     found = {}
     for ckpt in list_checkpoints(out / "dpo" / "checkpoints"):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.data import read_rankings, tokenize_texts
-from agents.packing import PackedBatch, pack_sequences
+from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from agents.lm_common import (
     LMTrainConfig,
     TrainResult,
@@ -42,8 +42,8 @@ from agents.lm_common import (
     run_training,
     start_run,
 )
-from rlhf_envs.fast_lm import gpt2_view
-from rlhf_envs.lm import check_remote_code, load_tokenizer
+from rlhf_envs.lm.gpt2 import gpt2_view
+from rlhf_envs.lm.loading import check_remote_code, load_tokenizer
 
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -116,7 +116,7 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     pad_id, side = tokenizer.pad_token_id, tokenizer.padding_side
 
     # A GPT-2 without active dropout takes the packed lean forward: the batch's texts share their common
-    # first tokens (a prompt runs once for its K texts) and nothing is padded (agents.packing); other
+    # first tokens (a prompt runs once for its K texts) and nothing is padded (rlhf_envs.lm.packing); other
     # models take Hugging Face's forward.
     packed = gpt2_view(model.train()) is not None
 

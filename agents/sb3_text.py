@@ -23,7 +23,7 @@ from stable_baselines3.common.distributions import CategoricalDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
-from rlhf_envs.sampling import SamplingConfig, positions_from_mask, processed_logprobs
+from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
 from rlhf_envs.text_common import attention_mask_from_obs
 
 __all__ = ["HandOverLogprobs", "LMActorCriticPolicy", "LogprobChannel"]
@@ -41,7 +41,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
     Extra keyword arguments (pass them in ``policy_kwargs``): ``lm`` (the trainable causal LM,
     usually a copy of the env's ``ref_model``), ``pad_token_id``, ``sampling`` (the env's
-    :class:`~rlhf_envs.sampling.SamplingConfig`, ``env.unwrapped.task.sampling``) and ``channel``.
+    :class:`~rlhf_envs.lm.sampling.SamplingConfig`, ``env.unwrapped.task.sampling``) and ``channel``.
     """
 
     def __init__(self, observation_space, action_space, lr_schedule, *, lm: torch.nn.Module, pad_token_id: int,

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from agents.data import read_sft, tokenize_sft
-from agents.packing import PackedBatch, pack_sequences
-from rlhf_envs.fast_lm import gpt2_view
-from rlhf_envs.lm import load_causal_lm
+from rlhf_envs.lm.packing import PackedBatch, pack_sequences
+from rlhf_envs.lm.gpt2 import gpt2_view
+from rlhf_envs.lm.loading import load_causal_lm
 from agents.lm_common import (
     LMTrainConfig,
     TrainResult,
@@ -57,7 +57,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed)
     pad_id = tokenizer.pad_token_id
 
-    # A GPT-2 without active dropout takes the packed lean forward (no padding, agents.packing);
+    # A GPT-2 without active dropout takes the packed lean forward (no padding, rlhf_envs.lm.packing);
     # other models take Hugging Face's forward on right-padded batches.
     packed = gpt2_view(model.train()) is not None
     split = None if packed else split_lm_head(model)

@@ -66,8 +66,8 @@ def scoring_parts(repeats: int) -> dict:
 
     import rlhf_envs  # noqa: F401  (registers the envs)
     from rlhf_envs.corpus import make_prompts
-    from rlhf_envs.lm import load_causal_lm
-    from rlhf_envs.sampling import generate, processed_logprobs
+    from rlhf_envs.lm.loading import load_causal_lm
+    from rlhf_envs.lm.sampling import generate, processed_logprobs
 
     model, tokenizer = load_causal_lm(None)
     model.eval()

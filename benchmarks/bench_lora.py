@@ -36,7 +36,7 @@ def build_model(path: Path) -> int:
     """Save a seeded random GPT-2-small-shaped model and the embedded tokenizer to ``path``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rlhf_envs.lm import load_tokenizer
+    from rlhf_envs.lm.loading import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     torch.manual_seed(0)

@@ -33,20 +33,20 @@ import torch
 
 from benchmarks.common import machine_info
 import rlhf_envs  # noqa: F401  (registers the envs)
-from rlhf_envs.sampling import SamplingConfig, generate
+from rlhf_envs.lm.sampling import SamplingConfig, generate
 
 
 def _model(device: str):
     """The embedded default when it exists, else a GPT-2 of its size (4 layers, width 128, vocab 2048)."""
     try:
-        from rlhf_envs.lm import load_causal_lm
+        from rlhf_envs.lm.loading import load_causal_lm
 
         model, tokenizer = load_causal_lm(None)
         return model.to(device).eval(), tokenizer, "embedded"
     except (ImportError, FileNotFoundError, OSError):
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from rlhf_envs.text_common import tiny_causal_lm
+        from tests.tiny_models import tiny_causal_lm
 
         torch.manual_seed(0)
         config = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=2048, n_positions=256,

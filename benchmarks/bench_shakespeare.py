@@ -1,6 +1,6 @@
 """The whole RLHF pipeline on real text: tinyshakespeare, "continue this line positively".
 
-1. Base model: the project's own build script (:mod:`rlhf_envs.build_embedded`, ``corpus
+1. Base model: the project's own build script (:mod:`rlhf_envs.lm.build_embedded`, ``corpus
    shakespeare``) trains the tokenizer and a small GPT-2 on the speeches of
    ``../shared/data/tinyshakespeare.txt`` (read from there, never copied into the repository).
 2. Data: the speeches are split in two by the seed. Demonstrations come from one half: the prompt
@@ -33,7 +33,7 @@ from transformers.utils import logging as hf_logging
 from agents.pipeline import PipelineConfig, run_pipeline
 from agents.reports import write_jsonl
 from benchmarks.common import print_table, write_json
-from rlhf_envs.build_embedded import BuildConfig, build
+from rlhf_envs.lm.build_embedded import BuildConfig, build
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"

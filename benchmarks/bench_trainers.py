@@ -103,7 +103,7 @@ def build_model(path: Path, device: str, seed: int = 0) -> int:
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rlhf_envs.lm import load_tokenizer
+    from rlhf_envs.lm.loading import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     shape = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024) if device == "cuda" else \
@@ -207,7 +207,7 @@ def write_inputs(workdir: Path, settings: Settings, data: str = "reviews") -> di
 
 def token_lengths(workdir: Path, max_length: int) -> dict:
     """Mean tokens per sequence (prompt and answer, cut at ``max_length``) of both datasets, with the embedded tokenizer."""
-    from rlhf_envs.lm import load_tokenizer
+    from rlhf_envs.lm.loading import load_tokenizer
 
     tokenizer = load_tokenizer(None)
     lengths = {}

@@ -11,7 +11,7 @@ full_ref_logprobs=None) -> Tensor`` and returns a per-token estimate of
   distributions ``[..., V]`` (the sampled tokens are not needed).
 
 ``logprobs`` are the policy's log-probs of the sampled tokens under the distribution actually
-sampled from (temperature, top-k, top-p; see :mod:`rlhf_envs.sampling`). ``ref_logprobs`` come from
+sampled from (temperature, top-k, top-p; see :mod:`rlhf_envs.lm.sampling`). ``ref_logprobs`` come from
 the reference logits with the **same temperature but no top-k/top-p truncation**, so they are
 finite for every token and the KL is finite; tokens the policy's truncation removed have
 ``p = 0`` and contribute nothing to the exact KL.

@@ -95,7 +95,7 @@ class LearnedReward:
                 "save_pretrained (e.g. by `rlhf rm`)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        from rlhf_envs.lm import check_remote_code
+        from rlhf_envs.lm.loading import check_remote_code
 
         check_remote_code(path, trust_remote_code=trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)

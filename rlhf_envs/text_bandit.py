@@ -12,7 +12,7 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rlhf_envs.text_common import TextTask, vector_task
+from rlhf_envs.text_common import TextTask, pick_prompt, vector_info, vector_task
 
 __all__ = ["TextBanditEnv", "TextBanditVectorEnv"]
 
@@ -40,7 +40,7 @@ class TextBanditEnv(gym.Env):
     **The KL mechanism.** The env never runs the policy: before ``step`` the agent hands over the
     log-probs it sampled the response with, ``env.unwrapped.set_policy_logprobs(logprobs,
     full_logprobs=None)`` with ``logprobs [max_new_tokens]`` the per-token log-probs under the
-    distribution actually sampled from (temperature/top-k/top-p, as :func:`rlhf_envs.sampling.generate`
+    distribution actually sampled from (temperature/top-k/top-p, as :func:`rlhf_envs.lm.sampling.generate`
     returns them, 0 after EOS) and, for ``kl_estimator="exact"``, ``full_logprobs [max_new_tokens, V]``.
     The env runs only the frozen reference model (one teacher-forced forward; same temperature, no
     truncation, so reference log-probs are finite). If nothing was handed over, the env assumes the
@@ -101,7 +101,7 @@ class TextBanditEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self._prompt_index = _pick_prompt(self.task, self.np_random, options)
+        self._prompt_index = pick_prompt(self.task, self.np_random, options)
         self._handed = None
         self._last_text = self.task.prompts[self._prompt_index]
         return self.task.prompt_obs[self._prompt_index].copy(), {"prompt": self.task.prompts[self._prompt_index]}
@@ -158,7 +158,7 @@ class TextBanditVectorEnv(VectorEnv):
         super().reset(seed=seed)
         self._prompt_index = self.np_random.integers(len(self.task.prompts), size=self.num_envs)
         self._handed = None
-        return self.task.prompt_obs[self._prompt_index].copy(), _vector_info(
+        return self.task.prompt_obs[self._prompt_index].copy(), vector_info(
             {"prompt": np.array([self.task.prompts[i] for i in self._prompt_index], dtype=object)})
 
     def step(self, actions):
@@ -171,24 +171,7 @@ class TextBanditVectorEnv(VectorEnv):
         self._prompt_index = self.np_random.integers(len(self.task.prompts), size=self.num_envs)
         terminated = np.ones(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
-        return self.task.prompt_obs[self._prompt_index].copy(), rewards, terminated, truncated, _vector_info(info)
-
-
-def _vector_info(info: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Gymnasium's vector-info layout: every key with a ``_key`` mask (all envs present)."""
-    out = dict(info)
-    for key, value in info.items():
-        out[f"_{key}"] = np.ones(len(value), dtype=bool)
-    return out
-
-
-def _pick_prompt(task: TextTask, rng: np.random.Generator, options: dict | None) -> int:
-    if options and "prompt_index" in options:
-        index = options["prompt_index"]
-        if not isinstance(index, (int, np.integer)) or not 0 <= index < len(task.prompts):
-            raise ValueError(f"options['prompt_index'] must be an int in [0, {len(task.prompts)}), got {index!r}")
-        return int(index)
-    return int(rng.integers(len(task.prompts)))
+        return self.task.prompt_obs[self._prompt_index].copy(), rewards, terminated, truncated, vector_info(info)
 
 
 def _check_handed(task: TextTask, logprobs: Any, full_logprobs: Any,

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from gymnasium.error import InvalidAction
 
-from rlhf_envs.fast_lm import GPT2View, PromptKVCache, ViewCache
+from rlhf_envs.lm.gpt2 import GPT2View, ViewCache
+from rlhf_envs.lm.decoding import PromptKVCache
 from rlhf_envs.kl import get_kl_estimator, make_kl_controller
 from rlhf_envs.rewards import make_reward_model
-from rlhf_envs.sampling import SamplingConfig, positions_from_mask, processed_logprobs
+from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
 
-__all__ = ["TextTask", "attention_mask_from_obs", "tiny_causal_lm", "vector_task"]
+__all__ = ["TextTask", "attention_mask_from_obs", "pick_prompt", "vector_info", "vector_task"]
 
 ModelSpec = str | os.PathLike | tuple | None
 
@@ -36,32 +37,6 @@ def attention_mask_from_obs(obs: torch.Tensor, pad_token_id: int) -> torch.Tenso
     A pad id inside the text (e.g. when pad = EOS) stays visible.
     """
     return (obs != pad_token_id).long().cummax(dim=-1).values.bool()
-
-
-def tiny_causal_lm(seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
-                   n_positions: int = 64) -> tuple[Any, Any]:
-    """A randomly initialised GPT-2 and a byte-level tokenizer (258 tokens), built offline in < 1 s.
-
-    For tests and smoke runs. Token ids 0..255 are bytes, 256 is ``<|endoftext|>`` (EOS), 257 is
-    ``<pad>``. Returns ``(model, tokenizer)``; the tokenizer pads on the left.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_chars = bytes_to_unicode()
-    vocab = {byte_chars[b]: b for b in range(256)}
-    vocab["<|endoftext|>"] = 256
-    vocab["<pad>"] = 257
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<pad>", padding_side="left")
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, vocab_size=258,
-                        bos_token_id=256, eos_token_id=256, pad_token_id=257)
-    return GPT2LMHeadModel(config).eval(), tokenizer
 
 
 def _context_length(model: Any) -> int | None:
@@ -79,7 +54,7 @@ def _load_reference(model: ModelSpec) -> tuple[Any, Any]:
             raise ValueError(f"model=(model, tokenizer) expects a pair, got a tuple of {len(model)}")
         return copy.deepcopy(model[0]), model[1]
     if model is None or isinstance(model, (str, os.PathLike)):
-        from rlhf_envs.lm import load_causal_lm
+        from rlhf_envs.lm.loading import load_causal_lm
 
         return load_causal_lm(model)
     raise TypeError(
@@ -236,7 +211,7 @@ class TextTask:
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def reference_view(self) -> GPT2View | None:
-        """The lean GPT-2 forward over the reference's weights (:class:`rlhf_envs.fast_lm.ViewCache`), or ``None``."""
+        """The lean GPT-2 forward over the reference's weights (:class:`rlhf_envs.lm.gpt2.ViewCache`), or ``None``."""
         return self._ref_view.get()
 
     @torch.no_grad()
@@ -247,7 +222,7 @@ class TextTask:
         Temperature as the policy's, no top-k/top-p, so every token has a finite log-prob. Entries
         outside ``response_mask`` are 0. The forward stops at the longest response in the batch and
         computes logits only where a response token is predicted. A ``GPT2LMHeadModel`` runs through
-        :meth:`rlhf_envs.fast_lm.GPT2View.packed_hidden` (padding skipped in the per-token work).
+        :meth:`rlhf_envs.lm.gpt2.GPT2View.packed_hidden` (padding skipped in the per-token work).
         """
         width = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
         ids, mask = response_ids[:, :width], response_mask[:, :width]
@@ -369,3 +344,21 @@ def vector_task(num_envs: Any, render_mode: str | None, env_id: str, task_kwargs
     if unknown:
         raise TypeError(f"{env_id} got unknown keyword arguments {unknown}; accepted: {['num_envs', 'render_mode', *accepted]}")
     return TextTask(**task_kwargs)
+
+
+def vector_info(info: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Gymnasium's vector-info layout: every key with a ``_key`` mask (all envs present)."""
+    out = dict(info)
+    for key, value in info.items():
+        out[f"_{key}"] = np.ones(len(value), dtype=bool)
+    return out
+
+
+def pick_prompt(task: TextTask, rng: np.random.Generator, options: dict | None) -> int:
+    """The prompt index an episode starts from: ``options["prompt_index"]`` when given, else a uniform draw from ``rng``."""
+    if options and "prompt_index" in options:
+        index = options["prompt_index"]
+        if not isinstance(index, (int, np.integer)) or not 0 <= index < len(task.prompts):
+            raise ValueError(f"options['prompt_index'] must be an int in [0, {len(task.prompts)}), got {index!r}")
+        return int(index)
+    return int(rng.integers(len(task.prompts)))

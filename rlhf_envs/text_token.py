@@ -12,10 +12,10 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from rlhf_envs.fast_lm import GPT2Decoder
-from rlhf_envs.sampling import additive_mask, preallocated_cache, prefill, processed_logprobs
-from rlhf_envs.text_bandit import _pick_prompt, _vector_info
-from rlhf_envs.text_common import TextTask, vector_task
+from rlhf_envs.lm.decoding import GPT2Decoder
+from rlhf_envs.lm.segments import additive_mask
+from rlhf_envs.lm.sampling import preallocated_cache, prefill, processed_logprobs
+from rlhf_envs.text_common import TextTask, pick_prompt, vector_info, vector_task
 
 __all__ = ["TextTokenEnv", "TextTokenVectorEnv"]
 
@@ -64,7 +64,7 @@ class _TokenEpisodes:
         index = torch.as_tensor(prompt_index, device=task.device)
         ids, mask = task.prompt_ids[index], task.prompt_mask[index]
         view = task.reference_view()
-        if view is not None:  # the lean GPT-2 forward (rlhf_envs.fast_lm), same numbers as Hugging Face's
+        if view is not None:  # the lean GPT-2 forward (rlhf_envs.lm.gpt2), same numbers as Hugging Face's
             decoder = GPT2Decoder(view, ids, mask, 0)
             logits = view.logits(decoder.prefill_hidden())
             fresh = decoder.cache
@@ -154,7 +154,7 @@ class _TokenEpisodes:
             # every row's live keys lie in the last `width` slots (see the class docstring): attend to those only
             first = max(0, length + 1 - self.width)
             hidden = view.forward(tokens[:, None], self.next_position[:, None],
-                                  additive_mask(self.keep[:, None, first : length + 1], view.dtype),
+                                  additive_mask(self.keep[:, None, None, first : length + 1], view.dtype),
                                   [(layer.keys, layer.values) for layer in layers], length, first)
             for layer in layers:
                 layer.length = length + 1
@@ -162,7 +162,7 @@ class _TokenEpisodes:
         else:
             logits = self.task.ref_model(
                 input_ids=tokens[:, None],
-                attention_mask=additive_mask(self.keep[:, None, : length + 1], next(self.task.ref_model.parameters()).dtype),
+                attention_mask=additive_mask(self.keep[:, None, None, : length + 1], next(self.task.ref_model.parameters()).dtype),
                 position_ids=self.next_position[:, None],
                 past_key_values=self.cache,
                 use_cache=True,
@@ -221,7 +221,7 @@ class TextTokenEnv(gym.Env):
     **The KL mechanism.** The env never runs the policy: before each ``step`` the agent hands over
     its log-distribution of the current state, ``env.unwrapped.set_policy_logprobs(logprobs)`` with
     ``logprobs [V]`` (the distribution actually sampled from: temperature/top-k/top-p, e.g.
-    :func:`rlhf_envs.sampling.processed_logprobs`); the env takes the chosen token's entry (and the
+    :func:`rlhf_envs.lm.sampling.processed_logprobs`); the env takes the chosen token's entry (and the
     whole vector for ``kl_estimator="exact"``). The reference model runs once per step through a
     KV cache (same temperature, no truncation, so reference log-probs are finite). If nothing was
     handed over, the env assumes a uniform policy (true for ``action_space.sample()`` and
@@ -277,7 +277,7 @@ class TextTokenEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        index = _pick_prompt(self.task, self.np_random, options)
+        index = pick_prompt(self.task, self.np_random, options)
         self._episodes.start(np.array([0]), np.array([index]))
         self._running = True
         self._handed = None
@@ -343,7 +343,7 @@ class TextTokenVectorEnv(VectorEnv):
         self._episodes.start(np.arange(self.num_envs), index)
         self._started = True
         self._handed = None
-        return self._episodes.obs.copy(), _vector_info(
+        return self._episodes.obs.copy(), vector_info(
             {"prompt": np.array([self.task.prompts[i] for i in index], dtype=object)})
 
     def step(self, actions):
@@ -354,7 +354,7 @@ class TextTokenVectorEnv(VectorEnv):
         kl, done, done_rows = episodes.advance(tokens, self._handed)
         self._handed = None
         rewards = (-self.task.beta * kl).astype(np.float32)
-        info = _vector_info(episodes.info(episodes.rows))
+        info = vector_info(episodes.info(episodes.rows))
         if len(done_rows):
             self._started = False
             scores = episodes.finish(done_rows, rewards)

@@ -24,8 +24,8 @@ def vowel_share(prompts, responses):
 def fixed_rollout(batch: int = 12, prompt_len: int = 5, width: int = 7):
     """A tiny policy with a value head and a rollout of ``batch`` responses, the same in every process."""
     from agents.lm_ppo import PolicyWithValueHead
-    from rlhf_envs.sampling import SamplingConfig
-    from rlhf_envs.text_common import tiny_causal_lm
+    from rlhf_envs.lm.sampling import SamplingConfig
+    from tests.tiny_models import tiny_causal_lm
 
     lm, _ = tiny_causal_lm(seed=1)
     model = PolicyWithValueHead(lm)

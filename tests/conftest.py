@@ -16,7 +16,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def save_tiny_lm():
     """``save(path, seed=0) -> path``: write a tiny random GPT-2 and its byte-level tokenizer to ``path``."""
-    from rlhf_envs.text_common import tiny_causal_lm
+    from tests.tiny_models import tiny_causal_lm
 
     def save(path, seed: int = 0):
         model, tokenizer = tiny_causal_lm(seed=seed)

@@ -26,7 +26,7 @@ from gymnasium.error import InvalidAction, NameNotFound, ResetNeeded, VersionNot
 import rlhf_envs  # noqa: F401
 from agents.data import DataError, read_preferences, read_prompts, read_rankings, read_sft
 from rlhf_envs.rewards import RewardModelError, make_reward_model, register
-from rlhf_envs.text_common import tiny_causal_lm
+from tests.tiny_models import tiny_causal_lm
 
 pytestmark = [pytest.mark.filterwarnings("ignore:no policy log-probs were handed over:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:.*render_mode='svg' that is not in the possible render_modes"),
@@ -273,14 +273,14 @@ def plugin_case(responses: list[str], timeout_s: float = 2.0) -> Callable[[Ctx],
 # ---- models on disk ------------------------------------------------------------------------------------
 
 def _load(path_fn: Callable[[Ctx], Path]) -> Callable[[Ctx], tuple]:
-    from rlhf_envs.lm import load_causal_lm
+    from rlhf_envs.lm.loading import load_causal_lm
 
     return just(lambda ctx: load_causal_lm(path_fn(ctx)))
 
 
 def _with_config(name: str, edit: Callable[[dict], dict] | None, drop: tuple[str, ...] = ()) -> Callable[[Ctx], tuple]:
     def build(ctx: Ctx) -> tuple:
-        from rlhf_envs.lm import load_causal_lm
+        from rlhf_envs.lm.loading import load_causal_lm
 
         path = ctx.model_copy(name, drop=drop, config=edit)
         return (lambda: load_causal_lm(path)), lambda: None
@@ -316,7 +316,7 @@ def _small_vocab(ctx: Ctx) -> Path:
 
 
 def small_vocab_case(ctx: Ctx) -> tuple:
-    from rlhf_envs.lm import load_causal_lm
+    from rlhf_envs.lm.loading import load_causal_lm
 
     path = _small_vocab(ctx)
     return (lambda: load_causal_lm(path)), lambda: None
@@ -646,13 +646,13 @@ ROWS = [
         r"PipelineConfig\.k_responses must be >= 2"),
     row("config-pipeline-negative-ppo-snapshots", config("agents.pipeline:PipelineConfig", ppo_snapshots=-1), ValueError,
         r"PipelineConfig\.ppo_snapshots must be an integer >= 0, got -1"),
-    row("config-sampling-top-p-0", config("rlhf_envs.sampling:SamplingConfig", top_p=0.0), ValueError,
+    row("config-sampling-top-p-0", config("rlhf_envs.lm.sampling:SamplingConfig", top_p=0.0), ValueError,
         r"top_p must be in \(0, 1\] \(1\.0 = off\), got 0\.0"),
-    row("config-sampling-top-p-above-1", config("rlhf_envs.sampling:SamplingConfig", top_p=1.01), ValueError,
+    row("config-sampling-top-p-above-1", config("rlhf_envs.lm.sampling:SamplingConfig", top_p=1.01), ValueError,
         r"top_p must be in \(0, 1\] \(1\.0 = off\), got 1\.01"),
-    row("config-sampling-negative-temperature", config("rlhf_envs.sampling:SamplingConfig", temperature=-1.0), ValueError,
+    row("config-sampling-negative-temperature", config("rlhf_envs.lm.sampling:SamplingConfig", temperature=-1.0), ValueError,
         r"temperature must be a finite number > 0, got -1\.0"),
-    row("config-sampling-max-new-tokens-0", config("rlhf_envs.sampling:SamplingConfig", max_new_tokens=0), ValueError,
+    row("config-sampling-max-new-tokens-0", config("rlhf_envs.lm.sampling:SamplingConfig", max_new_tokens=0), ValueError,
         r"max_new_tokens must be a positive int, got 0; pass e\.g\. 48"),
     # The CLI: exit status 2, "rlhf <cmd>: error: ...", no traceback, nothing written
     row("cli-sft-batch-size-0", cli("sft", "--data-path", "{data}", "--output-dir", "{out}", "--batch-size", "0"),

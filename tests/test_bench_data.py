@@ -8,7 +8,7 @@ pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE
 
 
 def test_shakespeare_pairs_are_long_ranked_and_reproducible():
-    from rlhf_envs.lm import load_tokenizer
+    from rlhf_envs.lm.loading import load_tokenizer
     from rlhf_envs.rewards import SentimentReward
 
     demos, pairs = shakespeare_data(64, seed=3)

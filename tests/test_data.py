@@ -23,7 +23,7 @@ from agents.data import (
     tokenize_texts,
 )
 from agents.lm_common import batch_sequences
-from rlhf_envs.lm import load_tokenizer
+from rlhf_envs.lm.loading import load_tokenizer
 
 WORDS = ("the a food film hotel was is and but very not good great bad awful fine okay plain service room "
          "story I liked it hated loved yes no really quite").split()

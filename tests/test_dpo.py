@@ -10,7 +10,7 @@ from test_data import WORDS, make_tiny_lm, write_jsonl
 
 from agents.dpo import DPO_LOSSES, DPOConfig, dpo_metrics, sequence_logps, train_dpo
 from agents.lm_common import batch_sequences, split_lm_head
-from rlhf_envs.lm import load_causal_lm
+from rlhf_envs.lm.loading import load_causal_lm
 
 
 def test_losses_by_hand():

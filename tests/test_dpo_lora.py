@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("peft")
 
 from agents.dpo import DPOConfig, train_dpo  # noqa: E402
-from rlhf_envs.lm import load_causal_lm  # noqa: E402
+from rlhf_envs.lm.loading import load_causal_lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +91,8 @@ def _peft_gpt2(**lora_kw):
 def test_lora_takes_the_packed_path_with_hugging_face_numbers_and_gradients():
     import torch.nn.functional as F
 
-    from agents.packing import pack_sequences
-    from rlhf_envs.fast_lm import gpt2_view
+    from rlhf_envs.lm.packing import pack_sequences
+    from rlhf_envs.lm.gpt2 import gpt2_view
 
     model = _peft_gpt2()
     g = torch.Generator().manual_seed(0)
@@ -127,7 +127,7 @@ def test_lora_takes_the_packed_path_with_hugging_face_numbers_and_gradients():
 @pytest.mark.parametrize("lora_kw", [{"lora_dropout": 0.1}, {"use_dora": True}, {"target_modules": ["c_attn", "lm_head"]}],
                          ids=["dropout", "dora", "lm-head-adapter"])
 def test_lora_the_view_cannot_reproduce_takes_hugging_face_path(lora_kw):
-    from rlhf_envs.fast_lm import gpt2_view
+    from rlhf_envs.lm.gpt2 import gpt2_view
 
     model = _peft_gpt2(**lora_kw)
     assert gpt2_view(model) is None
@@ -135,7 +135,7 @@ def test_lora_the_view_cannot_reproduce_takes_hugging_face_path(lora_kw):
 
 
 def test_lora_dropout_is_exact_in_eval_mode_only():
-    from rlhf_envs.fast_lm import gpt2_view
+    from rlhf_envs.lm.gpt2 import gpt2_view
 
     model = _peft_gpt2(lora_dropout=0.1)
     assert gpt2_view(model.train()) is None

@@ -13,9 +13,9 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhf_envs.build_embedded import BuildConfig, build, length_bucketed_batches, lr_at, shakespeare_passages
+from rlhf_envs.lm.build_embedded import BuildConfig, build, length_bucketed_batches, lr_at, shakespeare_passages
 from rlhf_envs.corpus import make_demonstrations, make_prompts, make_reviews, vocabulary
-from rlhf_envs.lm import EMBEDDED_MODEL_DIR, load_causal_lm, load_tokenizer
+from rlhf_envs.lm.loading import EMBEDDED_MODEL_DIR, load_causal_lm, load_tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 VADER = SentimentIntensityAnalyzer()

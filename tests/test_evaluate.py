@@ -28,9 +28,9 @@ def _task(path: str, estimator: str) -> TextTask:
 def test_exact_kl_is_the_sum_of_next_token_kls_along_each_response(two_models, path):
     ref_path, policy_path = two_models
     task = _task(ref_path, "exact")
-    from rlhf_envs.fast_lm import gpt2_view
-    from rlhf_envs.lm import load_causal_lm
-    from rlhf_envs.sampling import generate, response_logprobs
+    from rlhf_envs.lm.gpt2 import gpt2_view
+    from rlhf_envs.lm.loading import load_causal_lm
+    from rlhf_envs.lm.sampling import generate, response_logprobs
 
     policy = load_causal_lm(policy_path)[0].eval()
     if path == "hugging-face":  # a forward hook: the lean view cannot honour it, so Hugging Face's forward runs

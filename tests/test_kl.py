@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_envs.kl import AdaptiveKLController, FixedKLController, get_kl_estimator, make_kl_controller
-from rlhf_envs.text_common import tiny_causal_lm
+from tests.tiny_models import tiny_causal_lm
 
 
 def test_estimator_values():

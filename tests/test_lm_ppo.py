@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from agents.lm_ppo import LMPPOConfig, train_lm_ppo
-from rlhf_envs.text_common import tiny_causal_lm
+from tests.tiny_models import tiny_causal_lm
 
 
 def vowel_share(prompts, responses):
@@ -45,8 +45,8 @@ def test_ppo_raises_the_score_with_bounded_kl(tiny_dir, tmp_path):
 @pytest.mark.parametrize("return_full_path", ["packed", "generic"])
 def test_full_distributions_for_the_exact_estimator_match_the_chosen_log_probs(save_tiny_lm, tmp_path, return_full_path):
     from agents.lm_ppo import PolicyWithValueHead
-    from rlhf_envs.lm import load_causal_lm
-    from rlhf_envs.sampling import SamplingConfig
+    from rlhf_envs.lm.loading import load_causal_lm
+    from rlhf_envs.lm.sampling import SamplingConfig
 
     model = PolicyWithValueHead(load_causal_lm(str(save_tiny_lm(tmp_path / "m")))[0])
     handle = model.lm.register_forward_pre_hook(lambda module, args: None) if return_full_path == "generic" else None
@@ -104,14 +104,14 @@ def test_bad_config(kwargs, message):
 def test_packed_policy_forward_equals_hugging_face(sampling):
     """The packed lean forward gives the padded Hugging Face forward's log-probs, values, entropies and gradients."""
     from agents.lm_ppo import PolicyWithValueHead
-    from rlhf_envs.sampling import SamplingConfig
+    from rlhf_envs.lm.sampling import SamplingConfig
 
     lm, _ = tiny_causal_lm(seed=3)
     for module in lm.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model = PolicyWithValueHead(lm.train())
-    from rlhf_envs.fast_lm import gpt2_view
+    from rlhf_envs.lm.gpt2 import gpt2_view
 
     assert gpt2_view(model.lm) is not None, "the first run must take the packed path"
     torch.nn.init.normal_(model.v_head.summary.weight)

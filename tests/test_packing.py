@@ -1,13 +1,13 @@
-"""Packed training batches (agents.packing): the same log-probs, rewards and gradients as one sequence at a time."""
+"""Packed training batches (rlhf_envs.lm.packing): the same log-probs, rewards and gradients as one sequence at a time."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-import agents.packing
-from agents.packing import pack_sequences
-from rlhf_envs.fast_lm import gpt2_view
+import rlhf_envs.lm.packing
+from rlhf_envs.lm.packing import pack_sequences
+from rlhf_envs.lm.gpt2 import gpt2_view
 
 PAD = 1
 
@@ -48,9 +48,9 @@ def layout(request, monkeypatch):
     """Attention on the segment layout (several sequences per grid row, the CPU default), one causal row per
     sequence, or ("wide") rows too wide for the segment layout without gradients (a reference pass then takes causal rows)."""
     if request.param == "rows":
-        monkeypatch.setattr(agents.packing, "SEGMENT_ATTENTION_BYTES", 0)
+        monkeypatch.setattr(rlhf_envs.lm.packing, "SEGMENT_ATTENTION_BYTES", 0)
     if request.param == "wide":
-        monkeypatch.setattr(agents.packing, "SEGMENT_INFERENCE_WIDTH", 0)
+        monkeypatch.setattr(rlhf_envs.lm.packing, "SEGMENT_INFERENCE_WIDTH", 0)
     return request.param
 
 

@@ -11,7 +11,7 @@ import torch
 import rlhf_envs  # noqa: F401
 from rlhf_envs import rewards
 from rlhf_envs.rewards import RewardModelError, available_reward_models, make_reward_model, register
-from rlhf_envs.text_common import tiny_causal_lm
+from tests.tiny_models import tiny_causal_lm
 
 
 def test_sentiment_ranks_positive_above_negative():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import rlhf_envs  # noqa: F401
-from rlhf_envs.text_common import tiny_causal_lm
+from tests.tiny_models import tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTO_MAP = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel", "AutoModelForCausalLM": "evil.EvilModel",
@@ -77,7 +77,7 @@ def _loaders(path: Path, out: Path) -> dict:
     from agents.lm_ppo import LMPPOConfig, train_lm_ppo
     from agents.reward_model import RewardModelConfig, train_reward_model
     from agents.sft import SFTConfig, train_sft
-    from rlhf_envs.lm import load_causal_lm
+    from rlhf_envs.lm.loading import load_causal_lm
     from rlhf_envs.rewards import make_reward_model
 
     data = out.parent / "data.jsonl"

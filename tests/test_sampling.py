@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rlhf_envs.sampling import SamplingConfig, generate, positions_from_mask, processed_logprobs, response_logprobs
-from rlhf_envs.text_common import tiny_causal_lm
+from rlhf_envs.lm.sampling import SamplingConfig, generate, positions_from_mask, processed_logprobs, response_logprobs
+from tests.tiny_models import tiny_causal_lm
 
 EOS, PAD = 256, 257
 

@@ -11,7 +11,7 @@ from stable_baselines3.common.env_util import make_vec_env
 
 import rlhf_envs  # noqa: F401
 from agents.sb3_text import HandOverLogprobs, LMActorCriticPolicy, LogprobChannel
-from rlhf_envs.text_common import tiny_causal_lm
+from tests.tiny_models import tiny_causal_lm
 
 
 def lowercase_fraction(prompts, responses):

@@ -13,7 +13,7 @@ from test_data import make_tiny_lm, write_jsonl
 
 from agents.lm_common import batch_sequences, fuse_gelu, split_lm_head, target_logits
 from agents.sft import SFTConfig, sft_loss, train_sft
-from rlhf_envs.lm import load_causal_lm
+from rlhf_envs.lm.loading import load_causal_lm
 
 SUBJECTS = ["food", "film", "hotel", "service", "room", "story"]
 VERDICTS = ["very good", "quite bad", "really great", "not fine", "okay and plain", "awful but fine"]

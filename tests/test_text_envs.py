@@ -12,8 +12,9 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import rlhf_envs  # noqa: F401
 from rlhf_envs.rewards import RewardModelError
-from rlhf_envs.sampling import generate, positions_from_mask, processed_logprobs
-from rlhf_envs.text_common import attention_mask_from_obs, tiny_causal_lm
+from rlhf_envs.lm.sampling import generate, positions_from_mask, processed_logprobs
+from rlhf_envs.text_common import attention_mask_from_obs
+from tests.tiny_models import tiny_causal_lm
 
 EOS, PAD = 256, 257
 PROMPTS = ["hello there", "the cat sat", "a b"]
@@ -258,7 +259,7 @@ def test_token_env_episode_ends_at_eos_or_length(lm):
 
 
 def test_decoding_equals_the_tokenizers_batch_decode():
-    from rlhf_envs.lm import load_causal_lm
+    from rlhf_envs.lm.loading import load_causal_lm
     from rlhf_envs.text_common import TextTask
 
     model, tokenizer = load_causal_lm(None)

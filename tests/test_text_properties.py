@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import rlhf_envs  # noqa: F401
 from rlhf_envs.rewards import make_reward_model
-from rlhf_envs.text_common import tiny_causal_lm
+from tests.tiny_models import tiny_causal_lm
 
 EOS, V = 256, 258
 LM = tiny_causal_lm(seed=0)

@@ -14,7 +14,7 @@ is exact and the padding is never attended to. On CPU, short sequences instead s
 (:class:`Segments`: a block-diagonal causal mask keeps them apart, and attention runs as two
 matmuls), which cuts the padding and the per-row overhead. The per-token work (layer norms,
 projections, MLP) runs on the ``N`` packed tokens only, and the LM head on each distinct token that
-predicts a target, through :meth:`rlhf_envs.fast_lm.GPT2View.packed_forward`.
+predicts a target, through :meth:`rlhf_envs.lm.gpt2.GPT2View.packed_forward`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import numpy as np
 
 import torch
 
-from rlhf_envs.fast_lm import GPT2View, _additive, _SegmentLayout, _within
+from rlhf_envs.lm.gpt2 import GPT2View
+from rlhf_envs.lm.segments import SegmentLayout, additive_mask, within
 
 __all__ = ["PackedBatch", "pack_sequences"]
 
@@ -44,7 +45,7 @@ _MAX_SEGMENT_CELLS = 1 << 22
 
 @dataclass
 class Segments:
-    """The batch's sequences laid side by side in fewer attention rows (:class:`rlhf_envs.fast_lm._SegmentLayout`).
+    """The batch's sequences laid side by side in fewer attention rows (:class:`rlhf_envs.lm.gpt2.SegmentLayout`).
 
     A grid row holds several sequences (each its shared prefix then its own tokens), and a
     block-diagonal causal mask keeps them apart: fewer, fuller rows than one row per sequence,
@@ -152,7 +153,7 @@ class PackedBatch:
                 view.n_head * seg.allowed.numel() * 4 <= SEGMENT_ATTENTION_BYTES and \
                 (torch.is_grad_enabled() or seg.allowed.shape[-1] <= SEGMENT_INFERENCE_WIDTH):
             return view.packed_forward(self.tokens, self.positions, seg.gather, seg.owner, seg.rows, keep,
-                                       _additive(seg.allowed, view.dtype))
+                                       additive_mask(seg.allowed, view.dtype))
         return view.packed_forward(self.tokens, self.positions, self.gather, self.owner, len(self.sequences), keep)
 
     def target_logits(self, view: GPT2View, predictor: torch.Tensor) -> torch.Tensor:
@@ -239,11 +240,11 @@ def pack_sequences(sequences: list[torch.Tensor], drop_last: bool = False) -> Pa
 def _segments(grid: np.ndarray, lengths: np.ndarray, owner: np.ndarray) -> Segments | None:
     """:class:`Segments` for sequences whose packed indices are ``grid [S, W]`` (one row each) and whose
     tokens take their outputs from the cells ``owner [N]`` of that grid."""
-    layout = _SegmentLayout(np.zeros_like(lengths), lengths)
+    layout = SegmentLayout(np.zeros_like(lengths), lengths)
     rows, width = layout.rows, layout.width
     if rows * width * width > _MAX_SEGMENT_CELLS:
         return None
-    seq, column = np.repeat(np.arange(len(lengths)), lengths), _within(lengths)
+    seq, column = np.repeat(np.arange(len(lengths)), lengths), within(lengths)
     start = layout.row * width + layout.k_offset  # each sequence's first cell
     gather = np.zeros(rows * width, dtype=np.int64)
     gather[start[seq] + column] = grid[seq, column]

@@ -1,7 +1,7 @@
 """Loading causal language models and their tokenizers, offline only.
 
 ``load_causal_lm(None)`` returns the embedded default (a small GPT-2 trained on the
-project's synthetic reviews by :mod:`rlhf_envs.build_embedded`); any local Hugging Face
+project's synthetic reviews by :mod:`rlhf_envs.lm.build_embedded`); any local Hugging Face
 causal-LM directory works in its place. Nothing is ever fetched from the Hub
 (``local_files_only=True``), and each way a directory can be unusable raises an
 error that says what is wrong and how to fix it.
@@ -24,7 +24,7 @@ from transformers.models.auto.modeling_auto import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-EMBEDDED_MODEL_DIR: Path = Path(__file__).resolve().parent / "assets" / "embedded"
+EMBEDDED_MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "embedded"
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -37,7 +37,7 @@ def _model_dir(path: str | Path | None) -> Path:
     """The directory to load from; ``None`` is the embedded default."""
     directory = EMBEDDED_MODEL_DIR if path is None else Path(path).expanduser()
     if not directory.is_dir():
-        hint = (" The embedded model is missing: rebuild it with `python -m rlhf_envs.build_embedded`."
+        hint = (" The embedded model is missing: rebuild it with `python -m rlhf_envs.lm.build_embedded`."
                 if path is None else "")
         raise FileNotFoundError(
             f"Model directory {str(directory)!r} does not exist.{hint} Pass a local Hugging Face "

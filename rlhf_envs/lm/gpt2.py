@@ -36,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
-__all__ = ["GPT2Decoder", "GPT2View", "PromptKVCache", "ViewCache", "gpt2_view"]
+from rlhf_envs.lm.kernels import gelu_tanh
+from rlhf_envs.lm.segments import SegmentLayout, additive_mask, ranks
+
+__all__ = ["GPT2View", "ViewCache", "gpt2_view"]
 
 _TANH_GELUS = frozenset({"gelu_new", "gelu_pytorch_tanh"})
 
@@ -72,62 +75,6 @@ class _Layer(NamedTuple):
     proj_w: torch.Tensor | _LoRA
     proj_b: torch.Tensor
     scaling: float
-
-
-def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool mask (True = may attend) -> additive float mask (0 or the dtype's minimum); CPU SDPA runs faster on it."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
-
-
-_SQRT_8_OVER_PI = math.sqrt(8.0 / math.pi)
-_GELU_CUBIC = 0.044715
-
-
-def _gelu_gate(x: torch.Tensor) -> torch.Tensor:
-    """``s = sigmoid(sqrt(8/pi) * (x + 0.044715 x^3))`` in three passes: ``(c + c * 0.044715 x^2) * x``, then the sigmoid."""
-    scale = torch.tensor(_SQRT_8_OVER_PI, dtype=x.dtype, device=x.device)
-    return torch.addcmul(scale, x, x, value=_SQRT_8_OVER_PI * _GELU_CUBIC).mul_(x).sigmoid_()
-
-
-def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
-    """``gelu(x, approximate="tanh")`` in place, as ``x * sigmoid(sqrt(8/pi) * (x + 0.044715 x^3))``.
-
-    The same function (``(1 + tanh(z)) / 2 = sigmoid(2z)``), equal to float rounding; on CPU torch's
-    tanh-GELU kernel runs at about half the speed of these four passes.
-    """
-    return x.mul_(_gelu_gate(x))
-
-
-class _GeluTanh(torch.autograd.Function):
-    """Differentiable tanh-GELU as ``x * s`` with ``s = sigmoid(sqrt(8/pi) (x + 0.044715 x^3))`` (see :func:`_gelu_tanh_`).
-
-    The backward pass reuses ``s``: ``d/dx = s + s (1 - s) sqrt(8/pi) (1 + 3 * 0.044715 x^2) x``. On
-    CPU, forward and backward together run faster than torch's tanh-GELU and its backward kernel
-    (which evaluate tanh), at the price of keeping ``s`` besides ``x``; the values agree to float rounding.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        gate = _gelu_gate(x)
-        ctx.save_for_backward(x, gate)
-        return x * gate
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        x, gate = ctx.saved_tensors
-        scale = torch.tensor(_SQRT_8_OVER_PI, dtype=x.dtype, device=x.device)
-        slope = torch.addcmul(scale, x, x, value=3 * _GELU_CUBIC * _SQRT_8_OVER_PI).mul_(x)
-        slope.mul_(torch.addcmul(gate, gate, gate, value=-1.0)).add_(gate)
-        return slope.mul_(grad)
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh-GELU of ``x``: in place without gradients, :class:`_GeluTanh` for float32 with them."""
-    if not torch.is_grad_enabled():
-        return _gelu_tanh_(x)
-    if x.dtype == torch.float32:
-        return _GeluTanh.apply(x)
-    return F.gelu(x, approximate="tanh")  # lower precision: torch's kernel computes in float32 inside
 
 
 def _residual(update: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -331,7 +278,7 @@ class GPT2View:
     def _mlp_out(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         """``MLP(ln_2(x))`` for ``x [N, D]``; the GELU runs in place when no gradient is recorded."""
         hidden = _proj(layer.fc_b, self._ln(x, layer.ln_2), layer.fc_w)
-        return _proj(layer.proj_b, _gelu_tanh(hidden), layer.proj_w)
+        return _proj(layer.proj_b, gelu_tanh(hidden), layer.proj_w)
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         """``x [N, D]`` -> ``x + MLP(ln_2(x))``."""
@@ -354,13 +301,13 @@ class GPT2View:
         rows: ``gather [rows * W]`` names the packed token at each cell (a token may stand in several
         rows, e.g. a prompt shared by two responses; right padding repeats a real token, which
         causal attention never reaches from a real one), and ``owner [N]`` the cell whose output each
-        token takes (:func:`agents.packing.pack_sequences` builds them). Layer norms, projections and
+        token takes (:func:`rlhf_envs.lm.packing.pack_sequences` builds them). Layer norms, projections and
         the MLP run on the ``N`` tokens only. With gradients recorded only the residual adds write in
         place, into projection outputs that their backward does not read, so autograd sees every op
         and gradients reach the model's parameters (a token gathered into several rows sums its
         gradients); without (a reference pass), the GELU runs in place too. Causal
         rows go through SDPA's causal kernel with or without gradients (see
-        :data:`agents.packing.SEGMENT_INFERENCE_WIDTH` for when a reference pass takes them on CPU).
+        :data:`rlhf_envs.lm.packing.SEGMENT_INFERENCE_WIDTH` for when a reference pass takes them on CPU).
 
         With ``keep`` (e.g. the tokens that predict a target, or each sequence's last token for a
         reward model), the last layer's per-token work after attention (its output projection, layer
@@ -369,7 +316,7 @@ class GPT2View:
         fifth of the tokens (prompts) drop out there; for a reward model all but one per sequence.
 
         With ``attn_mask`` (additive, ``[rows, 1, W, W]``) a grid row may hold several sequences
-        side by side (:class:`_SegmentLayout`): attention runs as two matmuls under that mask
+        side by side (:class:`SegmentLayout`): attention runs as two matmuls under that mask
         instead of causal rows, for gradients too (it keeps the ``[rows, H, W, W]`` probabilities
         for the backward pass, so callers pass it for short rows only).
         """
@@ -444,7 +391,7 @@ class GPT2View:
         :class:`PromptKVCache` keeps them. Only real tokens go through the per-token work (layer
         norms, projections, MLP), so padding costs nothing there.
 
-        Attention runs on :class:`_SegmentLayout`: each row's past and real tokens (a
+        Attention runs on :class:`SegmentLayout`: each row's past and real tokens (a
         *segment*) lie side by side with other rows' in a few shared grid rows, keys and values in
         ``[R, H, W, hd]`` (``W`` = the longest segment), queries (real tokens only) in
         ``[R, H, Wq, hd]``, and a block-diagonal causal mask keeps segments apart. For a scoring
@@ -465,11 +412,11 @@ class GPT2View:
         x = F.embedding(input_ids[row, col], self.wte) + F.embedding(position_ids[row, col], self.wpe)
         new = mask.cpu().numpy()
         old = past[2].cpu().numpy() if past is not None else np.zeros((len(new), 0), dtype=bool)
-        layout = _SegmentLayout(old.sum(1), new.sum(1))
+        layout = SegmentLayout(old.sum(1), new.sum(1))
         n_rows, width, q_width = layout.rows, layout.width, layout.q_width
         bases = (0, n_rows * heads * q_width, n_rows * heads * (q_width + width))  # where the Q, K and V grids start
         # Per real token: its segment's grid row and its query and key columns (its rank among its row's real tokens).
-        b_new, rank = _ranks(new)
+        b_new, rank = ranks(new)
         seg_row = layout.row[b_new]
         q_col = layout.q_offset[b_new] + rank
         k_col = layout.k_offset[b_new] + layout.past[b_new] + rank
@@ -478,7 +425,7 @@ class GPT2View:
                           bases[1] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None],
                           bases[2] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None]], axis=1)
         outputs = torch.from_numpy(cells[:, 0].reshape(-1)).to(device)
-        attn_mask = _additive(torch.from_numpy(layout.allowed()).to(device), x.dtype)
+        attn_mask = additive_mask(torch.from_numpy(layout.allowed()).to(device), x.dtype)
         # Each layer's source rows (``hd`` wide): the new tokens' q, k, v heads, then the past keys and values,
         # then one zero row; every grid cell gathers its row from there (unused cells the zero row).
         n_new = len(b_new) * 3 * heads
@@ -490,7 +437,7 @@ class GPT2View:
         if past is not None:
             kv, table_rows = past[0], past[1].cpu().numpy()
             b_old, p = old.nonzero()
-            old_rank = _ranks(old)[1]
+            old_rank = ranks(old)[1]
             span = kv.shape[-2]
             k_old = layout.k_offset[b_old] + old_rank
             # kv.view(-1, hd) row of (table row n, layer i, part c, head h, position p): (((n * layers + i) * 2 + c) * H + h) * span + p
@@ -529,172 +476,3 @@ class GPT2View:
             att = att.view(-1, hd).index_select(0, outputs).view(-1, self.d_model)
             x = self._mlp(_proj(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
         return x.index_select(0, picked)
-
-
-def _ranks(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For the True cells of ``mask [B, L]`` in row-major order: their row, and their rank among their row's True cells."""
-    row, col = mask.nonzero()
-    return row, (np.cumsum(mask, axis=1) - 1)[row, col]
-
-
-class _SegmentLayout:
-    """Where :meth:`GPT2View.packed_hidden` puts each sequence ("segment": ``past[b]`` cached keys
-    then ``new[b]`` real tokens) in its attention grids.
-
-    Segments are placed longest first; each grid row is topped up with the shortest remaining
-    segments that still fit in ``width`` (the longest segment's length). ``row[b]``,
-    ``k_offset[b]`` (column of its first key) and ``q_offset[b]`` (column of its first query; only
-    new tokens are queries) say where segment ``b`` lies.
-    """
-
-    def __init__(self, past: np.ndarray, new: np.ndarray):
-        self.past, self.new = past.astype(np.int64), new.astype(np.int64)
-        length = (self.past + self.new).tolist()
-        order = sorted(range(len(length)), key=length.__getitem__, reverse=True)
-        self.width = length[order[0]] if order else 0
-        row, k_offset, q_offset = [0] * len(length), [0] * len(length), [0] * len(length)
-        new_list = self.new.tolist()
-        q_width, n_rows, first, last = 0, 0, 0, len(order) - 1
-        while first <= last:
-            b = order[first]
-            first += 1
-            row[b], used, q_used = n_rows, length[b], new_list[b]
-            while first <= last and used + length[order[last]] <= self.width:
-                b = order[last]
-                last -= 1
-                row[b], k_offset[b], q_offset[b] = n_rows, used, q_used
-                used += length[b]
-                q_used += new_list[b]
-            q_width = max(q_width, q_used)
-            n_rows += 1
-        self.rows, self.q_width = n_rows, max(q_width, 1)
-        self.row, self.k_offset, self.q_offset = (np.asarray(v, dtype=np.int64) for v in (row, k_offset, q_offset))
-
-    def allowed(self) -> np.ndarray:
-        """``[R, 1, Wq, W]`` bool: True where a query may attend to a key (same segment, key not later).
-
-        A query cell no token uses attends to its row's first key only: its output is never read, and
-        one allowed key keeps its softmax finite where the additive mask's minimum turns into -inf
-        (float32's minimum rounds to -inf in bfloat16, under autocast), which would make a row with
-        nothing allowed NaN and spread NaN through the backward pass.
-        """
-        segments = np.arange(len(self.row))
-        q_seg = np.full((self.rows, self.q_width), -1)
-        q_pos = np.zeros((self.rows, self.q_width), dtype=np.int64)
-        k_seg = np.full((self.rows, self.width), -2)
-        k_pos = np.zeros((self.rows, self.width), dtype=np.int64)
-        b, j = np.repeat(segments, self.new), _within(self.new)
-        q_seg[self.row[b], self.q_offset[b] + j] = b
-        q_pos[self.row[b], self.q_offset[b] + j] = self.past[b] + j
-        length = self.past + self.new
-        b, j = np.repeat(segments, length), _within(length)
-        k_seg[self.row[b], self.k_offset[b] + j] = b
-        k_pos[self.row[b], self.k_offset[b] + j] = j
-        allowed = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= q_pos[:, :, None])
-        allowed[:, :, 0] |= q_seg < 0
-        return allowed[:, None]
-
-
-def _within(counts: np.ndarray) -> np.ndarray:
-    """``0 .. counts[i] - 1`` for each ``i``, concatenated."""
-    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-
-
-class PromptKVCache:
-    """The reference model's state after each prompt of a fixed, left-padded prompt table ``[n, P]``.
-
-    Per prompt: every layer's keys and values ``[n_layer, 2, H, P, hd]`` (the layout
-    :meth:`GPT2View.packed_hidden` takes as ``past``) and the last position's hidden
-    state ``[D]``, computed the first time the prompt is asked for and reused while the tensors the
-    view reads are unchanged (the same tensors and storage, no in-place update: checked with each
-    tensor's version counter on every :meth:`get`; any change empties the cache). For a frozen reference model that
-    scores responses to the same prompts over and over, this takes the prompt tokens out of every
-    scoring forward.
-    """
-
-    def __init__(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask.bool()
-        self.kv: torch.Tensor | None = None
-        self.last_hidden: torch.Tensor | None = None
-        self.ready = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-        self.fingerprint: tuple = ()
-
-    @staticmethod
-    def nbytes(view: GPT2View, prompt_ids: torch.Tensor) -> int:
-        """Memory the full table takes: keys, values and one hidden state per prompt."""
-        n, length = prompt_ids.shape
-        per_prompt = (2 * len(view.layers) * length + 1) * view.d_model
-        return n * per_prompt * view.wte.element_size()
-
-    def get(self, view: GPT2View, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(kv, last_hidden)``: the whole table ``[n, n_layer, 2, H, P, hd]`` with prompts ``index [N]`` filled, and ``[N, D]``."""
-        fingerprint = tuple((id(t), t.data_ptr(), t._version) for t in view.tensors)
-        if fingerprint != self.fingerprint or self.kv is None:
-            n, length = self.prompt_ids.shape
-            device = self.prompt_ids.device
-            shape = (n, len(view.layers), 2, view.n_head, length, view.head_dim)
-            self.kv = torch.zeros(shape, dtype=view.dtype, device=device)
-            self.last_hidden = torch.zeros(n, view.d_model, dtype=view.dtype, device=device)
-            self.ready.zero_()
-            self.fingerprint = fingerprint
-        missing = index[~self.ready[index]].unique()
-        if missing.numel():
-            # One packed forward over the prompts' real tokens (no padding) writes their keys and values
-            # into the table; a left-padded row's last column is its last prompt token.
-            mask = self.prompt_mask[missing]
-            last = torch.zeros_like(mask)
-            last[:, -1] = True
-            positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
-            self.last_hidden[missing] = view.packed_hidden(self.prompt_ids[missing], mask, positions, last,
-                                                           kv_out=(self.kv, missing))
-            self.ready[missing] = True
-        return self.kv, self.last_hidden[index]
-
-
-class GPT2Decoder:
-    """Prefill then one-token steps for left-padded prompts, over a cache preallocated to ``P + max_new_tokens``.
-
-    ``prefill()`` returns the last prompt position's logits ``[B, V]``; each ``step(tokens [B])``
-    feeds one token per row and returns the next logits ``[B, V]``; ``keep_rows`` drops rows. Pad positions of the prompt
-    attend only to themselves and are masked as keys; position ids come from the mask.
-    """
-
-    def __init__(self, view: GPT2View, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
-        self.view = view
-        self.prompt_ids = prompt_ids
-        self.prompt_mask = prompt_mask.bool()
-        batch, self.filled = prompt_ids.shape
-        total = self.filled + max_new_tokens
-        device = prompt_ids.device
-        self.cache = view.new_cache(batch, total, device)
-        self.key_mask = torch.full((batch, 1, 1, total), torch.finfo(view.dtype).min, dtype=view.dtype, device=device)
-        self.key_mask[:, 0, 0, : self.filled].masked_fill_(self.prompt_mask, 0.0)
-        self.next_position = self.prompt_mask.long().sum(-1, keepdim=True)
-
-    def prefill(self) -> torch.Tensor:
-        return self.view.logits(self.prefill_hidden())
-
-    def prefill_hidden(self) -> torch.Tensor:
-        """Run the prompts into the cache; the last position's hidden state ``[B, D]`` (before ``ln_f``)."""
-        length = self.filled
-        keep = self.prompt_mask
-        causal = torch.ones(length, length, dtype=torch.bool, device=keep.device).tril_()
-        eye = torch.eye(length, dtype=torch.bool, device=keep.device)
-        attn_mask = _additive(((keep[:, None, :] & causal) | eye).unsqueeze(1), self.view.dtype)
-        positions = (keep.long().cumsum(-1) - 1).clamp_(min=0)
-        return self.view.forward(self.prompt_ids, positions, attn_mask, self.cache, 0)[:, -1]
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        start = self.filled
-        self.key_mask[:, :, :, start] = 0.0
-        self.filled += 1
-        hidden = self.view.forward(tokens[:, None], self.next_position, self.key_mask[..., : self.filled],
-                                   self.cache, start)
-        self.next_position += 1
-        return self.view.logits(hidden[:, 0])
-
-    def keep_rows(self, index: torch.Tensor) -> None:
-        """Keep only rows ``index [R']`` (e.g. those that have not emitted EOS); later steps take ``R'`` tokens."""
-        self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
-        self.key_mask = self.key_mask.index_select(0, index)
-        self.next_position = self.next_position.index_select(0, index)

@@ -1,6 +1,6 @@
 """Build the embedded default model: a byte-level BPE tokenizer and a small GPT-2.
 
-Run ``python -m rlhf_envs.build_embedded`` to regenerate ``rlhf_envs/assets/embedded``
+Run ``python -m rlhf_envs.lm.build_embedded`` to regenerate ``rlhf_envs/assets/embedded``
 from scratch (nothing is downloaded). The corpus is the project's own synthetic
 reviews (:mod:`rlhf_envs.corpus`), or, with ``--corpus shakespeare --data PATH``,
 short passages of a plain-text file such as tinyshakespeare.
@@ -37,7 +37,7 @@ from rlhf_envs.corpus import make_reviews
 
 BOS_EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "embedded"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "embedded"
 
 
 @dataclass
@@ -291,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m rlhf_envs.build_embedded``."""
+    """Entry point of ``python -m rlhf_envs.lm.build_embedded``."""
     config = parse_args(argv)
     info = build(config)
     print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))

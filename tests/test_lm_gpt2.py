@@ -5,9 +5,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rlhf_envs.fast_lm import GPT2Decoder, PromptKVCache, ViewCache, _GeluTanh, _SegmentLayout, gpt2_view
-from rlhf_envs.sampling import SamplingConfig, generate, positions_from_mask, response_logprobs
-from rlhf_envs.text_common import TextTask, tiny_causal_lm
+from rlhf_envs.lm.gpt2 import ViewCache, gpt2_view
+from rlhf_envs.lm.decoding import GPT2Decoder, PromptKVCache
+from rlhf_envs.lm.segments import SegmentLayout
+from rlhf_envs.lm.kernels import GeluTanh
+from rlhf_envs.lm.sampling import SamplingConfig, generate, positions_from_mask, response_logprobs
+from rlhf_envs.text_common import TextTask
+from tests.tiny_models import tiny_causal_lm
 
 EOS, PAD = 256, 257
 PROMPTS = ["the cat", "a", "hello there, cat", "zz top"]
@@ -224,7 +228,7 @@ def test_reference_scoring_exact_when_rows_share_the_attention_grid(tokenizer, m
     response_mask = task.response_mask(response_ids)
     response_ids = response_ids.masked_fill(~response_mask, PAD)
     lengths = task.prompt_mask[index].sum(1) + response_mask[:, 1:].sum(1)
-    layout = _SegmentLayout(task.prompt_mask[index].sum(1).numpy(), response_mask[:, 1:].sum(1).numpy())
+    layout = SegmentLayout(task.prompt_mask[index].sum(1).numpy(), response_mask[:, 1:].sum(1).numpy())
     assert layout.rows < 20 and layout.width == int(lengths.max())  # rows are shared
     ref, _ = task.ref_logprobs(index, response_ids, response_mask, full=False)
     expected, _ = _reference_logprobs(task, index, response_ids, response_mask)
@@ -235,7 +239,7 @@ def test_segment_layout_places_every_segment_once_inside_its_row():
     rng = np.random.default_rng(0)
     for _ in range(50):
         past, new = rng.integers(0, 8, 40), rng.integers(0, 30, 40)
-        layout = _SegmentLayout(past, new)
+        layout = SegmentLayout(past, new)
         keys = np.zeros((layout.rows, layout.width), dtype=int)
         queries = np.zeros((layout.rows, layout.q_width), dtype=int)
         for b in range(40):
@@ -330,14 +334,14 @@ def test_token_env_reference_exact_over_staggered_episodes_and_compactions():
 
 def test_training_gelu_matches_torch_tanh_gelu_and_its_gradient():
     x = torch.linspace(-8, 8, 4001, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_GeluTanh.apply, (x[::40].detach().clone().requires_grad_(),))
-    ours = _GeluTanh.apply(x)
+    assert torch.autograd.gradcheck(GeluTanh.apply, (x[::40].detach().clone().requires_grad_(),))
+    ours = GeluTanh.apply(x)
     theirs = torch.nn.functional.gelu(x, approximate="tanh")
     torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12)
     grad = torch.randn_like(x)
     torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(theirs, x, grad)[0],
                                atol=1e-12, rtol=1e-12)
     x32 = x.detach().float().requires_grad_()
-    torch.testing.assert_close(torch.autograd.grad(_GeluTanh.apply(x32), x32, grad.float())[0],
+    torch.testing.assert_close(torch.autograd.grad(GeluTanh.apply(x32), x32, grad.float())[0],
                                torch.autograd.grad(torch.nn.functional.gelu(x32, approximate="tanh"), x32, grad.float())[0],
                                atol=2e-6, rtol=1e-5)

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from rlhf_envs.fast_lm import GPT2Decoder, gpt2_view
+from rlhf_envs.lm.segments import additive_mask
+from rlhf_envs.lm.gpt2 import gpt2_view
+from rlhf_envs.lm.decoding import GPT2Decoder
 
 __all__ = [
     "BufferedKVLayer",
     "Generation",
     "SamplingConfig",
-    "additive_mask",
     "generate",
     "positions_from_mask",
     "preallocated_cache",
@@ -191,20 +192,13 @@ def prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch
     prompt_keep = (keep[:, None, :] & causal) | torch.eye(prompt_len, dtype=torch.bool, device=prompt_ids.device)
     out = model(
         input_ids=prompt_ids,
-        attention_mask=additive_mask(prompt_keep, _model_dtype(model)),
+        attention_mask=additive_mask(prompt_keep.unsqueeze(1), _model_dtype(model)),
         position_ids=positions_from_mask(keep),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
     )
     return out.logits[:, -1]
-
-
-def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``keep [B, Q, K]`` bool (True = may attend) -> 4D additive mask ``[B, 1, Q, K]`` (0 or the dtype's minimum)."""
-    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
-    mask.masked_fill_(~keep, torch.finfo(dtype).min)
-    return mask.unsqueeze(1)
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -236,7 +230,7 @@ def generate(
     The prompt is run once; each later step feeds one token per row through a preallocated KV
     cache (no per-step concatenation; attention reads only the filled part), with explicit position ids and a prebuilt
     4D attention mask updated in place (so the model does no mask bookkeeping). A ``GPT2LMHeadModel`` in eval
-    mode without hooks runs through the lean forward of :mod:`rlhf_envs.fast_lm` (same parameters, same
+    mode without hooks runs through the lean forward of :mod:`rlhf_envs.lm.gpt2` (same parameters, same
     logits, a fraction of Hugging Face's per-op overhead); any other model through its own forward.
     Runs under ``torch.inference_mode``; the returned tensors are ordinary (usable with autograd).
     """
@@ -255,7 +249,7 @@ class _HFDecoder:
         self.cache = preallocated_cache(model, total)
         keep = torch.zeros(batch, total, dtype=torch.bool, device=prompt_ids.device)
         keep[:, : self.filled] = prompt_mask.bool()
-        self.step_mask = additive_mask(keep[:, None, :], _model_dtype(model))
+        self.step_mask = additive_mask(keep[:, None, None, :], _model_dtype(model))
         self.next_position = prompt_mask.long().sum(-1, keepdim=True)
 
     def prefill(self) -> torch.Tensor:
