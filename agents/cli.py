@@ -9,6 +9,8 @@ import sys
 import typing
 from pathlib import Path
 
+from rlhf_envs.compat import RENAMED_FIELDS
+
 
 DATA_PARALLEL = ("sft", "rm", "dpo", "ppo", "pipeline")
 """The sub-commands that run data parallel when launched by ``torchrun`` (see :mod:`agents.lm_common`)."""
@@ -32,6 +34,25 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str
             parser.add_argument(flag, dest=f.name, default=default, type=json.loads, help=help_text + " (JSON)")
         else:
             parser.add_argument(flag, dest=f.name, default=default, type=base, help=help_text)
+    for old_name, new_name in getattr(config_cls, RENAMED_FIELDS, {}).items():
+        if new_name not in skip:
+            base = _base_type(hints[new_name])
+            parser.add_argument("--" + old_name.replace("_", "-"), dest=new_name, help=argparse.SUPPRESS,
+                                action=_RenamedOption, type=None if base is bool else base,
+                                new_flag="--" + new_name.replace("_", "-"))
+
+
+class _RenamedOption(argparse.Action):
+    """An old option name: still accepted, with a warning that names the new one."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} was renamed to {self.new_flag}; use {self.new_flag}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _base_type(kind):

@@ -9,7 +9,7 @@ One iteration reads top to bottom in :func:`train_lm_ppo`:
    KL the env computes and the PPO ratio use the very same numbers.
 3. **Scoring** is the env's ``step``: one batched reference pass and one batched reward call. It
    returns the score and the per-token KL; the per-token reward is ``-beta * kl_t`` with the score
-   added on the last token. With ``target_kl`` set, the env's adaptive controller moves beta.
+   added on the last token. With ``kl_setpoint`` set, the env's adaptive controller moves beta.
 4. **GAE** per token, advantages whitened over the batch.
 5. **Update**: ``ppo_epochs`` passes over minibatches: clipped surrogate, clipped value loss,
    optionally the pretraining loss mixed in (PPO-ptx, coefficient ``ptx_coef``).
@@ -47,6 +47,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 import rlhf_envs  # noqa: F401  (registers the envs)
+from rlhf_envs.compat import renamed_fields
 from agents.lm_common import LossModule, distributed, join_process_group, shard
 from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from rlhf_envs.lm.packing import pack_sequences
@@ -54,6 +55,7 @@ from rlhf_envs.lm.gpt2 import GPT2View, gpt2_view
 from rlhf_envs.lm.sampling import SamplingConfig, generate, positions_from_mask, processed_logprobs
 
 
+@renamed_fields(target_kl="kl_setpoint")
 @dataclass
 class LMPPOConfig:
     """Hyper-parameters of RLHF PPO (InstructGPT / Ziegler et al. names where they exist)."""
@@ -74,8 +76,8 @@ class LMPPOConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the KL and ratio use the same distribution)"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
-    beta: float = field(default=0.05, metadata={"help": "KL coefficient (initial value when target_kl is set)"})
-    target_kl: float | None = field(default=None, metadata={"help": "sequence-level KL target of the adaptive controller; None = fixed beta"})
+    beta: float = field(default=0.05, metadata={"help": "KL coefficient (initial value when kl_setpoint is set)"})
+    kl_setpoint: float | None = field(default=None, metadata={"help": "sequence-level KL target of the adaptive controller; None = fixed beta"})
     kl_horizon: float = field(default=10000.0, metadata={"help": "horizon (episodes) of the adaptive controller: how fast beta moves (Ziegler et al.: 10000)"})
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator of the env: k1, k2, k3 or exact"})
     gamma: float = field(default=1.0, metadata={"help": "discount over tokens"})
@@ -103,8 +105,8 @@ class LMPPOConfig:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by num_minibatches {self.num_minibatches}")
         if self.beta < 0:
             raise ValueError(f"LMPPOConfig.beta must be >= 0, got {self.beta!r}; 0 turns the KL penalty off")
-        if self.target_kl is not None and not self.target_kl > 0:
-            raise ValueError(f"LMPPOConfig.target_kl must be > 0 or None, got {self.target_kl!r}")
+        if self.kl_setpoint is not None and not self.kl_setpoint > 0:
+            raise ValueError(f"LMPPOConfig.kl_setpoint must be > 0 or None, got {self.kl_setpoint!r}")
         for name in ("learning_rate", "cliprange", "cliprange_value", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"LMPPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -216,7 +218,7 @@ def _make_env(config: LMPPOConfig, num_envs: int):
     return gym.make_vec(
         "TextBandit-v0", num_envs=num_envs, model=config.ref_model_path or config.model_path,
         reward_model=config.reward_model, reward_kwargs=reward_kwargs, prompts=config.prompts,
-        beta=config.beta, target_kl=config.target_kl, kl_horizon=config.kl_horizon, kl_estimator=config.kl_estimator,
+        beta=config.beta, kl_setpoint=config.kl_setpoint, kl_horizon=config.kl_horizon, kl_estimator=config.kl_estimator,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
 
 

@@ -35,8 +35,10 @@ import torch.distributed as dist
 
 from agents.lm_common import distributed, is_main_process, join_process_group
 from agents.reports import write_jsonl
+from rlhf_envs.compat import renamed_fields
 
 
+@renamed_fields(beta="ppo_beta", target_kl="kl_budget", curve_points="dpo_checkpoints")
 @dataclass
 class PipelineConfig:
     """Every knob of ``rlhf pipeline``; the defaults run the embedded model in minutes on a CPU."""
@@ -57,9 +59,9 @@ class PipelineConfig:
     ppo_batch_size: int = field(default=64, metadata={"help": "responses per PPO rollout"})
     ppo_learning_rate: float = field(default=5e-5, metadata={"help": "PPO learning rate"})
     ppo_max_approx_kl: float = field(default=0.01, metadata={"help": "stop a PPO update at the first minibatch whose approximate KL to the rollout policy exceeds this (nats per token)"})
-    beta: float = field(default=0.1, metadata={"help": "initial KL coefficient of PPO"})
-    target_kl: float | None = field(default=4.0, metadata={"help": "KL budget to SFT (nats per response): PPO's controller aims below it, and the reported PPO and DPO models are the latest within it on validation prompts; None = fixed PPO beta, final models, no budget"})
-    kl_setpoint_fraction: float = field(default=0.6, metadata={"help": "the adaptive controller aims at this fraction of target_kl: the KL it steers swings about +-25% between iterations, and on prompts no stage trained on it reads higher than on PPO's own, so aiming below the budget keeps the reported policy within it"})
+    ppo_beta: float = field(default=0.1, metadata={"help": "initial KL coefficient of PPO"})
+    kl_budget: float | None = field(default=4.0, metadata={"help": "KL budget to SFT (nats per response): PPO's controller aims below it, and the reported PPO and DPO models are the latest within it on validation prompts; None = fixed PPO beta, final models, no budget"})
+    kl_setpoint_fraction: float = field(default=0.6, metadata={"help": "the adaptive controller aims at this fraction of kl_budget (its setpoint): the KL it steers swings about +-25% between iterations, and on prompts no stage trained on it reads higher than on PPO's own, so aiming below the budget keeps the reported policy within it"})
     kl_horizon: float = field(default=256.0, metadata={"help": "episodes over which the adaptive controller moves beta (short runs need a short horizon)"})
     dpo_epochs: int = field(default=2, metadata={"help": "DPO epochs"})
     dpo_beta: float = field(default=1.0, metadata={"help": "DPO's beta, the strength of its implicit KL penalty (on the embedded model, 0.1 let some answers collapse into a repeated word, 11-22 nats from SFT)"})
@@ -69,7 +71,7 @@ class PipelineConfig:
     max_new_tokens: int = field(default=24, metadata={"help": "longest response everywhere"})
     n_eval_prompts: int = field(default=256, metadata={"help": "distinct held-out prompts of the final evaluation (no stage trains on them)"})
     ppo_snapshots: int = field(default=8, metadata={"help": "PPO policies saved at even intervals: the KL-guarded choice of the reported model picks among them, and the gold-vs-KL curve shows them"})
-    curve_points: int = field(default=4, metadata={"help": "intermediate DPO checkpoints: the KL-guarded choice of the reported model picks among them and the final one, and the gold-vs-KL curve shows them"})
+    dpo_checkpoints: int = field(default=4, metadata={"help": "intermediate DPO checkpoints: the KL-guarded choice of the reported model picks among them and the final one, and the gold-vs-KL curve shows them"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     resume: bool = field(default=False, metadata={"help": "keep stages already finished in output_dir and run the rest"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -86,7 +88,7 @@ class PipelineConfig:
             raise ValueError(f"ppo_episodes {self.ppo_episodes} < ppo_batch_size {self.ppo_batch_size}: PPO would not run one iteration")
         if not 0.0 < self.kl_setpoint_fraction <= 1.0:
             raise ValueError(f"PipelineConfig.kl_setpoint_fraction must be in (0, 1], got {self.kl_setpoint_fraction!r}")
-        for name in ("ppo_snapshots", "curve_points"):
+        for name in ("ppo_snapshots", "dpo_checkpoints"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"PipelineConfig.{name} must be an integer >= 0, got {value!r}")
@@ -113,7 +115,7 @@ class PipelineConfig:
             RewardModelConfig(data_path="-", learning_rate=self.rm_learning_rate)
             LMPPOConfig(reward_model="learned", reward_model_path="-", total_episodes=self.ppo_episodes,
                         batch_size=self.ppo_batch_size, learning_rate=self.ppo_learning_rate,
-                        max_new_tokens=self.max_new_tokens, beta=self.beta, target_kl=self.target_kl)
+                        max_new_tokens=self.max_new_tokens, beta=self.ppo_beta, kl_setpoint=self.kl_budget)
             DPOConfig(data_path="-", learning_rate=self.dpo_learning_rate, beta=self.dpo_beta, loss_type=self.dpo_loss,
                       label_smoothing=self.dpo_label_smoothing)
         except ValueError as err:
@@ -315,8 +317,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
         result = train_lm_ppo(LMPPOConfig(
             model_path=sft, reward_model="learned", reward_model_path=rm, prompts=ppo_prompts, output_dir=str(out / "ppo"), seed=seed,
             total_episodes=config.ppo_episodes, batch_size=config.ppo_batch_size, learning_rate=config.ppo_learning_rate,
-            max_new_tokens=config.max_new_tokens, beta=config.beta, kl_horizon=config.kl_horizon,
-            target_kl=None if config.target_kl is None else config.target_kl * config.kl_setpoint_fraction,
+            max_new_tokens=config.max_new_tokens, beta=config.ppo_beta, kl_horizon=config.kl_horizon,
+            kl_setpoint=None if config.kl_budget is None else config.kl_budget * config.kl_setpoint_fraction,
             max_approx_kl=config.ppo_max_approx_kl, snapshot_every=snapshot_every, progress=config.progress))
         _mark_done(out, "ppo", result.history[-1])
     timings["ppo"] = time.perf_counter() - t
@@ -329,8 +331,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
             model_path=sft, data_path=str(out / "data" / "preferences.jsonl"), output_dir=str(out / "dpo"), seed=seed,
             num_epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate, beta=config.dpo_beta,
             loss_type=config.dpo_loss, label_smoothing=config.dpo_label_smoothing, batch_size=32, max_length=64, eval_fraction=0.0,
-            checkpoint_every=max(1, steps // config.curve_points) if config.curve_points else 0,
-            keep_checkpoints=max(1, config.curve_points), progress=config.progress))
+            checkpoint_every=max(1, steps // config.dpo_checkpoints) if config.dpo_checkpoints else 0,
+            keep_checkpoints=max(1, config.dpo_checkpoints), progress=config.progress))
         _mark_done(out, "dpo", result.metrics)
     timings["dpo"] = time.perf_counter() - t
 
@@ -355,7 +357,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         "ppo_kl_to_sft": _row(evaluation, "ppo")["kl_to_sft"],
         "dpo_win_rate_vs_sft": _row(evaluation, "dpo")["win_rate_vs_sft"],
         "dpo_kl_to_sft": _row(evaluation, "dpo")["kl_to_sft"],
-        "target_kl": config.target_kl,
+        "kl_budget": config.kl_budget,
         "ppo_selected": selections["ppo"]["selected"],
         "dpo_selected": selections["dpo"]["selected"],
         "seconds": {k: round(v, 1) for k, v in timings.items()},
@@ -394,15 +396,15 @@ def _select_within_budget(out: Path, sft: str, config: PipelineConfig, prompts: 
     the benchmark: 3.0 to 6.2 nats in one update); DPO has no KL control at all, only beta's
     implicit one. So every candidate of ``candidates`` (per algorithm, oldest first) is sampled on
     the validation prompts, and per algorithm the latest one whose KL to SFT is within
-    ``target_kl`` with two standard errors to spare (the KL is a mean over a heavy-tailed
+    ``kl_budget`` with two standard errors to spare (the KL is a mean over a heavy-tailed
     distribution) is reported; the one with the lowest such bound if none is. Both methods are thus
     compared within the same budget. No reward enters the choice. Written to
     ``<algorithm>_selection.json``; each entry of the result is that file's content. Without a
-    budget (``target_kl`` None) the final models are reported and no file is written.
+    budget (``kl_budget`` None) the final models are reported and no file is written.
     """
     from agents.evaluate import EvalConfig, evaluate_models
 
-    if config.target_kl is None:
+    if config.kl_budget is None:
         return {algorithm: {"selected": "final", "path": models["final"]} for algorithm, models in candidates.items()}
     named = {f"{algorithm}:{name}": path for algorithm, models in candidates.items() for name, path in models.items()}
     result = evaluate_models(EvalConfig(models={"sft": sft, **named}, reference="sft", prompts=prompts,
@@ -412,9 +414,9 @@ def _select_within_budget(out: Path, sft: str, config: PipelineConfig, prompts: 
     for algorithm, models in candidates.items():
         kl = {name: rows[f"{algorithm}:{name}"]["kl_to_sft"] for name in models}
         bound = {name: kl[name] + 2.0 * rows[f"{algorithm}:{name}"]["kl_to_sft_stderr"] for name in models}
-        within = [name for name in models if bound[name] <= config.target_kl]
+        within = [name for name in models if bound[name] <= config.kl_budget]
         selected = within[-1] if within else min(bound, key=bound.get)
-        selections[algorithm] = {"selected": selected, "path": models[selected], "target_kl": config.target_kl,
+        selections[algorithm] = {"selected": selected, "path": models[selected], "kl_budget": config.kl_budget,
                                  "kl_to_sft_on_validation": kl, "kl_upper_bound_on_validation": bound,
                                  "n_validation_prompts": len(prompts)}
         (out / f"{algorithm}_selection.json").write_text(json.dumps(selections[algorithm], indent=2) + "\n")

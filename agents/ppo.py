@@ -26,7 +26,10 @@ from gymnasium.vector import AutoresetMode
 from torch import nn
 from tqdm.auto import tqdm
 
+from rlhf_envs.compat import renamed_fields
 
+
+@renamed_fields(target_kl="max_approx_kl")
 @dataclass
 class PPOConfig:
     """Hyper-parameters of :func:`train_ppo` (CleanRL's names)."""
@@ -49,7 +52,7 @@ class PPOConfig:
     ent_coef: float = field(default=0.01, metadata={"help": "entropy bonus coefficient"})
     vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient"})
     max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
-    target_kl: float | None = field(default=None, metadata={"help": "stop the update when approx-KL exceeds this (checked per minibatch)"})
+    max_approx_kl: float | None = field(default=None, metadata={"help": "stop the update when approx-KL exceeds this (checked per minibatch); SB3 and CleanRL call it target_kl"})
     reward_scale: float = field(default=1.0, metadata={"help": "rewards are multiplied by this before learning (returns are logged unscaled)"})
     hidden_size: int = field(default=64, metadata={"help": "width of the two hidden layers of actor and critic"})
     torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads (1 is fastest for small nets)"})
@@ -73,8 +76,8 @@ class PPOConfig:
         for name in ["learning_rate", "clip_coef", "max_grad_norm", "reward_scale"]:
             if not getattr(self, name) > 0:
                 raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise ValueError(f"PPOConfig.target_kl must be > 0 or None, got {self.target_kl!r}")
+        if self.max_approx_kl is not None and self.max_approx_kl <= 0:
+            raise ValueError(f"PPOConfig.max_approx_kl must be > 0 or None, got {self.max_approx_kl!r}")
 
     @property
     def batch_size(self) -> int:
@@ -317,7 +320,7 @@ def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None =
                     old_approx_kl = (-logratio).mean()
                     approx_kl = ((ratio - 1) - logratio).mean()
                     clipfracs.append(((ratio - 1.0).abs() > config.clip_coef).float().mean().item())
-                if config.target_kl is not None and approx_kl > config.target_kl:
+                if config.max_approx_kl is not None and approx_kl > config.max_approx_kl:
                     kl_stop = True  # checked before the step, per minibatch
                     break
                 mb_adv = b_advantages[mb]

@@ -142,7 +142,7 @@ def write_report(out: Path, config, evaluation: dict, curves: dict, summary: dic
     plot_ppo_training(out / "ppo_training.png", read_jsonl(out / "ppo" / "metrics.jsonl"))
     plot_dpo_training(out / "dpo_training.png", read_jsonl(out / "dpo" / "metrics.jsonl"))
     selected = {family: summary.get(f"{family}_selected", "final") for family in ("ppo", "dpo")}
-    plot_gold_vs_kl(out / "gold_vs_kl.png", curves["points"], config.target_kl, selected)
+    plot_gold_vs_kl(out / "gold_vs_kl.png", curves["points"], config.kl_budget, selected)
     columns = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "kl_to_sft_k1", "win_rate_vs_sft", "elo", "repetition"]
     examples = "\n".join(
         f"- **{e['prompt']}**\n" + "\n".join(f"  - {name}: {e[name]!r}" for name in ("base", "sft", "ppo", "dpo"))
@@ -164,10 +164,10 @@ which one word runs four or more times in a row ("my my my my"), the mark of a p
 |---|---|
 | reward model held-out pairwise accuracy | {_fmt(summary['rm_heldout_accuracy'])} |
 | PPO win rate vs SFT (gold) | {_fmt(summary['ppo_win_rate_vs_sft'])} |
-| PPO KL to SFT (target {config.target_kl}) | {_fmt(summary['ppo_kl_to_sft'])} |
+| PPO KL to SFT (target {config.kl_budget}) | {_fmt(summary['ppo_kl_to_sft'])} |
 | PPO model reported (the latest within the KL budget on validation prompts, `ppo_selection.json`) | {summary.get('ppo_selected', 'final')} |
 | DPO win rate vs SFT (gold) | {_fmt(summary['dpo_win_rate_vs_sft'])} |
-| DPO KL to SFT (target {config.target_kl}) | {_fmt(summary['dpo_kl_to_sft'])} |
+| DPO KL to SFT (target {config.kl_budget}) | {_fmt(summary['dpo_kl_to_sft'])} |
 | DPO model reported (the latest within the KL budget on validation prompts, `dpo_selection.json`) | {summary.get('dpo_selected', 'final')} |
 | wall time | {summary['total_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}) |
 

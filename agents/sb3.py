@@ -32,7 +32,7 @@ def sb3_ppo_from_config(config: PPOConfig, verbose: int = 0) -> PPO:
         gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_coef,
         clip_range_vf=config.clip_coef if config.clip_vloss else None, normalize_advantage=config.norm_adv,
         ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
-        target_kl=config.target_kl,
+        target_kl=config.max_approx_kl,
         policy_kwargs={"net_arch": [config.hidden_size, config.hidden_size], "activation_fn": torch.nn.Tanh},
     )
 

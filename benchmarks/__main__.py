@@ -126,7 +126,7 @@ def tables() -> str:
         rows = ["| seed | RM held-out accuracy | PPO model | PPO win rate vs SFT | PPO KL to SFT (target) | DPO model | DPO win rate vs SFT | DPO KL to SFT | Elo SFT / PPO / DPO | wall |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in d["runs"]:
-            rows.append(f"| {r['seed']} | {_f(r['rm_heldout_accuracy'])} | {r.get('ppo_selected') or 'final'} | {_f(r['ppo_win_rate_vs_sft'])} | {_f(r['ppo_kl_to_sft'])} ({r['target_kl']}) | "
+            rows.append(f"| {r['seed']} | {_f(r['rm_heldout_accuracy'])} | {r.get('ppo_selected') or 'final'} | {_f(r['ppo_win_rate_vs_sft'])} | {_f(r['ppo_kl_to_sft'])} ({r['kl_budget']}) | "
                         f"{r.get('dpo_selected') or 'final'} | {_f(r['dpo_win_rate_vs_sft'])} | {_f(r['dpo_kl_to_sft'])} | {_f(r['elo_sft'], 0)} / {_f(r['elo_ppo'], 0)} / {_f(r['elo_dpo'], 0)} | "
                         f"{_f(r['wall_seconds'], 0)} s |")
         out.append("\n".join(rows))

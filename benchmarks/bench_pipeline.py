@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         evaluation = json.loads((run / "eval.json").read_text())
         elo = evaluation["elo"]
         rows.append({"seed": seed, **{k: summary[k] for k in TARGETS}, "ppo_kl_to_sft": summary["ppo_kl_to_sft"],
-                     "target_kl": summary["target_kl"], "ppo_selected": summary.get("ppo_selected"), "dpo_kl_to_sft": summary["dpo_kl_to_sft"],
+                     "kl_budget": summary["kl_budget"], "ppo_selected": summary.get("ppo_selected"), "dpo_kl_to_sft": summary["dpo_kl_to_sft"],
                      "dpo_selected": summary.get("dpo_selected"),
                      "elo_sft": elo["sft"], "elo_ppo": elo["ppo"], "elo_dpo": elo["dpo"], "wall_seconds": wall,
                      "eval_rows": evaluation["rows"]})
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     checks = {name: {"target": target, "worst_seed": min(r[name] for r in rows),
                      "mean": statistics.mean(r[name] for r in rows),
                      "met_by_every_seed": all(r[name] >= target for r in rows)} for name, target in TARGETS.items()}
-    checks["ppo_kl_within_target"] = {"met_by_every_seed": all(r["ppo_kl_to_sft"] <= r["target_kl"] for r in rows),
+    checks["ppo_kl_within_target"] = {"met_by_every_seed": all(r["ppo_kl_to_sft"] <= r["kl_budget"] for r in rows),
                                       "worst_seed": max(r["ppo_kl_to_sft"] for r in rows)}
-    checks["dpo_kl_within_target"] = {"met_by_every_seed": all(r["dpo_kl_to_sft"] <= r["target_kl"] for r in rows),
+    checks["dpo_kl_within_target"] = {"met_by_every_seed": all(r["dpo_kl_to_sft"] <= r["kl_budget"] for r in rows),
                                       "worst_seed": max(r["dpo_kl_to_sft"] for r in rows)}
     checks["wall_seconds"] = {"max": max(r["wall_seconds"] for r in rows), "target": 600}
     print_table("Targets", [{"figure": k, **v} for k, v in checks.items()])

@@ -49,13 +49,13 @@ BUDGETS = {
         "build": {"max_steps": 600, "warmup_steps": 60},
         "pipeline": {"n_demonstrations": 2000, "sft_epochs": 2, "n_preference_prompts": 1200, "k_responses": 4,
                      "rm_epochs": 4, "rm_learning_rate": 1e-3, "ppo_episodes": 2048, "ppo_batch_size": 64,
-                     "kl_horizon": 500.0, "dpo_epochs": 4, "n_eval_prompts": 256, "curve_points": 4},
+                     "kl_horizon": 500.0, "dpo_epochs": 4, "n_eval_prompts": 256, "dpo_checkpoints": 4},
     },
     "quick": {
         "build": {"max_steps": 60, "warmup_steps": 10},
         "pipeline": {"n_demonstrations": 200, "sft_epochs": 1, "n_preference_prompts": 64, "k_responses": 4,
                      "rm_epochs": 1, "ppo_episodes": 128, "ppo_batch_size": 32, "kl_horizon": 100.0,
-                     "dpo_epochs": 1, "n_eval_prompts": 32, "curve_points": 1},
+                     "dpo_epochs": 1, "n_eval_prompts": 32, "dpo_checkpoints": 1},
     },
 }
 

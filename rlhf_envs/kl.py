@@ -121,8 +121,8 @@ class AdaptiveKLController:
 KLController = FixedKLController | AdaptiveKLController
 
 
-def make_kl_controller(beta: float, target_kl: float | None = None, horizon: float = 10000.0) -> KLController:
-    """``FixedKLController(beta)``, or ``AdaptiveKLController(beta, target_kl, horizon)`` when ``target_kl`` is set."""
-    if target_kl is None:
+def make_kl_controller(beta: float, kl_setpoint: float | None = None, horizon: float = 10000.0) -> KLController:
+    """``FixedKLController(beta)``, or ``AdaptiveKLController(beta, kl_setpoint, horizon)`` when ``kl_setpoint`` is set."""
+    if kl_setpoint is None:
         return FixedKLController(beta)
-    return AdaptiveKLController(beta, target_kl, horizon)
+    return AdaptiveKLController(beta, kl_setpoint, horizon)

@@ -12,11 +12,13 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from rlhf_envs.compat import renamed_fields
 from rlhf_envs.text_common import TextTask, pick_prompt, vector_info, vector_task
 
 __all__ = ["TextBanditEnv", "TextBanditVectorEnv"]
 
 
+@renamed_fields(target_kl="kl_setpoint")
 class TextBanditEnv(gym.Env):
     """A prompt is drawn; the action is a whole response; reward = ``score - beta * KL``.
 
@@ -61,7 +63,7 @@ class TextBanditEnv(gym.Env):
       ``f(prompts, responses)`` or an object with ``.score``; ``reward_kwargs`` go to its factory
       (e.g. ``{"path": ...}`` for ``learned``); ``reward_timeout_s`` bounds one call.
     - ``prompts``: list of strings; ``None`` = ``n_prompts`` corpus prompts (``prompt_seed``).
-    - ``beta``: KL coefficient; with ``target_kl`` set, the initial value of Ziegler et al.'s adaptive
+    - ``beta``: KL coefficient; with ``kl_setpoint`` set, the initial value of Ziegler et al.'s adaptive
       controller (``kl_horizon``), updated after every step from the observed KL per response.
     - ``kl_estimator``: ``"k1"``, ``"k2"``, ``"k3"`` or ``"exact"``.
     - ``max_prompt_tokens``: observation length (``None`` = longest prompt; longer prompts are an error).
@@ -78,14 +80,14 @@ class TextBanditEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
     def __init__(self, model: Any = None, reward_model: Any = "sentiment", prompts: list[str] | None = None,
-                 beta: float = 0.05, kl_estimator: str = "k1", target_kl: float | None = None,
+                 beta: float = 0.05, kl_estimator: str = "k1", kl_setpoint: float | None = None,
                  kl_horizon: float = 10000.0, max_prompt_tokens: int | None = None, max_new_tokens: int = 24,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, device: str = "cpu",
                  reward_kwargs: dict | None = None, reward_timeout_s: float | None = None, n_prompts: int = 512,
                  prompt_seed: int = 0, render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
-        self.task = TextTask(model, reward_model, prompts, beta, kl_estimator, target_kl, kl_horizon,
+        self.task = TextTask(model, reward_model, prompts, beta, kl_estimator, kl_setpoint, kl_horizon,
                              max_prompt_tokens, max_new_tokens, temperature, top_k, top_p, device, reward_kwargs,
                              reward_timeout_s, n_prompts, prompt_seed)
         self.render_mode = render_mode
@@ -123,6 +125,7 @@ class TextBanditEnv(gym.Env):
         return None
 
 
+@renamed_fields(target_kl="kl_setpoint")
 class TextBanditVectorEnv(VectorEnv):
     """``num_envs`` TextBandit episodes stepped as one batch: one reference forward, one reward call.
 

@@ -79,7 +79,7 @@ class TextTask:
         prompts: Sequence[str] | None = None,
         beta: float = 0.05,
         kl_estimator: str = "k1",
-        target_kl: float | None = None,
+        kl_setpoint: float | None = None,
         kl_horizon: float = 10000.0,
         max_prompt_tokens: int | None = None,
         max_new_tokens: int = 24,
@@ -96,7 +96,7 @@ class TextTask:
         self.ref_sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
         self.kl_estimator = kl_estimator
         self._estimator = get_kl_estimator(kl_estimator)
-        self.kl_controller = make_kl_controller(beta, target_kl, kl_horizon)
+        self.kl_controller = make_kl_controller(beta, kl_setpoint, kl_horizon)
         self.device = torch.device(device)
         ref_model, self.tokenizer = _load_reference(model)
         self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)

@@ -15,6 +15,7 @@ from gymnasium.vector.utils import batch_space
 from rlhf_envs.lm.decoding import GPT2Decoder
 from rlhf_envs.lm.segments import additive_mask
 from rlhf_envs.lm.sampling import preallocated_cache, prefill, processed_logprobs
+from rlhf_envs.compat import renamed_fields
 from rlhf_envs.text_common import TextTask, pick_prompt, vector_info, vector_task
 
 __all__ = ["TextTokenEnv", "TextTokenVectorEnv"]
@@ -202,6 +203,7 @@ def _check_handed(task: TextTask, logprobs: Any, batch: tuple[int, ...]) -> torc
     return full
 
 
+@renamed_fields(target_kl="kl_setpoint")
 class TextTokenEnv(gym.Env):
     """The response is written one token per step; reward ``-beta * kl_t``, plus the score at the end.
 
@@ -237,7 +239,7 @@ class TextTokenEnv(gym.Env):
     ## Arguments
     As :class:`rlhf_envs.text_bandit.TextBanditEnv`: ``model`` (the frozen ``ref_model``),
     ``reward_model``, ``reward_kwargs``, ``reward_timeout_s``, ``prompts``, ``n_prompts``,
-    ``prompt_seed``, ``beta``, ``kl_estimator``, ``target_kl``, ``kl_horizon`` (adaptive beta
+    ``prompt_seed``, ``beta``, ``kl_estimator``, ``kl_setpoint``, ``kl_horizon`` (adaptive beta
     updated per finished episode), ``max_prompt_tokens``, ``max_new_tokens``, ``temperature``,
     ``top_k``, ``top_p``, ``device``.
 
@@ -253,14 +255,14 @@ class TextTokenEnv(gym.Env):
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(self, model: Any = None, reward_model: Any = "sentiment", prompts: list[str] | None = None,
-                 beta: float = 0.05, kl_estimator: str = "k1", target_kl: float | None = None,
+                 beta: float = 0.05, kl_estimator: str = "k1", kl_setpoint: float | None = None,
                  kl_horizon: float = 10000.0, max_prompt_tokens: int | None = None, max_new_tokens: int = 24,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, device: str = "cpu",
                  reward_kwargs: dict | None = None, reward_timeout_s: float | None = None, n_prompts: int = 512,
                  prompt_seed: int = 0, render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
-        self.task = TextTask(model, reward_model, prompts, beta, kl_estimator, target_kl, kl_horizon,
+        self.task = TextTask(model, reward_model, prompts, beta, kl_estimator, kl_setpoint, kl_horizon,
                              max_prompt_tokens, max_new_tokens, temperature, top_k, top_p, device, reward_kwargs,
                              reward_timeout_s, n_prompts, prompt_seed)
         self.render_mode = render_mode
@@ -307,6 +309,7 @@ class TextTokenEnv(gym.Env):
         return None
 
 
+@renamed_fields(target_kl="kl_setpoint")
 class TextTokenVectorEnv(VectorEnv):
     """``num_envs`` TextToken episodes: one batched reference forward and at most one reward call per step.
 

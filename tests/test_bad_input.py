@@ -168,7 +168,7 @@ def _reach_meat(env) -> None:
 
 def _text_kwargs(ctx: Ctx, kw: dict) -> dict:
     """Tiny model, three prompts, 6 new tokens, a deterministic plugin, adaptive beta; ``kw`` overrides."""
-    return {"model": ctx.lm, "prompts": PROMPTS, "max_new_tokens": T, "reward_model": count_a, "target_kl": 1.0, **kw}
+    return {"model": ctx.lm, "prompts": PROMPTS, "max_new_tokens": T, "reward_model": count_a, "kl_setpoint": 1.0, **kw}
 
 
 def bandit(ctx: Ctx, **kw):
@@ -458,7 +458,7 @@ ROWS = [
         r"unknown reward model 'sentimental'; known: \[.*'learned'.*'sentiment'.*\]"),
     row("textbandit-unknown-kl-estimator", just(lambda ctx: bandit(ctx, kl_estimator="k4")), ValueError,
         r"unknown kl_estimator 'k4'; choose one of \['exact', 'k1', 'k2', 'k3'\]"),
-    row("textbandit-negative-beta", just(lambda ctx: bandit(ctx, beta=-0.1, target_kl=None)), ValueError,
+    row("textbandit-negative-beta", just(lambda ctx: bandit(ctx, beta=-0.1, kl_setpoint=None)), ValueError,
         r"kl_coef \(beta\) must be >= 0, got -0\.1"),
     row("textbandit-top-p-0", just(lambda ctx: bandit(ctx, top_p=0.0)), ValueError,
         r"top_p must be in \(0, 1\] \(1\.0 = off\), got 0\.0"),
@@ -606,8 +606,8 @@ ROWS = [
         r"PPOConfig\.gamma must be in \[0, 1\], got 1\.5"),
     row("config-ppo-minibatches-do-not-divide", config("agents.ppo:PPOConfig", num_envs=3, num_steps=3, num_minibatches=2),
         ValueError, r"num_envs \* num_steps = 9 is not divisible by num_minibatches = 2"),
-    row("config-ppo-negative-target-kl", config("agents.ppo:PPOConfig", target_kl=-0.01), ValueError,
-        r"PPOConfig\.target_kl must be > 0 or None, got -0\.01"),
+    row("config-ppo-negative-target-kl", config("agents.ppo:PPOConfig", max_approx_kl=-0.01), ValueError,
+        r"PPOConfig\.max_approx_kl must be > 0 or None, got -0\.01"),
     row("config-lmppo-negative-beta", config("agents.lm_ppo:LMPPOConfig", beta=-0.1), ValueError,
         r"LMPPOConfig\.beta must be >= 0, got -0\.1; 0 turns the KL penalty off"),
     row("config-lmppo-batch-size-0", config("agents.lm_ppo:LMPPOConfig", batch_size=0), ValueError,
@@ -636,7 +636,7 @@ ROWS = [
         ValueError, r"RewardModelConfig\.eval_fraction must be in \[0, 1\), got 1\.0"),
     row("config-pipeline-ppo-batch-size-0", config("agents.pipeline:PipelineConfig", ppo_batch_size=0), ValueError,
         r"PipelineConfig\.ppo_batch_size must be a positive integer, got 0"),
-    row("config-pipeline-negative-beta", config("agents.pipeline:PipelineConfig", beta=-0.1), ValueError,
+    row("config-pipeline-negative-beta", config("agents.pipeline:PipelineConfig", ppo_beta=-0.1), ValueError,
         r"PipelineConfig: LMPPOConfig\.beta must be >= 0, got -0\.1"),
     row("config-pipeline-negative-dpo-beta", config("agents.pipeline:PipelineConfig", dpo_beta=-1.0), ValueError,
         r"PipelineConfig: DPOConfig\.beta must be > 0, got -1\.0"),
@@ -677,7 +677,7 @@ ROWS = [
         CLIExit, r"^exit 2: rlhf ppo: error: top_p must be in \(0, 1\]"),
     row("cli-ppo-batch-size-0", cli("ppo", "--output-dir", "{out}", "--batch-size", "0"),
         CLIExit, r"^exit 2: rlhf ppo: error: LMPPOConfig\.batch_size must be a positive integer, got 0$"),
-    row("cli-pipeline-negative-beta", cli("pipeline", "--output-dir", "{out}", "--beta", "-0.5"),
+    row("cli-pipeline-negative-beta", cli("pipeline", "--output-dir", "{out}", "--ppo-beta", "-0.5"),
         CLIExit, r"^exit 2: rlhf pipeline: error: PipelineConfig: LMPPOConfig\.beta must be >= 0, got -0\.5"),
     row("cli-catgrid-num-envs-0", cli("catgrid", "--out", "{out}", "--num-envs", "0"),
         CLIExit, r"^exit 2: rlhf catgrid: error: PPOConfig\.num_envs must be a positive integer, got 0$"),

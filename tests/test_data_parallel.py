@@ -174,9 +174,9 @@ def test_ppo_on_two_processes_learns_and_resumes_exactly(tmp_path, save_tiny_lm)
     assert max(row["objective/kl"] for row in history) < 15.0
     assert len((tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()) == 12  # rank 0 alone writes
 
-    full = run(tmp_path / "full", 3, 16, save_every=1, target_kl=0.5)
-    run(tmp_path / "cut", 2, 16, save_every=1, target_kl=0.5)
-    resumed = run(tmp_path / "cut", 3, 16, save_every=1, target_kl=0.5, resume=True)
+    full = run(tmp_path / "full", 3, 16, save_every=1, kl_setpoint=0.5)
+    run(tmp_path / "cut", 2, 16, save_every=1, kl_setpoint=0.5)
+    resumed = run(tmp_path / "cut", 3, 16, save_every=1, kl_setpoint=0.5, resume=True)
     assert resumed[-1] == full[-1]
     a, b = (load_file(str(tmp_path / run_dir / "policy" / "model.safetensors")) for run_dir in ("full", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)

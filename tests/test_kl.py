@@ -60,6 +60,6 @@ def test_adaptive_controller_follows_ziegler():
     fixed = FixedKLController(0.05)
     fixed.update(100.0, 10)
     assert fixed.kl_coef == 0.05
-    assert isinstance(make_kl_controller(0.05, target_kl=3.0), AdaptiveKLController)
+    assert isinstance(make_kl_controller(0.05, kl_setpoint=3.0), AdaptiveKLController)
     with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(0.1, target=0.0)

@@ -73,7 +73,7 @@ def test_exact_kl_estimator_trains_and_starts_at_zero(tiny_dir, tmp_path):
 
 
 def test_adaptive_beta_moves_toward_the_target(tiny_dir, tmp_path):
-    result = train_lm_ppo(_config(tiny_dir, tmp_path, total_episodes=32 * 4, target_kl=1e-3, beta=0.1))
+    result = train_lm_ppo(_config(tiny_dir, tmp_path, total_episodes=32 * 4, kl_setpoint=1e-3, beta=0.1))
     betas = [row["objective/kl_coef"] for row in result.history]
     assert betas[-1] > betas[0]  # observed KL above a tiny target: beta grows
 

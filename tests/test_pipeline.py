@@ -13,7 +13,7 @@ from agents.pipeline import PipelineConfig
 pytestmark = pytest.mark.slow
 
 TINY = ["--n-demonstrations", "96", "--n-preference-prompts", "48", "--ppo-episodes", "128", "--ppo-batch-size", "32",
-        "--n-eval-prompts", "32", "--curve-points", "1", "--rm-epochs", "1", "--dpo-epochs", "1", "--no-progress",
+        "--n-eval-prompts", "32", "--dpo-checkpoints", "1", "--rm-epochs", "1", "--dpo-epochs", "1", "--no-progress",
         "--torch-threads", "1"]
 
 
@@ -39,10 +39,10 @@ def test_pipeline_twice_same_seed_identical_metrics(tmp_path):
         assert summary[f"{algorithm}_selected"] == selection["selected"] in selection["kl_to_sft_on_validation"]
         bound = selection["kl_upper_bound_on_validation"]
         assert list(bound)[-1] == "final"  # candidates oldest first, the final model last
-        within = [name for name in bound if bound[name] <= selection["target_kl"]]
+        within = [name for name in bound if bound[name] <= selection["kl_budget"]]
         assert selection["selected"] == (within[-1] if within else min(bound, key=bound.get))
         assert f"`{algorithm}_selection.json`) | {selection['selected']} |" in report
-    # DPO's candidates: its intermediate checkpoint (--curve-points 1 saves one, at the last step) is the final
+    # DPO's candidates: its intermediate checkpoint (--dpo-checkpoints 1 saves one, at the last step) is the final
     # model's weights, so only "final" is sampled
     assert list(json.loads((run / "dpo_selection.json").read_text())["kl_to_sft_on_validation"]) == ["final"]
     a, b = _metrics_files(tmp_path / "a"), _metrics_files(tmp_path / "b")

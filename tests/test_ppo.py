@@ -60,8 +60,8 @@ def test_ppo_logs_cleanrl_names_and_is_deterministic(tmp_path):
         assert a["losses/approx_kl"] == b["losses/approx_kl"] and a["charts/episodic_return"] == b["charts/episodic_return"]
 
 
-def test_target_kl_stops_the_update_early():
-    result = train_ppo(PPOConfig(env_id="CatGrid-v0", seed=1, total_timesteps=4096, target_kl=1e-6,
+def test_max_approx_kl_stops_the_update_early():
+    result = train_ppo(PPOConfig(env_id="CatGrid-v0", seed=1, total_timesteps=4096, max_approx_kl=1e-6,
                                  learning_rate=0.05, progress=False))
     assert all(row["losses/approx_kl"] > 1e-6 or row["losses/approx_kl"] == 0.0 for row in result.history[1:])
 
@@ -76,7 +76,7 @@ def test_ppo_trains_on_a_gymnasium_env_without_a_vector_entry_point():
     ({"num_envs": 3, "num_steps": 5, "num_minibatches": 4}, "not divisible"),
     ({"gamma": 1.5}, "gamma must be in"),
     ({"learning_rate": -1.0}, "learning_rate must be > 0"),
-    ({"target_kl": 0.0}, "target_kl must be > 0"),
+    ({"max_approx_kl": 0.0}, "max_approx_kl must be > 0"),
 ])
 def test_bad_ppo_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

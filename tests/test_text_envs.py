@@ -163,7 +163,7 @@ def test_vector_env_makes_one_reward_call_and_matches_single_env(lm):
 
 def test_adaptive_beta_moves_toward_target(lm):
     envs = gym.make_vec("TextBandit-v0", num_envs=4, model=lm, prompts=PROMPTS, max_new_tokens=6,
-                        reward_model=count_a, beta=0.1, target_kl=0.01)
+                        reward_model=count_a, beta=0.1, kl_setpoint=0.01)
     obs, _ = envs.reset(seed=0)
     actions, logprobs = _ref_sample(lm, envs, obs, seed=0)
     envs.set_policy_logprobs(np.where(logprobs != 0, logprobs + 1.0, 0.0).clip(max=0).astype(np.float32))

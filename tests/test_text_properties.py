@@ -39,13 +39,13 @@ tokens_st = st.one_of(st.integers(0, V - 1), st.just(EOS))  # EOS often enough t
 @st.composite
 def env_kwargs_st(draw) -> dict:
     """Prompts, response length, KL estimator, fixed or adaptive beta (whose start must then be > 0), temperature."""
-    target_kl = draw(st.one_of(st.none(), st.floats(0.1, 5.0)))
+    kl_setpoint = draw(st.one_of(st.none(), st.floats(0.1, 5.0)))
     return {
         "prompts": draw(prompts_st),
         "max_new_tokens": draw(st.integers(1, 6)),
         "kl_estimator": draw(st.sampled_from(["k1", "k2", "k3", "exact"])),
-        "beta": draw(st.floats(0.0 if target_kl is None else 0.01, 1.0)),
-        "target_kl": target_kl,
+        "beta": draw(st.floats(0.0 if kl_setpoint is None else 0.01, 1.0)),
+        "kl_setpoint": kl_setpoint,
         "temperature": draw(st.floats(0.5, 2.0)),
     }
 
