@@ -68,18 +68,73 @@ def save_checkpoint(
         for name in _FILES:
             _fsync(tmp / name)
         _fsync(tmp)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-            os.replace(directory, old / directory.name)
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
-        _fsync(directory.parent)
+        _move_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def save_model_dir(directory: str | Path, *, model: torch.nn.Module, tokenizer: Any = None,
+                   tensors: dict[str, dict[str, torch.Tensor]] | None = None, json_files: dict[str, Any] | None = None,
+                   into_existing: bool = False) -> Path:
+    """Write a model directory: every model the project saves goes through here.
+
+    ``model``: a Hugging Face model (``save_pretrained``: safetensors and ``config.json``), a peft model
+    (its adapters alone to ``adapter/``, peft's format, and the model with them merged in beside, so every
+    loader reads it like any other Hugging Face directory; merging happens in place, so save a LoRA model
+    after training), or a plain module (``model.safetensors`` of its state dict). ``tokenizer`` is saved
+    beside when given; ``tensors`` maps file names to state dicts (``{"value_head.safetensors": ...}``) and
+    ``json_files`` file names to JSON-serialisable objects.
+
+    Written into a temporary directory, then moved into place: the whole directory at once
+    (a crash leaves the old one or the new one), or with ``into_existing`` file by file into a
+    directory that holds other files too (a trainer's output folder with its metrics).
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
+            model.save_pretrained(tmp / "adapter")
+            model = model.merge_and_unload()
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp)
+        else:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, state_dict in (tensors or {}).items():
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / name))
+        for name, value in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(value, indent=2, default=str) + "\n")
+        if not into_existing:
+            _move_into_place(tmp, directory)
+            return directory
+        directory.mkdir(exist_ok=True)
+        for entry in tmp.iterdir():
+            target = directory / entry.name
+            if entry.is_dir() and target.is_dir():
+                _move_into_place(entry, target)
+            else:
+                os.replace(entry, target)
+        tmp.rmdir()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _move_into_place(tmp: Path, directory: Path) -> None:
+    """Replace ``directory`` by the finished directory ``tmp`` (same parent) with ``os.replace``."""
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+        os.replace(directory, old / directory.name)
+        os.replace(tmp, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, directory)
+    _fsync(directory.parent)
 
 
 def load_checkpoint(

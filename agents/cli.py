@@ -77,7 +77,8 @@ def _catgrid(args: argparse.Namespace) -> int:
 
     import rlhf_envs  # noqa: F401
     from agents.ppo import PPOConfig, train_ppo
-    from agents.reports import plot_learning_curve, save_policy
+    from agents.checkpoint import save_model_dir
+    from agents.reports import plot_learning_curve
     from rlhf_envs.catgrid_solver import policy_return, solve
 
     out = Path(args.out)
@@ -92,7 +93,7 @@ def _catgrid(args: argparse.Namespace) -> int:
         return args.stop_at is not None and fractions[-1][1] >= args.stop_at
 
     result = train_ppo(config, callback=evaluate)
-    save_policy(out / "policy", result.agent, config)
+    save_model_dir(out / "policy", model=result.agent, json_files={"config.json": dataclasses.asdict(config)})
     plot_learning_curve(out / "learning_curve.png", fractions, title=f"Our PPO on {config.env_id}",
                         ylabel="exact expected return / optimum")
     summary = {"env_id": config.env_id, "optimal_return": optimum, "final_fraction_of_optimum": fractions[-1][1],
@@ -116,7 +117,7 @@ def _train(config_cls, train_fn_path: str, skip: tuple[str, ...] = ()):
 
             overrides["prompts"] = read_prompts(args.prompts_file)
         result = getattr(importlib.import_module(module), name)(config_from_args(config_cls, args, **overrides))
-        from agents.lm_common import is_main_process
+        from agents.distributed import is_main_process
 
         if not is_main_process():  # data parallel: rank 0 has the held-out metrics and speaks for the run
             return 0
@@ -159,7 +160,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from agents.pipeline import PipelineConfig, run_pipeline
 
     summary = run_pipeline(config_from_args(PipelineConfig, args))
-    from agents.lm_common import is_main_process
+    from agents.distributed import is_main_process
 
     if not is_main_process():  # data parallel: rank 0 evaluated and wrote the report
         return 0
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command not in DATA_PARALLEL:
-            from agents.lm_common import refuse_distributed
+            from agents.distributed import refuse_distributed
 
             refuse_distributed(f"rlhf {args.command}")
         return args.func(args)

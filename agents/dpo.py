@@ -21,6 +21,7 @@ Data: JSONL lines ``{"prompt", "chosen", "rejected"}``.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,16 +35,14 @@ from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from agents.lm_common import (
     LMTrainConfig,
     TrainResult,
-    batch_sequences,
     disable_dropout,
-    distributed,
     fuse_gelu,
     held_out_split,
     run_training,
     start_run,
-    split_lm_head,
-    target_logits,
 )
+from rlhf_envs.lm.padded import batch_sequences, split_lm_head, target_logits
+from agents.distributed import distributed
 from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.loading import load_causal_lm
 
@@ -156,6 +155,78 @@ def add_lora(model: torch.nn.Module, config: DPOConfig) -> torch.nn.Module:
         raise ValueError(f"LoRA could not wrap {type(model).__name__}: {err}; set DPOConfig.lora_target_modules") from err
 
 
+def _collate(data: Any, indices: list[int], packed: bool, pad_id: int, device: torch.device) -> tuple:
+    """The pairs of ``indices``: packed as a prefix tree (each distinct prefix once: a prompt shared by
+    several pairs runs once for all of them), or right-padded with every chosen sequence before
+    every rejected one."""
+    if packed:
+        rows = [2 * i + k for i in indices for k in (0, 1)]
+        # a response's last token predicts nothing: it leaves the forward
+        batch = pack_sequences([data.input_ids[r] for r in rows], drop_last=True)
+        targets = batch.distinct_targets(data.prompt_lengths[rows].tolist())
+        return (batch.to(device), *(t.to(device, non_blocking=True) for t in targets))
+    rows = [2 * i for i in indices] + [2 * i + 1 for i in indices]
+    return batch_sequences([data.input_ids[r] for r in rows], data.prompt_lengths[rows], pad_id, device)
+
+
+def _logps(model: torch.nn.Module, split: tuple | None, batch: tuple) -> torch.Tensor:
+    """``[2B]`` summed response log-probs: every chosen response, then every rejected one."""
+    if isinstance(batch[0], PackedBatch):
+        packed, *targets = batch
+        return packed.sequence_logps(gpt2_view(model), *targets).view(-1, 2).T.reshape(-1)
+    return sequence_logps(model, split, *batch)
+
+
+def _reference_order(data: Any, n: int, packed: bool) -> list[int]:
+    """The order the reference pass takes the ``n`` pairs in (any order gives the same log-probs).
+
+    Pairs sorted by their longer sequence: each batch is padded to nearly its own length (36% less
+    time in this pass on the corpus pairs of benchmarks/bench_trainers.py, before the packed path).
+    Packed, pairs of one prompt come together (prompts ordered by their longest pair), so that the
+    prompt runs once for all of them (the prefix tree of rlhf_envs.lm.packing).
+    """
+    prompt_of = [tuple(data.input_ids[2 * i][: int(data.prompt_lengths[2 * i])].tolist()) for i in range(n)]
+    longest = [max(len(data.input_ids[2 * i]), len(data.input_ids[2 * i + 1])) for i in range(n)]
+    order = sorted(range(n), key=longest.__getitem__)
+    if packed:
+        by_prompt: dict[tuple, list[int]] = {}
+        for i in order:
+            by_prompt.setdefault(prompt_of[i], []).append(i)
+        order = [i for group in sorted(by_prompt.values(), key=lambda g: longest[g[-1]]) for i in group]
+    return order
+
+
+def _reference_logps(config: DPOConfig, model: torch.nn.Module, data: Any, n: int, pad_id: int,
+                     device: torch.device, autocast: torch.autocast) -> torch.Tensor:
+    """``[n, 2]`` the reference's summed (chosen, rejected) response log-probs, computed once before training.
+
+    The reference is ``model`` itself (with its LoRA adapters off) or ``config.ref_model_path``.
+    """
+    adapters_off = model.disable_adapter() if config.lora_r else contextlib.nullcontext()
+    if config.ref_model_path is None:
+        reference = model
+    else:
+        reference = load_causal_lm(config.ref_model_path, trust_remote_code=config.trust_remote_code)[0].to(device)
+        fuse_gelu(reference)
+    reference.eval()
+    # GPT-2s without active dropout take the packed lean forward (rlhf_envs.lm.packing); others Hugging Face's.
+    packed = gpt2_view(reference) is not None
+    split = None if packed else split_lm_head(reference)
+    ref_logps = torch.zeros(n, 2, device=device)
+    order = _reference_order(data, n, packed)
+    # Data parallel: each process runs every world-th batch of this pass, and a sum over the processes
+    # (zeros elsewhere) gives each of them the whole table.
+    rank, world = distributed()
+    with torch.inference_mode(), autocast, adapters_off:
+        for first in range(rank * 2 * config.batch_size, n, world * 2 * config.batch_size):
+            indices = order[first : first + 2 * config.batch_size]
+            logps = _logps(reference, split, _collate(data, indices, packed, pad_id, device))
+            ref_logps[indices] = logps.view(2, -1).T
+    if world > 1:
+        dist.all_reduce(ref_logps)
+    return ref_logps
+
+
 def train_dpo(config: DPOConfig) -> TrainResult:
     """Tune ``config.model_path`` on the preference pairs in ``config.data_path``; saved in ``config.output_dir``."""
     device = start_run(config)
@@ -172,70 +243,17 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     loss_of = DPO_LOSSES[config.loss_type]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
-    def collate(indices: list[int], packed: bool) -> tuple:
-        """The pairs of ``indices``: packed as a prefix tree (each distinct prefix once: a prompt shared by
-        several pairs runs once for all of them), or right-padded with every chosen sequence before
-        every rejected one."""
-        if packed:
-            rows = [2 * i + k for i in indices for k in (0, 1)]
-            # a response's last token predicts nothing: it leaves the forward
-            batch = pack_sequences([data.input_ids[r] for r in rows], drop_last=True)
-            targets = batch.distinct_targets(data.prompt_lengths[rows].tolist())
-            return (batch.to(device), *(t.to(device, non_blocking=True) for t in targets))
-        rows = [2 * i for i in indices] + [2 * i + 1 for i in indices]
-        return batch_sequences([data.input_ids[r] for r in rows], data.prompt_lengths[rows], pad_id, device)
-
-    def logps_of(model: torch.nn.Module, split: tuple | None, batch: tuple) -> torch.Tensor:
-        """``[2B]`` summed response log-probs: every chosen response, then every rejected one."""
-        if isinstance(batch[0], PackedBatch):
-            packed, *targets = batch
-            return packed.sequence_logps(gpt2_view(model), *targets).view(-1, 2).T.reshape(-1)
-        return sequence_logps(model, split, *batch)
-
     start = time.perf_counter()
-    adapters_off = model.disable_adapter() if config.lora_r else contextlib.nullcontext()
-    if config.ref_model_path is None:
-        reference = model
-    else:
-        reference = load_causal_lm(config.ref_model_path, trust_remote_code=config.trust_remote_code)[0].to(device)
-        fuse_gelu(reference)
-    reference.eval()
-    # GPT-2s without active dropout take the packed lean forward (rlhf_envs.lm.packing); others Hugging Face's.
-    ref_packed = gpt2_view(reference) is not None
-    ref_split = None if ref_packed else split_lm_head(reference)
-    ref_logps = torch.zeros(len(records), 2, device=device)
-    # The pass may take the pairs in any order (a sequence's log-probs do not depend on the others).
-    # Pairs sorted by their longer sequence: each batch is padded to nearly its own length (36% less
-    # time in this pass on the corpus pairs of benchmarks/bench_trainers.py, before the packed path).
-    # Packed, pairs of one prompt come together (prompts ordered by their longest pair), so that the
-    # prompt runs once for all of them (the prefix tree of rlhf_envs.lm.packing).
-    prompt_of = [tuple(data.input_ids[2 * i][: int(data.prompt_lengths[2 * i])].tolist()) for i in range(len(records))]
-    longest = [max(len(data.input_ids[2 * i]), len(data.input_ids[2 * i + 1])) for i in range(len(records))]
-    order = sorted(range(len(records)), key=longest.__getitem__)
-    if ref_packed:
-        by_prompt: dict[tuple, list[int]] = {}
-        for i in order:
-            by_prompt.setdefault(prompt_of[i], []).append(i)
-        order = [i for group in sorted(by_prompt.values(), key=lambda g: longest[g[-1]]) for i in group]
-    # Data parallel: each process runs every world-th batch of this pass, and a sum over the processes
-    # (zeros elsewhere) gives each of them the whole table.
-    rank, world = distributed()
-    with torch.inference_mode(), autocast, adapters_off:
-        for first in range(rank * 2 * config.batch_size, len(records), world * 2 * config.batch_size):
-            indices = order[first : first + 2 * config.batch_size]
-            logps = logps_of(reference, ref_split, collate(indices, ref_packed))
-            ref_logps[indices] = logps.view(2, -1).T
-    if world > 1:
-        dist.all_reduce(ref_logps)
-    del reference, ref_split
+    ref_logps = _reference_logps(config, model, data, len(records), pad_id, device, autocast)
     ref_seconds = time.perf_counter() - start
 
     packed = gpt2_view(model.train()) is not None
     split = None if packed else split_lm_head(model)
-    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[r["prompt"] for r in records])
+    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed,
+                                         groups=[r["prompt"] for r in records])
 
     def loss_and_metrics(model: torch.nn.Module, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps = logps_of(model, split, collate(indices, packed))
+        logps = _logps(model, split, _collate(data, indices, packed, pad_id, device))
         policy_chosen, policy_rejected = logps.chunk(2)
         ref = ref_logps[indices]
         logits = (policy_chosen - policy_rejected) - (ref[:, 0] - ref[:, 1])

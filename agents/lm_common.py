@@ -34,7 +34,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from agents.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from agents.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_model_dir
+from agents.distributed import LossModule, distributed, join_process_group, shard
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 CPU_FUSED_ADAM = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
@@ -165,72 +166,6 @@ def start_run(config: LMTrainConfig) -> torch.device:
     return device
 
 
-def join_process_group(device: torch.device) -> torch.device:
-    """Join the process group of a ``torchrun`` / ``accelerate launch`` run (``WORLD_SIZE`` > 1) and
-    return this process's device: ``cuda:LOCAL_RANK`` on GPUs (NCCL), the CPU otherwise (gloo).
-
-    Every process must run the same command: the same seed gives them the same model, data order and
-    held-out split, and :func:`run_training` deals each step's batch out among them.
-    """
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def distributed() -> tuple[int, int]:
-    """``(rank, world size)`` of this process's data-parallel group; ``(0, 1)`` when it trains alone."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main_process() -> bool:
-    """True on the process that logs, evaluates and writes files (rank 0, or the only one)."""
-    return distributed()[0] == 0
-
-
-def refuse_distributed(what: str) -> None:
-    """Raise if launched as several processes: ``what`` does not split its work among them yet."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"{what} does not run data parallel yet (WORLD_SIZE={os.environ['WORLD_SIZE']}): "
-                         "launch it as one process; `rlhf sft`, `rlhf rm`, `rlhf dpo` and `rlhf ppo` run under torchrun")
-
-
-def shard(indices: list[int], rank: int, world: int, weights: Sequence[float] | None = None) -> tuple[list[int], float]:
-    """This process's share of one step's batch ``indices``, and the factor its mean loss is scaled by.
-
-    The examples are dealt out round-robin. DDP averages the processes' gradients, so a process
-    whose share holds ``n`` of the batch's ``N`` examples scales its (per-example mean) loss by
-    ``n * world / N``: the averaged gradient is then exactly that of the mean over all ``N``. A loss
-    that is a mean over something else (SFT's, over target tokens) gives each example its
-    ``weights[i]`` (its number of targets) and the share is weighed by those. A batch with fewer
-    examples than processes goes whole to every process (factor 1), so none idles without a loss
-    to back-propagate.
-    """
-    if world == 1 or len(indices) < world:
-        return indices, 1.0
-    mine = indices[rank::world]
-    if weights is None:
-        return mine, len(mine) * world / len(indices)
-    total = sum(weights[i] for i in indices)
-    return mine, sum(weights[i] for i in mine) * world / total if total else 1.0
-
-
-class LossModule(nn.Module):
-    """``loss_fn(model, batch)`` as a module's forward, so that DDP sees the pass it synchronises."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.loss_fn(self.model, batch)
-
-
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu."""
     if device == "auto":
@@ -269,94 +204,6 @@ def fuse_gelu(model: nn.Module) -> int:
                 setattr(parent, name, nn.GELU(approximate="tanh"))
                 swapped += 1
     return swapped
-
-
-def pad(seqs: list[torch.Tensor], value: int, side: str = "right") -> torch.Tensor:
-    """Stack 1-D tensors into ``[B, max_len]``, padded with ``value`` on ``side``."""
-    return torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=value, padding_side=side)
-
-
-def split_lm_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """``(body, head)`` when ``model(x).logits == head(body(x).last_hidden_state)`` for this model.
-
-    Training losses only need logits at response positions; applying the LM head (``[H, V]``, most
-    of a small model's FLOPs) to those positions only is the main speed-up of these trainers. The
-    split is verified once on a short input, so models with logit soft-capping or scaling (where
-    it would be wrong) get None and the callers fall back to full logits.
-    """
-    body = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is None or body is model or not isinstance(head, nn.Module):
-        return None
-    device = next(model.parameters()).device
-    ids = torch.arange(min(8, model.config.vocab_size), device=device).unsqueeze(0)
-    mask = torch.ones_like(ids)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            split = head(body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state)
-    except (TypeError, AttributeError, RuntimeError):
-        return None
-    finally:
-        model.train(was_training)
-    return (body, head) if split.shape == full.shape and torch.allclose(split, full, atol=1e-5, rtol=1e-4) else None
-
-
-def target_logits(
-    model: nn.Module,
-    split: tuple[nn.Module, nn.Module] | None,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    target_mask: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits that predict the target tokens of a right-padded batch.
-
-    Args:
-        input_ids, attention_mask: ``[B, L]``, right-padded.
-        target_mask: ``[B, L]`` bool, True at each token that is a target (predicted from the
-            position before it; column 0 is never a target).
-        split: from :func:`split_lm_head`; None computes the full logits.
-
-    Returns:
-        ``logits [N, V]``, ``targets [N]`` token ids and ``rows [N]`` (the batch row of each), for
-        the ``N = target_mask.sum()`` targets in row-major order.
-    """
-    select = target_mask[:, 1:]
-    if split is None:
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logits = hidden[:, :-1][select]
-    else:
-        body, head = split
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][select])
-    targets = input_ids[:, 1:][select]
-    rows = select.nonzero()[:, 0]
-    return logits.float(), targets, rows
-
-
-def response_target_mask(lengths: torch.Tensor, prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """``[B, width]`` bool: True at positions ``max(prompt_len, 1) <= j < length`` (the response tokens)."""
-    positions = torch.arange(width, device=lengths.device)
-    start = prompt_lengths.clamp(min=1).unsqueeze(1)
-    return (positions >= start) & (positions < lengths.unsqueeze(1))
-
-
-def batch_sequences(
-    seqs: list[torch.Tensor], prompt_lengths: torch.Tensor, pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad ``B`` prompt+response sequences to the longest; move them to ``device``.
-
-    Returns ``input_ids [B, L]``, ``attention_mask [B, L]`` and ``target_mask [B, L]`` (True on
-    response tokens, see :func:`response_target_mask`).
-    """
-    lengths = torch.tensor([len(s) for s in seqs])
-    input_ids = pad(seqs, pad_id)
-    width = input_ids.shape[1]
-    attention_mask = (torch.arange(width) < lengths.unsqueeze(1)).long()
-    target_mask = response_target_mask(lengths, prompt_lengths, width)
-    return input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True), target_mask.to(device, non_blocking=True)
 
 
 def make_optimizer(model: nn.Module, config: LMTrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -484,19 +331,8 @@ def run_training(
     model.train()
     optimizer = make_optimizer(model, config, device)
     scheduler = make_scheduler(optimizer, config, total_steps)
-    state = {"global_step": 0, "samples_seen": 0, "num_train": num_train}
     resume_from = latest_checkpoint(checkpoint_root) if config.resume else None
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
-        if state.get("algorithm") != algorithm or state.get("num_train") != num_train:
-            raise ValueError(
-                f"checkpoint {resume_from} is from {state.get('algorithm')!r} on {state.get('num_train')} examples, this run is "
-                f"{algorithm!r} on {num_train}: resume with the same data and algorithm, or set resume=False")
-        changed = {k: (state["config"][k], getattr(config, k)) for k in _RESUME_KEYS if state["config"].get(k) != getattr(config, k)}
-        if changed:
-            raise ValueError(
-                f"checkpoint {resume_from} was written with other settings ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}): "
-                "resume with the same values, or set resume=False to start over")
+    state = _resume(resume_from, config, algorithm, num_train, model, optimizer, scheduler)
     step_loss = DistributedDataParallel(LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else functools.partial(loss_fn, model)
     writer = MetricsWriter(output_dir / "metrics.jsonl", resume_step=state["global_step"] if resume_from else None) if main else None
@@ -537,12 +373,9 @@ def run_training(
             if main and evaluate is not None and config.eval_every and step % config.eval_every == 0 and step != total_steps:
                 log({"step": step, **{f"eval/{k}": v for k, v in _evaluate(model, evaluate, autocast).items()}})
             if config.checkpoint_every and step % config.checkpoint_every == 0:
-                meta = {"algorithm": algorithm, "global_step": step, "samples_seen": samples, "num_train": num_train, "config": asdict(config)}
-                if main:
-                    save_checkpoint(checkpoint_root / f"checkpoint-{step:08d}", model=model, optimizer=optimizer, scheduler=scheduler, state=meta)
-                    prune_checkpoints(checkpoint_root, keep=config.keep_checkpoints)
-                if world > 1:
-                    dist.barrier()
+                _save_checkpoint(checkpoint_root, config, model, optimizer, scheduler, main, world,
+                                 {"algorithm": algorithm, "global_step": step, "samples_seen": samples,
+                                  "num_train": num_train, "config": asdict(config)})
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start + extra_seconds
@@ -553,14 +386,49 @@ def run_training(
         if evaluate is not None:
             last.update({f"eval/{k}": v for k, v in _evaluate(model, evaluate, autocast).items()})
             log({"step": step, **{k: v for k, v in last.items() if k.startswith("eval/")}})
-        # Wall-clock figures go beside the metrics, so that metrics.jsonl is identical across runs with one seed.
-        (output_dir / "timing.json").write_text(json.dumps({"step": step, "train_seconds": seconds, "samples_per_second": speed,
-                                                            "processes": world}) + "\n")
-        writer.close()
-        save_pretrained_model(output_dir, model, tokenizer)
+        _save_final(output_dir, model, tokenizer, writer, {"step": step, "train_seconds": seconds,
+                                                          "samples_per_second": speed, "processes": world})
     if world > 1:
         dist.barrier()
     return TrainResult(str(output_dir), step, samples, seconds, speed, last)
+
+
+def _resume(resume_from: Path | None, config: LMTrainConfig, algorithm: str, num_train: int, model: nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """The training state to start from: a fresh one, or ``resume_from``'s after checking it is this run's."""
+    if resume_from is None:
+        return {"global_step": 0, "samples_seen": 0, "num_train": num_train}
+    state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+    if state.get("algorithm") != algorithm or state.get("num_train") != num_train:
+        raise ValueError(
+            f"checkpoint {resume_from} is from {state.get('algorithm')!r} on {state.get('num_train')} examples, "
+            f"this run is {algorithm!r} on {num_train}: resume with the same data and algorithm, or set resume=False")
+    changed = {k: (state["config"][k], getattr(config, k)) for k in _RESUME_KEYS
+               if state["config"].get(k) != getattr(config, k)}
+    if changed:
+        settings = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        raise ValueError(f"checkpoint {resume_from} was written with other settings ({settings}): "
+                         "resume with the same values, or set resume=False to start over")
+    return state
+
+
+def _save_checkpoint(root: Path, config: LMTrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, main: bool, world: int, meta: dict[str, Any]) -> None:
+    """Rank 0 writes ``checkpoint-<step>`` and prunes to ``keep_checkpoints``; every process waits for it."""
+    if main:
+        save_checkpoint(root / f"checkpoint-{meta['global_step']:08d}", model=model, optimizer=optimizer,
+                        scheduler=scheduler, state=meta)
+        prune_checkpoints(root, keep=config.keep_checkpoints)
+    if world > 1:
+        dist.barrier()
+
+
+def _save_final(output_dir: Path, model: nn.Module, tokenizer: Any, writer: MetricsWriter, timing: dict) -> None:
+    """Close the metrics, write ``timing.json`` and the trained model into ``output_dir``."""
+    # Wall-clock figures go beside the metrics, so that metrics.jsonl is identical across runs with one seed.
+    (output_dir / "timing.json").write_text(json.dumps(timing) + "\n")
+    writer.close()
+    save_model_dir(output_dir, model=model, tokenizer=tokenizer, into_existing=True)
 
 
 def _mean_metrics(pending: list[dict[str, torch.Tensor]], world: int) -> dict[str, float]:
@@ -580,18 +448,3 @@ def _evaluate(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]
             return evaluate(model)
     finally:
         model.train()
-
-
-def save_pretrained_model(output_dir: Path, model: nn.Module, tokenizer: Any) -> None:
-    """Save ``model`` and ``tokenizer`` as a Hugging Face directory loadable offline.
-
-    Weights are written as safetensors (the only format of transformers 5, the default since 4.35).
-    """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
-        # LoRA: the adapters alone go to adapter/ (peft's format); the model saved beside them has
-        # them merged in, so every loader here reads it like any other Hugging Face directory.
-        model.save_pretrained(output_dir / "adapter")
-        model = model.merge_and_unload()
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)

@@ -40,19 +40,23 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 import rlhf_envs  # noqa: F401  (registers the envs)
 from rlhf_envs.compat import renamed_fields
-from agents.lm_common import LossModule, distributed, join_process_group, shard
+from agents.distributed import (
+    LossModule,
+    check_divides_among_processes,
+    distributed,
+    gather_tensors,
+    join_process_group,
+    shard,
+)
+from agents.lm_policy import PolicyWithValueHead
 from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
-from rlhf_envs.lm.packing import pack_sequences
-from rlhf_envs.lm.gpt2 import GPT2View, gpt2_view
-from rlhf_envs.lm.sampling import SamplingConfig, generate, positions_from_mask, processed_logprobs
+from rlhf_envs.lm.sampling import SamplingConfig, generate
 
 
 @renamed_fields(target_kl="kl_setpoint")
@@ -130,81 +134,6 @@ class LMPPOConfig:
         return max(1, self.total_episodes // self.batch_size)
 
 
-class ValueHead(nn.Module):
-    """A scalar value per position from the policy's last hidden state (zero-initialised)."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.summary = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.summary.weight)
-        nn.init.zeros_(self.summary.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.summary(hidden).squeeze(-1)
-
-
-def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, cfg: SamplingConfig
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(chosen [...], entropy [...], full [..., V])`` of the processed (sampled-from) distribution."""
-    full = processed_logprobs(logits, cfg)
-    probs = full.exp()
-    return full.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(probs * full.masked_fill(probs == 0, 0.0)).sum(-1), full
-
-
-def _packed_policy_forward(view: GPT2View, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                           response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig, return_full: bool = False):
-    """:func:`policy_forward` through the packed lean GPT-2 forward: no padding, LM head at response tokens only."""
-    prompt_keep, keep = prompt_mask.bool(), response_mask.bool()
-    seqs = [torch.cat([p[pk], r[k]]) for p, pk, r, k in zip(prompt_ids.cpu(), prompt_keep.cpu(), response_ids.cpu(), keep.cpu())]
-    batch = pack_sequences(seqs, drop_last=True)  # the last token predicts nothing
-    predictor, targets, _ = batch.targets(prompt_keep.sum(-1).tolist())
-    device = prompt_ids.device
-    hidden = view.final_norm(batch.to(device).hidden(view, predictor.to(device)))
-    logprobs, entropy, full = _logprobs_and_entropy(F.linear(hidden, view.lm_head), targets.to(device), cfg)
-    out = []
-    for flat in (logprobs, v_head(hidden), entropy):  # response tokens in row-major order = keep's True cells
-        out.append(flat.new_zeros(keep.shape).masked_scatter(keep, flat))
-    if return_full:
-        out.append(full.new_zeros(keep.shape + full.shape[-1:]).index_put_((keep,), full))
-    return tuple(out)
-
-
-def policy_forward(policy: nn.Module, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig, return_full: bool = False):
-    """One teacher-forced pass: ``(logprobs [B, T], values [B, T], entropy [B, T])`` of the responses
-    under the processed (sampled-from) distribution; the value at t is that of the state before token t.
-    With ``return_full`` a fourth tensor, the full log-distributions ``[B, T, V]`` (0 past each
-    response), e.g. for the env's ``exact`` KL estimator.
-
-    A GPT-2 without active dropout takes the packed lean forward (:mod:`rlhf_envs.lm.packing`); other
-    models Hugging Face's forward on the padded batch. Both give the same values to float rounding.
-    """
-    view = gpt2_view(policy)
-    if view is not None and view.lm_head is not None:
-        return _packed_policy_forward(view, v_head, prompt_ids, prompt_mask, response_ids, response_mask, cfg, return_full)
-    prompt_len = prompt_ids.shape[1]
-    mask = torch.cat([prompt_mask.bool(), response_mask.bool()], dim=1)
-    out = policy(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=mask.long(),
-                 position_ids=positions_from_mask(mask), output_hidden_states=True, use_cache=False)
-    logprobs, entropy, full = _logprobs_and_entropy(out.logits[:, prompt_len - 1:-1], response_ids, cfg)
-    values = v_head(out.hidden_states[-1][:, prompt_len - 1:-1])
-    keep = response_mask.bool()
-    result = (logprobs.masked_fill(~keep, 0.0), values.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0))
-    return result + (full.masked_fill(~keep[..., None], 0.0),) if return_full else result
-
-
-class PolicyWithValueHead(nn.Module):
-    """The policy LM and its value head, saved and restored together."""
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-        self.v_head = ValueHead(lm.config.get_text_config().hidden_size)
-
-    def forward(self, prompt_ids, prompt_mask, response_ids, response_mask, cfg: SamplingConfig, return_full: bool = False):
-        return policy_forward(self.lm, self.v_head, prompt_ids, prompt_mask, response_ids, response_mask, cfg, return_full)
-
-
 @dataclass
 class LMPPOResult:
     output_dir: str
@@ -265,17 +194,6 @@ def _minibatch_loss(model: PolicyWithValueHead, batch: dict[str, Any], config: L
     return loss, stats
 
 
-def _gather_rollout(rollout: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
-    """Every process's rollout rows, in rank order (each tensor has one shape on every process)."""
-    whole = {}
-    for key, tensor in rollout.items():
-        sent = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor.contiguous()  # gloo has no bool
-        parts = [torch.empty_like(sent) for _ in range(world)]
-        dist.all_gather(parts, sent)
-        whole[key] = torch.cat(parts).to(tensor.dtype)
-    return whole
-
-
 def _ppo_update(step_loss: Any, model: nn.Module, optimizer: torch.optim.Optimizer, rollout: dict[str, torch.Tensor],
                 config: LMPPOConfig, generator: torch.Generator, ptx: Any, rank: int = 0, world: int = 1
                 ) -> tuple[dict[str, list[float]], bool]:
@@ -321,24 +239,38 @@ def _ppo_update(step_loss: Any, model: nn.Module, optimizer: torch.optim.Optimiz
     return stats, False
 
 
-def check_divides_among_processes(batch_size: int, name: str) -> None:
-    """Raise unless ``batch_size`` responses divide among the ``WORLD_SIZE`` processes of a data-parallel run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if batch_size % world:
-        raise ValueError(f"{name} {batch_size} does not divide among {world} processes (WORLD_SIZE): "
-                         f"make it a multiple of {world}")
+@dataclass
+class _Run:
+    """What one RLHF PPO run holds between phases: the policy, the env, the optimizer and the writers."""
+
+    config: LMPPOConfig
+    model: PolicyWithValueHead
+    tokenizer: Any
+    envs: Any
+    optimizer: torch.optim.Optimizer
+    step_loss: Any
+    ptx: Any
+    rank: int
+    world: int
+    start_iter: int
+    metrics: Any = None
+    timings: Any = None
+
+    @property
+    def task(self):
+        return self.envs.unwrapped.task
+
+    @property
+    def local(self) -> int:
+        """Responses this process samples per iteration."""
+        return self.config.batch_size // self.world
 
 
-def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
-    """RLHF PPO against ``TextBandit-v0``; writes the policy (HF dir), value head, metrics.jsonl.
-
-    Runs data parallel under ``torchrun`` (see the module's docstring); ``batch_size`` is then the
-    whole batch over all processes and must divide among them.
-    """
-    from agents.checkpoint import load_checkpoint, save_checkpoint
+def _setup(config: LMPPOConfig) -> _Run:
+    """Process group, seeds, policy with value head (dropout off), env, optimizer; resumes from ``checkpoint/``."""
+    from agents.checkpoint import load_checkpoint
     from agents.lm_common import CPU_FUSED_ADAM, MetricsWriter, fuse_gelu, set_seed
     from rlhf_envs.lm.loading import load_causal_lm
-    from rlhf_envs.text_common import attention_mask_from_obs
 
     check_divides_among_processes(config.batch_size, "batch_size")
     if config.torch_threads:
@@ -346,7 +278,6 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         join_process_group(torch.device("cpu"))
     rank, world = distributed()
-    main = rank == 0
     set_seed(config.seed)
     out = Path(config.output_dir)
     lm, tokenizer = load_causal_lm(config.model_path)
@@ -356,178 +287,214 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     for module in model.modules():  # RLHF PPO runs without dropout: the ratio must be 1 before the first step
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    local = config.batch_size // world
-    envs = _make_env(config, local)
+    envs = _make_env(config, config.batch_size // world)
     task = envs.unwrapped.task
     if task.vocab_size != lm.get_output_embeddings().weight.shape[0]:
         raise ValueError(f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
                          f"{task.vocab_size}: the policy and ref_model must share a tokenizer")
     # the fused kernel updates every tensor in one call, not a Python loop over them
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5, fused=CPU_FUSED_ADAM)
-    cfg = config.sampling
-    generator = torch.Generator()
     ptx = _ptx_batches(config, tokenizer, torch.Generator().manual_seed(config.seed)) if config.ptx_coef > 0 else None
-    loss_fn = functools.partial(_minibatch_loss, config=config, cfg=cfg)
-    if world > 1:
-        step_loss = DistributedDataParallel(LossModule(model, loss_fn))
-    else:
-        step_loss = functools.partial(loss_fn, model)
-
-    start_iter = 0
+    loss_fn = functools.partial(_minibatch_loss, config=config, cfg=config.sampling)
+    step_loss = DistributedDataParallel(LossModule(model, loss_fn)) if world > 1 else functools.partial(loss_fn, model)
+    run = _Run(config, model, tokenizer, envs, optimizer, step_loss, ptx, rank, world, start_iter=0)
     checkpoint_dir = out / "checkpoint"
     if config.resume and (checkpoint_dir / "checkpoint.json").is_file():
         state = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)
-        start_iter = state["iteration"]
+        run.start_iter = state["iteration"]
         task.kl_controller.kl_coef = state["kl_coef"]
-    metrics = timings = None
-    if main:
-        metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_iter if config.resume else None)
-        timings = MetricsWriter(out / "timing.jsonl", resume_step=start_iter if config.resume else None)
+    if rank == 0:
+        resume_step = run.start_iter if config.resume else None
+        run.metrics = MetricsWriter(out / "metrics.jsonl", resume_step=resume_step)
+        run.timings = MetricsWriter(out / "timing.jsonl", resume_step=resume_step)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+    return run
 
+
+def _rollout(run: _Run, iteration: int, generator: torch.Generator) -> dict[str, Any]:
+    """Phase 1-2: this process's prompts, sampled responses, and their old log-probs and values in one pass."""
+    from rlhf_envs.text_common import attention_mask_from_obs
+
+    config, task, model = run.config, run.task, run.model
+    # Every iteration draws its prompts and samples from seeds derived from (seed, iteration),
+    # so a resumed run makes exactly the same rollouts as an uninterrupted one.
+    obs, _ = run.envs.reset(seed=config.seed * 100_003 + iteration + run.rank * _RANK_SEED_STRIDE)
+    generator.manual_seed(config.seed * 1_000_003 + iteration + run.rank * _RANK_SEED_STRIDE)
+    prompt_ids = torch.as_tensor(obs)
+    prompt_mask = attention_mask_from_obs(prompt_ids, task.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        gen = generate(model.lm, prompt_ids, prompt_mask, config.sampling, eos_token_id=task.eos_token_id,
+                       pad_token_id=task.pad_token_id, generator=generator)
+        # the exact KL estimator needs the policy's full next-token distributions, handed over with the log-probs
+        old_logprobs, old_values, _, *old_full = model(prompt_ids, prompt_mask, gen.response_ids, gen.response_mask,
+                                                       config.sampling, return_full=config.kl_estimator == "exact")
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": gen.response_ids,
+            "response_mask": gen.response_mask, "old_logprobs": old_logprobs, "old_values": old_values,
+            "old_full": old_full[0] if old_full else None}
+
+
+def _padded(tensor: torch.Tensor, shape: tuple[int, ...], fill: float | int = 0, dtype: torch.dtype | None = None):
+    """``tensor [B, T, ...]`` written into a new ``shape`` tensor filled with ``fill`` (responses padded to full width)."""
+    out = torch.full(shape, fill, dtype=dtype or tensor.dtype)
+    out[:, :tensor.shape[1]] = tensor
+    return out
+
+
+def _score(run: _Run, rollout: dict[str, Any]) -> dict[str, Any]:
+    """Phase 3: the env's ``step`` scores the responses (reference pass, reward, KL) from the handed-over log-probs.
+
+    Data parallel, the processes then exchange their rollouts so that every one holds the whole batch, and
+    the adaptive controller steps on the whole batch's KL. Returns ``rollout`` (whole batch) with ``info``.
+    """
+    task, local, width = run.task, run.local, run.config.max_new_tokens
+    response_ids = rollout["response_ids"]
+    action = _padded(response_ids, (local, width), task.pad_token_id, torch.long)
+    handed = _padded(rollout["old_logprobs"], (local, width), dtype=torch.float32)
+    full = rollout.pop("old_full")
+    handed_full = None if full is None else _padded(full, (local, width, full.shape[-1]), dtype=torch.float32).numpy()
+    kl_coef = task.kl_controller.kl_coef
+    run.envs.set_policy_logprobs(handed.numpy(), handed_full)
+    _, _, _, _, info = run.envs.step(action.numpy())
+    if run.world == 1:
+        return {**rollout, "info": info}
+    # every process gets the whole batch: responses padded to max_new_tokens, then cut to the longest
+    keys = ("score", "kl", "kl_per_token", "beta")
+    whole = gather_tensors({
+        "prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"], "response_ids": action,
+        "response_mask": _padded(rollout["response_mask"], (local, width), False, torch.bool), "old_logprobs": handed,
+        "old_values": _padded(rollout["old_values"], (local, width), dtype=torch.float32),
+        **{k: torch.as_tensor(info[k]) for k in keys}}, run.world)
+    longest = int(whole["response_mask"].any(0).nonzero().max()) + 1
+    info = {k: whole.pop(k).numpy() for k in keys}
+    task.kl_controller.kl_coef = kl_coef
+    task.kl_controller.update(float(np.mean(info["kl"])), len(info["kl"]))
+    for key in ("response_ids", "response_mask", "old_logprobs", "old_values"):
+        whole[key] = whole[key][:, :longest]
+    return {**whole, "info": info}
+
+
+def _advantages(config: LMPPOConfig, rollout: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 4: InstructGPT's per-token rewards, then GAE; ``(advantages [B, T], returns [B, T])``."""
+    info, response_mask = rollout["info"], rollout["response_mask"]
+    score = torch.as_tensor(info["score"], dtype=torch.float32)
+    kl_per_token = torch.as_tensor(info["kl_per_token"][:, :response_mask.shape[1]])
+    rewards = token_rewards(score, kl_per_token, torch.as_tensor(info["beta"]), response_mask)
+    advantages, returns = gae(rewards, rollout["old_values"], response_mask, config.gamma, config.gae_lambda)
+    if config.whiten_advantages:
+        advantages = masked_whiten(advantages, response_mask)
+    return advantages, returns
+
+
+def _metrics_row(iteration: int, config: LMPPOConfig, rollout: dict[str, Any], returns: torch.Tensor,
+                 stats: dict[str, list[float]], kl_stop: bool) -> dict[str, Any]:
+    """Phase 6: one ``metrics.jsonl`` row under TRL's PPO names."""
+    info, response_mask = rollout["info"], rollout["response_mask"]
+    row = {
+        "step": iteration + 1,
+        "episodes": (iteration + 1) * config.batch_size,
+        "objective/scores": float(np.mean(info["score"])),
+        "objective/kl": float(np.mean(info["kl"])),
+        "objective/kl_coef": float(info["beta"][0]),
+        "objective/rlhf_reward": float(np.mean(info["score"] - info["beta"] * info["kl"])),
+        "policy/approxkl_avg": float(np.mean(stats["approxkl"])),
+        "policy/early_stopped": kl_stop,
+        "policy/updates": len(stats["pg_loss"]),
+        "policy/clipfrac_avg": float(np.mean(stats["clipfrac"])),
+        "policy/entropy_avg": float(np.mean(stats["entropy"])),
+        "loss/policy_avg": float(np.mean(stats["pg_loss"])),
+        "loss/value_avg": float(np.mean(stats["vf_loss"])),
+        "val/clipfrac_avg": float(np.mean(stats["vf_clipfrac"])),
+        "val/returns_mean": float(masked_mean(returns, response_mask)),
+        "tokens/response_length_mean": float(response_mask.sum(-1).float().mean()),
+    }
+    if stats["ptx_loss"]:
+        row["loss/ptx_avg"] = float(np.mean(stats["ptx_loss"]))
+    return row
+
+
+def _save(run: _Run, done: int) -> None:
+    """Phase 7: snapshots every ``snapshot_every`` iterations, the resumable checkpoint every ``save_every`` and at the end."""
+    from agents.checkpoint import save_checkpoint
+
+    config, out = run.config, Path(run.config.output_dir)
+    if run.rank == 0 and config.snapshot_every and done % config.snapshot_every == 0:
+        _save_policy(out / "snapshots" / f"iter-{done:05d}", run.model, run.tokenizer)
+    if (config.save_every and done % config.save_every == 0) or done == config.num_iterations:
+        if run.rank == 0:
+            save_checkpoint(out / "checkpoint", model=run.model, optimizer=run.optimizer,
+                            state={"iteration": done, "kl_coef": run.task.kl_controller.kl_coef})
+        if run.world > 1:
+            dist.barrier()
+
+
+def _finish(run: _Run, seconds: float) -> None:
+    """Rank 0 closes the writers, writes ``timing.json`` and the final policy."""
+    config, out = run.config, Path(run.config.output_dir)
+    if run.rank == 0:
+        run.metrics.close()
+        run.timings.close()
+        iterations = config.num_iterations - run.start_iter
+        # as the other trainers' timing.json: this run's iterations (rollout, scoring, update), beside timing.jsonl's
+        (out / "timing.json").write_text(json.dumps({
+            "iterations": iterations, "train_seconds": seconds,
+            "samples_per_second": iterations * config.batch_size / seconds if seconds > 0 else 0.0,
+            "processes": run.world}) + "\n")
+        _save_policy(out / "policy", run.model, run.tokenizer)
+    if run.world > 1:
+        dist.barrier()
+    run.envs.close()
+
+
+def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
+    """RLHF PPO against ``TextBandit-v0``; writes the policy (HF dir), value head, metrics.jsonl.
+
+    Each iteration runs the phases of the module docstring: :func:`_rollout`, :func:`_score`,
+    :func:`_advantages`, :func:`_ppo_update`, then :func:`_metrics_row` and :func:`_save`.
+    Runs data parallel under ``torchrun`` (see the module's docstring); ``batch_size`` is then the
+    whole batch over all processes and must divide among them.
+    """
+    run = _setup(config)
+    generator = torch.Generator()
     history: list[dict] = []
     started = time.perf_counter()
-    bar = tqdm(range(start_iter, config.num_iterations), initial=start_iter, total=config.num_iterations,
-               disable=not (config.progress and main), desc="RLHF PPO", unit="iter")
+    bar = tqdm(range(run.start_iter, config.num_iterations), initial=run.start_iter, total=config.num_iterations,
+               disable=not (config.progress and run.rank == 0), desc="RLHF PPO", unit="iter")
     for iteration in bar:
         t0 = time.perf_counter()
-        # Every iteration draws its prompts and samples from seeds derived from (seed, iteration),
-        # so a resumed run makes exactly the same rollouts as an uninterrupted one.
-        obs, _ = envs.reset(seed=config.seed * 100_003 + iteration + rank * _RANK_SEED_STRIDE)
-        generator.manual_seed(config.seed * 1_000_003 + iteration + rank * _RANK_SEED_STRIDE)
-        prompt_ids = torch.as_tensor(obs)
-        prompt_mask = attention_mask_from_obs(prompt_ids, task.pad_token_id)
-        model.eval()
-        with torch.no_grad():
-            gen = generate(model.lm, prompt_ids, prompt_mask, cfg, eos_token_id=task.eos_token_id,
-                           pad_token_id=task.pad_token_id, generator=generator)
-            response_ids, response_mask = gen.response_ids, gen.response_mask
-            # the exact KL estimator needs the policy's full next-token distributions, handed over with the log-probs
-            old_logprobs, old_values, _, *old_full = model(prompt_ids, prompt_mask, response_ids, response_mask, cfg,
-                                                           return_full=config.kl_estimator == "exact")
+        rollout = _rollout(run, iteration, generator)
         t_rollout = time.perf_counter()
-
-        width = config.max_new_tokens
-        action = torch.full((local, width), task.pad_token_id, dtype=torch.long)
-        action[:, :response_ids.shape[1]] = response_ids
-        handed = torch.zeros(local, width)
-        handed[:, :response_ids.shape[1]] = old_logprobs
-        handed_full = None
-        if old_full:
-            handed_full = torch.zeros(local, width, old_full[0].shape[-1])
-            handed_full[:, :response_ids.shape[1]] = old_full[0]
-            handed_full = handed_full.numpy()
-        kl_coef = task.kl_controller.kl_coef
-        envs.set_policy_logprobs(handed.numpy(), handed_full)
-        _, _, _, _, info = envs.step(action.numpy())
-        if world > 1:
-            # every process gets the whole batch: responses padded to max_new_tokens, then cut to the longest
-            values = torch.zeros(local, width)
-            values[:, :response_ids.shape[1]] = old_values
-            mask = torch.zeros(local, width, dtype=torch.bool)
-            mask[:, :response_ids.shape[1]] = response_mask
-            whole = _gather_rollout({
-                "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": action, "response_mask": mask,
-                "old_logprobs": handed, "old_values": values, **{k: torch.as_tensor(info[k]) for k in ("score", "kl", "kl_per_token", "beta")},
-            }, world)
-            longest = int(whole["response_mask"].any(0).nonzero().max()) + 1
-            prompt_ids, prompt_mask = whole["prompt_ids"], whole["prompt_mask"]
-            response_ids, response_mask = whole["response_ids"][:, :longest], whole["response_mask"][:, :longest]
-            old_logprobs, old_values = whole["old_logprobs"][:, :longest], whole["old_values"][:, :longest]
-            info = {k: whole[k].numpy() for k in ("score", "kl", "kl_per_token", "beta")}
-            # the adaptive controller steps on the whole batch's KL, alike on every process
-            task.kl_controller.kl_coef = kl_coef
-            task.kl_controller.update(float(np.mean(info["kl"])), len(info["kl"]))
+        rollout = _score(run, rollout)
         t_score = time.perf_counter()
-
-        T = response_ids.shape[1]
-        score = torch.as_tensor(info["score"], dtype=torch.float32)
-        kl_per_token = torch.as_tensor(info["kl_per_token"][:, :T])
-        rewards = token_rewards(score, kl_per_token, torch.as_tensor(info["beta"]), response_mask)
-        advantages, returns = gae(rewards, old_values, response_mask, config.gamma, config.gae_lambda)
-        if config.whiten_advantages:
-            advantages = masked_whiten(advantages, response_mask)
-
-        model.train()
-        rollout = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-                   "response_mask": response_mask, "old_logprobs": old_logprobs, "old_values": old_values,
-                   "advantages": advantages, "returns": returns}
+        advantages, returns = _advantages(config, rollout)
+        run.model.train()
+        batch = {k: rollout[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask",
+                                         "old_logprobs", "old_values")}
+        batch.update(advantages=advantages, returns=returns)
         # one process keeps drawing minibatches from its sampler's generator; several share one seeded alike
-        minibatches = generator if world == 1 else \
-            torch.Generator().manual_seed(config.seed * 1_000_003 + iteration + world * _RANK_SEED_STRIDE)
-        stats, kl_stop = _ppo_update(step_loss, model, optimizer, rollout, config, minibatches, ptx, rank, world)
+        minibatches = generator if run.world == 1 else \
+            torch.Generator().manual_seed(config.seed * 1_000_003 + iteration + run.world * _RANK_SEED_STRIDE)
+        stats, kl_stop = _ppo_update(run.step_loss, run.model, run.optimizer, batch, config, minibatches, run.ptx,
+                                     run.rank, run.world)
         t_update = time.perf_counter()
-
-        row = {
-            "step": iteration + 1,
-            "episodes": (iteration + 1) * config.batch_size,
-            "objective/scores": float(np.mean(info["score"])),
-            "objective/kl": float(np.mean(info["kl"])),
-            "objective/kl_coef": float(info["beta"][0]),
-            "objective/rlhf_reward": float(np.mean(info["score"] - info["beta"] * info["kl"])),
-            "policy/approxkl_avg": float(np.mean(stats["approxkl"])),
-            "policy/early_stopped": kl_stop,
-            "policy/updates": len(stats["pg_loss"]),
-            "policy/clipfrac_avg": float(np.mean(stats["clipfrac"])),
-            "policy/entropy_avg": float(np.mean(stats["entropy"])),
-            "loss/policy_avg": float(np.mean(stats["pg_loss"])),
-            "loss/value_avg": float(np.mean(stats["vf_loss"])),
-            "val/clipfrac_avg": float(np.mean(stats["vf_clipfrac"])),
-            "val/returns_mean": float(masked_mean(returns, response_mask)),
-            "tokens/response_length_mean": float(response_mask.sum(-1).float().mean()),
-        }
-        if stats["ptx_loss"]:
-            row["loss/ptx_avg"] = float(np.mean(stats["ptx_loss"]))
+        row = _metrics_row(iteration, config, rollout, returns, stats, kl_stop)
         timing = {"step": iteration + 1, "time/rollout_s": t_rollout - t0, "time/scoring_s": t_score - t_rollout,
                   "time/update_s": t_update - t_score}
         history.append({**row, **timing})
-        if main:
-            metrics.write(row)  # wall-clock figures go to timing.jsonl: metrics.jsonl is identical across runs with one seed
-            timings.write(timing)
-        bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.2f}", beta=f"{row['objective/kl_coef']:.3f}")
-
-        done = iteration + 1
-        if main and config.snapshot_every and done % config.snapshot_every == 0:
-            _save_policy(out / "snapshots" / f"iter-{done:05d}", model, tokenizer)
-        if (config.save_every and done % config.save_every == 0) or done == config.num_iterations:
-            if main:
-                save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer,
-                                state={"iteration": done, "kl_coef": task.kl_controller.kl_coef})
-            if world > 1:
-                dist.barrier()
+        if run.rank == 0:
+            run.metrics.write(row)  # wall-clock figures go to timing.jsonl: metrics.jsonl is identical across runs
+            run.timings.write(timing)
+        bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.2f}",
+                        beta=f"{row['objective/kl_coef']:.3f}")
+        _save(run, iteration + 1)
     seconds = time.perf_counter() - started
-    if main:
-        metrics.close()
-        timings.close()
-        episodes = (config.num_iterations - start_iter) * config.batch_size
-        # as the other trainers' timing.json: this run's iterations (rollout, scoring, update), beside timing.jsonl's
-        (out / "timing.json").write_text(json.dumps({
-            "iterations": config.num_iterations - start_iter, "train_seconds": seconds,
-            "samples_per_second": episodes / seconds if seconds > 0 else 0.0, "processes": world}) + "\n")
-        _save_policy(out / "policy", model, tokenizer)
-    if world > 1:
-        dist.barrier()
-    envs.close()
-    return LMPPOResult(str(out), config.num_iterations, history, seconds)
+    _finish(run, seconds)
+    return LMPPOResult(str(config.output_dir), config.num_iterations, history, seconds)
 
 
 def _save_policy(directory: Path, model: PolicyWithValueHead, tokenizer) -> None:
     """The policy as a loadable HF directory plus ``value_head.safetensors``, moved into place atomically."""
-    import shutil
-    import tempfile
+    from agents.checkpoint import save_model_dir
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    model.lm.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
-
-
-def load_value_head(directory: str | Path, hidden_size: int) -> ValueHead:
-    """The value head saved beside a PPO policy."""
-    head = ValueHead(hidden_size)
-    head.load_state_dict(load_file(str(Path(directory) / "value_head.safetensors")))
-    return head
+    save_model_dir(directory, model=model.lm, tokenizer=tokenizer,
+                   tensors={"value_head.safetensors": model.v_head.state_dict()})

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from agents.lm_common import distributed, is_main_process, join_process_group
+from agents.distributed import distributed, is_main_process, join_process_group
 from agents.reports import write_jsonl
 from rlhf_envs.compat import renamed_fields
 
@@ -245,105 +245,90 @@ def make_preferences(model_path: str, prompts: list[str], config: PipelineConfig
     return rankings, pairs, stats
 
 
-def run_pipeline(config: PipelineConfig) -> dict:
-    """Run every stage and write the report; returns the summary (also in ``summary.json``)."""
-    from agents.dpo import DPOConfig, train_dpo
-    from agents.evaluate import EvalConfig, evaluate_models, write_eval
-    from agents.lm_ppo import LMPPOConfig, check_divides_among_processes, train_lm_ppo
-    from agents.reports import write_report
-    from agents.reward_model import RewardModelConfig, train_reward_model
+def _sft_stage(config: PipelineConfig, out: Path, base: str, held_out: set[str]) -> None:
+    """Stage 1: SFT of the base model on demonstrations (drawn avoiding the validation and evaluation prompts)."""
     from agents.sft import SFTConfig, train_sft
-    from rlhf_envs.lm.loading import EMBEDDED_MODEL_DIR
 
-    check_divides_among_processes(config.ppo_batch_size, "ppo_batch_size")  # before any stage runs
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        join_process_group(torch.device("cpu"))
-    main = is_main_process()
-    out = Path(config.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "pipeline_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    base = config.model_path or str(EMBEDDED_MODEL_DIR)
-    timings: dict[str, float] = {}
-    seed = config.seed
+    if config.demonstrations_path is None:
+        demonstrations = _demonstrations_avoiding(config.n_demonstrations, config.seed + 1, held_out)
+    else:
+        from agents.data import read_sft
 
-    t = time.perf_counter()
-    pref_prompts, ppo_prompts, validation_prompts, eval_prompts = _prompt_splits(config)
-    if _stage(out, "sft", config):
-        if config.demonstrations_path is None:
-            demonstrations = _demonstrations_avoiding(config.n_demonstrations, seed + 1,
-                                                      set(validation_prompts) | set(eval_prompts))
-        else:
-            from agents.data import read_sft
+        demonstrations = read_sft(config.demonstrations_path)[:config.n_demonstrations]
+    if is_main_process():
+        write_jsonl(out / "data" / "sft.jsonl", demonstrations)
+    _from_rank_zero(None)  # the other processes read the file rank 0 wrote
+    result = train_sft(SFTConfig(model_path=base, data_path=str(out / "data" / "sft.jsonl"), output_dir=str(out / "sft"),
+                                 seed=config.seed, num_epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
+                                 batch_size=32, max_length=64, progress=config.progress))
+    _mark_done(out, "sft", result.metrics)
 
-            demonstrations = read_sft(config.demonstrations_path)[:config.n_demonstrations]
-        if main:
-            write_jsonl(out / "data" / "sft.jsonl", demonstrations)
-        _from_rank_zero(None)  # the other processes read the file rank 0 wrote
-        result = train_sft(SFTConfig(model_path=base, data_path=str(out / "data" / "sft.jsonl"), output_dir=str(out / "sft"),
-                                     seed=seed, num_epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
-                                     batch_size=32, max_length=64, progress=config.progress))
-        _mark_done(out, "sft", result.metrics)
-    timings["sft"] = time.perf_counter() - t
-    sft = str(out / "sft")
 
-    t = time.perf_counter()
-    if _stage(out, "preferences", config):
-        if main:  # sampled by rank 0 alone; the others wait for its files
-            rankings, pairs, stats = make_preferences(sft, pref_prompts, config, seed=seed + 3)
-            (out / "preferences").mkdir(parents=True)
-            write_jsonl(out / "data" / "rankings.jsonl", rankings)
-            write_jsonl(out / "data" / "preferences.jsonl", pairs)
-            _mark_done(out, "preferences", stats)
-        _from_rank_zero(None)
-    timings["preferences"] = time.perf_counter() - t
+def _preferences_stage(config: PipelineConfig, out: Path, sft: str, prompts: list[str]) -> None:
+    """Stage 2: the SFT model answers ``prompts`` K times; the gold reward ranks the answers (rank 0 alone)."""
+    if is_main_process():  # the others wait for its files
+        rankings, pairs, stats = make_preferences(sft, prompts, config, seed=config.seed + 3)
+        (out / "preferences").mkdir(parents=True)
+        write_jsonl(out / "data" / "rankings.jsonl", rankings)
+        write_jsonl(out / "data" / "preferences.jsonl", pairs)
+        _mark_done(out, "preferences", stats)
+    _from_rank_zero(None)
 
-    t = time.perf_counter()
-    if _stage(out, "rm", config):
-        result = train_reward_model(RewardModelConfig(
-            model_path=sft, data_path=str(out / "data" / "rankings.jsonl"), output_dir=str(out / "rm"), seed=seed,
-            num_epochs=config.rm_epochs, learning_rate=config.rm_learning_rate, batch_size=16, max_length=64,
-            eval_fraction=0.1, progress=config.progress))
-        _mark_done(out, "rm", result.metrics)
-    timings["rm"] = time.perf_counter() - t
-    rm = str(out / "rm")
 
-    n_iterations = max(1, config.ppo_episodes // config.ppo_batch_size)
-    t = time.perf_counter()
-    if _stage(out, "ppo", config):
-        snapshot_every = max(1, n_iterations // config.ppo_snapshots) if config.ppo_snapshots else 0
-        result = train_lm_ppo(LMPPOConfig(
-            model_path=sft, reward_model="learned", reward_model_path=rm, prompts=ppo_prompts, output_dir=str(out / "ppo"), seed=seed,
-            total_episodes=config.ppo_episodes, batch_size=config.ppo_batch_size, learning_rate=config.ppo_learning_rate,
-            max_new_tokens=config.max_new_tokens, beta=config.ppo_beta, kl_horizon=config.kl_horizon,
-            kl_setpoint=None if config.kl_budget is None else config.kl_budget * config.kl_setpoint_fraction,
-            max_approx_kl=config.ppo_max_approx_kl, snapshot_every=snapshot_every, progress=config.progress))
-        _mark_done(out, "ppo", result.history[-1])
-    timings["ppo"] = time.perf_counter() - t
+def _rm_stage(config: PipelineConfig, out: Path, sft: str) -> None:
+    """Stage 3: the Bradley-Terry reward model on the K-way rankings, from the SFT model."""
+    from agents.reward_model import RewardModelConfig, train_reward_model
 
-    t = time.perf_counter()
-    if _stage(out, "dpo", config):
-        n_pairs = sum(1 for _ in open(out / "data" / "preferences.jsonl"))
-        steps = max(1, config.dpo_epochs * n_pairs // 32)
-        result = train_dpo(DPOConfig(
-            model_path=sft, data_path=str(out / "data" / "preferences.jsonl"), output_dir=str(out / "dpo"), seed=seed,
-            num_epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate, beta=config.dpo_beta,
-            loss_type=config.dpo_loss, label_smoothing=config.dpo_label_smoothing, batch_size=32, max_length=64, eval_fraction=0.0,
-            checkpoint_every=max(1, steps // config.dpo_checkpoints) if config.dpo_checkpoints else 0,
-            keep_checkpoints=max(1, config.dpo_checkpoints), progress=config.progress))
-        _mark_done(out, "dpo", result.metrics)
-    timings["dpo"] = time.perf_counter() - t
+    result = train_reward_model(RewardModelConfig(
+        model_path=sft, data_path=str(out / "data" / "rankings.jsonl"), output_dir=str(out / "rm"), seed=config.seed,
+        num_epochs=config.rm_epochs, learning_rate=config.rm_learning_rate, batch_size=16, max_length=64,
+        eval_fraction=0.1, progress=config.progress))
+    _mark_done(out, "rm", result.metrics)
 
-    if not main:  # evaluation and the report are rank 0's; the others are done
-        _from_rank_zero(None)
-        return {}
+
+def _ppo_stage(config: PipelineConfig, out: Path, sft: str, rm: str, prompts: list[str], n_iterations: int) -> None:
+    """Stage 4: RLHF PPO from SFT against the learned reward, the controller aiming below the KL budget."""
+    from agents.lm_ppo import LMPPOConfig, train_lm_ppo
+
+    snapshot_every = max(1, n_iterations // config.ppo_snapshots) if config.ppo_snapshots else 0
+    result = train_lm_ppo(LMPPOConfig(
+        model_path=sft, reward_model="learned", reward_model_path=rm, prompts=prompts, output_dir=str(out / "ppo"),
+        seed=config.seed, total_episodes=config.ppo_episodes, batch_size=config.ppo_batch_size,
+        learning_rate=config.ppo_learning_rate, max_new_tokens=config.max_new_tokens, beta=config.ppo_beta,
+        kl_horizon=config.kl_horizon,
+        kl_setpoint=None if config.kl_budget is None else config.kl_budget * config.kl_setpoint_fraction,
+        max_approx_kl=config.ppo_max_approx_kl, snapshot_every=snapshot_every, progress=config.progress))
+    _mark_done(out, "ppo", result.history[-1])
+
+
+def _dpo_stage(config: PipelineConfig, out: Path, sft: str) -> None:
+    """Stage 5: DPO from SFT on the best-vs-worst pairs, with intermediate checkpoints for the KL-guarded choice."""
+    from agents.dpo import DPOConfig, train_dpo
+
+    n_pairs = sum(1 for _ in open(out / "data" / "preferences.jsonl"))
+    steps = max(1, config.dpo_epochs * n_pairs // 32)
+    result = train_dpo(DPOConfig(
+        model_path=sft, data_path=str(out / "data" / "preferences.jsonl"), output_dir=str(out / "dpo"), seed=config.seed,
+        num_epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate, beta=config.dpo_beta,
+        loss_type=config.dpo_loss, label_smoothing=config.dpo_label_smoothing, batch_size=32, max_length=64,
+        eval_fraction=0.0, checkpoint_every=max(1, steps // config.dpo_checkpoints) if config.dpo_checkpoints else 0,
+        keep_checkpoints=max(1, config.dpo_checkpoints), progress=config.progress))
+    _mark_done(out, "dpo", result.metrics)
+
+
+def _evaluate_and_report(config: PipelineConfig, out: Path, base: str, splits: tuple[list[str], ...],
+                         n_iterations: int, timings: dict[str, float]) -> dict:
+    """Stages 6-7: the KL-guarded choice of the reported models, the evaluation, ``summary.json`` and the report."""
+    from agents.evaluate import EvalConfig, evaluate_models, write_eval
+    from agents.reports import write_report
+
+    sft, rm = str(out / "sft"), str(out / "rm")
+    _, _, validation_prompts, eval_prompts = splits
     t = time.perf_counter()
     selections = _select_within_budget(out, sft, config, validation_prompts, _candidates(out, sft, n_iterations))
     models = {"base": base, "sft": sft, "ppo": selections["ppo"]["path"], "dpo": selections["dpo"]["path"]}
     eval_config = EvalConfig(models=models, reference="sft", reward_model_path=rm, prompts=eval_prompts,
-                             max_new_tokens=config.max_new_tokens, seed=seed, progress=config.progress)
+                             max_new_tokens=config.max_new_tokens, seed=config.seed, progress=config.progress)
     evaluation = evaluate_models(eval_config)
     write_eval(evaluation, out / "eval.json")
     curves = _over_optimisation_curves(out, sft, rm, config, eval_prompts[:128])
@@ -366,6 +351,50 @@ def run_pipeline(config: PipelineConfig) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_report(out, config, evaluation, curves, summary)
+    return summary
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    """Run every stage and write the report; returns the summary (also in ``summary.json``).
+
+    Stages (each skipped when ``resume`` finds it done): :func:`_sft_stage`, :func:`_preferences_stage`,
+    :func:`_rm_stage`, :func:`_ppo_stage`, :func:`_dpo_stage`, then :func:`_evaluate_and_report` on rank 0.
+    """
+    from agents.distributed import check_divides_among_processes
+    from rlhf_envs.lm.loading import EMBEDDED_MODEL_DIR
+
+    check_divides_among_processes(config.ppo_batch_size, "ppo_batch_size")  # before any stage runs
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        join_process_group(torch.device("cpu"))
+    out = Path(config.output_dir)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pipeline_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    base = config.model_path or str(EMBEDDED_MODEL_DIR)
+    sft, rm = str(out / "sft"), str(out / "rm")
+    n_iterations = max(1, config.ppo_episodes // config.ppo_batch_size)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    splits = _prompt_splits(config)
+    pref_prompts, ppo_prompts, validation_prompts, eval_prompts = splits
+    stages = {
+        "sft": lambda: _sft_stage(config, out, base, set(validation_prompts) | set(eval_prompts)),
+        "preferences": lambda: _preferences_stage(config, out, sft, pref_prompts),
+        "rm": lambda: _rm_stage(config, out, sft),
+        "ppo": lambda: _ppo_stage(config, out, sft, rm, ppo_prompts, n_iterations),
+        "dpo": lambda: _dpo_stage(config, out, sft),
+    }
+    for name, run_stage in stages.items():
+        if _stage(out, name, config):
+            run_stage()
+        timings[name] = time.perf_counter() - t
+        t = time.perf_counter()
+    if not is_main_process():  # evaluation and the report are rank 0's; the others are done
+        _from_rank_zero(None)
+        return {}
+    summary = _evaluate_and_report(config, out, base, splits, n_iterations, timings)
     _from_rank_zero(None)
     return summary
 

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 
 def plot_learning_curve(path: Path, points: list[tuple[int, float]], title: str, ylabel: str) -> Path:
@@ -28,25 +24,6 @@ def plot_learning_curve(path: Path, points: list[tuple[int, float]], title: str,
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def save_policy(directory: Path, module, config) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``directory`` atomically (temp dir, then rename)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, directory)
-    return directory
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

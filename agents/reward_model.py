@@ -36,12 +36,12 @@ from agents.lm_common import (
     disable_dropout,
     fuse_gelu,
     held_out_split,
-    is_main_process,
     model_dir,
-    pad,
     run_training,
     start_run,
 )
+from rlhf_envs.lm.padded import pad
+from agents.distributed import is_main_process
 from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.loading import check_remote_code, load_tokenizer
 

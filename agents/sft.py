@@ -20,17 +20,8 @@ from agents.data import read_sft, tokenize_sft
 from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.loading import load_causal_lm
-from agents.lm_common import (
-    LMTrainConfig,
-    TrainResult,
-    batch_sequences,
-    fuse_gelu,
-    held_out_split,
-    run_training,
-    start_run,
-    split_lm_head,
-    target_logits,
-)
+from agents.lm_common import LMTrainConfig, TrainResult, fuse_gelu, held_out_split, run_training, start_run
+from rlhf_envs.lm.padded import batch_sequences, split_lm_head, target_logits
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
     python -m benchmarks            # everything (about an hour on 2 CPU cores)
     python -m benchmarks --tables   # only print the tables from benchmarks/results/*.json
+    python -m benchmarks --tables --write   # and rewrite them in README.md and benchmarks/README.md
     python -m benchmarks --only catgrid sampling
 
 Each script runs in its own process (so one's threads and memory do not colour the next) and
@@ -12,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR
+
+READMES = (Path(__file__).resolve().parent.parent / "README.md", Path(__file__).resolve().parent / "README.md")
 
 SCRIPTS = {
     "catgrid": ["benchmarks.bench_catgrid"],
@@ -55,9 +60,10 @@ def _when(d: dict) -> str:
     return f"{m.get('date', '?')} ({kind})"
 
 
-def tables() -> str:
-    """The README's performance, pipeline and reliability tables, from the results files."""
-    out = []
+def sections() -> dict[str, str]:
+    """Every generated table, by name, from the results files: ``speed`` (all rows), ``pipeline``, ``shakespeare``,
+    ``reliability``; ``speed_headline`` is the one-thread subset the README shows."""
+    out: dict[str, str] = {}
     perf = ["| comparison (same machine, same run) | ours | peer | ratio | measured on | script |", "|---|---|---|---|---|---|"]
     if (d := _load("catgrid")) is not None:
         for row in d["step_throughput"]:
@@ -120,7 +126,8 @@ def tables() -> str:
                         f"vs 1 process x 2 threads ({_f(m['1 process x 2 threads'], 1)}, {_f(r['two_processes_over_two_threads'])}x) | "
                         f"{_f(m['2 processes x 1 thread'], 1)} | {_f(m['1 process x 1 thread'], 1)} | "
                         f"{_f(r['two_processes_over_one_thread'])}x | {_when(d)} | bench_data_parallel |")
-    out.append("\n".join(perf))
+    out["speed"] = "\n".join(perf)
+    out["speed_headline"] = "\n".join(perf[:2] + [r for r in perf[2:] if _headline(r)])
 
     if (d := _load("pipeline")) is not None:
         rows = ["| seed | RM held-out accuracy | PPO model | PPO win rate vs SFT | PPO KL to SFT (target) | DPO model | DPO win rate vs SFT | DPO KL to SFT | Elo SFT / PPO / DPO | wall |",
@@ -129,29 +136,57 @@ def tables() -> str:
             rows.append(f"| {r['seed']} | {_f(r['rm_heldout_accuracy'])} | {r.get('ppo_selected') or 'final'} | {_f(r['ppo_win_rate_vs_sft'])} | {_f(r['ppo_kl_to_sft'])} ({r['kl_budget']}) | "
                         f"{r.get('dpo_selected') or 'final'} | {_f(r['dpo_win_rate_vs_sft'])} | {_f(r['dpo_kl_to_sft'])} | {_f(r['elo_sft'], 0)} / {_f(r['elo_ppo'], 0)} / {_f(r['elo_dpo'], 0)} | "
                         f"{_f(r['wall_seconds'], 0)} s |")
-        out.append("\n".join(rows))
+        out["pipeline"] = "\n".join(rows)
     if (d := _load("shakespeare")) is not None and "rows" in d:
         cols = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "win_rate_vs_sft", "elo"]
         cols += ["repetition"] if all("repetition" in r for r in d["rows"]) else []
         rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in d["rows"]:
             rows.append("| " + " | ".join(_f(r[c], 3) if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")
-        out.append("\n".join(rows))
+        out["shakespeare"] = "\n".join(rows)
     if (d := _load("reliability")) is not None:
-        out.append("\n".join([
+        out["reliability"] = "\n".join([
             "| figure | value |", "|---|---|",
             f"| bad inputs tried (one parametrised table), rejected with a clear error and no state change | {d['bad_inputs_rejected_correctly']} / {d['bad_inputs_tried']} |",
             f"| Hypothesis examples (random maps, seeds, actions, hand-overs through every env) | {d['hypothesis_examples']} in {d['hypothesis_tests']} properties |",
             f"| SIGKILL crash points survived (resumed run equal to an uninterrupted one) | {d['crash_points_survived']} |",
             f"| runs compared bit for bit | {d['runs_compared_bit_for_bit']} |",
-            f"| reliability suite wall time | {_f(d['wall_seconds'], 0)} s ({d['pytest_summary']}) |"]))
-    return "\n\n".join(out)
+            f"| reliability suite wall time | {_f(d['wall_seconds'], 0)} s ({d['pytest_summary']}) |"])
+    return out
+
+
+def _headline(row: str) -> bool:
+    """The rows the README shows: one thread, the embedded corpus, float32 (the rest are in benchmarks/README.md)."""
+    return not any(word in row for word in ("2 threads", "Shakespeare", "bf16 autocast", "as shipped"))
+
+
+def tables() -> str:
+    """Every table, as ``python -m benchmarks --tables`` prints them."""
+    return "\n\n".join(text for name, text in sections().items() if name != "speed_headline")
+
+
+_BLOCK = re.compile(r"(<!-- table: (\w+) -->\n)(.*?)(\n<!-- /table -->)", re.S)
+
+
+def write_tables(path: Path) -> bool:
+    """Rewrite every ``<!-- table: NAME -->`` ... ``<!-- /table -->`` block of ``path`` from the results files.
+
+    Returns whether the file changed; a block whose table has no results file is left as it is.
+    """
+    text = path.read_text()
+    made = sections()
+    new = _BLOCK.sub(lambda m: m.group(1) + made.get(m.group(2), m.group(3)) + m.group(4), text)
+    if new != text:
+        path.write_text(new)
+    return new != text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=None)
     parser.add_argument("--tables", action="store_true", help="print the tables only, run nothing")
+    parser.add_argument("--write", action="store_true",
+                        help="also rewrite the tables in README.md and benchmarks/README.md from the results files")
     args = parser.parse_args(argv)
     failed = []
     if not args.tables:
@@ -160,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             if subprocess.run([sys.executable, "-m", *SCRIPTS[name]]).returncode != 0:
                 failed.append(name)
     print(tables())
+    if args.write:
+        for readme in READMES:
+            if readme.is_file() and write_tables(readme):
+                print(f"rewrote the tables of {readme}")
     if failed:
         print(f"\nfailed: {failed}", file=sys.stderr)
     return 1 if failed else 0

@@ -23,7 +23,7 @@ def vowel_share(prompts, responses):
 
 def fixed_rollout(batch: int = 12, prompt_len: int = 5, width: int = 7):
     """A tiny policy with a value head and a rollout of ``batch`` responses, the same in every process."""
-    from agents.lm_ppo import PolicyWithValueHead
+    from agents.lm_policy import PolicyWithValueHead
     from rlhf_envs.lm.sampling import SamplingConfig
     from tests.tiny_models import tiny_causal_lm
 
@@ -48,7 +48,7 @@ def run_update(rank: int, world: int, ptx: bool = True):
     """One ``_ppo_update`` (2 epochs of 3 minibatches, PPO-ptx on) over :func:`fixed_rollout`; ``(model, stats, stopped)``."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from agents.lm_common import LossModule
+    from agents.distributed import LossModule
     from agents.lm_ppo import LMPPOConfig, _minibatch_loss, _ppo_update
 
     model, rollout, cfg = fixed_rollout()
@@ -74,7 +74,7 @@ def run_update(rank: int, world: int, ptx: bool = True):
 def main() -> None:
     import torch.distributed as dist
 
-    from agents.lm_common import distributed, join_process_group
+    from agents.distributed import distributed, join_process_group
 
     join_process_group(torch.device("cpu"))
     rank, world = distributed()

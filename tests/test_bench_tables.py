@@ -28,3 +28,13 @@ def test_machine_info_reads_this_cpu():
     cpu = cpu_info()
     if cpu:  # Linux: /proc/cpuinfo
         assert "family" in cpu["cpu_model"] and set(cpu["cpu_features"]) <= {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}
+
+
+def test_readme_tables_are_the_results_files():
+    """Every generated table in the READMEs equals what ``python -m benchmarks --tables --write`` makes now."""
+    made = suite.sections()
+    for readme in suite.READMES:
+        for match in suite._BLOCK.finditer(readme.read_text()):
+            name, text = match.group(2), match.group(3)
+            assert name in made, f"{readme}: no results file makes table {name!r}"
+            assert text == made[name], f"{readme}: table {name!r} differs from the results: run python -m benchmarks --tables --write"

@@ -22,7 +22,7 @@ from agents.data import (
     tokenize_sft,
     tokenize_texts,
 )
-from agents.lm_common import batch_sequences
+from rlhf_envs.lm.padded import batch_sequences
 from rlhf_envs.lm.loading import load_tokenizer
 
 WORDS = ("the a food film hotel was is and but very not good great bad awful fine okay plain service room "

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from _torchrun_ppo import fixed_rollout, run_update
-from agents.lm_common import shard
+from agents.distributed import shard
 from test_data import make_tiny_lm, write_jsonl
 from test_dpo import _pairs
 from test_pipeline import TINY

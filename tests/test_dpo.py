@@ -9,7 +9,7 @@ import torch
 from test_data import WORDS, make_tiny_lm, write_jsonl
 
 from agents.dpo import DPO_LOSSES, DPOConfig, dpo_metrics, sequence_logps, train_dpo
-from agents.lm_common import batch_sequences, split_lm_head
+from rlhf_envs.lm.padded import batch_sequences, split_lm_head
 from rlhf_envs.lm.loading import load_causal_lm
 
 

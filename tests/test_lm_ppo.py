@@ -44,7 +44,7 @@ def test_ppo_raises_the_score_with_bounded_kl(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("return_full_path", ["packed", "generic"])
 def test_full_distributions_for_the_exact_estimator_match_the_chosen_log_probs(save_tiny_lm, tmp_path, return_full_path):
-    from agents.lm_ppo import PolicyWithValueHead
+    from agents.lm_policy import PolicyWithValueHead
     from rlhf_envs.lm.loading import load_causal_lm
     from rlhf_envs.lm.sampling import SamplingConfig
 
@@ -103,7 +103,7 @@ def test_bad_config(kwargs, message):
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)])
 def test_packed_policy_forward_equals_hugging_face(sampling):
     """The packed lean forward gives the padded Hugging Face forward's log-probs, values, entropies and gradients."""
-    from agents.lm_ppo import PolicyWithValueHead
+    from agents.lm_policy import PolicyWithValueHead
     from rlhf_envs.lm.sampling import SamplingConfig
 
     lm, _ = tiny_causal_lm(seed=3)

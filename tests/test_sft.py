@@ -11,7 +11,8 @@ import pytest
 import torch
 from test_data import make_tiny_lm, write_jsonl
 
-from agents.lm_common import batch_sequences, fuse_gelu, split_lm_head, target_logits
+from agents.lm_common import fuse_gelu
+from rlhf_envs.lm.padded import batch_sequences, split_lm_head, target_logits
 from agents.sft import SFTConfig, sft_loss, train_sft
 from rlhf_envs.lm.loading import load_causal_lm
 

@@ -24,7 +24,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference as RewardCollat
 
 from agents.data import read_preferences, tokenize_pairs, tokenize_texts  # noqa: E402
 from agents.dpo import DPO_LOSSES, DPOConfig, sequence_logps, train_dpo  # noqa: E402
-from agents.lm_common import batch_sequences  # noqa: E402
+from rlhf_envs.lm.padded import batch_sequences  # noqa: E402
 from agents.reward_model import RewardModelConfig, train_reward_model  # noqa: E402
 from rlhf_envs.lm.loading import load_causal_lm, load_tokenizer  # noqa: E402
 

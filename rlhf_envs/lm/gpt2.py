@@ -27,7 +27,6 @@ for training; the gradients land on the model's own parameters).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import NamedTuple
 
