@@ -96,7 +96,7 @@ class LMPPOConfig:
     ptx_texts: list | None = field(default=None, metadata={"help": "pretraining texts for PPO-ptx; None = corpus reviews"})
     save_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every this many iterations (0 = only at the end)"})
     snapshot_every: int = field(default=0, metadata={"help": "also keep the policy every this many iterations as snapshots/iter-N (for reward-vs-KL curves)"})
-    resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoint"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest output_dir/checkpoints/checkpoint-<iteration>"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -267,8 +267,8 @@ class _Run:
 
 
 def _setup(config: LMPPOConfig) -> _Run:
-    """Process group, seeds, policy with value head (dropout off), env, optimizer; resumes from ``checkpoint/``."""
-    from agents.checkpoint import load_checkpoint
+    """Process group, seeds, policy with value head (dropout off), env, optimizer; resumes from the newest ``checkpoints/checkpoint-<iteration>``."""
+    from agents.checkpoint import latest_checkpoint, load_checkpoint
     from agents.lm_common import CPU_FUSED_ADAM, MetricsWriter, fuse_gelu, set_seed
     from rlhf_envs.lm.loading import load_causal_lm
 
@@ -298,9 +298,9 @@ def _setup(config: LMPPOConfig) -> _Run:
     loss_fn = functools.partial(_minibatch_loss, config=config, cfg=config.sampling)
     step_loss = DistributedDataParallel(LossModule(model, loss_fn)) if world > 1 else functools.partial(loss_fn, model)
     run = _Run(config, model, tokenizer, envs, optimizer, step_loss, ptx, rank, world, start_iter=0)
-    checkpoint_dir = out / "checkpoint"
-    if config.resume and (checkpoint_dir / "checkpoint.json").is_file():
-        state = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)
+    latest = latest_checkpoint(out / "checkpoints") if config.resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, model=model, optimizer=optimizer)
         run.start_iter = state["iteration"]
         task.kl_controller.kl_coef = state["kl_coef"]
     if rank == 0:
@@ -415,15 +415,17 @@ def _metrics_row(iteration: int, config: LMPPOConfig, rollout: dict[str, Any], r
 
 def _save(run: _Run, done: int) -> None:
     """Phase 7: snapshots every ``snapshot_every`` iterations, the resumable checkpoint every ``save_every`` and at the end."""
-    from agents.checkpoint import save_checkpoint
+    from agents.checkpoint import prune_checkpoints, save_checkpoint
 
     config, out = run.config, Path(run.config.output_dir)
     if run.rank == 0 and config.snapshot_every and done % config.snapshot_every == 0:
         _save_policy(out / "snapshots" / f"iter-{done:05d}", run.model, run.tokenizer)
     if (config.save_every and done % config.save_every == 0) or done == config.num_iterations:
         if run.rank == 0:
-            save_checkpoint(out / "checkpoint", model=run.model, optimizer=run.optimizer,
+            # the trainers' one naming scheme, checkpoints/checkpoint-<step>; the newest alone is kept
+            save_checkpoint(out / "checkpoints" / f"checkpoint-{done:08d}", model=run.model, optimizer=run.optimizer,
                             state={"iteration": done, "kl_coef": run.task.kl_controller.kl_coef})
+            prune_checkpoints(out / "checkpoints", keep=1)
         if run.world > 1:
             dist.barrier()
 
