@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from agents.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from rlhf_envs.validation import check_config_fields
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 CPU_FUSED_ADAM = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
@@ -70,6 +71,7 @@ class LMTrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
+        check_config_fields(self)
         name = type(self).__name__
         if not self.data_path:
             raise ValueError(f"{name}.data_path is empty: give the path of a JSONL file")

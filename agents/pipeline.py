@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from agents.lm_common import distributed, is_main_process, join_process_group
 from agents.reports import write_jsonl
+from rlhf_envs.validation import check_config_fields
 
 
 @dataclass
@@ -75,6 +76,7 @@ class PipelineConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self):
+        check_config_fields(self)
         for name in ("n_demonstrations", "sft_epochs", "n_preference_prompts", "rm_epochs", "ppo_episodes",
                      "ppo_batch_size", "dpo_epochs", "max_new_tokens", "n_eval_prompts"):
             value = getattr(self, name)

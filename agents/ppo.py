@@ -26,6 +26,8 @@ from gymnasium.vector import AutoresetMode
 from torch import nn
 from tqdm.auto import tqdm
 
+from rlhf_envs.validation import check_config_fields
+
 
 @dataclass
 class PPOConfig:
@@ -58,6 +60,7 @@ class PPOConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
+        check_config_fields(self)
         positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "torch_threads"]
         for name in positive:
             value = getattr(self, name)
