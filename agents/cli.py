@@ -32,6 +32,8 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str
             parser.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         elif base in (dict, list) or typing.get_origin(base) in (dict, list):
             parser.add_argument(flag, dest=f.name, default=default, type=json.loads, help=help_text + " (JSON)")
+        elif base is not kind:  # X | None: "none" gives None
+            parser.add_argument(flag, dest=f.name, default=default, type=_optional(base), help=help_text + " ('none': None)")
         else:
             parser.add_argument(flag, dest=f.name, default=default, type=base, help=help_text)
     for old_name, new_name in getattr(config_cls, RENAMED_FIELDS, {}).items():
@@ -53,6 +55,16 @@ class _RenamedOption(argparse.Action):
         print(f"{parser.prog}: warning: {option_string} was renamed to {self.new_flag}; use {self.new_flag}",
               file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+def _optional(base):
+    """An argparse ``type`` reading ``none`` (any case) as None and anything else as ``base``."""
+
+    def parse(text: str):
+        return None if text.lower() == "none" else base(text)
+
+    parse.__name__ = base.__name__  # argparse names the type in its "invalid float value" message
+    return parse
 
 
 def _base_type(kind):
@@ -83,6 +95,9 @@ def _catgrid(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     config = config_from_args(PPOConfig, args, log_dir=str(out))
+    if config.env_id not in gym.registry:
+        known = sorted(i for i in gym.registry if i.startswith("CatGrid"))
+        raise ValueError(f"--env-id {config.env_id!r} is not a registered Gymnasium id; the CatGrid ids are {known}")
     env = gym.make(config.env_id, **config.env_kwargs)
     optimum = solve(env).optimal_return
     states = np.arange(env.observation_space.n)
@@ -108,15 +123,12 @@ def _train(config_cls, train_fn_path: str, skip: tuple[str, ...] = ()):
     """A sub-command that builds ``config_cls`` from the options and calls the trainer."""
 
     def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        module, name = train_fn_path.split(":")
         overrides = {}
         if getattr(args, "prompts_file", None):
             from agents.data import read_prompts
 
             overrides["prompts"] = read_prompts(args.prompts_file)
-        result = getattr(importlib.import_module(module), name)(config_from_args(config_cls, args, **overrides))
+        result = _load(train_fn_path)(config_from_args(config_cls, args, **overrides))
         from agents.distributed import is_main_process
 
         if not is_main_process():  # data parallel: rank 0 has the held-out metrics and speaks for the run
@@ -169,54 +181,80 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from agents.dpo import DPOConfig
-    from agents.evaluate import EvalConfig
-    from agents.lm_ppo import LMPPOConfig
-    from agents.pipeline import PipelineConfig
-    from agents.ppo import PPOConfig
-    from agents.reward_model import RewardModelConfig
-    from agents.sft import SFTConfig
+_COMMANDS: dict[str, str] = {
+    "pipeline": "SFT -> reward model -> PPO, and DPO beside it, on the embedded default, with a report",
+    "sft": "supervised fine-tuning on JSONL {prompt, completion}",
+    "rm": "reward model (Bradley-Terry) on JSONL pairs {prompt, chosen, rejected} or rankings {prompt, responses}",
+    "dpo": "DPO / IPO / conservative DPO on JSONL preference pairs",
+    "ppo": "RLHF PPO of a causal LM against TextBandit-v0 (KL to a frozen reference)",
+    "eval": "gold reward, proxy reward, KL to the reference and win rates of checkpoints",
+    "elo": "Elo ratings of checkpoints from head-to-head games judged by the gold reward",
+    "catgrid": "train our PPO on a CatGrid env and report the fraction of the exact optimum",
+}
+"""Every sub-command and its one-line help. Only the chosen one's options are built (its config module imports
+torch), so ``rlhf --help`` and a bad command answer without importing torch or transformers."""
 
-    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF as Gymnasium environments, and the agents that train on them.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+_TRAINERS = {"sft": ("agents.sft:SFTConfig", "agents.sft:train_sft"),
+             "rm": ("agents.reward_model:RewardModelConfig", "agents.reward_model:train_reward_model"),
+             "dpo": ("agents.dpo:DPOConfig", "agents.dpo:train_dpo"),
+             "ppo": ("agents.lm_ppo:LMPPOConfig", "agents.lm_ppo:train_lm_ppo")}
 
-    pipe = sub.add_parser("pipeline", formatter_class=fmt,
-                          help="SFT -> reward model -> PPO, and DPO beside it, on the embedded default, with a report")
-    add_config_args(pipe, PipelineConfig)
-    pipe.set_defaults(func=_pipeline)
 
-    for name, cls, fn, what in [
-        ("sft", SFTConfig, "agents.sft:train_sft", "supervised fine-tuning on JSONL {prompt, completion}"),
-        ("rm", RewardModelConfig, "agents.reward_model:train_reward_model",
-         "reward model (Bradley-Terry) on JSONL pairs {prompt, chosen, rejected} or rankings {prompt, responses}"),
-        ("dpo", DPOConfig, "agents.dpo:train_dpo", "DPO / IPO / conservative DPO on JSONL preference pairs"),
-    ]:
-        p = sub.add_parser(name, help=what, formatter_class=fmt)
-        add_config_args(p, cls)
-        p.set_defaults(func=_train(cls, fn))
+def _load(path: str):
+    import importlib
 
-    ppo = sub.add_parser("ppo", formatter_class=fmt, help="RLHF PPO of a causal LM against TextBandit-v0 (KL to a frozen reference)")
-    add_config_args(ppo, LMPPOConfig, skip=("prompts", "ptx_texts"))
-    ppo.add_argument("--prompts-file", default=None, help="JSONL file with a 'prompt' per line (default: corpus prompts)")
-    ppo.set_defaults(func=_train(LMPPOConfig, "agents.lm_ppo:train_lm_ppo"))
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
-    for name, what in [("eval", "gold reward, proxy reward, KL to the reference and win rates of checkpoints"),
-                       ("elo", "Elo ratings of checkpoints from head-to-head games judged by the gold reward")]:
-        p = sub.add_parser(name, help=what, formatter_class=fmt)
-        add_config_args(p, EvalConfig, skip=("models", "prompts"))
+
+def _add_run_folder_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run folder that already holds a run (without it, a non-empty folder is refused "
+                             "unless --resume)")
+
+
+def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
+    """The options of sub-command ``name`` (imports its config's module)."""
+    if name == "pipeline":
+        add_config_args(p, _load("agents.pipeline:PipelineConfig"))
+        _add_run_folder_args(p)
+        p.set_defaults(func=_pipeline)
+    elif name in _TRAINERS:
+        cls = _load(_TRAINERS[name][0])
+        add_config_args(p, cls, skip=("prompts", "ptx_texts") if name == "ppo" else ())
+        if name == "ppo":
+            p.add_argument("--prompts-file", default=None, help="JSONL file with a 'prompt' per line (default: corpus prompts)")
+        _add_run_folder_args(p)
+        p.set_defaults(func=_train(cls, _TRAINERS[name][1]))
+    elif name in ("eval", "elo"):
+        add_config_args(p, _load("agents.evaluate:EvalConfig"), skip=("models", "prompts"))
         p.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help="a model to evaluate (repeat)")
         p.add_argument("--out", default=None, help="also write the full result as JSON here")
         p.set_defaults(func=_evaluate)
+    else:
+        add_config_args(p, _load("agents.ppo:PPOConfig"), skip=("log_dir",))
+        p.add_argument("--out", default="runs/catgrid", help="run folder")
+        p.add_argument("--stop-at", type=float, default=None, help="stop once this fraction of the optimum is reached")
+        _add_run_folder_args(p)
+        p.set_defaults(func=_catgrid)
 
-    grid = sub.add_parser("catgrid", help="train our PPO on a CatGrid env and report the fraction of the exact optimum",
-                          formatter_class=fmt)
-    add_config_args(grid, PPOConfig, skip=("log_dir",))
-    grid.add_argument("--out", default="runs/catgrid", help="run folder")
-    grid.add_argument("--stop-at", type=float, default=None, help="stop once this fraction of the optimum is reached")
-    grid.set_defaults(func=_catgrid)
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``rlhf`` parser: every sub-command listed; the options of ``command`` only (all of them when None,
+    none when ``""``)."""
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF as Gymnasium environments, and the agents that train on them.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, what in _COMMANDS.items():
+        p = sub.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if command is None or command == name:
+            _add_command_args(name, p)
     return parser
+
+
+def _command_in(argv: list[str]) -> str:
+    """The sub-command named in ``argv`` (the first word that is not an option), or ``""``."""
+    word = next((a for a in argv if not a.startswith("-")), "")
+    return word if word in _COMMANDS else ""
 
 
 def _quiet_transformers() -> None:
@@ -228,24 +266,63 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _check_run_folder(args: argparse.Namespace) -> None:
+    """Refuse a run folder that is a file, or that already holds a run, unless ``--resume`` or ``--overwrite``.
+
+    ``--overwrite`` empties the folder first, but only one that an ``rlhf`` command wrote (it has a
+    ``config.json``, ``pipeline_config.json``, ``metrics.jsonl`` or ``metrics.csv``), never any other folder.
+    """
+    import shutil
+
+    option = "--output-dir" if hasattr(args, "output_dir") else "--out"
+    value = getattr(args, "output_dir", getattr(args, "out", None))
+    if value is None or not hasattr(args, "overwrite"):
+        return
+    folder = Path(value)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{option} {value!r} is an existing file, not a folder; give a folder path")
+    if not folder.is_dir() or not any(folder.iterdir()) or getattr(args, "resume", False):
+        return
+    if not args.overwrite:
+        raise FileExistsError(f"{option} {value!r} already holds a run; pass --resume to continue it, --overwrite to "
+                              "replace it, or another folder")
+    markers = ("config.json", "pipeline_config.json", "metrics.jsonl", "metrics.csv")
+    if not any((folder / m).is_file() for m in markers):
+        raise FileExistsError(f"--overwrite refuses to empty {value!r}: it has none of {list(markers)}, so no rlhf "
+                              "command wrote it; remove it yourself or give another folder")
+    shutil.rmtree(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    _quiet_transformers()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_in(argv)).parse_args(argv)
     try:
+        _check_run_folder(args)
+        _quiet_transformers()
         if args.command not in DATA_PARALLEL:
             from agents.distributed import refuse_distributed
 
             refuse_distributed(f"rlhf {args.command}")
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         print(f"rlhf {args.command}: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        import torch.distributed as dist
+    except Exception as err:
+        # a reward plugin failing mid-run or an unknown env id: one line, not a traceback
+        from gymnasium.error import Error as GymError
+        from rlhf_envs.rewards import RewardModelError
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if not isinstance(err, (RewardModelError, GymError)):
+            raise
+        hint = " (the last checkpoint is intact: fix it and rerun with --resume)" if isinstance(err, RewardModelError) else ""
+        print(f"rlhf {args.command}: error: {err}{hint}", file=sys.stderr)
+        return 1
+    finally:
+        if "torch" in sys.modules:  # never import torch just to find no process group
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

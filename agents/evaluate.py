@@ -38,6 +38,7 @@ from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.sampling import Generation, SamplingConfig, generate, processed_logprobs, response_logprobs
 from rlhf_envs.text_bandit import score_responses
 from rlhf_envs.text_common import TextTask, response_hidden
+from rlhf_envs.validation import check_config_fields
 
 
 @dataclass
@@ -58,6 +59,7 @@ class EvalConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
+        check_config_fields(self)
         if len(self.models) < 1:
             raise ValueError("EvalConfig.models is empty: give name=PATH pairs of model directories")
         if self.reference not in self.models:

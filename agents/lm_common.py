@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from agents.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_model_dir
 from agents.distributed import LossModule, distributed, join_process_group, shard
+from rlhf_envs.validation import check_config_fields
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 CPU_FUSED_ADAM = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
@@ -71,6 +72,7 @@ class LMTrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
+        check_config_fields(self)
         name = type(self).__name__
         if not self.data_path:
             raise ValueError(f"{name}.data_path is empty: give the path of a JSONL file")

@@ -56,7 +56,9 @@ from agents.distributed import (
 )
 from agents.lm_policy import PolicyWithValueHead
 from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
+from rlhf_envs.kl import check_env_estimator, truncates
 from rlhf_envs.lm.sampling import SamplingConfig, generate
+from rlhf_envs.validation import check_config_fields
 
 
 @renamed_fields(target_kl="kl_setpoint")
@@ -83,7 +85,7 @@ class LMPPOConfig:
     beta: float = field(default=0.05, metadata={"help": "KL coefficient (initial value when kl_setpoint is set)"})
     kl_setpoint: float | None = field(default=None, metadata={"help": "sequence-level KL target of the adaptive controller; None = fixed beta"})
     kl_horizon: float = field(default=10000.0, metadata={"help": "horizon (episodes) of the adaptive controller: how fast beta moves (Ziegler et al.: 10000)"})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator of the env: k1, k2, k3 or exact"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator of the env: k1, k3 or exact (k2 is refused: its mean is not the KL)"})
     gamma: float = field(default=1.0, metadata={"help": "discount over tokens"})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda over tokens"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
@@ -101,6 +103,12 @@ class LMPPOConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
+        check_config_fields(self)
+        check_env_estimator(self.kl_estimator)
+        for name in ("prompts", "ptx_texts"):
+            if isinstance(getattr(self, name), str):
+                raise TypeError(f"LMPPOConfig.{name} must be a list of strings or None, got a single str "
+                                f"{getattr(self, name)[:40]!r}; wrap it in a list")
         for name in ("total_episodes", "batch_size", "num_minibatches", "ppo_epochs", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -176,12 +184,14 @@ _RANK_SEED_STRIDE = 1_000_000_007
 _STAT_KEYS = ("approxkl", "pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "entropy", "ptx_loss")
 
 
-def _minibatch_loss(model: PolicyWithValueHead, batch: dict[str, Any], config: LMPPOConfig, cfg: SamplingConfig
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One minibatch (this process's share of it): the scaled PPO loss (+ PPO-ptx) and its stats, unscaled."""
+def _minibatch_loss(model: PolicyWithValueHead, batch: dict[str, Any], config: LMPPOConfig, cfg: SamplingConfig,
+                    truncated: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One minibatch (this process's share of it): the scaled PPO loss (+ PPO-ptx) and its stats, unscaled.
+    ``truncated``: the sampler removes tokens (top-k/top-p), see :func:`agents.lm_ppo_losses.policy_loss`."""
     m = batch["response_mask"]
     logprobs, values, entropy = model(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], m, cfg)
-    pg, pg_stats = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], m, config.cliprange)
+    pg, pg_stats = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], m, config.cliprange,
+                               truncated=truncated)
     vf, vf_stats = value_loss(values, batch["old_values"], batch["returns"], m, config.cliprange_value)
     loss = batch["scale"] * (pg + config.vf_coef * vf)
     stats = {"approxkl": pg_stats["approx_kl"], "pg_loss": pg.detach(), "vf_loss": vf.detach(),
@@ -206,6 +216,7 @@ def _ppo_update(step_loss: Any, model: nn.Module, optimizer: torch.optim.Optimiz
     """
     mb_size = config.batch_size // config.num_minibatches
     tokens = rollout["response_mask"].sum(-1).tolist()
+
     stats: dict[str, list[float]] = {k: [] for k in _STAT_KEYS}
     for _epoch in range(config.ppo_epochs):
         perm = torch.randperm(config.batch_size, generator=generator)
@@ -295,7 +306,8 @@ def _setup(config: LMPPOConfig) -> _Run:
     # the fused kernel updates every tensor in one call, not a Python loop over them
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5, fused=CPU_FUSED_ADAM)
     ptx = _ptx_batches(config, tokenizer, torch.Generator().manual_seed(config.seed)) if config.ptx_coef > 0 else None
-    loss_fn = functools.partial(_minibatch_loss, config=config, cfg=config.sampling)
+    loss_fn = functools.partial(_minibatch_loss, config=config, cfg=config.sampling,
+                                truncated=truncates(config.sampling, task.vocab_size))
     step_loss = DistributedDataParallel(LossModule(model, loss_fn)) if world > 1 else functools.partial(loss_fn, model)
     run = _Run(config, model, tokenizer, envs, optimizer, step_loss, ptx, rank, world, start_iter=0)
     latest = latest_checkpoint(out / "checkpoints") if config.resume else None
@@ -326,9 +338,9 @@ def _rollout(run: _Run, iteration: int, generator: torch.Generator) -> dict[str,
     with torch.no_grad():
         gen = generate(model.lm, prompt_ids, prompt_mask, config.sampling, eos_token_id=task.eos_token_id,
                        pad_token_id=task.pad_token_id, generator=generator)
-        # the exact KL estimator needs the policy's full next-token distributions, handed over with the log-probs
+        # exact, and k3 under top-k/top-p, need the policy's full next-token distributions, handed over too
         old_logprobs, old_values, _, *old_full = model(prompt_ids, prompt_mask, gen.response_ids, gen.response_mask,
-                                                       config.sampling, return_full=config.kl_estimator == "exact")
+                                                       config.sampling, return_full=task.needs_full_logprobs)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": gen.response_ids,
             "response_mask": gen.response_mask, "old_logprobs": old_logprobs, "old_values": old_values,
             "old_full": old_full[0] if old_full else None}

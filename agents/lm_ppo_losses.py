@@ -64,13 +64,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, averaged over response tokens; stats ``approx_kl`` (k3) and ``clipfrac``."""
+                clip: float, truncated: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, averaged over response tokens; stats ``approx_kl`` and ``clipfrac``.
+
+    ``approx_kl`` estimates KL(old || new) by k3, or by k1 when the sampler truncates (``truncated``):
+    then ``E_old[ratio]`` is the new policy's mass on the old one's kept tokens, not 1, and k3 reads low.
+    """
     logratio = (logprobs - old_logprobs) * mask.to(logprobs.dtype)
     ratio = logratio.exp()
     loss = masked_mean(torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)), mask)
     with torch.no_grad():
-        stats = {"approx_kl": masked_mean((ratio - 1) - logratio, mask),
+        stats = {"approx_kl": masked_mean(-logratio if truncated else (ratio - 1) - logratio, mask),
                  "clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask)}
     return loss, stats
 

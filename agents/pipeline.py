@@ -36,6 +36,7 @@ import torch.distributed as dist
 from agents.distributed import distributed, is_main_process, join_process_group
 from agents.reports import write_jsonl
 from rlhf_envs.compat import renamed_fields
+from rlhf_envs.validation import check_config_fields
 
 
 @renamed_fields(beta="ppo_beta", target_kl="kl_budget", curve_points="dpo_checkpoints")
@@ -77,6 +78,7 @@ class PipelineConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self):
+        check_config_fields(self)
         for name in ("n_demonstrations", "sft_epochs", "n_preference_prompts", "rm_epochs", "ppo_episodes",
                      "ppo_batch_size", "dpo_epochs", "max_new_tokens", "n_eval_prompts"):
             value = getattr(self, name)

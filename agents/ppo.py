@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf_envs.compat import renamed_fields
+from rlhf_envs.validation import check_config_fields
 
 
 @renamed_fields(target_kl="max_approx_kl")
@@ -61,6 +62,7 @@ class PPOConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
+        check_config_fields(self)
         positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "torch_threads"]
         for name in positive:
             value = getattr(self, name)

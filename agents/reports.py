@@ -68,11 +68,11 @@ def plot_dpo_training(path: Path, metrics: list[dict]) -> Path:
     return _plot_panels(path, [m["step"] for m in rows], panels, "DPO step")
 
 
-def plot_gold_vs_kl(path: Path, points: list[dict], target_kl: float | None = None,
+def plot_gold_vs_kl(path: Path, points: list[dict], kl_budget: float | None = None,
                     selected: dict[str, str] | None = None) -> Path:
     """Gold and proxy reward against KL to SFT for PPO and DPO checkpoints (reward over-optimisation).
 
-    With ``target_kl`` a dotted line marks the KL budget; ``selected`` (``{"ppo": "iter-00056", "dpo":
+    With ``kl_budget`` a dotted line marks the KL budget; ``selected`` (``{"ppo": "iter-00056", "dpo":
     "final"}``) rings each family's reported model.
     """
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
@@ -89,8 +89,8 @@ def plot_gold_vs_kl(path: Path, points: list[dict], target_kl: float | None = No
         for p in chosen:
             ax.plot([p["kl_to_sft"]], [p["gold_reward"]], marker="o", ms=13, mfc="none", mec=colour, mew=2, ls="",
                     label=f"{family.upper()}: reported model")
-    if target_kl is not None:
-        ax.axvline(target_kl, color="grey", ls=":", lw=1.5, label=f"KL budget ({target_kl:g})")
+    if kl_budget is not None:
+        ax.axvline(kl_budget, color="grey", ls=":", lw=1.5, label=f"KL budget ({kl_budget:g})")
     ax.set(xlabel="KL to SFT (nats per response)", ylabel="mean reward on held-out prompts",
            title="Gold vs proxy reward as the policy moves away from SFT")
     ax.grid(alpha=0.3)

@@ -7,18 +7,24 @@ log-distribution ``[N, V]`` into a :class:`LogprobChannel`; :class:`HandOverLogp
 ``VecEnvWrapper``) hands row ``i`` to env ``i`` through ``set_policy_logprobs`` just before
 ``step``, so the env's KL is that of the policy that chose the action.
 
-    channel = LogprobChannel()
-    venv = HandOverLogprobs(make_vec_env("TextToken-v0", n_envs=4, env_kwargs={..., "render_mode": None}), channel)
-    model = PPO(LMActorCriticPolicy, venv, policy_kwargs=dict(lm=policy_lm, pad_token_id=pad,
-                sampling=venv.get_attr("task")[0].sampling, channel=channel))
+:func:`sb3_text_ppo` wires the four objects (vector env, hand-over wrapper, channel, policy):
+
+    model = sb3_text_ppo("TextToken-v0", model=None, n_envs=4, env_kwargs={"max_new_tokens": 8, "beta": 0.05},
+                         n_steps=64, batch_size=64)
+    model.learn(10_000)          # trains the LM (a trainable copy of the env's reference) and the value head
+
+The policy's LM must be trainable: a copy of the env's frozen ``ref_model`` has ``requires_grad``
+off, and SB3 would then update only the value head; :class:`LMActorCriticPolicy` refuses it.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
 import torch
+from gymnasium import spaces
 from stable_baselines3.common.distributions import CategoricalDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
@@ -26,7 +32,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
 from rlhf_envs.text_common import attention_mask_from_obs
 
-__all__ = ["HandOverLogprobs", "LMActorCriticPolicy", "LogprobChannel"]
+__all__ = ["HandOverLogprobs", "LMActorCriticPolicy", "LogprobChannel", "sb3_text_ppo"]
 
 
 class LogprobChannel:
@@ -39,8 +45,9 @@ class LogprobChannel:
 class LMActorCriticPolicy(ActorCriticPolicy):
     """An SB3 actor-critic whose actor is a causal LM and whose critic is a linear head on it.
 
-    Extra keyword arguments (pass them in ``policy_kwargs``): ``lm`` (the trainable causal LM,
-    usually a copy of the env's ``ref_model``), ``pad_token_id``, ``sampling`` (the env's
+    Extra keyword arguments (pass them in ``policy_kwargs``): ``lm`` (the causal LM to train, with
+    ``requires_grad`` on: a copy of the env's ``ref_model`` needs ``.requires_grad_(True)``, else
+    this raises), ``pad_token_id``, ``sampling`` (the env's
     :class:`~rlhf_envs.lm.sampling.SamplingConfig`, ``env.unwrapped.task.sampling``) and ``channel``.
     """
 
@@ -51,6 +58,15 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
     def _build(self, lr_schedule) -> None:
         lm, self.pad_token_id, self.sampling, self.channel = self._lm_parts
+        frozen = [name for name, p in lm.named_parameters() if not p.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"{len(frozen)} of the LM's {len(list(lm.parameters()))} parameter tensors have requires_grad=False "
+                f"(e.g. {frozen[0]!r}; a copy of the env's frozen ref_model is), so PPO would train only the value "
+                "head; pass lm=copy.deepcopy(ref).requires_grad_(True), or use sb3_text_ppo(...)")
+        if not isinstance(self.action_space, spaces.Discrete):
+            raise ValueError(f"the LM policy acts one token at a time (a Discrete action space, TextToken-v0); "
+                             f"got {self.action_space}")
         self.lm = lm
         vocab = int(lm.get_output_embeddings().weight.shape[0])
         if vocab != self.action_space.n:
@@ -129,3 +145,38 @@ class HandOverLogprobs(VecEnvWrapper):
 
     def step_wait(self):
         return self.venv.step_wait()
+
+
+def sb3_text_ppo(env_id: str = "TextToken-v0", model: Any = None, *, n_envs: int = 4, env_kwargs: dict | None = None,
+                 seed: int = 0, device: str = "cpu", **ppo_kwargs: Any):
+    """SB3 ``PPO`` training a causal LM on ``env_id`` (a token-level text env such as ``TextToken-v0``).
+
+    ``model`` is the env's reference: ``None`` (embedded default), a local HF causal-LM directory
+    or a ``(model, tokenizer)`` pair. The policy starts as a trainable copy of it without dropout (so
+    the KL starts at 0) plus a linear value head. Builds ``n_envs`` envs with ``env_kwargs`` (SB3's
+    ``make_vec_env``), the :class:`HandOverLogprobs` wrapper and the :class:`LMActorCriticPolicy`;
+    ``ppo_kwargs`` go to ``PPO`` (``n_steps``, ``batch_size``, ``learning_rate``, ...). The vector
+    env is ``model.get_env()``.
+    """
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    if isinstance(model, tuple):
+        lm, tokenizer = model
+    else:
+        from rlhf_envs.lm.loading import load_causal_lm
+
+        lm, tokenizer = load_causal_lm(model)
+    kwargs = {**(env_kwargs or {}), "model": (lm, tokenizer), "render_mode": None}
+    channel = LogprobChannel()
+    venv = HandOverLogprobs(make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=kwargs), channel)
+    if not isinstance(venv.action_space, spaces.Discrete):
+        raise ValueError(f"sb3_text_ppo needs a token-level env (Discrete actions, e.g. TextToken-v0); {env_id!r} has "
+                         f"{venv.action_space}")
+    task = venv.get_attr("task")[0]
+    policy_lm = copy.deepcopy(lm).requires_grad_(True).train()
+    for module in policy_lm.modules():  # as in agents.lm_ppo: without dropout the ratio is 1 before the first step
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    policy_kwargs = {"lm": policy_lm, "pad_token_id": task.pad_token_id, "sampling": task.sampling, "channel": channel}
+    return PPO(LMActorCriticPolicy, venv, policy_kwargs=policy_kwargs, seed=seed, device=device, **ppo_kwargs)

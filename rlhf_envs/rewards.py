@@ -8,7 +8,8 @@ A reward model is anything with ``score(prompts: list[str], responses: list[str]
 2. factories added with :func:`register`;
 3. the entry point group ``rlhf_envs.reward_models`` of installed distributions: each entry point
    loads to a factory. They are read lazily, at the first lookup of an unknown name; a plugin
-   whose import fails is skipped with a warning and never breaks anything else.
+   whose import fails breaks nothing else, and asking for it by name is an error saying it failed
+   to load, and why.
 
 A factory is called with the keyword arguments of :func:`make_reward_model` and returns an object
 with ``.score`` or a scoring callable. :func:`make_reward_model` wraps the result in
@@ -21,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.metadata
 import os
-import warnings
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -191,12 +191,12 @@ def _factory(name: str) -> Callable[..., Any]:
         try:
             factory = entry_point.load()
         except Exception as exc:
-            warnings.warn(
+            # asked for by name: say that it failed to load, and why, rather than that it is unknown
+            raise ValueError(
                 f"reward model plugin {name!r} ({entry_point.value}) failed to load: {type(exc).__name__}: {exc}; "
-                "skipping it", RuntimeWarning, stacklevel=3)
-        else:
-            _REGISTERED[name] = factory
-            return factory
+                "fix or reinstall the plugin, or pick another reward model") from exc
+        _REGISTERED[name] = factory
+        return factory
     raise ValueError(
         f"unknown reward model {name!r}; known: {available_reward_models()}. Register one with "
         f"rlhf_envs.rewards.register(name, factory) or the entry point group {ENTRY_POINT_GROUP!r}, "

@@ -36,14 +36,16 @@ class TextBanditEnv(gym.Env):
 
     ## Rewards
     ``score(prompt, response) - beta * sum_t kl_t``: ``score`` from the reward model (``sentiment``:
-    VADER compound in [-1, 1]), ``kl_t`` the chosen per-token estimator (``k1``, ``k2``, ``k3`` or
-    ``exact``, see :mod:`rlhf_envs.kl`) of ``KL(policy || ref_model)`` over the response tokens.
+    VADER compound in [-1, 1]), ``kl_t`` the chosen per-token estimator (``k1``, ``k3`` or
+    ``exact``, see :mod:`rlhf_envs.kl`; each has expectation the exact KL under every sampling setting) of ``KL(policy || ref_model)`` over the response tokens.
 
     **The KL mechanism.** The env never runs the policy: before ``step`` the agent hands over the
     log-probs it sampled the response with, ``env.unwrapped.set_policy_logprobs(logprobs,
     full_logprobs=None)`` with ``logprobs [max_new_tokens]`` the per-token log-probs under the
     distribution actually sampled from (temperature/top-k/top-p, as :func:`rlhf_envs.lm.sampling.generate`
-    returns them, 0 after EOS) and, for ``kl_estimator="exact"``, ``full_logprobs [max_new_tokens, V]``.
+    returns them, 0 after EOS) and, for ``kl_estimator="exact"`` or for ``"k3"`` under top-k/top-p
+    (``env.unwrapped.task.needs_full_logprobs``), ``full_logprobs [max_new_tokens, V]``: normalised
+    log-distributions at every response token (anything after EOS is ignored), checked at ``step``.
     The env runs only the frozen reference model (one teacher-forced forward; same temperature, no
     truncation, so reference log-probs are finite). If nothing was handed over, the env assumes the
     action was drawn uniformly from the action space (true for ``action_space.sample()`` and
@@ -65,7 +67,8 @@ class TextBanditEnv(gym.Env):
     - ``prompts``: list of strings; ``None`` = ``n_prompts`` corpus prompts (``prompt_seed``).
     - ``beta``: KL coefficient; with ``kl_setpoint`` set, the initial value of Ziegler et al.'s adaptive
       controller (``kl_horizon``), updated after every step from the observed KL per response.
-    - ``kl_estimator``: ``"k1"``, ``"k2"``, ``"k3"`` or ``"exact"``.
+    - ``kl_estimator``: ``"k1"``, ``"k3"`` or ``"exact"`` (``"k2"`` is refused: its expectation is not
+      the KL, see :mod:`rlhf_envs.kl`).
     - ``max_prompt_tokens``: observation length (``None`` = longest prompt; longer prompts are an error).
     - ``max_new_tokens``: response length ``T``.
     - ``temperature``, ``top_k``, ``top_p``: the distribution the agent samples from
@@ -184,9 +187,13 @@ def _check_handed(task: TextTask, logprobs: Any, full_logprobs: Any,
     full = None
     if full_logprobs is not None:
         full = task.check_logprobs(full_logprobs, batch + steps + (task.vocab_size,), "full_logprobs")
-    elif task.kl_estimator == "exact":
-        raise ValueError("kl_estimator='exact' needs full_logprobs [..., T, V] too: "
-                         "set_policy_logprobs(logprobs, full_logprobs=...)")
+    elif task.needs_full_logprobs:
+        s = task.sampling
+        why = ("the exact KL sums over them" if task.kl_estimator == "exact" else
+               f"under top_k={s.top_k}, top_p={s.top_p} k3 needs the reference's mass on the tokens the policy kept, "
+               "else it reads too low")
+        raise ValueError(f"kl_estimator={task.kl_estimator!r} needs full_logprobs [..., T, V] too ({why}): "
+                         "set_policy_logprobs(logprobs, full_logprobs=...), or pick kl_estimator='k1'")
     return lp, full
 
 
@@ -200,11 +207,12 @@ def score_responses(task: TextTask, prompt_index: np.ndarray, tokens: np.ndarray
     response_ids = torch.as_tensor(tokens, device=task.device)
     mask = task.response_mask(response_ids)
     response_ids = response_ids.masked_fill(~mask, task.pad_token_id)
-    exact = task.kl_estimator == "exact"
     if handed is None:
         task.warn_uniform()
         logprobs = torch.full(mask.shape, task.uniform_logprob(), device=task.device)
-        full = torch.full(mask.shape + (task.vocab_size,), task.uniform_logprob(), device=task.device) if exact else None
+        # a uniform policy keeps every token, so k3 needs no correction: only the exact KL needs the full vectors
+        full = (torch.full(mask.shape + (task.vocab_size,), task.uniform_logprob(), device=task.device)
+                if task.kl_estimator == "exact" else None)
     else:
         logprobs, full = handed
         if torch.isinf(logprobs[mask]).any():
@@ -212,8 +220,12 @@ def score_responses(task: TextTask, prompt_index: np.ndarray, tokens: np.ndarray
             raise ValueError(
                 f"handed-over logprobs are -inf inside the response (rows {rows[:5]}): the action was not sampled "
                 "from the distribution they describe; hand over the log-probs of the tokens you sampled")
+        if full is not None:
+            task.check_log_distributions(full, mask, "full_logprobs", logprobs, response_ids)
+            full = full if task.needs_full_logprobs else None
     logprobs = logprobs.masked_fill(~mask, 0.0)
-    ref, ref_full = task.ref_logprobs(torch.as_tensor(prompt_index, device=task.device), response_ids, mask, exact)
+    ref, ref_full = task.ref_logprobs(torch.as_tensor(prompt_index, device=task.device), response_ids, mask,
+                                      full is not None)
     kl_per_token = task.kl_per_token(logprobs, ref, mask, full, ref_full)
     kl = kl_per_token.sum(-1)
     responses = task.decode(response_ids, mask)

@@ -19,9 +19,10 @@ from gymnasium.error import InvalidAction
 
 from rlhf_envs.lm.gpt2 import GPT2View, ViewCache
 from rlhf_envs.lm.decoding import PromptKVCache
-from rlhf_envs.kl import get_kl_estimator, make_kl_controller
+from rlhf_envs.kl import check_env_estimator, check_exact_kl, make_kl_controller, truncates
 from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
+from rlhf_envs.validation import check_number
 
 __all__ = ["TextTask", "attention_mask_from_obs", "pick_prompt", "vector_info", "vector_task"]
 
@@ -92,10 +93,19 @@ class TextTask:
         n_prompts: int = 512,
         prompt_seed: int = 0,
     ):
+        beta, kl_horizon = check_number(beta, "beta"), check_number(kl_horizon, "kl_horizon")
+        kl_setpoint = check_number(kl_setpoint, "kl_setpoint", optional=True)
+        reward_timeout_s = check_number(reward_timeout_s, "reward_timeout_s", optional=True)
+        max_prompt_tokens = check_number(max_prompt_tokens, "max_prompt_tokens", int, optional=True)
+        n_prompts, prompt_seed = check_number(n_prompts, "n_prompts", int), check_number(prompt_seed, "prompt_seed", int)
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError(f"prompts must be a list of strings, got a single {type(prompts).__name__} "
+                            f"{prompts[:40]!r}; wrap it in a list: prompts=[{prompts[:40]!r}]")
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-        self.ref_sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+        max_new_tokens = self.sampling.max_new_tokens
+        self.ref_sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=self.sampling.temperature)
         self.kl_estimator = kl_estimator
-        self._estimator = get_kl_estimator(kl_estimator)
+        self._estimator = check_env_estimator(kl_estimator)
         self.kl_controller = make_kl_controller(beta, kl_setpoint, kl_horizon)
         self.device = torch.device(device)
         ref_model, self.tokenizer = _load_reference(model)
@@ -122,6 +132,12 @@ class TextTask:
     def beta(self) -> float:
         """The current KL coefficient."""
         return self.kl_controller.kl_coef
+
+    @property
+    def needs_full_logprobs(self) -> bool:
+        """Whether the KL needs the policy's full log-distributions ``[..., V]``: for ``exact``, and for ``k3``
+        under top-k/top-p (its correction is the reference's mass on the tokens the policy kept)."""
+        return self.kl_estimator == "exact" or (self.kl_estimator == "k3" and truncates(self.sampling, self.vocab_size))
 
     def _encode_prompts(self, max_prompt_tokens: int | None) -> None:
         if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
@@ -181,6 +197,31 @@ class TextTask:
         if torch.isnan(t).any() or (t > 1e-4).any():
             raise ValueError(f"{what} must be log-probabilities (<= 0, not NaN)")
         return t.to(self.device, torch.float32)
+
+    def check_log_distributions(self, full: torch.Tensor, mask: torch.Tensor, what: str,
+                                logprobs: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> None:
+        """Raise unless ``full [..., V]`` is a normalised log-distribution wherever ``mask [...]`` is True.
+
+        The one hand-over check of both envs. With ``logprobs`` and ``tokens`` (``[...]``), also that the
+        per-token log-probs are the full distributions' entries at the tokens.
+        """
+        mass = torch.logsumexp(full[mask], dim=-1).exp()
+        bad = (mass - 1.0).abs() > 1e-3
+        if bad.any():
+            at = mask.nonzero()[bad.nonzero()[0, 0]].tolist()
+            raise ValueError(
+                f"{what} must be a full log-distribution over the vocabulary (exp sums to 1 per row) at every "
+                f"{'response token' if mask.dim() > 1 else 'step'}; at index {at} the total mass is "
+                f"{mass[bad][0].item():.4g}; hand over log_softmax of the logits you sampled from "
+                "(rlhf_envs.lm.sampling.processed_logprobs)")
+        if logprobs is not None and tokens is not None:
+            picked = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            off = ((picked - logprobs).abs() > 1e-3) & mask
+            if off.any():
+                at = off.nonzero()[0].tolist()
+                raise ValueError(
+                    f"logprobs disagree with full_logprobs at the sampled token (index {at}: {logprobs[tuple(at)]:.4g} "
+                    f"vs {picked[tuple(at)]:.4g}); hand over both from the distribution you sampled from")
 
     def warn_uniform(self) -> None:
         """Warn (once per env) that no log-probs were handed over and the KL is for a uniform policy."""
@@ -297,9 +338,11 @@ class TextTask:
 
     def kl_per_token(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
                      full_logprobs: torch.Tensor | None = None, full_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
-        """The chosen estimator per token, 0 where ``mask`` is False."""
-        kl = self._estimator(logprobs, ref_logprobs, full_logprobs, full_ref_logprobs)
-        return kl.masked_fill(~mask, 0.0)
+        """The chosen estimator per token, 0 where ``mask`` is False (see :mod:`rlhf_envs.kl`)."""
+        kl = self._estimator(logprobs, ref_logprobs, full_logprobs, full_ref_logprobs).masked_fill(~mask, 0.0)
+        if self.kl_estimator == "exact":
+            check_exact_kl(kl)
+        return kl
 
     def score(self, prompt_index: Sequence[int], responses: list[str]) -> np.ndarray:
         """One batched reward-model call: float32 ``[N]``."""

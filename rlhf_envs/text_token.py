@@ -198,8 +198,7 @@ class _TokenEpisodes:
 
 def _check_handed(task: TextTask, logprobs: Any, batch: tuple[int, ...]) -> torch.Tensor:
     full = task.check_logprobs(logprobs, batch + (task.vocab_size,), "logprobs")
-    if not torch.allclose(full.exp().sum(-1), torch.ones(()), atol=1e-3):
-        raise ValueError("logprobs must be a full log-distribution over the vocabulary (exp sums to 1 per row)")
+    task.check_log_distributions(full, torch.ones(batch, dtype=torch.bool, device=full.device), "logprobs")
     return full
 
 

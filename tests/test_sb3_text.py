@@ -10,7 +10,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 
 import rlhf_envs  # noqa: F401
-from agents.sb3_text import HandOverLogprobs, LMActorCriticPolicy, LogprobChannel
+from agents.sb3_text import HandOverLogprobs, LMActorCriticPolicy, LogprobChannel, sb3_text_ppo
 from tests.tiny_models import tiny_causal_lm
 
 
@@ -64,4 +64,36 @@ def test_sb3_ppo_learns_on_text_token():
     after, kl = _mean_score(model, venv, episodes=96)
     assert before < 0.2
     assert after > before + 0.25, (before, after)
+    assert kl > 0
+
+
+def test_a_frozen_lm_is_refused_at_construction():
+    venv, policy_kwargs = _setup()
+    frozen = venv.get_attr("task")[0].ref_model  # the env's own frozen reference
+    with pytest.raises(ValueError, match=r"requires_grad=False .* would train only the value head"):
+        PPO(LMActorCriticPolicy, venv, policy_kwargs={**policy_kwargs, "lm": copy.deepcopy(frozen)}, device="cpu")
+
+
+def test_sb3_text_ppo_refuses_a_whole_response_env():
+    ref, tokenizer = tiny_causal_lm(seed=0)
+    with pytest.raises(ValueError, match="needs a token-level env"):
+        sb3_text_ppo("TextBandit-v0", (ref, tokenizer), n_envs=1, env_kwargs={"prompts": ["ab"], "max_new_tokens": 2})
+
+
+@pytest.mark.slow
+def test_sb3_text_ppo_trains_the_lm_and_raises_the_score(one_thread):
+    torch.manual_seed(0)
+    ref, tokenizer = tiny_causal_lm(seed=0)
+    model = sb3_text_ppo("TextToken-v0", (ref, tokenizer), n_envs=4,
+                         env_kwargs={"prompts": ["ab", "cd", "hi"], "max_new_tokens": 1, "reward_model": lowercase_fraction,
+                                     "beta": 0.01},
+                         n_steps=64, batch_size=64, n_epochs=4, learning_rate=3e-3, gamma=1.0, gae_lambda=1.0, ent_coef=0.0)
+    venv = model.get_env()
+    before_weights = {k: v.clone() for k, v in model.policy.lm.state_dict().items()}
+    before, _ = _mean_score(model, venv, episodes=96)
+    model.learn(total_timesteps=1024)
+    after, kl = _mean_score(model, venv, episodes=96)
+    moved = [k for k, v in model.policy.lm.state_dict().items() if not torch.equal(v, before_weights[k])]
+    assert len(moved) >= len(before_weights) // 2, f"{len(moved)} of {len(before_weights)} LM tensors changed"
+    assert after > before + 0.2, (before, after)
     assert kl > 0

@@ -56,7 +56,7 @@ def _ref_sample(lm, envs, obs, seed):
     return actions, logprobs
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_bandit_kl_zero_for_reference_logprobs_and_reward_formula(lm, estimator):
     envs = gym.make_vec("TextBandit-v0", num_envs=8, model=lm, prompts=PROMPTS, max_new_tokens=6,
                         reward_model=count_a, kl_estimator=estimator, temperature=0.7, beta=0.1)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rlhf_envs.corpus import make_reviews
+from rlhf_envs.validation import check_config_fields
 
 BOS_EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -65,6 +66,7 @@ class BuildConfig:
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
 
     def __post_init__(self) -> None:
+        check_config_fields(self)
         self.out = Path(self.out)
         if self.corpus not in ("reviews", "shakespeare"):
             raise ValueError(f"corpus={self.corpus!r}; expected 'reviews' or 'shakespeare'.")

@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from rlhf_envs.lm.segments import additive_mask
 from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.decoding import GPT2Decoder
+from rlhf_envs.validation import check_config_fields
 
 __all__ = [
     "BufferedKVLayer",
@@ -52,6 +53,7 @@ class SamplingConfig:
     greedy: bool = field(default=False, metadata={"help": "Take the argmax (one-hot distribution) instead of sampling."})
 
     def __post_init__(self) -> None:
+        check_config_fields(self)
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}; pass e.g. 48")
         if not self.temperature > 0.0 or self.temperature != self.temperature or self.temperature == float("inf"):
