@@ -50,7 +50,8 @@ class PPOConfig:
     norm_adv: bool = field(default=True, metadata={"help": "normalise advantages per minibatch"})
     clip_coef: float = field(default=0.2, metadata={"help": "surrogate clipping coefficient"})
     clip_vloss: bool = field(default=True, metadata={"help": "clip the value loss as in the PPO paper's code"})
-    ent_coef: float = field(default=0.01, metadata={"help": "entropy bonus coefficient"})
+    ent_coef: float = field(default=0.01, metadata={"help": "entropy bonus coefficient (the initial one with ent_coef_final)"})
+    ent_coef_final: float | None = field(default=None, metadata={"help": "anneal the entropy coefficient linearly from ent_coef to this over the run; None = constant"})
     vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient"})
     max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
     max_approx_kl: float | None = field(default=None, metadata={"help": "stop the update when approx-KL exceeds this (checked per minibatch); SB3 and CleanRL call it target_kl"})
@@ -80,6 +81,9 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.max_approx_kl is not None and self.max_approx_kl <= 0:
             raise ValueError(f"PPOConfig.max_approx_kl must be > 0 or None, got {self.max_approx_kl!r}")
+        for name in ["ent_coef", "ent_coef_final"]:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
     @property
     def batch_size(self) -> int:
@@ -263,8 +267,12 @@ def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None =
                desc=f"PPO {config.env_id}")
 
     for iteration in range(1, config.num_iterations + 1):
+        progress = (iteration - 1.0) / config.num_iterations
         if config.anneal_lr:
-            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / config.num_iterations) * config.learning_rate
+            optimizer.param_groups[0]["lr"] = (1.0 - progress) * config.learning_rate
+        ent_coef = config.ent_coef
+        if config.ent_coef_final is not None:  # explore widely first, then let the policy sharpen
+            ent_coef += progress * (config.ent_coef_final - config.ent_coef)
 
         finished_returns, finished_lengths = [], []
         with torch.inference_mode():
@@ -337,7 +345,7 @@ def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None =
                 else:
                     v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
                 entropy_loss = entropy.mean()
-                loss = pg_loss - config.ent_coef * entropy_loss + v_loss * config.vf_coef
+                loss = pg_loss - ent_coef * entropy_loss + v_loss * config.vf_coef
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm, foreach=True)
@@ -350,6 +358,7 @@ def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None =
         row = {
             "global_step": global_step,
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/ent_coef": ent_coef,
             "charts/episodic_return": float(np.mean(finished_returns)) if finished_returns else None,
             "charts/episodic_length": float(np.mean(finished_lengths)) if finished_lengths else None,
             "losses/value_loss": v_loss.item(),

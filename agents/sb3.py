@@ -56,6 +56,22 @@ def sb3_action_probs(model: BaseAlgorithm, observations: np.ndarray) -> np.ndarr
         return model.policy.get_distribution(obs_tensor).distribution.probs.double().cpu().numpy()
 
 
+class EntropySchedule(BaseCallback):
+    """Anneals SB3 PPO's ``ent_coef`` linearly from ``start`` to ``end`` over ``total_timesteps``, as
+    :class:`agents.ppo.PPOConfig`'s ``ent_coef_final`` does (SB3 takes only a constant coefficient)."""
+
+    def __init__(self, start: float, end: float, total_timesteps: int):
+        super().__init__()
+        self.start, self.end, self.total = start, end, total_timesteps
+
+    def _on_rollout_start(self) -> None:
+        progress = min(1.0, self.num_timesteps / self.total)
+        self.model.ent_coef = self.start + progress * (self.end - self.start)
+
+    def _on_step(self) -> bool:
+        return True
+
+
 class StopWhen(BaseCallback):
     """Stops SB3 training once ``check(model, num_timesteps)`` returns True.
 

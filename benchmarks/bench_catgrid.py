@@ -7,6 +7,9 @@
    policy, no sampling noise) reaches 95% of the optimum, per seed, median and ratio. The check
    runs after every update on both sides, and the time it takes is left out of both.
 3. SB3's DQN through the same standard API (interop check, one seed).
+4. The 8x8 maps (sober and drunk), where a random cat finds the meat in under 2% of episodes: our
+   PPO and SB3's PPO with the same settings and budget, :data:`EIGHT_BY_EIGHT`: 1024 envs and an
+   entropy coefficient annealed from 0.1 to 0 (SB3 through :class:`agents.sb3.EntropySchedule`).
 
     python -m benchmarks.bench_catgrid            # writes benchmarks/results/catgrid.json
 """
@@ -23,11 +26,14 @@ import torch
 
 import rlhf_envs  # noqa: F401  (registers the envs)
 from agents.ppo import PPOConfig, train_ppo
-from agents.sb3 import StopWhen, sb3_action_probs, sb3_dqn, sb3_ppo_from_config
+from agents.sb3 import EntropySchedule, StopWhen, sb3_action_probs, sb3_dqn, sb3_ppo_from_config
 from benchmarks.common import print_table, write_json
 from rlhf_envs.catgrid_solver import policy_return, solve
 
 TARGET = 0.95
+EIGHT_BY_EIGHT = dict(num_envs=1024, num_steps=32, num_minibatches=8, learning_rate=1e-3, ent_coef=0.1,
+                      ent_coef_final=0.0)
+"""PPO settings for the 8x8 maps: wide exploration first (many envs, a high entropy bonus), then annealed."""
 
 
 def step_throughput(env_id: str, steps: int, seed: int = 0, **kwargs) -> float:
@@ -95,7 +101,10 @@ def time_to_target(env_id: str, seed: int, config_kwargs: dict, budget: int, rep
         torch.set_num_threads(config.torch_threads)
         model = sb3_ppo_from_config(config)
         stop = StopWhen(lambda m, step: timed_check(lambda: sb3_action_probs(m, states)))
-        model.learn(total_timesteps=budget, callback=stop)
+        callbacks = [stop]
+        if config.ent_coef_final is not None:
+            callbacks.append(EntropySchedule(config.ent_coef, config.ent_coef_final, budget))
+        model.learn(total_timesteps=budget, callback=callbacks)
         reached["sb3"] = stop.reached_at
 
     # Same seed, same run: steps are identical across repeats, seconds are the median of the wall
@@ -113,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--budget", type=int, default=200_000, help="env-step budget per training run")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each training run (median)")
+    parser.add_argument("--budget-8x8", type=int, default=4_000_000, help="env-step budget per 8x8 training run")
     parser.add_argument("--steps", type=int, default=100_000, help="steps for the single-env throughput test")
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, not for the README)")
     args = parser.parse_args(argv)
@@ -175,6 +185,15 @@ def main(argv: list[str] | None = None) -> dict:
     results["sb3_dqn"] = {"env": "CatGrid-v0", "reached_at_step": stop.reached_at,
                           "seconds": time.perf_counter() - start}
     print_table("SB3 DQN on CatGrid-v0 (greedy policy)", [results["sb3_dqn"]])
+    # 4. The 8x8 maps: one timed run per seed (a run takes seconds to minutes, not a fraction of one).
+    big_rows = []
+    for env_id in ["CatGrid8x8-v0", "CatGrid8x8Drunk-v0"]:
+        for seed in args.seeds:
+            big_rows.append(time_to_target(env_id, seed, EIGHT_BY_EIGHT, args.budget_8x8, repeats=1))
+    print_table(f"PPO on the 8x8 maps: env steps and wall time to {TARGET:.0%} of the optimum "
+                f"(budget {args.budget_8x8:,} steps)", big_rows)
+    results["ppo_8x8_runs"], results["ppo_8x8_config"] = big_rows, EIGHT_BY_EIGHT
+    results["ppo_8x8_budget"] = args.budget_8x8
     write_json("catgrid", results)
     return results
 

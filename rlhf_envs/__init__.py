@@ -40,6 +40,8 @@ _ENVS: list[dict] = [
 _TEXT_ENVS: list[dict] = [
     dict(id="TextBandit-v0", entry_point="rlhf_envs.text_bandit:TextBanditEnv",
          vector_entry_point="rlhf_envs.text_bandit:TextBanditVectorEnv"),
+    dict(id="TextBanditExact-v0", entry_point="rlhf_envs.text_bandit_exact:TextBanditExactEnv",
+         vector_entry_point="rlhf_envs.text_bandit_exact:TextBanditExactVectorEnv"),
     dict(id="TextToken-v0", entry_point="rlhf_envs.text_token:TextTokenEnv",
          vector_entry_point="rlhf_envs.text_token:TextTokenVectorEnv"),
 ]
