@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from agents.lm_common import distributed, is_main_process, join_process_group
-from agents.reports import write_jsonl
+from agents.data import write_jsonl
 
 
 @dataclass

@@ -54,7 +54,8 @@ def train_sft(config: SFTConfig) -> TrainResult:
     fuse_gelu(model)
     model.to(device)
     data = tokenize_sft(tokenizer, records, config.max_length)
-    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed)
+    # a conversation gives one example per assistant turn: held out together, by conversation
+    train_idx, eval_idx = held_out_split(len(data.input_ids), config.eval_fraction, config.seed, groups=data.record_index)
     pad_id = tokenizer.pad_token_id
 
     # A GPT-2 without active dropout takes the packed lean forward (no padding, rlhf_envs.lm.packing);

@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from gymnasium.error import InvalidAction
 
+from rlhf_envs.lm.chat import check_conversation, encode_prompt, is_conversation, prompt_text
 from rlhf_envs.lm.gpt2 import GPT2View, ViewCache
 from rlhf_envs.lm.decoding import PromptKVCache
 from rlhf_envs.kl import get_kl_estimator, make_kl_controller
 from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
 
-__all__ = ["TextTask", "attention_mask_from_obs", "pick_prompt", "vector_info", "vector_task"]
+__all__ = ["TextTask", "attention_mask_from_obs", "object_array", "pick_prompt", "vector_info", "vector_task"]
 
 ModelSpec = str | os.PathLike | tuple | None
 
@@ -124,10 +125,16 @@ class TextTask:
         return self.kl_controller.kl_coef
 
     def _encode_prompts(self, max_prompt_tokens: int | None) -> None:
-        if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
-            raise ValueError("prompts must be a non-empty list of strings (or None for the built-in corpus prompts)")
-        # Encoded as the trainers (SFT, RM, DPO) encode prompts: with the tokenizer's own special tokens (a BOS).
-        encoded = [self.tokenizer(p)["input_ids"] for p in self.prompts]
+        if not self.prompts or not all(isinstance(p, str) or is_conversation(p) for p in self.prompts):
+            raise ValueError("prompts must be a non-empty list of strings or of conversations (lists of role/content "
+                             "turns), or None for the built-in corpus prompts")
+        for i, p in enumerate(self.prompts):
+            if not isinstance(p, str):
+                check_conversation(p, f"prompts[{i}]")
+        # Encoded as the trainers (SFT, RM, DPO) encode prompts: plain text with the tokenizer's own special
+        # tokens (a BOS), a conversation rendered with the chat template's generation prompt (rlhf_envs.lm.chat).
+        self.prompt_texts = [prompt_text(self.tokenizer, p) for p in self.prompts]
+        encoded = [encode_prompt(self.tokenizer, p) for p in self.prompts]
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
             raise ValueError(f"prompts {empty[:5]} encode to zero tokens; every prompt needs at least one token")
@@ -140,7 +147,7 @@ class TextTask:
         if too_long:
             i = too_long[0]
             raise ValueError(
-                f"prompt {i} ({self.prompts[i][:40]!r}...) has {len(encoded[i])} tokens > max_prompt_tokens="
+                f"prompt {i} ({self.prompt_texts[i][:40]!r}...) has {len(encoded[i])} tokens > max_prompt_tokens="
                 f"{max_prompt_tokens} ({len(too_long)} prompts too long); raise max_prompt_tokens or shorten them")
         context = _context_length(self.ref_model)
         if context is not None and max_prompt_tokens + self.sampling.max_new_tokens > context:
@@ -344,6 +351,14 @@ def vector_task(num_envs: Any, render_mode: str | None, env_id: str, task_kwargs
     if unknown:
         raise TypeError(f"{env_id} got unknown keyword arguments {unknown}; accepted: {['num_envs', 'render_mode', *accepted]}")
     return TextTask(**task_kwargs)
+
+
+def object_array(values: Sequence[Any]) -> np.ndarray:
+    """``[N]`` object array of ``values`` (strings or conversations: a list of turns stays one element)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
 
 
 def vector_info(info: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
