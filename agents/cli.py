@@ -26,7 +26,9 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str
         help_text = f.metadata.get('help', '').replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         base = _base_type(kind)
-        if base is bool:
+        if f.metadata.get("nargs"):
+            parser.add_argument(flag, dest=f.name, default=default, nargs=f.metadata["nargs"], help=help_text)
+        elif base is bool:
             parser.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         elif base in (dict, list) or typing.get_origin(base) in (dict, list):
             parser.add_argument(flag, dest=f.name, default=default, type=json.loads, help=help_text + " (JSON)")
@@ -177,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ppo = sub.add_parser("ppo", formatter_class=fmt, help="RLHF PPO of a causal LM against TextBandit-v0 (KL to a frozen reference)")
     add_config_args(ppo, LMPPOConfig, skip=("prompts", "ptx_texts"))
-    ppo.add_argument("--prompts-file", default=None, help="JSONL file with a 'prompt' per line (default: corpus prompts)")
+    ppo.add_argument("--prompts-path", "--prompts-file", dest="prompts_file", default=None,
+                     help="prompts: rows with a 'prompt' (a string or role/content turns) in JSONL, .jsonl.gz, parquet "
+                          "or a datasets folder (default: corpus prompts)")
     ppo.set_defaults(func=_train(LMPPOConfig, "agents.lm_ppo:train_lm_ppo"))
 
     for name, what in [("eval", "gold reward, proxy reward, KL to the reference and win rates of checkpoints"),

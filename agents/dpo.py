@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from agents.data import read_preferences, tokenize_pairs
+from agents.lora import add_lora
 from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from agents.lm_common import (
     LMTrainConfig,
@@ -82,11 +83,6 @@ class DPOConfig(LMTrainConfig):
     label_smoothing: float = field(default=0.0, metadata={"help": "cdpo's epsilon: assumed probability that a preference label is flipped, in (0, 0.5)"})
     ref_model_path: str | None = field(default=None, metadata={"help": "reference model directory; None = the initial policy (model_path)"})
     disable_dropout: bool = field(default=True, metadata={"help": "turn dropout off, so policy and reference log-probs are comparable"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (needs the peft package: pip install 'rlhf-gym[lora]'); 0 = full fine-tuning. With LoRA only the adapters train, the reference is the same weights with the adapters off, and the saved model has them merged in"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (the update is lora_alpha / lora_r * B A)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA adapters' input"})
-    lora_target_modules: str | None = field(default=None, metadata={"help": "comma-separated module names to adapt (e.g. c_attn,c_proj); None = peft's default for the architecture"})
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss_type not in DPO_LOSSES:
@@ -95,12 +91,6 @@ class DPOConfig(LMTrainConfig):
             raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta!r}")
         if self.loss_type == "cdpo" and not 0.0 < self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in (0, 0.5) for loss_type='cdpo', got {self.label_smoothing!r}")
-        if not isinstance(self.lora_r, int) or self.lora_r < 0:
-            raise ValueError(f"DPOConfig.lora_r must be an integer >= 0 (0 = full fine-tuning), got {self.lora_r!r}")
-        if self.lora_r and not self.lora_alpha > 0:
-            raise ValueError(f"DPOConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"DPOConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.lora_r and self.ref_model_path is not None:
             raise ValueError("DPOConfig.lora_r > 0 uses the policy with its adapters off as the reference; "
                              "leave ref_model_path unset (None)")
@@ -137,23 +127,6 @@ def dpo_metrics(
         "logps/chosen": policy_chosen.detach().mean(),
         "logps/rejected": policy_rejected.detach().mean(),
     }
-
-
-def add_lora(model: torch.nn.Module, config: DPOConfig) -> torch.nn.Module:
-    """``model`` wrapped by peft with LoRA adapters (rank ``config.lora_r``); only the adapters train."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as err:
-        raise ImportError("DPOConfig.lora_r > 0 needs the peft package: pip install 'rlhf-gym[lora]' (or pip install peft)") from err
-    targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()] if config.lora_target_modules else None
-    # GPT-2 keeps its projections in transformers' Conv1D ([in, out] weights): peft must be told.
-    conv1d = getattr(model.config, "model_type", None) == "gpt2"
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as err:
-        raise ValueError(f"LoRA could not wrap {type(model).__name__}: {err}; set DPOConfig.lora_target_modules") from err
 
 
 def train_dpo(config: DPOConfig) -> TrainResult:

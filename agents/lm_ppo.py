@@ -48,10 +48,13 @@ from tqdm.auto import tqdm
 
 import rlhf_envs  # noqa: F401  (registers the envs)
 from agents.lm_common import LossModule, distributed, join_process_group, shard
+from agents.lora import LORA_HELP, check_lora_fields, is_lora, merged_for_saving, with_lora
+from agents.trackers import REPORT_TO_HELP, parse_report_to
 from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
 from rlhf_envs.lm.packing import pack_sequences
 from rlhf_envs.lm.gpt2 import GPT2View, gpt2_view
 from rlhf_envs.lm.sampling import SamplingConfig, generate, positions_from_mask, processed_logprobs
+from rlhf_envs.text_common import AdaptersOff
 
 
 @dataclass
@@ -93,8 +96,18 @@ class LMPPOConfig:
     resume: bool = field(default=False, metadata={"help": "continue from output_dir/checkpoint"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": REPORT_TO_HELP, "nargs": "+"})
+    lora_r: int = field(default=0, metadata={"help": LORA_HELP["lora_r"]})
+    lora_alpha: float = field(default=16.0, metadata={"help": LORA_HELP["lora_alpha"]})
+    lora_dropout: float = field(default=0.0, metadata={"help": LORA_HELP["lora_dropout"]})
+    lora_target_modules: str | None = field(default=None, metadata={"help": LORA_HELP["lora_target_modules"]})
 
     def __post_init__(self):
+        self.report_to = parse_report_to(self.report_to, "LMPPOConfig")
+        check_lora_fields(self, "LMPPOConfig")
+        if self.lora_r and self.ref_model_path is not None:
+            raise ValueError("LMPPOConfig.lora_r > 0 uses the policy with its adapters off as the reference; "
+                             "leave ref_model_path unset (None)")
         for name in ("total_episodes", "batch_size", "num_minibatches", "ppo_epochs", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -211,10 +224,11 @@ class LMPPOResult:
     seconds: float
 
 
-def _make_env(config: LMPPOConfig, num_envs: int):
+def _make_env(config: LMPPOConfig, num_envs: int, reference: Any = None):
+    """The vector env; ``reference`` (an :class:`rlhf_envs.text_common.AdaptersOff`) in place of loading one."""
     reward_kwargs = {"path": config.reward_model_path} if config.reward_model_path else None
     return gym.make_vec(
-        "TextBandit-v0", num_envs=num_envs, model=config.ref_model_path or config.model_path,
+        "TextBandit-v0", num_envs=num_envs, model=reference or config.ref_model_path or config.model_path,
         reward_model=config.reward_model, reward_kwargs=reward_kwargs, prompts=config.prompts,
         beta=config.beta, target_kl=config.target_kl, kl_horizon=config.kl_horizon, kl_estimator=config.kl_estimator,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
@@ -349,13 +363,14 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     out = Path(config.output_dir)
     lm, tokenizer = load_causal_lm(config.model_path)
     fuse_gelu(lm)  # torch's fused tanh-GELU in place of GPT-2's Python one: same maths, the saved model is unchanged
+    lm = with_lora(lm, config)
     model = PolicyWithValueHead(lm)
     model.train()
     for module in model.modules():  # RLHF PPO runs without dropout: the ratio must be 1 before the first step
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     local = config.batch_size // world
-    envs = _make_env(config, local)
+    envs = _make_env(config, local, AdaptersOff(lm, tokenizer) if is_lora(lm) else None)  # LoRA: no second copy
     task = envs.unwrapped.task
     if task.vocab_size != lm.get_output_embeddings().weight.shape[0]:
         raise ValueError(f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
@@ -379,7 +394,8 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
         task.kl_controller.kl_coef = state["kl_coef"]
     metrics = timings = None
     if main:
-        metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_iter if config.resume else None)
+        metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_iter if config.resume else None,
+                                report_to=config.report_to, run_config=asdict(config))
         timings = MetricsWriter(out / "timing.jsonl", resume_step=start_iter if config.resume else None)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
 
@@ -516,7 +532,7 @@ def _save_policy(directory: Path, model: PolicyWithValueHead, tokenizer) -> None
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    model.lm.save_pretrained(tmp)
+    merged_for_saving(model.lm, tmp, keep_training=True).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
     if directory.exists():

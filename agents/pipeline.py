@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from agents.lm_common import distributed, is_main_process, join_process_group
 from agents.data import write_jsonl
+from agents.trackers import REPORT_TO_HELP, parse_report_to
 
 
 @dataclass
@@ -44,8 +45,8 @@ class PipelineConfig:
     output_dir: str = field(default="runs/pipeline", metadata={"help": "the run folder"})
     model_path: str | None = field(default=None, metadata={"help": "base causal LM directory; None = the embedded default"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
-    demonstrations_path: str | None = field(default=None, metadata={"help": "SFT demonstrations, JSONL {prompt, completion}; None = drawn from the embedded corpus"})
-    prompts_path: str | None = field(default=None, metadata={"help": "prompts for preferences, PPO, validation and evaluation, JSONL {prompt}; None = corpus prompts. Either way each distinct prompt goes to one of the four"})
+    demonstrations_path: str | None = field(default=None, metadata={"help": "SFT demonstrations {prompt, completion} or {messages} (JSONL, .jsonl.gz, parquet or a datasets folder); None = drawn from the embedded corpus"})
+    prompts_path: str | None = field(default=None, metadata={"help": "prompts for preferences, PPO, validation and evaluation, rows {prompt} (JSONL, .jsonl.gz, parquet or a datasets folder); None = corpus prompts. Either way each distinct prompt goes to one of the four"})
     n_demonstrations: int = field(default=3000, metadata={"help": "SFT demonstrations drawn from the corpus"})
     sft_epochs: int = field(default=1, metadata={"help": "SFT epochs"})
     sft_learning_rate: float = field(default=5e-4, metadata={"help": "SFT learning rate"})
@@ -73,8 +74,10 @@ class PipelineConfig:
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     resume: bool = field(default=False, metadata={"help": "keep stages already finished in output_dir and run the rest"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": REPORT_TO_HELP + "; each stage is its own run", "nargs": "+"})
 
     def __post_init__(self):
+        self.report_to = parse_report_to(self.report_to, "PipelineConfig")
         for name in ("n_demonstrations", "sft_epochs", "n_preference_prompts", "rm_epochs", "ppo_episodes",
                      "ppo_batch_size", "dpo_epochs", "max_new_tokens", "n_eval_prompts"):
             value = getattr(self, name)
@@ -95,8 +98,9 @@ class PipelineConfig:
             raise FileNotFoundError(f"model_path {self.model_path!r} is not a Hugging Face model directory (no config.json)")
         for name in ("demonstrations_path", "prompts_path"):
             value = getattr(self, name)
-            if value is not None and not Path(value).is_file():
-                raise FileNotFoundError(f"PipelineConfig.{name} {value!r} does not exist: give a JSONL file")
+            if value is not None and not Path(value).exists():
+                raise FileNotFoundError(f"PipelineConfig.{name} {value!r} does not exist: give a JSONL, .jsonl.gz or "
+                                        "parquet file or a datasets folder")
         if self.prompts_path is not None:
             _prompt_splits(self)  # too few distinct prompts fails here, before anything is written
 
@@ -282,7 +286,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         _from_rank_zero(None)  # the other processes read the file rank 0 wrote
         result = train_sft(SFTConfig(model_path=base, data_path=str(out / "data" / "sft.jsonl"), output_dir=str(out / "sft"),
                                      seed=seed, num_epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
-                                     batch_size=32, max_length=64, progress=config.progress))
+                                     batch_size=32, max_length=64, progress=config.progress, report_to=config.report_to))
         _mark_done(out, "sft", result.metrics)
     timings["sft"] = time.perf_counter() - t
     sft = str(out / "sft")
@@ -303,7 +307,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         result = train_reward_model(RewardModelConfig(
             model_path=sft, data_path=str(out / "data" / "rankings.jsonl"), output_dir=str(out / "rm"), seed=seed,
             num_epochs=config.rm_epochs, learning_rate=config.rm_learning_rate, batch_size=16, max_length=64,
-            eval_fraction=0.1, progress=config.progress))
+            eval_fraction=0.1, progress=config.progress, report_to=config.report_to))
         _mark_done(out, "rm", result.metrics)
     timings["rm"] = time.perf_counter() - t
     rm = str(out / "rm")
@@ -317,7 +321,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
             total_episodes=config.ppo_episodes, batch_size=config.ppo_batch_size, learning_rate=config.ppo_learning_rate,
             max_new_tokens=config.max_new_tokens, beta=config.beta, kl_horizon=config.kl_horizon,
             target_kl=None if config.target_kl is None else config.target_kl * config.kl_setpoint_fraction,
-            max_approx_kl=config.ppo_max_approx_kl, snapshot_every=snapshot_every, progress=config.progress))
+            max_approx_kl=config.ppo_max_approx_kl, snapshot_every=snapshot_every, progress=config.progress,
+            report_to=config.report_to))
         _mark_done(out, "ppo", result.history[-1])
     timings["ppo"] = time.perf_counter() - t
 
@@ -330,7 +335,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
             num_epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate, beta=config.dpo_beta,
             loss_type=config.dpo_loss, label_smoothing=config.dpo_label_smoothing, batch_size=32, max_length=64, eval_fraction=0.0,
             checkpoint_every=max(1, steps // config.curve_points) if config.curve_points else 0,
-            keep_checkpoints=max(1, config.curve_points), progress=config.progress))
+            keep_checkpoints=max(1, config.curve_points), progress=config.progress, report_to=config.report_to))
         _mark_done(out, "dpo", result.metrics)
     timings["dpo"] = time.perf_counter() - t
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.data import read_rankings, tokenize_rankings
+from agents.lora import with_lora
 from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from agents.lm_common import (
     LMTrainConfig,
@@ -107,6 +108,7 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     fuse_gelu(model)
     if config.disable_dropout:
         disable_dropout(model)
+    model = with_lora(model, config, task_type="SEQ_CLS")  # the new score head trains whole
     model.to(device)
     groups = tokenize_rankings(tokenizer, records, config.max_length)
     texts = [text for group in groups for text in group]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.data import read_sft, tokenize_sft
+from agents.lora import with_lora
 from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.loading import load_causal_lm
@@ -52,6 +53,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
     records = read_sft(config.data_path)
     model, tokenizer = load_causal_lm(config.model_path, trust_remote_code=config.trust_remote_code)
     fuse_gelu(model)
+    model = with_lora(model, config)
     model.to(device)
     data = tokenize_sft(tokenizer, records, config.max_length)
     # a conversation gives one example per assistant turn: held out together, by conversation

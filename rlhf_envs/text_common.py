@@ -7,11 +7,14 @@ after the leading run of pad tokens) and the next token is predicted at the last
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import os
 import warnings
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,9 +27,7 @@ from rlhf_envs.kl import get_kl_estimator, make_kl_controller
 from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
 
-__all__ = ["TextTask", "attention_mask_from_obs", "object_array", "pick_prompt", "vector_info", "vector_task"]
-
-ModelSpec = str | os.PathLike | tuple | None
+__all__ = ["AdaptersOff", "TextTask", "attention_mask_from_obs", "object_array", "pick_prompt", "vector_info", "vector_task"]
 
 _PROMPT_CACHE_BYTES = 256 * 2**20
 """Largest reference prompt cache (keys/values of every prompt) kept in memory; beyond it prompts are re-run."""
@@ -49,7 +50,37 @@ def _context_length(model: Any) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class AdaptersOff:
+    """A reference model that is a peft model's base weights: ``model`` (e.g. the LoRA policy being trained)
+    with its adapters disabled (``disable_adapter()``) for every reference pass. It is not copied, so the
+    policy and the reference share one set of base weights; the env neither freezes it nor changes its mode."""
+
+    model: Any
+    tokenizer: Any
+
+
+ModelSpec = str | os.PathLike | tuple | AdaptersOff | None
+"""What a text env's ``model`` may be: None (the embedded default), a directory, a (model, tokenizer) pair or an
+:class:`AdaptersOff`."""
+
+
+def _reference_pass(method: Callable) -> Callable:
+    """Run a :class:`TextTask` method that reads the reference with an :class:`AdaptersOff` model's adapters off."""
+
+    @functools.wraps(method)
+    def run(self: TextTask, *args: Any, **kwargs: Any) -> Any:
+        with self.ref_model.disable_adapter() if self.adapters_off else contextlib.nullcontext():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 def _load_reference(model: ModelSpec) -> tuple[Any, Any]:
+    if isinstance(model, AdaptersOff):
+        if not hasattr(model.model, "disable_adapter"):
+            raise TypeError(f"AdaptersOff needs a peft model (with disable_adapter()), got {type(model.model).__name__}")
+        return model.model, model.tokenizer
     if isinstance(model, tuple):
         if len(model) != 2:
             raise ValueError(f"model=(model, tokenizer) expects a pair, got a tuple of {len(model)}")
@@ -100,7 +131,8 @@ class TextTask:
         self.kl_controller = make_kl_controller(beta, target_kl, kl_horizon)
         self.device = torch.device(device)
         ref_model, self.tokenizer = _load_reference(model)
-        self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)
+        self.adapters_off = isinstance(model, AdaptersOff)
+        self.ref_model = ref_model if self.adapters_off else ref_model.to(self.device).eval().requires_grad_(False)
         self.vocab_size = int(self.ref_model.get_output_embeddings().weight.shape[0])
         self.eos_token_id = self.tokenizer.eos_token_id
         if self.eos_token_id is None:
@@ -221,6 +253,7 @@ class TextTask:
         """The lean GPT-2 forward over the reference's weights (:class:`rlhf_envs.lm.gpt2.ViewCache`), or ``None``."""
         return self._ref_view.get()
 
+    @_reference_pass
     @torch.no_grad()
     def ref_logprobs(self, prompt_index: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
                      full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -262,6 +295,7 @@ class TextTask:
             self._ref_prompt_cache = PromptKVCache(self.prompt_ids, self.prompt_mask)
         return self._ref_prompt_cache
 
+    @_reference_pass
     @torch.no_grad()
     def cache_prompts(self, batch_size: int = 256) -> bool:
         """Compute the reference's keys and values for every prompt now, ``batch_size`` prompts at a time.

@@ -32,6 +32,9 @@ class _TokenEpisodes:
     """
 
     def __init__(self, task: TextTask, num_envs: int):
+        if task.adapters_off:
+            raise ValueError("TextToken-v0 does not take an AdaptersOff reference (its per-token passes run the reference "
+                             "model directly): pass a model path or a (model, tokenizer) pair, or use TextBandit-v0")
         self.task = task
         self.n = num_envs
         self.width = task.max_prompt_tokens + task.max_new_tokens
