@@ -214,6 +214,11 @@ def read_rankings(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def prompt_key(prompt: str | list[dict[str, str]]) -> str:
+    """A hashable key of a prompt (a string, or a conversation as its JSON), e.g. to hold out by prompt."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:
     """Write records as JSON lines, atomically."""
     path = Path(path)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from agents.data import read_preferences, tokenize_pairs
+from agents.data import prompt_key, read_preferences, tokenize_pairs
 from agents.lora import add_lora
 from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from agents.lm_common import (
@@ -205,7 +205,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
 
     packed = gpt2_view(model.train()) is not None
     split = None if packed else split_lm_head(model)
-    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[r["prompt"] for r in records])
+    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[prompt_key(r["prompt"]) for r in records])
 
     def loss_and_metrics(model: torch.nn.Module, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = logps_of(model, split, collate(indices, packed))
