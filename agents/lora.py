@@ -49,7 +49,8 @@ def add_lora(model: nn.Module, config: Any, task_type: str = "CAUSAL_LM") -> nn.
     except ImportError as err:
         raise ImportError(f"{owner}.lora_r > 0 needs the peft package: pip install 'rlhf-gym[lora]' "
                           "(or pip install peft)") from err
-    targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()] if config.lora_target_modules else None
+    names = config.lora_target_modules
+    targets = [t.strip() for t in names.split(",") if t.strip()] if names else None
     # GPT-2 keeps its projections in transformers' Conv1D ([in, out] weights): peft must be told.
     conv1d = getattr(model.config, "model_type", None) == "gpt2"
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

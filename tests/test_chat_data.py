@@ -69,8 +69,8 @@ def test_chat_sft_masks_everything_but_assistant_tokens(tokenizer):
         assert seq.tolist() == ids[: len(seq)]  # each example is the conversation up to the end of its turn
         targets |= set(range(prompt_length, len(seq)))
     assert targets == assistant  # token by token: the loss covers the assistant turns and nothing else
-    for seq, prompt_length, turn in zip(data.input_ids, data.prompt_lengths.tolist(), ["a great film with lovely acting",
-                                                                                       "the story was dull"]):
+    replies = ["a great film with lovely acting", "the story was dull"]
+    for seq, prompt_length, turn in zip(data.input_ids, data.prompt_lengths.tolist(), replies):
         assert tokenizer.decode(seq[prompt_length:]) == " " + turn + "<|endoftext|>"
 
 
@@ -78,8 +78,8 @@ def test_chat_sft_trains(tmp_path):
     from agents.sft import SFTConfig, train_sft
 
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 16)
-    result = train_sft(SFTConfig(data_path=str(data), output_dir=str(tmp_path / "sft"), batch_size=8, max_steps=6, log_every=1,
-                                 learning_rate=3e-3, eval_fraction=0.0, torch_threads=1, progress=False, device="cpu"))
+    result = train_sft(SFTConfig(data_path=str(data), output_dir=str(tmp_path / "sft"), batch_size=8, max_steps=6,
+                                 log_every=1, learning_rate=3e-3, eval_fraction=0.0, torch_threads=1, progress=False, device="cpu"))
     lines = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert result.global_step == 6 and lines[-1]["loss"] < lines[0]["loss"]
 
@@ -87,7 +87,7 @@ def test_chat_sft_trains(tmp_path):
 def test_conversational_pairs_tokenise_as_the_policy_sees_them(tokenizer):
     data = tokenize_pairs(tokenizer, PAIRS, max_length=64)
     head, reply = prompt_and_response_text(tokenizer, PAIRS[0]["prompt"], PAIRS[0]["chosen"])
-    expected = tokenizer(head, add_special_tokens=False)["input_ids"] + tokenizer(reply, add_special_tokens=False)["input_ids"]
+    expected = [*tokenizer(head, add_special_tokens=False)["input_ids"], *tokenizer(reply, add_special_tokens=False)["input_ids"]]
     assert data.input_ids[0].tolist() == expected and data.input_ids[0].tolist().count(tokenizer.eos_token_id) == 2
     assert int(data.prompt_lengths[0]) == len(tokenizer(head, add_special_tokens=False)["input_ids"])
     groups = tokenize_rankings(tokenizer, [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]]}

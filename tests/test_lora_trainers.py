@@ -41,6 +41,7 @@ def test_lora_ppo_learns_and_holds_one_copy_of_the_base_weights(tmp_path, monkey
     assert base <= env_tensors and len(env_tensors - base) == sum("lora_" in n for n, _ in policy.named_parameters())
 
     from peft import PeftModel
+
     from rlhf_envs.lm.loading import load_causal_lm
 
     merged, _ = load_causal_lm(str(tmp_path / "policy"))
