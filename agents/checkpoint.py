@@ -77,13 +77,13 @@ def save_checkpoint(
 
 def save_model_dir(directory: str | Path, *, model: torch.nn.Module, tokenizer: Any = None,
                    tensors: dict[str, dict[str, torch.Tensor]] | None = None, json_files: dict[str, Any] | None = None,
-                   into_existing: bool = False) -> Path:
+                   into_existing: bool = False, keep_training: bool = False) -> Path:
     """Write a model directory: every model the project saves goes through here.
 
     ``model``: a Hugging Face model (``save_pretrained``: safetensors and ``config.json``), a peft model
     (its adapters alone to ``adapter/``, peft's format, and the model with them merged in beside, so every
-    loader reads it like any other Hugging Face directory; merging happens in place, so save a LoRA model
-    after training), or a plain module (``model.safetensors`` of its state dict). ``tokenizer`` is saved
+    loader reads it like any other Hugging Face directory; merged in place, or in a copy with
+    ``keep_training`` so that training goes on with the adapters), or a plain module (``model.safetensors`` of its state dict). ``tokenizer`` is saved
     beside when given; ``tensors`` maps file names to state dicts (``{"value_head.safetensors": ...}``) and
     ``json_files`` file names to JSON-serialisable objects.
 
@@ -91,13 +91,13 @@ def save_model_dir(directory: str | Path, *, model: torch.nn.Module, tokenizer: 
     (a crash leaves the old one or the new one), or with ``into_existing`` file by file into a
     directory that holds other files too (a trainer's output folder with its metrics).
     """
+    from agents.lora import merged_for_saving
+
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
-            model.save_pretrained(tmp / "adapter")
-            model = model.merge_and_unload()
+        model = merged_for_saving(model, tmp, keep_training=keep_training)
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp)
         else:

@@ -28,7 +28,9 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str
         help_text = f.metadata.get('help', '').replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         base = _base_type(kind)
-        if base is bool:
+        if f.metadata.get("nargs"):
+            parser.add_argument(flag, dest=f.name, default=default, nargs=f.metadata["nargs"], help=help_text)
+        elif base is bool:
             parser.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         elif base in (dict, list) or typing.get_origin(base) in (dict, list):
             parser.add_argument(flag, dest=f.name, default=default, type=json.loads, help=help_text + " (JSON)")
@@ -38,10 +40,11 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str
             parser.add_argument(flag, dest=f.name, default=default, type=base, help=help_text)
     for old_name, new_name in getattr(config_cls, RENAMED_FIELDS, {}).items():
         if new_name not in skip:
-            base = _base_type(hints[new_name])
+            kind = hints[new_name]
+            base = _base_type(kind)
+            parse = None if base is bool else base if base is kind else _optional(base)
             parser.add_argument("--" + old_name.replace("_", "-"), dest=new_name, help=argparse.SUPPRESS,
-                                action=_RenamedOption, type=None if base is bool else base,
-                                new_flag="--" + new_name.replace("_", "-"))
+                                action=_RenamedOption, type=parse, new_flag="--" + new_name.replace("_", "-"))
 
 
 class _RenamedOption(argparse.Action):
@@ -223,7 +226,9 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         cls = _load(_TRAINERS[name][0])
         add_config_args(p, cls, skip=("prompts", "ptx_texts") if name == "ppo" else ())
         if name == "ppo":
-            p.add_argument("--prompts-file", default=None, help="JSONL file with a 'prompt' per line (default: corpus prompts)")
+            p.add_argument("--prompts-path", "--prompts-file", dest="prompts_file", default=None,
+                           help="prompts: rows with a 'prompt' (a string or role/content turns) in JSONL, .jsonl.gz, "
+                                "parquet or a datasets folder (default: corpus prompts)")
         _add_run_folder_args(p)
         p.set_defaults(func=_train(cls, _TRAINERS[name][1]))
     elif name in ("eval", "elo"):

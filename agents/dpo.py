@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from agents.data import read_preferences, tokenize_pairs
+from agents.data import prompt_key, read_preferences, tokenize_pairs
+from agents.lora import add_lora
 from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from agents.lm_common import (
     LMTrainConfig,
@@ -81,11 +82,6 @@ class DPOConfig(LMTrainConfig):
     label_smoothing: float = field(default=0.0, metadata={"help": "cdpo's epsilon: assumed probability that a preference label is flipped, in (0, 0.5)"})
     ref_model_path: str | None = field(default=None, metadata={"help": "reference model directory; None = the initial policy (model_path)"})
     disable_dropout: bool = field(default=True, metadata={"help": "turn dropout off, so policy and reference log-probs are comparable"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (needs the peft package: pip install 'rlhf-gym[lora]'); 0 = full fine-tuning. With LoRA only the adapters train, the reference is the same weights with the adapters off, and the saved model has them merged in"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (the update is lora_alpha / lora_r * B A)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA adapters' input"})
-    lora_target_modules: str | None = field(default=None, metadata={"help": "comma-separated module names to adapt (e.g. c_attn,c_proj); None = peft's default for the architecture"})
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss_type not in DPO_LOSSES:
@@ -94,12 +90,6 @@ class DPOConfig(LMTrainConfig):
             raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta!r}")
         if self.loss_type == "cdpo" and not 0.0 < self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in (0, 0.5) for loss_type='cdpo', got {self.label_smoothing!r}")
-        if not isinstance(self.lora_r, int) or self.lora_r < 0:
-            raise ValueError(f"DPOConfig.lora_r must be an integer >= 0 (0 = full fine-tuning), got {self.lora_r!r}")
-        if self.lora_r and not self.lora_alpha > 0:
-            raise ValueError(f"DPOConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"DPOConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.lora_r and self.ref_model_path is not None:
             raise ValueError("DPOConfig.lora_r > 0 uses the policy with its adapters off as the reference; "
                              "leave ref_model_path unset (None)")
@@ -136,23 +126,6 @@ def dpo_metrics(
         "logps/chosen": policy_chosen.detach().mean(),
         "logps/rejected": policy_rejected.detach().mean(),
     }
-
-
-def add_lora(model: torch.nn.Module, config: DPOConfig) -> torch.nn.Module:
-    """``model`` wrapped by peft with LoRA adapters (rank ``config.lora_r``); only the adapters train."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as err:
-        raise ImportError("DPOConfig.lora_r > 0 needs the peft package: pip install 'rlhf-gym[lora]' (or pip install peft)") from err
-    targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()] if config.lora_target_modules else None
-    # GPT-2 keeps its projections in transformers' Conv1D ([in, out] weights): peft must be told.
-    conv1d = getattr(model.config, "model_type", None) == "gpt2"
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=conv1d)
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as err:
-        raise ValueError(f"LoRA could not wrap {type(model).__name__}: {err}; set DPOConfig.lora_target_modules") from err
 
 
 def _collate(data: Any, indices: list[int], packed: bool, pad_id: int, device: torch.device) -> tuple:
@@ -250,7 +223,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     packed = gpt2_view(model.train()) is not None
     split = None if packed else split_lm_head(model)
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed,
-                                         groups=[r["prompt"] for r in records])
+                                         groups=[prompt_key(r["prompt"]) for r in records])
 
     def loss_and_metrics(model: torch.nn.Module, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = _logps(model, split, _collate(data, indices, packed, pad_id, device))

@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 
 from agents.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint, save_model_dir
 from agents.distributed import LossModule, distributed, join_process_group, shard
+from agents.lora import LORA_HELP, check_lora_fields
+from agents.trackers import REPORT_TO_HELP, parse_report_to
 from rlhf_envs.validation import check_config_fields
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -47,7 +49,7 @@ class LMTrainConfig:
     """Fields every LM trainer (SFT, reward model, DPO) shares; each algorithm's config adds its own."""
 
     model_path: str | None = field(default=None, metadata={"help": "local Hugging Face causal-LM directory; None = the embedded default model"})
-    data_path: str = field(default="", metadata={"help": "JSONL training data (the format depends on the algorithm)"})
+    data_path: str = field(default="", metadata={"help": "training data: JSONL, .jsonl.gz, parquet or a datasets.save_to_disk folder (the fields depend on the algorithm, agents.data)"})
     output_dir: str = field(default="runs/out", metadata={"help": "the final model (a Hugging Face directory), metrics.jsonl and checkpoints/ go here"})
     seed: int = field(default=0, metadata={"help": "seed of torch, numpy, random, the data order and the held-out split"})
     num_epochs: int = field(default=1, metadata={"help": "passes over the training data"})
@@ -70,10 +72,17 @@ class LMTrainConfig:
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped inside model_path"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": REPORT_TO_HELP, "nargs": "+"})
+    lora_r: int = field(default=0, metadata={"help": LORA_HELP["lora_r"]})
+    lora_alpha: float = field(default=16.0, metadata={"help": LORA_HELP["lora_alpha"]})
+    lora_dropout: float = field(default=0.0, metadata={"help": LORA_HELP["lora_dropout"]})
+    lora_target_modules: str | None = field(default=None, metadata={"help": LORA_HELP["lora_target_modules"]})
 
     def __post_init__(self) -> None:
         check_config_fields(self)
         name = type(self).__name__
+        self.report_to = parse_report_to(self.report_to, name)
+        check_lora_fields(self, name)
         if not self.data_path:
             raise ValueError(f"{name}.data_path is empty: give the path of a JSONL file")
         for key in ("num_epochs", "batch_size", "max_length", "log_every", "keep_checkpoints"):
@@ -269,23 +278,38 @@ def held_out_split(n: int, eval_fraction: float, seed: int, groups: Sequence[Has
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``path``; on resume it drops lines past the resumed step."""
+    """Appends one JSON object per line to ``path``; on resume it drops lines past the resumed step.
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    With ``report_to`` (tracker names, :mod:`agents.trackers`) every line also goes to those trackers,
+    under the same names, for the run in ``path``'s folder; ``run_config`` is the run's settings they record.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None, report_to: Sequence[str] = (),
+                 run_config: dict[str, Any] | None = None):
+        from agents.trackers import open_trackers
+
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             path.write_text("")
         elif path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
+        self._trackers = open_trackers(list(report_to), path.parent, run_config)
         self._file = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
+        from agents.trackers import scalars
+
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        step, values = scalars(record)
+        for tracker in self._trackers:
+            tracker.log(values, step)
 
     def close(self) -> None:
         self._file.close()
+        for tracker in self._trackers:
+            tracker.close()
 
 
 _RESUME_KEYS = ("seed", "batch_size", "num_epochs", "max_steps", "max_length", "eval_fraction")
@@ -337,7 +361,8 @@ def run_training(
     state = _resume(resume_from, config, algorithm, num_train, model, optimizer, scheduler)
     step_loss = DistributedDataParallel(LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else functools.partial(loss_fn, model)
-    writer = MetricsWriter(output_dir / "metrics.jsonl", resume_step=state["global_step"] if resume_from else None) if main else None
+    writer = MetricsWriter(output_dir / "metrics.jsonl", resume_step=state["global_step"] if resume_from else None,
+                           report_to=config.report_to, run_config=asdict(config)) if main else None
     log = writer.write if writer is not None else (lambda record: None)
     step, samples = state["global_step"], state["samples_seen"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)

@@ -56,8 +56,11 @@ from agents.distributed import (
 )
 from agents.lm_policy import PolicyWithValueHead
 from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
+from agents.lora import LORA_HELP, check_lora_fields, is_lora, with_lora
+from agents.trackers import REPORT_TO_HELP, parse_report_to
 from rlhf_envs.kl import check_env_estimator, truncates
 from rlhf_envs.lm.sampling import SamplingConfig, generate
+from rlhf_envs.text_common import AdaptersOff
 from rlhf_envs.validation import check_config_fields
 
 
@@ -101,6 +104,11 @@ class LMPPOConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the newest output_dir/checkpoints/checkpoint-<iteration>"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": REPORT_TO_HELP, "nargs": "+"})
+    lora_r: int = field(default=0, metadata={"help": LORA_HELP["lora_r"]})
+    lora_alpha: float = field(default=16.0, metadata={"help": LORA_HELP["lora_alpha"]})
+    lora_dropout: float = field(default=0.0, metadata={"help": LORA_HELP["lora_dropout"]})
+    lora_target_modules: str | None = field(default=None, metadata={"help": LORA_HELP["lora_target_modules"]})
 
     def __post_init__(self):
         check_config_fields(self)
@@ -109,6 +117,11 @@ class LMPPOConfig:
             if isinstance(getattr(self, name), str):
                 raise TypeError(f"LMPPOConfig.{name} must be a list of strings or None, got a single str "
                                 f"{getattr(self, name)[:40]!r}; wrap it in a list")
+        self.report_to = parse_report_to(self.report_to, "LMPPOConfig")
+        check_lora_fields(self, "LMPPOConfig")
+        if self.lora_r and self.ref_model_path is not None:
+            raise ValueError("LMPPOConfig.lora_r > 0 uses the policy with its adapters off as the reference; "
+                             "leave ref_model_path unset (None)")
         for name in ("total_episodes", "batch_size", "num_minibatches", "ppo_epochs", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -150,10 +163,11 @@ class LMPPOResult:
     seconds: float
 
 
-def _make_env(config: LMPPOConfig, num_envs: int):
+def _make_env(config: LMPPOConfig, num_envs: int, reference: Any = None):
+    """The vector env; ``reference`` (an :class:`rlhf_envs.text_common.AdaptersOff`) in place of loading one."""
     reward_kwargs = {"path": config.reward_model_path} if config.reward_model_path else None
     return gym.make_vec(
-        "TextBandit-v0", num_envs=num_envs, model=config.ref_model_path or config.model_path,
+        "TextBandit-v0", num_envs=num_envs, model=reference or config.ref_model_path or config.model_path,
         reward_model=config.reward_model, reward_kwargs=reward_kwargs, prompts=config.prompts,
         beta=config.beta, kl_setpoint=config.kl_setpoint, kl_horizon=config.kl_horizon, kl_estimator=config.kl_estimator,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
@@ -293,12 +307,13 @@ def _setup(config: LMPPOConfig) -> _Run:
     out = Path(config.output_dir)
     lm, tokenizer = load_causal_lm(config.model_path)
     fuse_gelu(lm)  # torch's fused tanh-GELU in place of GPT-2's Python one: same maths, the saved model is unchanged
+    lm = with_lora(lm, config)
     model = PolicyWithValueHead(lm)
     model.train()
     for module in model.modules():  # RLHF PPO runs without dropout: the ratio must be 1 before the first step
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    envs = _make_env(config, config.batch_size // world)
+    envs = _make_env(config, config.batch_size // world, AdaptersOff(lm, tokenizer) if is_lora(lm) else None)
     task = envs.unwrapped.task
     if task.vocab_size != lm.get_output_embeddings().weight.shape[0]:
         raise ValueError(f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
@@ -317,7 +332,8 @@ def _setup(config: LMPPOConfig) -> _Run:
         task.kl_controller.kl_coef = state["kl_coef"]
     if rank == 0:
         resume_step = run.start_iter if config.resume else None
-        run.metrics = MetricsWriter(out / "metrics.jsonl", resume_step=resume_step)
+        run.metrics = MetricsWriter(out / "metrics.jsonl", resume_step=resume_step, report_to=config.report_to,
+                                    run_config=asdict(config))
         run.timings = MetricsWriter(out / "timing.jsonl", resume_step=resume_step)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
     return run
@@ -510,5 +526,5 @@ def _save_policy(directory: Path, model: PolicyWithValueHead, tokenizer) -> None
     """The policy as a loadable HF directory plus ``value_head.safetensors``, moved into place atomically."""
     from agents.checkpoint import save_model_dir
 
-    save_model_dir(directory, model=model.lm, tokenizer=tokenizer,
+    save_model_dir(directory, model=model.lm, tokenizer=tokenizer, keep_training=True,
                    tensors={"value_head.safetensors": model.v_head.state_dict()})

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from agents.data import write_jsonl
 from agents.distributed import distributed, is_main_process, join_process_group
-from agents.reports import write_jsonl
+from agents.trackers import REPORT_TO_HELP, parse_report_to
 from rlhf_envs.compat import renamed_fields
 from rlhf_envs.validation import check_config_fields
 
@@ -47,8 +48,8 @@ class PipelineConfig:
     output_dir: str = field(default="runs/pipeline", metadata={"help": "the run folder"})
     model_path: str | None = field(default=None, metadata={"help": "base causal LM directory; None = the embedded default"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
-    demonstrations_path: str | None = field(default=None, metadata={"help": "SFT demonstrations, JSONL {prompt, completion}; None = drawn from the embedded corpus"})
-    prompts_path: str | None = field(default=None, metadata={"help": "prompts for preferences, PPO, validation and evaluation, JSONL {prompt}; None = corpus prompts. Either way each distinct prompt goes to one of the four"})
+    demonstrations_path: str | None = field(default=None, metadata={"help": "SFT demonstrations {prompt, completion} or {messages} (JSONL, .jsonl.gz, parquet or a datasets folder); None = drawn from the embedded corpus"})
+    prompts_path: str | None = field(default=None, metadata={"help": "prompts for preferences, PPO, validation and evaluation, rows {prompt} (JSONL, .jsonl.gz, parquet or a datasets folder); None = corpus prompts. Either way each distinct prompt goes to one of the four"})
     n_demonstrations: int = field(default=3000, metadata={"help": "SFT demonstrations drawn from the corpus"})
     sft_epochs: int = field(default=1, metadata={"help": "SFT epochs"})
     sft_learning_rate: float = field(default=5e-4, metadata={"help": "SFT learning rate"})
@@ -76,9 +77,11 @@ class PipelineConfig:
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     resume: bool = field(default=False, metadata={"help": "keep stages already finished in output_dir and run the rest"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": REPORT_TO_HELP + "; each stage is its own run", "nargs": "+"})
 
     def __post_init__(self):
         check_config_fields(self)
+        self.report_to = parse_report_to(self.report_to, "PipelineConfig")
         for name in ("n_demonstrations", "sft_epochs", "n_preference_prompts", "rm_epochs", "ppo_episodes",
                      "ppo_batch_size", "dpo_epochs", "max_new_tokens", "n_eval_prompts"):
             value = getattr(self, name)
@@ -99,8 +102,9 @@ class PipelineConfig:
             raise FileNotFoundError(f"model_path {self.model_path!r} is not a Hugging Face model directory (no config.json)")
         for name in ("demonstrations_path", "prompts_path"):
             value = getattr(self, name)
-            if value is not None and not Path(value).is_file():
-                raise FileNotFoundError(f"PipelineConfig.{name} {value!r} does not exist: give a JSONL file")
+            if value is not None and not Path(value).exists():
+                raise FileNotFoundError(f"PipelineConfig.{name} {value!r} does not exist: give a JSONL, .jsonl.gz or "
+                                        "parquet file or a datasets folder")
         if self.prompts_path is not None:
             _prompt_splits(self)  # too few distinct prompts fails here, before anything is written
 
@@ -262,7 +266,8 @@ def _sft_stage(config: PipelineConfig, out: Path, base: str, held_out: set[str])
     _from_rank_zero(None)  # the other processes read the file rank 0 wrote
     result = train_sft(SFTConfig(model_path=base, data_path=str(out / "data" / "sft.jsonl"), output_dir=str(out / "sft"),
                                  seed=config.seed, num_epochs=config.sft_epochs, learning_rate=config.sft_learning_rate,
-                                 batch_size=32, max_length=64, progress=config.progress))
+                                 batch_size=32, max_length=64, progress=config.progress,
+                                 report_to=config.report_to))
     _mark_done(out, "sft", result.metrics)
 
 
@@ -284,7 +289,7 @@ def _rm_stage(config: PipelineConfig, out: Path, sft: str) -> None:
     result = train_reward_model(RewardModelConfig(
         model_path=sft, data_path=str(out / "data" / "rankings.jsonl"), output_dir=str(out / "rm"), seed=config.seed,
         num_epochs=config.rm_epochs, learning_rate=config.rm_learning_rate, batch_size=16, max_length=64,
-        eval_fraction=0.1, progress=config.progress))
+        eval_fraction=0.1, progress=config.progress, report_to=config.report_to))
     _mark_done(out, "rm", result.metrics)
 
 
@@ -299,7 +304,8 @@ def _ppo_stage(config: PipelineConfig, out: Path, sft: str, rm: str, prompts: li
         learning_rate=config.ppo_learning_rate, max_new_tokens=config.max_new_tokens, beta=config.ppo_beta,
         kl_horizon=config.kl_horizon,
         kl_setpoint=None if config.kl_budget is None else config.kl_budget * config.kl_setpoint_fraction,
-        max_approx_kl=config.ppo_max_approx_kl, snapshot_every=snapshot_every, progress=config.progress))
+        max_approx_kl=config.ppo_max_approx_kl, snapshot_every=snapshot_every, progress=config.progress,
+        report_to=config.report_to))
     _mark_done(out, "ppo", result.history[-1])
 
 
@@ -314,7 +320,7 @@ def _dpo_stage(config: PipelineConfig, out: Path, sft: str) -> None:
         num_epochs=config.dpo_epochs, learning_rate=config.dpo_learning_rate, beta=config.dpo_beta,
         loss_type=config.dpo_loss, label_smoothing=config.dpo_label_smoothing, batch_size=32, max_length=64,
         eval_fraction=0.0, checkpoint_every=max(1, steps // config.dpo_checkpoints) if config.dpo_checkpoints else 0,
-        keep_checkpoints=max(1, config.dpo_checkpoints), progress=config.progress))
+        keep_checkpoints=max(1, config.dpo_checkpoints), progress=config.progress, report_to=config.report_to))
     _mark_done(out, "dpo", result.metrics)
 
 

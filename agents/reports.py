@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from agents.data import read_jsonl  # noqa: E402
 
 
 def plot_learning_curve(path: Path, points: list[tuple[int, float]], title: str, ylabel: str) -> Path:
@@ -26,18 +27,6 @@ def plot_learning_curve(path: Path, points: list[tuple[int, float]], title: str,
     return path
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    """Write records as JSON lines, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
-    return path
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def _plot_panels(path: Path, steps: list, panels: list[tuple[list, str]], xlabel: str) -> Path:

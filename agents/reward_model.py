@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from agents.data import read_rankings, tokenize_texts
+from agents.data import prompt_key, read_rankings, tokenize_rankings
+from agents.lora import with_lora
 from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from agents.lm_common import (
     LMTrainConfig,
@@ -107,12 +108,12 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     fuse_gelu(model)
     if config.disable_dropout:
         disable_dropout(model)
+    model = with_lora(model, config, task_type="SEQ_CLS")  # the new score head trains whole
     model.to(device)
-    texts, _ = tokenize_texts(tokenizer, [r["prompt"] + y for r in records for y in r["responses"]], config.max_length)
-    starts = list(itertools.accumulate((len(r["responses"]) for r in records), initial=0))
-    groups = [texts[starts[i] : starts[i + 1]] for i in range(len(records))]
+    groups = tokenize_rankings(tokenizer, records, config.max_length)
+    texts = [text for group in groups for text in group]
     # held out by prompt: the accuracy on held-out rankings is on prompts the model never trained on
-    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[r["prompt"] for r in records])
+    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[prompt_key(r["prompt"]) for r in records])
     pad_id, side = tokenizer.pad_token_id, tokenizer.padding_side
 
     # A GPT-2 without active dropout takes the packed lean forward: the batch's texts share their common

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from agents.data import read_sft, tokenize_sft
+from agents.lora import with_lora
 from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.loading import load_causal_lm
@@ -43,9 +44,11 @@ def train_sft(config: SFTConfig) -> TrainResult:
     records = read_sft(config.data_path)
     model, tokenizer = load_causal_lm(config.model_path, trust_remote_code=config.trust_remote_code)
     fuse_gelu(model)
+    model = with_lora(model, config)
     model.to(device)
     data = tokenize_sft(tokenizer, records, config.max_length)
-    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed)
+    # a conversation gives one example per assistant turn: held out together, by conversation
+    train_idx, eval_idx = held_out_split(len(data.input_ids), config.eval_fraction, config.seed, groups=data.record_index)
     pad_id = tokenizer.pad_token_id
 
     # A GPT-2 without active dropout takes the packed lean forward (no padding, rlhf_envs.lm.packing);

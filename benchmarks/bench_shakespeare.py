@@ -31,7 +31,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from agents.pipeline import PipelineConfig, run_pipeline
-from agents.reports import write_jsonl
+from agents.data import write_jsonl
 from benchmarks.common import print_table, write_json
 from rlhf_envs.lm.build_embedded import BuildConfig, build
 

@@ -125,19 +125,33 @@ class LearnedReward:
 
     def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         torch = self._torch
-        texts = [p + r for p, r in zip(prompts, responses)]
+        texts, special = _reward_texts(self.tokenizer, prompts, responses)
         out = np.empty(len(texts), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 batch = self.tokenizer(
                     texts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                    truncation=self.max_length is not None, max_length=self.max_length,
+                    truncation=self.max_length is not None, max_length=self.max_length, add_special_tokens=special,
                 ).to(self.device)
                 mask = batch["attention_mask"]
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits
                 out[start : start + len(logits)] = logits[:, 0].float().cpu().numpy()
         return (out - self.shift) / self.scale
+
+
+def _reward_texts(tokenizer: Any, prompts: list, responses: list[str]) -> tuple[list[str], bool]:
+    """The texts a learned reward model reads, and whether the tokenizer adds its special tokens: ``prompt +
+    response`` for plain prompts, or the conversation rendered with the response as the assistant's reply (its
+    template writes its own special tokens), as ``rlhf rm`` trained on them (:mod:`agents.data`)."""
+    from rlhf_envs.lm.chat import chat_reward_text
+
+    chat = [not isinstance(p, str) for p in prompts]
+    if not any(chat):
+        return [p + r for p, r in zip(prompts, responses)], True
+    if not all(chat):
+        raise ValueError("learned reward model: prompts mix plain strings and conversations in one call; give one kind")
+    return [chat_reward_text(tokenizer, p, r) for p, r in zip(prompts, responses)], False
 
 
 class _CallableReward:

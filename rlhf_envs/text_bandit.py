@@ -13,7 +13,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from rlhf_envs.compat import renamed_fields
-from rlhf_envs.text_common import TextTask, pick_prompt, vector_info, vector_task
+from rlhf_envs.text_common import TextTask, object_array, pick_prompt, vector_info, vector_task
 
 __all__ = ["TextBanditEnv", "TextBanditVectorEnv"]
 
@@ -108,7 +108,7 @@ class TextBanditEnv(gym.Env):
         super().reset(seed=seed)
         self._prompt_index = pick_prompt(self.task, self.np_random, options)
         self._handed = None
-        self._last_text = self.task.prompts[self._prompt_index]
+        self._last_text = self.task.prompt_texts[self._prompt_index]
         return self.task.prompt_obs[self._prompt_index].copy(), {"prompt": self.task.prompts[self._prompt_index]}
 
     def step(self, action):
@@ -119,7 +119,7 @@ class TextBanditEnv(gym.Env):
         rewards, info = score_responses(self.task, np.array([self._prompt_index]), tokens, handed)
         index, self._prompt_index, self._handed = self._prompt_index, None, None
         info = {key: value[0] for key, value in info.items()}
-        self._last_text = info["prompt"] + info["response"]
+        self._last_text = self.task.prompt_texts[index] + info["response"]
         return self.task.prompt_obs[index].copy(), float(rewards[0]), True, False, info
 
     def render(self) -> str | None:
@@ -165,7 +165,7 @@ class TextBanditVectorEnv(VectorEnv):
         self._prompt_index = self.np_random.integers(len(self.task.prompts), size=self.num_envs)
         self._handed = None
         return self.task.prompt_obs[self._prompt_index].copy(), vector_info(
-            {"prompt": np.array([self.task.prompts[i] for i in self._prompt_index], dtype=object)})
+            {"prompt": object_array([self.task.prompts[i] for i in self._prompt_index])})
 
     def step(self, actions):
         if self._prompt_index is None:
@@ -241,7 +241,7 @@ def score_responses(task: TextTask, prompt_index: np.ndarray, tokens: np.ndarray
         "logprobs": logprobs.cpu().numpy().astype(np.float32),
         "ref_logprobs": ref.cpu().numpy().astype(np.float32),
         "beta": np.full(len(kl_np), beta, dtype=np.float32),
-        "prompt": np.array([task.prompts[i] for i in prompt_index], dtype=object),
+        "prompt": object_array([task.prompts[i] for i in prompt_index]),
         "response": np.array(responses, dtype=object),
     }
     return rewards, info

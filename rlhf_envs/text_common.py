@@ -7,16 +7,20 @@ after the leading run of pad tokens) and the next token is predicted at the last
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import os
 import warnings
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from gymnasium.error import InvalidAction
 
+from rlhf_envs.lm.chat import check_conversation, encode_prompt, is_conversation, prompt_text
 from rlhf_envs.lm.gpt2 import GPT2View, ViewCache
 from rlhf_envs.lm.decoding import PromptKVCache
 from rlhf_envs.kl import check_env_estimator, check_exact_kl, make_kl_controller, truncates
@@ -24,9 +28,7 @@ from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
 from rlhf_envs.validation import check_number
 
-__all__ = ["TextTask", "attention_mask_from_obs", "pick_prompt", "vector_info", "vector_task"]
-
-ModelSpec = str | os.PathLike | tuple | None
+__all__ = ["AdaptersOff", "TextTask", "attention_mask_from_obs", "object_array", "pick_prompt", "vector_info", "vector_task"]
 
 _PROMPT_CACHE_BYTES = 256 * 2**20
 """Largest reference prompt cache (keys/values of every prompt) kept in memory; beyond it prompts are re-run."""
@@ -49,7 +51,37 @@ def _context_length(model: Any) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class AdaptersOff:
+    """A reference model that is a peft model's base weights: ``model`` (e.g. the LoRA policy being trained)
+    with its adapters disabled (``disable_adapter()``) for every reference pass. It is not copied, so the
+    policy and the reference share one set of base weights; the env neither freezes it nor changes its mode."""
+
+    model: Any
+    tokenizer: Any
+
+
+ModelSpec = str | os.PathLike | tuple | AdaptersOff | None
+"""What a text env's ``model`` may be: None (the embedded default), a directory, a (model, tokenizer) pair or an
+:class:`AdaptersOff`."""
+
+
+def _reference_pass(method: Callable) -> Callable:
+    """Run a :class:`TextTask` method that reads the reference with an :class:`AdaptersOff` model's adapters off."""
+
+    @functools.wraps(method)
+    def run(self: TextTask, *args: Any, **kwargs: Any) -> Any:
+        with self.ref_model.disable_adapter() if self.adapters_off else contextlib.nullcontext():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 def _load_reference(model: ModelSpec) -> tuple[Any, Any]:
+    if isinstance(model, AdaptersOff):
+        if not hasattr(model.model, "disable_adapter"):
+            raise TypeError(f"AdaptersOff needs a peft model (with disable_adapter()), got {type(model.model).__name__}")
+        return model.model, model.tokenizer
     if isinstance(model, tuple):
         if len(model) != 2:
             raise ValueError(f"model=(model, tokenizer) expects a pair, got a tuple of {len(model)}")
@@ -109,7 +141,8 @@ class TextTask:
         self.kl_controller = make_kl_controller(beta, kl_setpoint, kl_horizon)
         self.device = torch.device(device)
         ref_model, self.tokenizer = _load_reference(model)
-        self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)
+        self.adapters_off = isinstance(model, AdaptersOff)
+        self.ref_model = ref_model if self.adapters_off else ref_model.to(self.device).eval().requires_grad_(False)
         self.vocab_size = int(self.ref_model.get_output_embeddings().weight.shape[0])
         self.eos_token_id = self.tokenizer.eos_token_id
         if self.eos_token_id is None:
@@ -140,10 +173,16 @@ class TextTask:
         return self.kl_estimator == "exact" or (self.kl_estimator == "k3" and truncates(self.sampling, self.vocab_size))
 
     def _encode_prompts(self, max_prompt_tokens: int | None) -> None:
-        if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
-            raise ValueError("prompts must be a non-empty list of strings (or None for the built-in corpus prompts)")
-        # Encoded as the trainers (SFT, RM, DPO) encode prompts: with the tokenizer's own special tokens (a BOS).
-        encoded = [self.tokenizer(p)["input_ids"] for p in self.prompts]
+        if not self.prompts or not all(isinstance(p, str) or is_conversation(p) for p in self.prompts):
+            raise ValueError("prompts must be a non-empty list of strings or of conversations (lists of role/content "
+                             "turns), or None for the built-in corpus prompts")
+        for i, p in enumerate(self.prompts):
+            if not isinstance(p, str):
+                check_conversation(p, f"prompts[{i}]")
+        # Encoded as the trainers (SFT, RM, DPO) encode prompts: plain text with the tokenizer's own special
+        # tokens (a BOS), a conversation rendered with the chat template's generation prompt (rlhf_envs.lm.chat).
+        self.prompt_texts = [prompt_text(self.tokenizer, p) for p in self.prompts]
+        encoded = [encode_prompt(self.tokenizer, p) for p in self.prompts]
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
             raise ValueError(f"prompts {empty[:5]} encode to zero tokens; every prompt needs at least one token")
@@ -156,7 +195,7 @@ class TextTask:
         if too_long:
             i = too_long[0]
             raise ValueError(
-                f"prompt {i} ({self.prompts[i][:40]!r}...) has {len(encoded[i])} tokens > max_prompt_tokens="
+                f"prompt {i} ({self.prompt_texts[i][:40]!r}...) has {len(encoded[i])} tokens > max_prompt_tokens="
                 f"{max_prompt_tokens} ({len(too_long)} prompts too long); raise max_prompt_tokens or shorten them")
         context = _context_length(self.ref_model)
         if context is not None and max_prompt_tokens + self.sampling.max_new_tokens > context:
@@ -255,6 +294,7 @@ class TextTask:
         """The lean GPT-2 forward over the reference's weights (:class:`rlhf_envs.lm.gpt2.ViewCache`), or ``None``."""
         return self._ref_view.get()
 
+    @_reference_pass
     @torch.no_grad()
     def ref_logprobs(self, prompt_index: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
                      full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -296,6 +336,7 @@ class TextTask:
             self._ref_prompt_cache = PromptKVCache(self.prompt_ids, self.prompt_mask)
         return self._ref_prompt_cache
 
+    @_reference_pass
     @torch.no_grad()
     def cache_prompts(self, batch_size: int = 256) -> bool:
         """Compute the reference's keys and values for every prompt now, ``batch_size`` prompts at a time.
@@ -387,6 +428,14 @@ def vector_task(num_envs: Any, render_mode: str | None, env_id: str, task_kwargs
     if unknown:
         raise TypeError(f"{env_id} got unknown keyword arguments {unknown}; accepted: {['num_envs', 'render_mode', *accepted]}")
     return TextTask(**task_kwargs)
+
+
+def object_array(values: Sequence[Any]) -> np.ndarray:
+    """``[N]`` object array of ``values`` (strings or conversations: a list of turns stays one element)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
 
 
 def vector_info(info: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from rlhf_envs.lm.decoding import GPT2Decoder
 from rlhf_envs.lm.segments import additive_mask
 from rlhf_envs.lm.sampling import preallocated_cache, prefill, processed_logprobs
 from rlhf_envs.compat import renamed_fields
-from rlhf_envs.text_common import TextTask, pick_prompt, vector_info, vector_task
+from rlhf_envs.text_common import TextTask, object_array, pick_prompt, vector_info, vector_task
 
 __all__ = ["TextTokenEnv", "TextTokenVectorEnv"]
 
@@ -33,6 +33,9 @@ class _TokenEpisodes:
     """
 
     def __init__(self, task: TextTask, num_envs: int):
+        if task.adapters_off:
+            raise ValueError("TextToken-v0 does not take an AdaptersOff reference (its per-token passes run the reference "
+                             "model directly): pass a model path or a (model, tokenizer) pair, or use TextBandit-v0")
         self.task = task
         self.n = num_envs
         self.width = task.max_prompt_tokens + task.max_new_tokens
@@ -183,7 +186,7 @@ class _TokenEpisodes:
             "logprobs": self.logprobs[rows].copy(),
             "ref_logprobs": self.ref_logprobs[rows].copy(),
             "beta": np.full(len(rows), task.beta, dtype=np.float32),
-            "prompt": np.array([task.prompts[i] for i in self.prompt_index[rows]], dtype=object),
+            "prompt": object_array([task.prompts[i] for i in self.prompt_index[rows]]),
             "response": np.array(self.texts(rows), dtype=object),
         }
 
@@ -304,7 +307,7 @@ class TextTokenEnv(gym.Env):
     def render(self) -> str | None:
         if self.render_mode == "ansi":
             rows = np.array([0])
-            return self.task.prompts[self._episodes.prompt_index[0]] + self._episodes.texts(rows)[0] + "\n"
+            return self.task.prompt_texts[self._episodes.prompt_index[0]] + self._episodes.texts(rows)[0] + "\n"
         return None
 
 
@@ -346,7 +349,7 @@ class TextTokenVectorEnv(VectorEnv):
         self._started = True
         self._handed = None
         return self._episodes.obs.copy(), vector_info(
-            {"prompt": np.array([self.task.prompts[i] for i in index], dtype=object)})
+            {"prompt": object_array([self.task.prompts[i] for i in index])})
 
     def step(self, actions):
         if not self._started:

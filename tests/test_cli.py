@@ -52,9 +52,11 @@ def test_none_for_optional_numbers_and_nan_refused(tmp_path):
     from agents.cli import build_parser, config_from_args
     from agents.lm_ppo import LMPPOConfig
 
-    args = build_parser("ppo").parse_args(["ppo", "--target-kl", "none", "--max-approx-kl", "None"])
+    args = build_parser("ppo").parse_args(["ppo", "--kl-setpoint", "none", "--max-approx-kl", "None"])
     config = config_from_args(LMPPOConfig, args)
-    assert config.target_kl is None and config.max_approx_kl is None
+    assert config.kl_setpoint is None and config.max_approx_kl is None
+    old_flag = build_parser("ppo").parse_args(["ppo", "--target-kl", "none"])  # the old name, with a warning
+    assert config_from_args(LMPPOConfig, old_flag).kl_setpoint is None
     code, err = _run(["ppo", "--ptx-coef", "nan", "--output-dir", str(tmp_path / "p")])
     assert code == 2 and "LMPPOConfig.ptx_coef must be a finite number, got nan" in err
     assert not (tmp_path / "p").exists()
@@ -90,7 +92,7 @@ def test_plugin_failure_mid_ppo_is_one_line_and_resume_continues(tmp_path, save_
     code, err = _run(argv)
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "reward model 'fail-after-2' raised RuntimeError: the scoring service went away" in err and "--resume" in err
-    state = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    state = json.loads((out / "checkpoints" / "checkpoint-00000002" / "checkpoint.json").read_text())
     assert state["state"]["iteration"] == 2  # the checkpoint of the last finished iteration, intact
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     code, err = _run(argv)  # the folder holds a run now

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rlhf_envs.corpus import make_reviews
+from rlhf_envs.lm.chat import EMBEDDED_CHAT_TEMPLATE
 from rlhf_envs.validation import check_config_fields
 
 BOS_EOS = "<|endoftext|>"
@@ -238,6 +239,7 @@ def build(config: BuildConfig) -> dict:
         train_texts, eval_texts = texts[n_eval:], texts[:n_eval]
         tokenizer = train_tokenizer(train_texts, config.vocab_size)
         tokenizer.model_max_length = config.n_positions
+        tokenizer.chat_template = EMBEDDED_CHAT_TEMPLATE
         model, stats = train_model(encode(train_texts, tokenizer, config.n_positions), tokenizer, config)
         eval_rows = encode(eval_texts, tokenizer, config.n_positions)
     finally:
@@ -261,7 +263,7 @@ def write_atomically(out: Path, model: GPT2LMHeadModel, tokenizer: PreTrainedTok
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp, save_jinja_files=False)  # the chat template inline in tokenizer_config.json
         info["wall_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
         tmp.chmod(0o755)
