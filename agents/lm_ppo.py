@@ -52,10 +52,10 @@ from agents.distributed import (
     distributed,
     gather_tensors,
     join_process_group,
-    shard,
 )
 from agents.lm_policy import PolicyWithValueHead
-from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, policy_loss, token_rewards, value_loss
+from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, token_rewards
+from agents.lm_ppo_update import minibatch_loss, ppo_update, ptx_batches
 from agents.lora import LORA_HELP, check_lora_fields, is_lora, with_lora
 from agents.trackers import REPORT_TO_HELP, parse_report_to
 from rlhf_envs.kl import check_env_estimator, truncates
@@ -173,96 +173,8 @@ def _make_env(config: LMPPOConfig, num_envs: int, reference: Any = None):
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
 
 
-def _ptx_batches(config: LMPPOConfig, tokenizer, generator: torch.Generator):
-    """Endless minibatches of pretraining text (input ids, attention mask) for PPO-ptx."""
-    from rlhf_envs.corpus import make_reviews
-
-    texts = config.ptx_texts or make_reviews(4096, seed=config.seed + 7)
-    eos = tokenizer.eos_token
-    enc = tokenizer([eos + t + eos for t in texts], return_tensors="pt", padding=True, truncation=True, max_length=64)
-    size = config.batch_size // config.num_minibatches
-    while True:
-        for idx in torch.randperm(len(texts), generator=generator).split(size):
-            yield enc["input_ids"][idx], enc["attention_mask"][idx]
-
-
-def _ptx_loss(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logits = lm(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-
-
 _RANK_SEED_STRIDE = 1_000_000_007
 """Process ``r`` of a data-parallel run seeds its prompts and sampler ``r`` strides away from rank 0's."""
-
-_STAT_KEYS = ("approxkl", "pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "entropy", "ptx_loss")
-
-
-def _minibatch_loss(model: PolicyWithValueHead, batch: dict[str, Any], config: LMPPOConfig, cfg: SamplingConfig,
-                    truncated: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One minibatch (this process's share of it): the scaled PPO loss (+ PPO-ptx) and its stats, unscaled.
-    ``truncated``: the sampler removes tokens (top-k/top-p), see :func:`agents.lm_ppo_losses.policy_loss`."""
-    m = batch["response_mask"]
-    logprobs, values, entropy = model(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], m, cfg)
-    pg, pg_stats = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], m, config.cliprange,
-                               truncated=truncated)
-    vf, vf_stats = value_loss(values, batch["old_values"], batch["returns"], m, config.cliprange_value)
-    loss = batch["scale"] * (pg + config.vf_coef * vf)
-    stats = {"approxkl": pg_stats["approx_kl"], "pg_loss": pg.detach(), "vf_loss": vf.detach(),
-             "clipfrac": pg_stats["clipfrac"], "vf_clipfrac": vf_stats["clipfrac"],
-             "entropy": masked_mean(entropy.detach(), m)}
-    if "ptx_ids" in batch:
-        ptx_loss = _ptx_loss(model.lm, batch["ptx_ids"], batch["ptx_mask"])
-        loss = loss + config.ptx_coef * batch["ptx_scale"] * ptx_loss
-        stats["ptx_loss"] = ptx_loss.detach()
-    return loss, stats
-
-
-def _ppo_update(step_loss: Any, model: nn.Module, optimizer: torch.optim.Optimizer, rollout: dict[str, torch.Tensor],
-                config: LMPPOConfig, generator: torch.Generator, ptx: Any, rank: int = 0, world: int = 1
-                ) -> tuple[dict[str, list[float]], bool]:
-    """``ppo_epochs`` passes of minibatches over the whole batch ``rollout``; returns the stats and whether
-    the approx-KL stop ended it early.
-
-    Every process draws the same minibatches from ``generator`` and back-propagates its share of each
-    (:func:`agents.lm_common.shard`, weighed by response tokens, as the losses are means over tokens);
-    the stats are the whole minibatch's (scaled shares summed over the processes).
-    """
-    mb_size = config.batch_size // config.num_minibatches
-    tokens = rollout["response_mask"].sum(-1).tolist()
-
-    stats: dict[str, list[float]] = {k: [] for k in _STAT_KEYS}
-    for _epoch in range(config.ppo_epochs):
-        perm = torch.randperm(config.batch_size, generator=generator)
-        for mb in perm.split(mb_size):
-            mine, scale = shard(mb.tolist(), rank, world, tokens)
-            batch = {key: value[mine] for key, value in rollout.items()}
-            batch["scale"] = scale
-            ptx_scale = 1.0
-            if ptx is not None:
-                ids, mask = next(ptx)
-                rows, ptx_scale = shard(list(range(len(ids))), rank, world, mask[:, 1:].sum(-1).tolist())
-                batch.update(ptx_ids=ids[rows], ptx_mask=mask[rows], ptx_scale=ptx_scale)
-            loss, mb_stats = step_loss(batch)
-            keys = [k for k in _STAT_KEYS if k in mb_stats]
-            values = torch.stack([mb_stats[k].float() * (ptx_scale if k == "ptx_loss" else scale) for k in keys])
-            if world > 1:
-                # every process receives the same sum (as DDP's averaged gradients), so all take the same decision below
-                dist.all_reduce(values)
-                values /= world
-            figures = dict(zip(keys, values.tolist()))
-            # checked per minibatch, before its step: one bad step can wreck a small LM
-            if config.max_approx_kl is not None and figures["approxkl"] > config.max_approx_kl:
-                stats["approxkl"].append(figures["approxkl"])
-                return stats, True
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm, foreach=True)
-            optimizer.step()
-            for key, value in figures.items():
-                stats[key].append(value)
-    return stats, False
-
 
 @dataclass
 class _Run:
@@ -320,8 +232,8 @@ def _setup(config: LMPPOConfig) -> _Run:
                          f"{task.vocab_size}: the policy and ref_model must share a tokenizer")
     # the fused kernel updates every tensor in one call, not a Python loop over them
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5, fused=CPU_FUSED_ADAM)
-    ptx = _ptx_batches(config, tokenizer, torch.Generator().manual_seed(config.seed)) if config.ptx_coef > 0 else None
-    loss_fn = functools.partial(_minibatch_loss, config=config, cfg=config.sampling,
+    ptx = ptx_batches(config, tokenizer, torch.Generator().manual_seed(config.seed)) if config.ptx_coef > 0 else None
+    loss_fn = functools.partial(minibatch_loss, config=config, cfg=config.sampling,
                                 truncated=truncates(config.sampling, task.vocab_size))
     step_loss = DistributedDataParallel(LossModule(model, loss_fn)) if world > 1 else functools.partial(loss_fn, model)
     run = _Run(config, model, tokenizer, envs, optimizer, step_loss, ptx, rank, world, start_iter=0)
@@ -480,7 +392,7 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     """RLHF PPO against ``TextBandit-v0``; writes the policy (HF dir), value head, metrics.jsonl.
 
     Each iteration runs the phases of the module docstring: :func:`_rollout`, :func:`_score`,
-    :func:`_advantages`, :func:`_ppo_update`, then :func:`_metrics_row` and :func:`_save`.
+    :func:`_advantages`, :func:`~agents.lm_ppo_update.ppo_update`, then :func:`_metrics_row` and :func:`_save`.
     Runs data parallel under ``torchrun`` (see the module's docstring); ``batch_size`` is then the
     whole batch over all processes and must divide among them.
     """
@@ -504,7 +416,7 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
         # one process keeps drawing minibatches from its sampler's generator; several share one seeded alike
         minibatches = generator if run.world == 1 else \
             torch.Generator().manual_seed(config.seed * 1_000_003 + iteration + run.world * _RANK_SEED_STRIDE)
-        stats, kl_stop = _ppo_update(run.step_loss, run.model, run.optimizer, batch, config, minibatches, run.ptx,
+        stats, kl_stop = ppo_update(run.step_loss, run.model, run.optimizer, batch, config, minibatches, run.ptx,
                                      run.rank, run.world)
         t_update = time.perf_counter()
         row = _metrics_row(iteration, config, rollout, returns, stats, kl_stop)

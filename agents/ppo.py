@@ -233,6 +233,65 @@ class _Logger:
         if self.writer is not None:
             self.writer.close()
 
+def _gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_value: torch.Tensor,
+         next_done: torch.Tensor, gamma: float, gae_lambda: float) -> torch.Tensor:
+    """GAE advantages ``[T, N]`` over a rollout; ``dones[t]`` marks step t as the first of a new episode."""
+    T = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    lastgaelam = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        nextnonterminal = 1.0 - (next_done if t == T - 1 else dones[t + 1])
+        nextvalues = next_value if t == T - 1 else values[t + 1]
+        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
+        lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
+        advantages[t] = lastgaelam
+    return advantages
+
+
+def _update(agent: Agent, optimizer: torch.optim.Optimizer, config: PPOConfig, ent_coef: float,
+            generator: torch.Generator, b_x: torch.Tensor, b_actions: torch.Tensor, b_logprobs: torch.Tensor,
+            b_advantages: torch.Tensor, b_returns: torch.Tensor, b_values: torch.Tensor) -> dict[str, float]:
+    """``update_epochs`` passes of clipped-surrogate minibatches over the flat batch; the logged loss figures."""
+    clipfracs, approx_kl, old_approx_kl = [], torch.zeros(()), torch.zeros(())
+    pg_loss = v_loss = entropy_loss = torch.zeros(())  # logged even if the KL stop hits first
+    kl_stop = False
+    for _epoch in range(config.update_epochs):
+        perm = torch.randperm(config.batch_size, generator=generator)
+        for start_idx in range(0, config.batch_size, config.minibatch_size):
+            mb = perm[start_idx:start_idx + config.minibatch_size]
+            newlogprob, entropy, newvalue = agent.evaluate(b_x[mb], b_actions[mb])
+            logratio = newlogprob - b_logprobs[mb]
+            ratio = logratio.exp()
+            with torch.no_grad():
+                old_approx_kl = (-logratio).mean()
+                approx_kl = ((ratio - 1) - logratio).mean()
+                clipfracs.append(((ratio - 1.0).abs() > config.clip_coef).float().mean().item())
+            if config.max_approx_kl is not None and approx_kl > config.max_approx_kl:
+                kl_stop = True  # checked before the step, per minibatch
+                break
+            mb_adv = b_advantages[mb]
+            if config.norm_adv:
+                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+            pg_loss = torch.max(-mb_adv * ratio,
+                                -mb_adv * torch.clamp(ratio, 1 - config.clip_coef, 1 + config.clip_coef)).mean()
+            if config.clip_vloss:
+                v_unclipped = (newvalue - b_returns[mb]) ** 2
+                v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -config.clip_coef, config.clip_coef)
+                v_loss = 0.5 * torch.max(v_unclipped, (v_clipped - b_returns[mb]) ** 2).mean()
+            else:
+                v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
+            entropy_loss = entropy.mean()
+            loss = pg_loss - ent_coef * entropy_loss + v_loss * config.vf_coef
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm, foreach=True)
+            optimizer.step()
+        if kl_stop:
+            break
+    return {"losses/value_loss": v_loss.item(), "losses/policy_loss": pg_loss.item(),
+            "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": float(old_approx_kl),
+            "losses/approx_kl": float(approx_kl), "losses/clipfrac": float(np.mean(clipfracs)) if clipfracs else 0.0}
+
 
 def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None = None) -> PPOResult:
     """Train a PPO agent. ``callback(agent, global_step)`` runs after every iteration; returning
@@ -300,59 +359,15 @@ def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None =
                 next_x = agent.features(torch.as_tensor(next_obs))
                 next_done = torch.as_tensor(done, dtype=torch.float32)
 
-            # GAE over the rollout (done flags mark the first step of a new episode).
-            next_value = agent.value(next_x)
-            advantages = torch.zeros_like(rewards)
-            lastgaelam = torch.zeros(N)
-            for t in reversed(range(T)):
-                nextnonterminal = 1.0 - (next_done if t == T - 1 else dones[t + 1])
-                nextvalues = next_value if t == T - 1 else values[t + 1]
-                delta = rewards[t] + config.gamma * nextvalues * nextnonterminal - values[t]
-                lastgaelam = delta + config.gamma * config.gae_lambda * nextnonterminal * lastgaelam
-                advantages[t] = lastgaelam
+            advantages = _gae(rewards, values, dones, agent.value(next_x), next_done, config.gamma, config.gae_lambda)
             returns = advantages + values
 
         b_x = obs_buf.reshape(T * N, *obs_buf.shape[2:])
         b_actions, b_logprobs = actions.reshape(-1), logprobs.reshape(-1)
         b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), values.reshape(-1)
 
-        clipfracs, approx_kl, old_approx_kl = [], torch.zeros(()), torch.zeros(())
-        pg_loss = v_loss = entropy_loss = torch.zeros(())  # logged even if the KL stop hits first
-        kl_stop = False
-        for _epoch in range(config.update_epochs):
-            perm = torch.randperm(config.batch_size, generator=generator)
-            for start_idx in range(0, config.batch_size, config.minibatch_size):
-                mb = perm[start_idx:start_idx + config.minibatch_size]
-                newlogprob, entropy, newvalue = agent.evaluate(b_x[mb], b_actions[mb])
-                logratio = newlogprob - b_logprobs[mb]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > config.clip_coef).float().mean().item())
-                if config.max_approx_kl is not None and approx_kl > config.max_approx_kl:
-                    kl_stop = True  # checked before the step, per minibatch
-                    break
-                mb_adv = b_advantages[mb]
-                if config.norm_adv:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss = torch.max(-mb_adv * ratio,
-                                    -mb_adv * torch.clamp(ratio, 1 - config.clip_coef, 1 + config.clip_coef)).mean()
-                if config.clip_vloss:
-                    v_unclipped = (newvalue - b_returns[mb]) ** 2
-                    v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -config.clip_coef, config.clip_coef)
-                    v_loss = 0.5 * torch.max(v_unclipped, (v_clipped - b_returns[mb]) ** 2).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb]) ** 2).mean()
-                entropy_loss = entropy.mean()
-                loss = pg_loss - ent_coef * entropy_loss + v_loss * config.vf_coef
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm, foreach=True)
-                optimizer.step()
-            if kl_stop:
-                break
-
+        stats = _update(agent, optimizer, config, ent_coef, generator, b_x, b_actions, b_logprobs, b_advantages,
+                        b_returns, b_values)
         var_y = b_returns.var()
         explained_var = float("nan") if var_y == 0 else float(1 - (b_returns - b_values).var() / var_y)
         row = {
@@ -361,12 +376,7 @@ def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None =
             "charts/ent_coef": ent_coef,
             "charts/episodic_return": float(np.mean(finished_returns)) if finished_returns else None,
             "charts/episodic_length": float(np.mean(finished_lengths)) if finished_lengths else None,
-            "losses/value_loss": v_loss.item(),
-            "losses/policy_loss": pg_loss.item(),
-            "losses/entropy": entropy_loss.item(),
-            "losses/old_approx_kl": float(old_approx_kl),
-            "losses/approx_kl": float(approx_kl),
-            "losses/clipfrac": float(np.mean(clipfracs)) if clipfracs else 0.0,
+            **stats,
             "losses/explained_variance": explained_var,
             "charts/SPS": int(global_step / (time.perf_counter() - start)),
         }

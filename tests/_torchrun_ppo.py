@@ -2,7 +2,7 @@
 
 ``python -m torch.distributed.run --nproc_per_node N tests/_torchrun_ppo.py train CONFIG.json OUT``
 runs :func:`agents.lm_ppo.train_lm_ppo` with the test's vowel-share reward and writes each rank's
-history to ``OUT/history-RANK.json``. ``... update OUT`` runs one :func:`agents.lm_ppo._ppo_update`
+history to ``OUT/history-RANK.json``. ``... update OUT`` runs one :func:`agents.lm_ppo_update.ppo_update`
 on the fixed rollout of :func:`fixed_rollout` under DDP and rank 0 writes the weights and stats.
 """
 
@@ -45,11 +45,12 @@ def fixed_rollout(batch: int = 12, prompt_len: int = 5, width: int = 7):
 
 
 def run_update(rank: int, world: int, ptx: bool = True):
-    """One ``_ppo_update`` (2 epochs of 3 minibatches, PPO-ptx on) over :func:`fixed_rollout`; ``(model, stats, stopped)``."""
+    """One ``ppo_update`` (2 epochs of 3 minibatches, PPO-ptx on) over :func:`fixed_rollout`; ``(model, stats, stopped)``."""
     from torch.nn.parallel import DistributedDataParallel
 
     from agents.distributed import LossModule
-    from agents.lm_ppo import LMPPOConfig, _minibatch_loss, _ppo_update
+    from agents.lm_ppo import LMPPOConfig
+    from agents.lm_ppo_update import minibatch_loss, ppo_update
 
     model, rollout, cfg = fixed_rollout()
     config = LMPPOConfig(batch_size=12, num_minibatches=3, ppo_epochs=2, learning_rate=0.5, max_approx_kl=None,
@@ -64,9 +65,9 @@ def run_update(rank: int, world: int, ptx: bool = True):
 
     # plain SGD: the comparison is of gradients, which Adam would blur where they are 0 (float noise turned into steps)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
-    loss_fn = functools.partial(_minibatch_loss, config=config, cfg=cfg)
+    loss_fn = functools.partial(minibatch_loss, config=config, cfg=cfg)
     step_loss = DistributedDataParallel(LossModule(model, loss_fn)) if world > 1 else functools.partial(loss_fn, model)
-    stats, stopped = _ppo_update(step_loss, model, optimizer, rollout, config, torch.Generator().manual_seed(3),
+    stats, stopped = ppo_update(step_loss, model, optimizer, rollout, config, torch.Generator().manual_seed(3),
                                  ptx_batches() if ptx else None, rank, world)
     return model, stats, stopped
 

@@ -37,7 +37,9 @@ COMMON = ["--num-epochs", "2", "--batch-size", "8", "--learning-rate", "3e-3", "
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the launched scripts import tests.tiny_models: the repository root goes on their path, as pytest's pythonpath does
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     env.pop("WORLD_SIZE", None)
     return env
 
