@@ -347,11 +347,7 @@ def run_training(
     main = rank == 0
     output_dir = Path(config.output_dir)
     checkpoint_root = output_dir / "checkpoints"
-    steps_per_epoch = math.ceil(num_train / config.batch_size)
-    total_steps = config.num_epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = config.max_steps
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    steps_per_epoch, total_steps, num_epochs = _schedule_lengths(config, num_train)
 
     model.to(device)
     model.train()
@@ -418,6 +414,13 @@ def run_training(
     if world > 1:
         dist.barrier()
     return TrainResult(str(output_dir), step, samples, seconds, speed, last)
+
+
+def _schedule_lengths(config: LMTrainConfig, num_train: int) -> tuple[int, int, int]:
+    """``(steps_per_epoch, total_steps, num_epochs)``: ``max_steps`` when set, else ``num_epochs`` epochs."""
+    steps_per_epoch = math.ceil(num_train / config.batch_size)
+    total_steps = config.num_epochs * steps_per_epoch if config.max_steps is None else config.max_steps
+    return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
 
 
 def _resume(resume_from: Path | None, config: LMTrainConfig, algorithm: str, num_train: int, model: nn.Module,
