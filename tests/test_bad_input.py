@@ -686,6 +686,135 @@ ROWS = [
 ]
 
 
+# ---- issue 22: KL hand-overs, non-finite and mistyped settings, and the CLI cases ---------------------------
+
+UNIFORM = float(-np.log(V))
+
+
+def token_vec_with_plugin(ctx: Ctx) -> tuple:
+    """A TextToken vector env whose reward plugin fails once, on a step that ends two episodes; its twin's never fails.
+    Nothing may change: the same step then succeeds, and both envs play on alike."""
+    hit, control = token_vec(ctx, reward_model=Flaky("raise")), token_vec(ctx)
+    for env in (hit, control):
+        env.reset(seed=3)
+        env.step(np.array([97, 98, 97, 98]))
+    ending = np.array([EOS, 97, EOS, 97])
+
+    def check() -> None:
+        assert _same([hit.step(ending), *play_token_vec(hit)], [control.step(ending), *play_token_vec(control)])
+
+    return (lambda: hit.step(ending)), check
+
+
+def with_run_folder(*argv: str) -> Callable[[Ctx], tuple]:
+    """``rlhf argv...`` into ``{out}``, a folder that already holds a run (a config.json)."""
+
+    def build(ctx: Ctx) -> tuple:
+        (ctx.tmp / "out").mkdir()
+        (ctx.tmp / "out" / "config.json").write_text("{}")
+        return cli(*argv)(ctx)
+
+    return build
+
+
+def frozen_sb3_policy(ctx: Ctx) -> Any:
+    import copy
+
+    from stable_baselines3 import PPO
+
+    from agents.sb3_text import LMActorCriticPolicy
+
+    env = token(ctx)
+    task = env.unwrapped.task
+    return PPO(LMActorCriticPolicy, env, device="cpu", policy_kwargs=dict(
+        lm=copy.deepcopy(task.ref_model), pad_token_id=task.pad_token_id, sampling=task.sampling))
+
+
+def _exact_handover(logprobs: float, full: float) -> Callable[[Any], Any]:
+    return lambda e: (e.unwrapped.set_policy_logprobs(np.full(T, logprobs, np.float32), np.full((T, V), full, np.float32)),
+                      e.step(VALID_RESPONSE))
+
+
+play_bandit_exact = (lambda e: (e.unwrapped.set_policy_logprobs(np.full(T, UNIFORM, np.float32),
+                                                                 np.full((T, V), UNIFORM, np.float32)), play_bandit(e))[1])
+
+ROWS += [
+    row("textbandit-k3-top-p-without-full-logprobs",
+        env_case(lambda ctx: bandit_vec(ctx, kl_estimator="k3", top_p=0.9),
+                 lambda e: e.set_policy_logprobs(np.full((4, T), -1.0, np.float32)), play_bandit_vec), ValueError,
+        r"kl_estimator='k3' needs full_logprobs \[\.\.\., T, V\] too \(under top_k=0, top_p=0\.9 k3 needs the "
+        r"reference's mass on the tokens the policy kept, else it reads too low\)"),
+    row("textbandit-full-logprobs-mass-0.1",
+        env_case(lambda ctx: bandit(ctx, kl_estimator="exact"), _exact_handover(UNIFORM + np.log(0.1), UNIFORM + np.log(0.1)),
+                 play_bandit_exact), ValueError,
+        r"full_logprobs must be a full log-distribution over the vocabulary \(exp sums to 1 per row\) at every "
+        r"response token; at index \[0, 0\] the total mass is 0\.1"),
+    row("textbandit-full-logprobs-all-zero",
+        env_case(lambda ctx: bandit(ctx, kl_estimator="exact"), _exact_handover(0.0, 0.0), play_bandit_exact), ValueError,
+        r"full_logprobs must be a full log-distribution .* the total mass is 258"),
+    row("textbandit-logprobs-disagree-with-full",
+        env_case(lambda ctx: bandit(ctx, kl_estimator="exact"), _exact_handover(-1.0, UNIFORM), play_bandit_exact),
+        ValueError, r"logprobs disagree with full_logprobs at the sampled token \(index \[0, 0\]: -1 vs -5\.553\)"),
+    row("textbandit-kl-estimator-k2", just(lambda ctx: bandit(ctx, kl_estimator="k2")), ValueError,
+        r"kl_estimator='k2' \(0\.5 \* log-ratio \*\* 2\) does not estimate the KL.*Pick 'k1', 'k3' or 'exact'"),
+    row("textbandit-prompts-a-str", just(lambda ctx: bandit(ctx, prompts="The pasta was")), TypeError,
+        r"prompts must be a list of strings, got a single str 'The pasta was'; wrap it in a list: prompts=\['The pasta was'\]"),
+    row("textbandit-beta-inf", just(lambda ctx: bandit(ctx, beta=float("inf"))), ValueError,
+        r"^beta must be a finite number, got inf; pass a finite value$"),
+    row("textbandit-beta-nan", just(lambda ctx: bandit_vec(ctx, beta=float("nan"))), ValueError,
+        r"^beta must be a finite number, got nan"),
+    row("textbandit-beta-a-str", just(lambda ctx: bandit(ctx, beta="0.1")), TypeError,
+        r"^beta must be a finite number, got str '0\.1'; pass beta=0\.1, not a string"),
+    row("texttoken-target-kl-inf", just(lambda ctx: token(ctx, target_kl=float("inf"))), ValueError,
+        r"^target_kl must be a finite number or None, got inf"),
+    row("texttoken-temperature-nan", just(lambda ctx: token(ctx, temperature=float("nan"))), ValueError,
+        r"^SamplingConfig\.temperature must be a finite number, got nan"),
+    row("texttoken-top-p-a-str", just(lambda ctx: token(ctx, top_p="0.9")), TypeError,
+        r"^SamplingConfig\.top_p must be a finite number, got str '0\.9'; pass top_p=0\.9"),
+    row("texttoken-vec-plugin-fails-at-episode-end", token_vec_with_plugin, RewardModelError,
+        r"reward model 'Flaky' raised KeyError"),
+    row("sb3-text-policy-with-a-frozen-lm", just(frozen_sb3_policy), ValueError,
+        r"of the LM's \d+ parameter tensors have requires_grad=False .* PPO would train only the value head"),
+    row("config-lmppo-beta-a-str", config("agents.lm_ppo:LMPPOConfig", beta="0.1"), TypeError,
+        r"^LMPPOConfig\.beta must be a finite number, got str '0\.1'; pass beta=0\.1, not a string$"),
+    row("config-lmppo-ptx-coef-nan", config("agents.lm_ppo:LMPPOConfig", ptx_coef=float("nan")), ValueError,
+        r"^LMPPOConfig\.ptx_coef must be a finite number, got nan"),
+    row("config-lmppo-prompts-a-str", config("agents.lm_ppo:LMPPOConfig", prompts="The pasta was"), TypeError,
+        r"LMPPOConfig\.prompts must be a list of strings or None, got a single str 'The pasta was'"),
+    row("config-lmppo-kl-estimator-k2", config("agents.lm_ppo:LMPPOConfig", kl_estimator="k2"), ValueError,
+        r"kl_estimator='k2' .* does not estimate the KL"),
+    row("config-ppo-learning-rate-inf", config("agents.ppo:PPOConfig", learning_rate=float("inf")), ValueError,
+        r"^PPOConfig\.learning_rate must be a finite number, got inf"),
+    row("config-ppo-num-envs-a-float", config("agents.ppo:PPOConfig", num_envs=4.0), TypeError,
+        r"^PPOConfig\.num_envs must be an integer, got float 4\.0"),
+    row("config-sft-learning-rate-nan", config("agents.sft:SFTConfig", data_path="d.jsonl", learning_rate=float("nan")),
+        ValueError, r"^SFTConfig\.learning_rate must be a finite number, got nan"),
+    row("config-dpo-beta-inf", config("agents.dpo:DPOConfig", data_path="d.jsonl", beta=float("inf")), ValueError,
+        r"^DPOConfig\.beta must be a finite number, got inf"),
+    row("config-rm-weight-decay-nan", config("agents.reward_model:RewardModelConfig", data_path="d.jsonl",
+                                             weight_decay=float("nan")), ValueError,
+        r"^RewardModelConfig\.weight_decay must be a finite number, got nan"),
+    row("config-pipeline-sft-learning-rate-inf", config("agents.pipeline:PipelineConfig", sft_learning_rate=float("inf")),
+        ValueError, r"^PipelineConfig\.sft_learning_rate must be a finite number, got inf"),
+    row("config-eval-temperature-nan", config("agents.evaluate:EvalConfig", models={"sft": "x"}, temperature=float("nan")),
+        ValueError, r"^EvalConfig\.temperature must be a finite number, got nan"),
+    row("config-sampling-top-k-a-str", config("rlhf_envs.sampling:SamplingConfig", top_k="5"), TypeError,
+        r"^SamplingConfig\.top_k must be an integer, got str '5'; pass top_k=5, not a string$"),
+    row("config-build-lr-inf", config("rlhf_envs.build_embedded:BuildConfig", lr=float("inf")), ValueError,
+        r"^BuildConfig\.lr must be a finite number, got inf"),
+    row("cli-ppo-ptx-coef-nan", cli("ppo", "--output-dir", "{out}", "--ptx-coef", "nan"),
+        CLIExit, r"^exit 2: rlhf ppo: error: LMPPOConfig\.ptx_coef must be a finite number, got nan; pass a finite value$"),
+    row("cli-ppo-output-dir-is-a-file", cli("ppo", "--output-dir", "{data}", data="not a folder"),
+        CLIExit, r"^exit 2: rlhf ppo: error: --output-dir '.*data\.jsonl' is an existing file, not a folder; give a folder path$"),
+    row("cli-ppo-rerun-into-a-finished-folder", with_run_folder("ppo", "--output-dir", "{out}"),
+        CLIExit, r"^exit 2: rlhf ppo: error: --output-dir '.*out' already holds a run; pass --resume to continue it, "
+                 r"--overwrite to replace it, or another folder$"),
+    row("cli-catgrid-unknown-env-id", cli("catgrid", "--env-id", "Nope-v0", "--out", "{out}"),
+        CLIExit, r"^exit 2: rlhf catgrid: error: --env-id 'Nope-v0' is not a registered Gymnasium id; the CatGrid ids are "
+                 r"\['CatGrid-v0', 'CatGrid8x8-v0', 'CatGrid8x8Drunk-v0', 'CatGridDrunk-v0'\]$"),
+]
+
+
 def _files(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
