@@ -134,7 +134,8 @@ def _warn_if_meat_unreachable(rows: tuple[str, ...], next_state: np.ndarray, ter
 
 def check_slip(slip: float) -> float:
     """Return ``slip`` as a float, or raise if it is not a probability."""
-    if isinstance(slip, bool) or not isinstance(slip, (int, float, np.floating, np.integer)) or not 0.0 <= float(slip) <= 1.0:
+    number = not isinstance(slip, bool) and isinstance(slip, (int, float, np.floating, np.integer))
+    if not number or not 0.0 <= float(slip) <= 1.0:
         raise ValueError(f"slip must be a probability in [0, 1], got {slip!r}")
     return float(slip)
 

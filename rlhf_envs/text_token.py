@@ -174,7 +174,8 @@ class _TokenEpisodes:
         """Response text so far of ``rows`` (or of the given ``response [len(rows), T]`` and ``steps``)."""
         ids = torch.as_tensor(self.response[rows] if response is None else response)
         steps = self.steps[rows] if steps is None else steps
-        return self.task.decode(ids, self.task.response_mask(ids) & (torch.arange(ids.shape[1]) < torch.as_tensor(steps)[:, None]))
+        written = torch.arange(ids.shape[1]) < torch.as_tensor(steps)[:, None]
+        return self.task.decode(ids, self.task.response_mask(ids) & written)
 
     def info(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         task = self.task
