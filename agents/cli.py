@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(err, (RewardModelError, GymError)):
             raise
         resumable = isinstance(err, RewardModelError)
-        hint = " (the last checkpoint is intact: fix it and rerun with --resume)" if resumable else ""
+        hint = " (checkpoints written so far are intact: fix it and rerun with --resume)" if resumable else ""
         print(f"rlhf {args.command}: error: {err}{hint}", file=sys.stderr)
         return 1
     finally:
