@@ -35,7 +35,8 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str
         elif base in (dict, list) or typing.get_origin(base) in (dict, list):
             parser.add_argument(flag, dest=f.name, default=default, type=json.loads, help=help_text + " (JSON)")
         elif base is not kind:  # X | None: "none" gives None
-            parser.add_argument(flag, dest=f.name, default=default, type=_optional(base), help=help_text + " ('none': None)")
+            parser.add_argument(flag, dest=f.name, default=default, type=_optional(base),
+                                help=help_text + " ('none': None)")
         else:
             parser.add_argument(flag, dest=f.name, default=default, type=base, help=help_text)
     for old_name, new_name in getattr(config_cls, RENAMED_FIELDS, {}).items():
@@ -247,7 +248,8 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``rlhf`` parser: every sub-command listed; the options of ``command`` only (all of them when None,
     none when ``""``)."""
-    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF as Gymnasium environments, and the agents that train on them.")
+    parser = argparse.ArgumentParser(prog="rlhf",
+                                     description="RLHF as Gymnasium environments, and the agents that train on them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, what in _COMMANDS.items():
         p = sub.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -319,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(err, (RewardModelError, GymError)):
             raise
-        hint = " (the last checkpoint is intact: fix it and rerun with --resume)" if isinstance(err, RewardModelError) else ""
+        resumable = isinstance(err, RewardModelError)
+        hint = " (checkpoints written so far are intact: fix it and rerun with --resume)" if resumable else ""
         print(f"rlhf {args.command}: error: {err}{hint}", file=sys.stderr)
         return 1
     finally:

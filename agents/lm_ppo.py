@@ -88,7 +88,7 @@ class LMPPOConfig:
     beta: float = field(default=0.05, metadata={"help": "KL coefficient (initial value when kl_setpoint is set)"})
     kl_setpoint: float | None = field(default=None, metadata={"help": "sequence-level KL target of the adaptive controller; None = fixed beta"})
     kl_horizon: float = field(default=10000.0, metadata={"help": "horizon (episodes) of the adaptive controller: how fast beta moves (Ziegler et al.: 10000)"})
-    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator of the env: k1, k3 or exact (k2 is refused: its mean is not the KL)"})
+    kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator of the env: k1, k3 or exact"})
     gamma: float = field(default=1.0, metadata={"help": "discount over tokens"})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda over tokens"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})

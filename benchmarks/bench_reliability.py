@@ -17,6 +17,24 @@ and counts, from that run only:
 - runs compared bit for bit: the two runs of each passing determinism test (crash-resume: the
   uninterrupted run and the killed-and-resumed one; the pipeline: two runs with one seed).
 
+Two more sections, measured in this process:
+
+- **KL under every sampling setting.** On the embedded model (reference: its weights; policy: the
+  same weights plus fixed Gaussian noise, or the reference itself), for each of 9 sampling
+  settings (temperature, top-k, top-p, alone and combined), the policy samples
+  ``kl_batches x 64`` responses; each is handed to one ``TextBandit-v0`` vector env per estimator
+  (``k1``, ``k3``, ``exact``; ``k2`` is refused) and the env's per-response KL is recorded. All
+  estimators see the same responses, so each one's bias against ``exact`` is the mean of the
+  paired differences, with its standard error; an estimator passes when it is within 3 standard
+  errors of ``exact`` (whose per-response value, the per-position exact KL summed along the
+  sampled response, is itself unbiased for the sequence KL), or refused. The standard error gets a
+  floor of float32 rounding, ``KL_ROUNDING`` = 1e-5 nats per response (``z = bias / (se + 1e-5 / 3)``).
+  ``k3`` without the
+  top-k/top-p correction (the formula before issue 22) and ``k2`` are computed beside them, for
+  the record.
+- **``rlhf --help`` timing**: the median wall time of ``python -m agents.cli --help`` (and of a
+  bad option and a bad command) over 5 runs in fresh processes; the target is under 1 s.
+
     python -m benchmarks.bench_reliability     # writes benchmarks/results/reliability.json
 """
 
@@ -37,7 +55,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ["tests/test_bad_input.py", "tests/test_properties.py", "tests/test_text_properties.py",
-         "tests/test_safe_loading.py", "tests/test_crash_resume.py"]
+         "tests/test_safe_loading.py", "tests/test_crash_resume.py", "tests/test_cli.py", "tests/test_settings.py"]
 PIPELINE_DETERMINISM = "tests/test_pipeline.py::test_pipeline_twice_same_seed_identical_metrics"
 DETERMINISM_TESTS = ("test_crash_resume.py::test_sigkill_at_random_points_then_resume_matches_uninterrupted",
                      "test_pipeline.py::test_pipeline_twice_same_seed_identical_metrics")
@@ -136,13 +154,150 @@ def run_suite(extra: list[str]) -> dict:
     }
 
 
+# ---- KL under every sampling setting ----------------------------------------------------------------------
+
+KL_SETTINGS: list[tuple[str, dict]] = [
+    ("noisy", {}), ("noisy", {"temperature": 0.7}), ("noisy", {"temperature": 1.3}), ("noisy", {"top_k": 20}),
+    ("noisy", {"top_p": 0.9}), ("noisy", {"temperature": 0.9, "top_p": 0.95}),
+    ("noisy", {"temperature": 1.2, "top_k": 40}),
+    ("noisy", {"temperature": 0.8, "top_k": 50, "top_p": 0.9}), ("reference", {"top_k": 50, "top_p": 0.9}),
+]
+"""(policy, sampling) pairs: ``noisy`` is the embedded model with fixed noise on its weights, ``reference`` its
+weights."""
+
+KL_ESTIMATORS_TRIED = ("k1", "k2", "k3", "exact")
+
+
+def _kl_rows(policy, envs: dict, sampling: dict, batches: int, batch: int, max_new_tokens: int) -> dict[str, list]:
+    """Per-response KL of every estimator on the same responses: ``{name: [values]}`` (env estimators and two
+    direct formulas, ``k2`` and the uncorrected ``k3``)."""
+    import numpy as np
+    import torch
+
+    from rlhf_envs.kl import kl_k2, kl_k3
+    from rlhf_envs.lm.sampling import generate, response_logprobs
+    from rlhf_envs.text_common import attention_mask_from_obs
+
+    task = next(iter(envs.values())).unwrapped.task
+    values: dict[str, list] = {name: [] for name in (*envs, "k2 (direct)", "k3 uncorrected (direct)")}
+    for b in range(batches):
+        obs = [env.reset(seed=b)[0] for env in envs.values()][0]
+        ids = torch.as_tensor(obs)
+        mask = attention_mask_from_obs(ids, task.pad_token_id)
+        gen = generate(policy, ids, mask, task.sampling, eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
+                       generator=torch.Generator().manual_seed(1000 + b))
+        with torch.no_grad():
+            lp, full = response_logprobs(policy, ids, mask, gen.response_ids, gen.response_mask, task.sampling,
+                                         return_full=True)
+        width = gen.response_ids.shape[1]
+        actions = np.full((batch, max_new_tokens), task.pad_token_id)
+        actions[:, :width] = gen.response_ids.numpy()
+        handed = np.zeros((batch, max_new_tokens), np.float32)
+        handed[:, :width] = lp.numpy()
+        handed_full = np.zeros((batch, max_new_tokens, full.shape[-1]), np.float32)
+        handed_full[:, :width] = full.masked_fill(~gen.response_mask[..., None], 0.0).numpy()
+        for name, env in envs.items():
+            env.set_policy_logprobs(handed, handed_full)
+            info = env.step(actions)[4]
+            values[name].extend(info["kl"].tolist())
+        ref = torch.as_tensor(info["ref_logprobs"][:, :width])
+        m = gen.response_mask
+        values["k2 (direct)"].extend((kl_k2(lp, ref) * m).sum(-1).tolist())
+        values["k3 uncorrected (direct)"].extend((kl_k3(lp, ref) * m).sum(-1).tolist())
+    return values
+
+
+KL_ROUNDING = 1e-5
+"""Nats per response: float32 rounding, the floor under 3 standard errors. It matters only where an estimator is
+exact per token: with the reference's own weights under top-k/top-p every estimator reads ``-log Z`` at each token,
+so the paired differences are pure rounding (about 1e-7) with a standard error smaller still."""
+
+
+def kl_section(batches: int = 8, batch: int = 64, max_new_tokens: int = 16, noise: float = 0.1) -> dict:
+    """Every estimator against the exact KL under :data:`KL_SETTINGS` (see the module docstring)."""
+    import gymnasium as gym
+    import numpy as np
+    import torch
+
+    import rlhf_envs  # noqa: F401
+    from rlhf_envs.lm import load_causal_lm
+
+    torch.manual_seed(0)
+    reference, tokenizer = load_causal_lm(None)
+    noisy, _ = load_causal_lm(None)
+    with torch.no_grad():
+        for param in noisy.parameters():  # noise in units of each tensor's spread: a policy some way from the reference
+            param.add_(noise * param.std() * torch.randn_like(param))
+    rows = []
+    for policy_name, sampling in KL_SETTINGS:
+        policy = noisy if policy_name == "noisy" else reference
+        envs, refused = {}, {}
+        for name in KL_ESTIMATORS_TRIED:
+            try:
+                envs[name] = gym.make_vec("TextBandit-v0", num_envs=batch, model=(reference, tokenizer),
+                                          kl_estimator=name, max_new_tokens=max_new_tokens,
+                                          reward_model=lambda p, r: [0.0] * len(r), beta=0.0, **sampling)
+            except ValueError as err:
+                refused[name] = str(err)
+        values = {k: np.asarray(v) for k, v in _kl_rows(policy, envs, sampling, batches, batch, max_new_tokens).items()}
+        exact = values["exact"]
+        for name, v in values.items():
+            diff = v - exact
+            se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if name != "exact" else 0.0
+            bias = float(diff.mean())
+            z = bias / (se + KL_ROUNDING / 3) if name != "exact" else 0.0
+            label = ", ".join(f"{k}={v}" for k, v in sampling.items()) or "plain"
+            rows.append({"policy": policy_name, "sampling": label,
+                         "estimator": name, "mean": float(v.mean()), "stderr": float(v.std(ddof=1) / np.sqrt(len(v))),
+                         "exact": float(exact.mean()), "bias": bias, "bias_stderr": se, "z": z,
+                         "status": _status(name, z, refused)})
+        rows.extend({"policy": policy_name, "sampling": rows[-1]["sampling"], "estimator": name, "status": "refused",
+                     "message": message} for name, message in refused.items())
+        for env in envs.values():
+            env.close()
+    env_rows = [r for r in rows if "(direct)" not in r["estimator"]]
+    return {"settings": len(KL_SETTINGS), "responses_per_setting": batches * batch, "max_new_tokens": max_new_tokens,
+            "policy_noise": noise, "rows": rows,
+            "all_within_3_se_or_refused": all(r["status"] in ("ok", "refused", "reference") for r in env_rows)}
+
+
+def _status(name: str, z: float, refused: dict) -> str:
+    if name == "exact":
+        return "reference"
+    if "(direct)" in name:
+        return f"not offered ({'refused' if name.startswith('k2') else 'replaced'}); |z|={abs(z):.1f}"
+    return "ok" if abs(z) <= 3 else f"BIASED (|z|={abs(z):.1f})"
+
+
+# ---- rlhf --help timing ------------------------------------------------------------------------------------
+
+def cli_timing(repeats: int = 5) -> dict:
+    """Median wall seconds of ``python -m agents.cli ARGS`` in fresh processes (target: under 1 s)."""
+    import statistics
+
+    result = {}
+    for label, args in [("rlhf --help", ["--help"]), ("rlhf --no-such-option", ["--no-such-option"]),
+                        ("rlhf no-such-command", ["no-such-command"]),
+                        ("rlhf ppo --help (imports torch)", ["ppo", "--help"])]:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "agents.cli", *args], cwd=ROOT, capture_output=True)
+            times.append(time.perf_counter() - start)
+        result[label] = {"median_s": round(statistics.median(times), 3), "max_s": round(max(times), 3)}
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.common import print_table, write_json
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-x'")
+    parser.add_argument("--kl-batches", type=int, default=8, help="batches of 64 responses per sampling setting")
     args = parser.parse_args(argv)
     result = run_suite(args.pytest_args.split())
+    result["cli_timing"] = cli_timing()
+    result["kl"] = kl_section(args.kl_batches)
     print_table("Reliability suite (one pytest run, slow tests included)", [
         {"measure": "bad inputs tried (table rows)", "count": result["bad_inputs_tried"],
          "ok": result["bad_inputs_rejected_correctly"]},
@@ -155,6 +310,13 @@ def main(argv: list[str] | None = None) -> dict:
         {"measure": "wall seconds", "count": result["wall_seconds"], "ok": result["pytest_summary"]},
     ])
     print_table("Per file", [{"file": name, **counts} for name, counts in result["tests"].items()])
+    print_table("KL per response against the exact KL (same responses; bias = mean paired difference)",
+                [{k: r.get(k) for k in ("policy", "sampling", "estimator", "mean", "exact", "bias", "bias_stderr",
+                                        "status")}
+                 for r in result["kl"]["rows"]])
+    print(f"every offered estimator within 3 SE of exact, or refused: {result['kl']['all_within_3_se_or_refused']}")
+    print_table("rlhf command start-up (fresh process, median of 5)",
+                [{"command": k, **v} for k, v in result["cli_timing"].items()])
     if result["failed"]:
         print("\nFAILED:", *result["failed"], sep="\n  ")
     write_json("reliability", result)

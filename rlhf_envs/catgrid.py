@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from io import StringIO
 
@@ -110,12 +111,31 @@ def parse_map(desc: str | list[str] | tuple[str, ...]) -> GridModel:
     reward = np.array([CELL_REWARDS.get(ch, 0.0) for ch in flat], dtype=np.float64)
     terminal = np.array([ch in TERMINAL_CELLS for ch in flat], dtype=bool)
     start = starts[0][0] * ncol + starts[0][1]
+    _warn_if_meat_unreachable(rows, next_state, terminal, start)
     return GridModel(rows, next_state, reward, terminal, start)
+
+
+def _warn_if_meat_unreachable(rows: tuple[str, ...], next_state: np.ndarray, terminal: np.ndarray, start: int) -> None:
+    """Warn when no meat cell can be entered from the start (walls, edges and bathtubs in the way)."""
+    seen, frontier = {start}, [start]
+    while frontier:  # entering a terminal cell ends the episode, so the search goes on only from the others
+        s = frontier.pop()
+        for nxt in next_state[s].tolist():
+            if nxt not in seen:
+                seen.add(nxt)
+                if not terminal[nxt]:
+                    frontier.append(nxt)
+    flat = "".join(rows)
+    if not any(flat[s] == "M" for s in seen):
+        warnings.warn("the meat 'M' cannot be reached from the start 'C' on this map (walls, edges or bathtubs in the "
+                      "way, or no meat): the optimal return is at most 0; open a path to the meat",
+                      UserWarning, stacklevel=3)
 
 
 def check_slip(slip: float) -> float:
     """Return ``slip`` as a float, or raise if it is not a probability."""
-    if not isinstance(slip, (int, float, np.floating)) or not 0.0 <= float(slip) <= 1.0:
+    number = not isinstance(slip, bool) and isinstance(slip, (int, float, np.floating, np.integer))
+    if not number or not 0.0 <= float(slip) <= 1.0:
         raise ValueError(f"slip must be a probability in [0, 1], got {slip!r}")
     return float(slip)
 

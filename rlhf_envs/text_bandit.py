@@ -37,7 +37,8 @@ class TextBanditEnv(gym.Env):
     ## Rewards
     ``score(prompt, response) - beta * sum_t kl_t``: ``score`` from the reward model (``sentiment``:
     VADER compound in [-1, 1]), ``kl_t`` the chosen per-token estimator (``k1``, ``k3`` or
-    ``exact``, see :mod:`rlhf_envs.kl`; each has expectation the exact KL under every sampling setting) of ``KL(policy || ref_model)`` over the response tokens.
+    ``exact``, see :mod:`rlhf_envs.kl`; each has the exact KL as its expectation under every sampling
+    setting) of ``KL(policy || ref_model)`` over the response tokens.
 
     **The KL mechanism.** The env never runs the policy: before ``step`` the agent hands over the
     log-probs it sampled the response with, ``env.unwrapped.set_policy_logprobs(logprobs,

@@ -129,7 +129,8 @@ class TextTask:
         kl_setpoint = check_number(kl_setpoint, "kl_setpoint", optional=True)
         reward_timeout_s = check_number(reward_timeout_s, "reward_timeout_s", optional=True)
         max_prompt_tokens = check_number(max_prompt_tokens, "max_prompt_tokens", int, optional=True)
-        n_prompts, prompt_seed = check_number(n_prompts, "n_prompts", int), check_number(prompt_seed, "prompt_seed", int)
+        n_prompts = check_number(n_prompts, "n_prompts", int)
+        prompt_seed = check_number(prompt_seed, "prompt_seed", int)
         if isinstance(prompts, (str, bytes)):
             raise TypeError(f"prompts must be a list of strings, got a single {type(prompts).__name__} "
                             f"{prompts[:40]!r}; wrap it in a list: prompts=[{prompts[:40]!r}]")

@@ -174,9 +174,12 @@ class _TokenEpisodes:
         self.next_position += 1
         self.ref_next = processed_logprobs(logits, self.task.ref_sampling)
 
-    def texts(self, rows: np.ndarray) -> list[str]:
-        ids = torch.as_tensor(self.response[rows])
-        return self.task.decode(ids, self.task.response_mask(ids) & (torch.arange(ids.shape[1]) < torch.as_tensor(self.steps[rows])[:, None]))
+    def texts(self, rows: np.ndarray, response: np.ndarray | None = None, steps: np.ndarray | None = None) -> list[str]:
+        """Response text so far of ``rows`` (or of the given ``response [len(rows), T]`` and ``steps``)."""
+        ids = torch.as_tensor(self.response[rows] if response is None else response)
+        steps = self.steps[rows] if steps is None else steps
+        written = torch.arange(ids.shape[1]) < torch.as_tensor(steps)[:, None]
+        return self.task.decode(ids, self.task.response_mask(ids) & written)
 
     def info(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         task = self.task
@@ -190,13 +193,24 @@ class _TokenEpisodes:
             "response": np.array(self.texts(rows), dtype=object),
         }
 
-    def finish(self, done_rows: np.ndarray, rewards: np.ndarray) -> np.ndarray:
-        """Score the finished rows in one reward call, add the score to ``rewards``; returns scores."""
+    def score_ending(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows [M], scores [M])`` of the episodes that ``actions [N]`` would end, in one reward call.
+
+        Runs before :meth:`advance` changes anything, so a reward model that fails leaves every episode as it
+        was and the step can be retried.
+        """
         task = self.task
-        scores = task.score(self.prompt_index[done_rows].tolist(), self.texts(done_rows))
+        rows = np.flatnonzero((actions == task.eos_token_id) | (self.steps + 1 >= task.max_new_tokens))
+        if not len(rows):
+            return rows, np.zeros(0, dtype=np.float32)
+        response = self.response[rows].copy()
+        response[np.arange(len(rows)), self.steps[rows]] = actions[rows]
+        return rows, task.score(self.prompt_index[rows].tolist(), self.texts(rows, response, self.steps[rows] + 1))
+
+    def finish(self, done_rows: np.ndarray, scores: np.ndarray, rewards: np.ndarray) -> None:
+        """Add the finished rows' ``scores`` to ``rewards`` and step the adaptive controller on their KL."""
         rewards[done_rows] += scores
-        task.kl_controller.update(float(self.kl_per_token[done_rows].sum(-1).mean()), len(done_rows))
-        return scores
+        self.task.kl_controller.update(float(self.kl_per_token[done_rows].sum(-1).mean()), len(done_rows))
 
 
 def _check_handed(task: TextTask, logprobs: Any, batch: tuple[int, ...]) -> torch.Tensor:
@@ -245,8 +259,9 @@ class TextTokenEnv(gym.Env):
     updated per finished episode), ``max_prompt_tokens``, ``max_new_tokens``, ``temperature``,
     ``top_k``, ``top_p``, ``device``.
 
-    Errors: a bad action or hand-over raises before anything changes. If the reward model fails on
-    the last step (:class:`rlhf_envs.rewards.RewardModelError`), that episode is lost: call ``reset``.
+    Errors: a bad action or hand-over raises before anything changes. So does a reward model that
+    fails on the last step (:class:`rlhf_envs.rewards.RewardModelError`): the episode is scored
+    before it advances, so the same ``step`` (the hand-over is kept) can be retried.
 
     ## Info
     Every step: ``kl`` (sum so far), ``kl_per_token [T]``, ``logprobs [T]``, ``ref_logprobs [T]``
@@ -295,13 +310,15 @@ class TextTokenEnv(gym.Env):
             raise gym.error.InvalidAction(f"action must be one token id (Discrete), got shape {token.shape}")
         handed = None if self._handed is None else self._handed[None]
         episodes = self._episodes
+        _, scores = episodes.score_ending(token.reshape(1))  # before anything changes: the step can be retried
         kl, done, done_rows = episodes.advance(token.reshape(1), handed)
         self._handed = None
         reward = -self.task.beta * kl
         info = {key: value[0] for key, value in episodes.info(np.array([0])).items()}
         if done[0]:
             self._running = False
-            info["score"] = float(episodes.finish(done_rows, reward)[0])
+            episodes.finish(done_rows, scores, reward)
+            info["score"] = float(scores[0])
         return episodes.obs[0].copy(), float(reward[0]), bool(done[0]), False, info
 
     def render(self) -> str | None:
@@ -319,7 +336,9 @@ class TextTokenVectorEnv(VectorEnv):
     :class:`TextTokenEnv`; actions ``[N]``; hand-over ``envs.set_policy_logprobs(logprobs [N, V])``.
     Autoreset is ``SAME_STEP``: finished rows get a new prompt at once (one batched prefill over
     them), the returned obs is the new episode's first, and the finished one is in
-    ``info["final_obs"]``; ``info["score"]`` is set where ``info["_score"]`` is True.
+    ``info["final_obs"]``; ``info["score"]`` is set where ``info["_score"]`` is True. If the reward
+    model fails (:class:`rlhf_envs.rewards.RewardModelError`), nothing has changed: all ``N`` running
+    episodes are kept and the same ``step`` (the hand-over is kept) can be retried.
     """
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.SAME_STEP}
@@ -356,14 +375,13 @@ class TextTokenVectorEnv(VectorEnv):
             raise ResetNeeded("call reset() before step()")
         tokens = self.task.check_tokens(actions, (self.num_envs,), "actions")
         episodes = self._episodes
+        _, scores = episodes.score_ending(tokens)  # before anything changes: a failing reward model loses nothing
         kl, done, done_rows = episodes.advance(tokens, self._handed)
         self._handed = None
         rewards = (-self.task.beta * kl).astype(np.float32)
         info = vector_info(episodes.info(episodes.rows))
         if len(done_rows):
-            self._started = False
-            scores = episodes.finish(done_rows, rewards)
-            self._started = True
+            episodes.finish(done_rows, scores, rewards)
             info["score"] = np.zeros(self.num_envs, dtype=np.float32)
             info["score"][done_rows] = scores
             info["_score"] = done

@@ -606,7 +606,7 @@ ROWS = [
         r"PPOConfig\.gamma must be in \[0, 1\], got 1\.5"),
     row("config-ppo-minibatches-do-not-divide", config("agents.ppo:PPOConfig", num_envs=3, num_steps=3, num_minibatches=2),
         ValueError, r"num_envs \* num_steps = 9 is not divisible by num_minibatches = 2"),
-    row("config-ppo-negative-target-kl", config("agents.ppo:PPOConfig", max_approx_kl=-0.01), ValueError,
+    row("config-ppo-negative-max-approx-kl", config("agents.ppo:PPOConfig", max_approx_kl=-0.01), ValueError,
         r"PPOConfig\.max_approx_kl must be > 0 or None, got -0\.01"),
     row("config-lmppo-negative-beta", config("agents.lm_ppo:LMPPOConfig", beta=-0.1), ValueError,
         r"LMPPOConfig\.beta must be >= 0, got -0\.1; 0 turns the KL penalty off"),
@@ -683,6 +683,135 @@ ROWS = [
         CLIExit, r"^exit 2: rlhf catgrid: error: PPOConfig\.num_envs must be a positive integer, got 0$"),
     row("cli-eval-model-without-name", cli("eval", "--model", "{model}", "--out", "{out}"),
         CLIExit, r"^exit 2: rlhf eval: error: --model takes NAME=PATH \(e\.g\. sft=runs/pipeline/sft\), got '.*tiny'$"),
+]
+
+
+# ---- issue 22: KL hand-overs, non-finite and mistyped settings, and the CLI cases ---------------------------
+
+UNIFORM = float(-np.log(V))
+
+
+def token_vec_with_plugin(ctx: Ctx) -> tuple:
+    """A TextToken vector env whose reward plugin fails once, on a step that ends two episodes; its twin's never fails.
+    Nothing may change: the same step then succeeds, and both envs play on alike."""
+    hit, control = token_vec(ctx, reward_model=Flaky("raise")), token_vec(ctx)
+    for env in (hit, control):
+        env.reset(seed=3)
+        env.step(np.array([97, 98, 97, 98]))
+    ending = np.array([EOS, 97, EOS, 97])
+
+    def check() -> None:
+        assert _same([hit.step(ending), *play_token_vec(hit)], [control.step(ending), *play_token_vec(control)])
+
+    return (lambda: hit.step(ending)), check
+
+
+def with_run_folder(*argv: str) -> Callable[[Ctx], tuple]:
+    """``rlhf argv...`` into ``{out}``, a folder that already holds a run (a config.json)."""
+
+    def build(ctx: Ctx) -> tuple:
+        (ctx.tmp / "out").mkdir()
+        (ctx.tmp / "out" / "config.json").write_text("{}")
+        return cli(*argv)(ctx)
+
+    return build
+
+
+def frozen_sb3_policy(ctx: Ctx) -> Any:
+    import copy
+
+    from stable_baselines3 import PPO
+
+    from agents.sb3_text import LMActorCriticPolicy
+
+    env = token(ctx)
+    task = env.unwrapped.task
+    return PPO(LMActorCriticPolicy, env, device="cpu", policy_kwargs=dict(
+        lm=copy.deepcopy(task.ref_model), pad_token_id=task.pad_token_id, sampling=task.sampling))
+
+
+def _exact_handover(logprobs: float, full: float) -> Callable[[Any], Any]:
+    return lambda e: (e.unwrapped.set_policy_logprobs(np.full(T, logprobs, np.float32), np.full((T, V), full, np.float32)),
+                      e.step(VALID_RESPONSE))
+
+
+play_bandit_exact = (lambda e: (e.unwrapped.set_policy_logprobs(np.full(T, UNIFORM, np.float32),
+                                                                 np.full((T, V), UNIFORM, np.float32)), play_bandit(e))[1])
+
+ROWS += [
+    row("textbandit-k3-top-p-without-full-logprobs",
+        env_case(lambda ctx: bandit_vec(ctx, kl_estimator="k3", top_p=0.9),
+                 lambda e: e.set_policy_logprobs(np.full((4, T), -1.0, np.float32)), play_bandit_vec), ValueError,
+        r"kl_estimator='k3' needs full_logprobs \[\.\.\., T, V\] too \(under top_k=0, top_p=0\.9 k3 needs the "
+        r"reference's mass on the tokens the policy kept, else it reads too low\)"),
+    row("textbandit-full-logprobs-mass-0.1",
+        env_case(lambda ctx: bandit(ctx, kl_estimator="exact"), _exact_handover(UNIFORM + np.log(0.1), UNIFORM + np.log(0.1)),
+                 play_bandit_exact), ValueError,
+        r"full_logprobs must be a full log-distribution over the vocabulary \(exp sums to 1 per row\) at every "
+        r"response token; at index \[0, 0\] the total mass is 0\.1"),
+    row("textbandit-full-logprobs-all-zero",
+        env_case(lambda ctx: bandit(ctx, kl_estimator="exact"), _exact_handover(0.0, 0.0), play_bandit_exact), ValueError,
+        r"full_logprobs must be a full log-distribution .* the total mass is 258"),
+    row("textbandit-logprobs-disagree-with-full",
+        env_case(lambda ctx: bandit(ctx, kl_estimator="exact"), _exact_handover(-1.0, UNIFORM), play_bandit_exact),
+        ValueError, r"logprobs disagree with full_logprobs at the sampled token \(index \[0, 0\]: -1 vs -5\.553\)"),
+    row("textbandit-kl-estimator-k2", just(lambda ctx: bandit(ctx, kl_estimator="k2")), ValueError,
+        r"kl_estimator='k2' \(0\.5 \* log-ratio \*\* 2\) does not estimate the KL.*Pick 'k1', 'k3' or 'exact'"),
+    row("textbandit-prompts-a-str", just(lambda ctx: bandit(ctx, prompts="The pasta was")), TypeError,
+        r"prompts must be a list of strings, got a single str 'The pasta was'; wrap it in a list: prompts=\['The pasta was'\]"),
+    row("textbandit-beta-inf", just(lambda ctx: bandit(ctx, beta=float("inf"))), ValueError,
+        r"^beta must be a finite number, got inf; pass a finite value$"),
+    row("textbandit-beta-nan", just(lambda ctx: bandit_vec(ctx, beta=float("nan"))), ValueError,
+        r"^beta must be a finite number, got nan"),
+    row("textbandit-beta-a-str", just(lambda ctx: bandit(ctx, beta="0.1")), TypeError,
+        r"^beta must be a finite number, got str '0\.1'; pass beta=0\.1, not a string"),
+    row("texttoken-kl-setpoint-inf", just(lambda ctx: token(ctx, kl_setpoint=float("inf"))), ValueError,
+        r"^kl_setpoint must be a finite number or None, got inf"),
+    row("texttoken-temperature-nan", just(lambda ctx: token(ctx, temperature=float("nan"))), ValueError,
+        r"^SamplingConfig\.temperature must be a finite number, got nan"),
+    row("texttoken-top-p-a-str", just(lambda ctx: token(ctx, top_p="0.9")), TypeError,
+        r"^SamplingConfig\.top_p must be a finite number, got str '0\.9'; pass top_p=0\.9"),
+    row("texttoken-vec-plugin-fails-at-episode-end", token_vec_with_plugin, RewardModelError,
+        r"reward model 'Flaky' raised KeyError"),
+    row("sb3-text-policy-with-a-frozen-lm", just(frozen_sb3_policy), ValueError,
+        r"of the LM's \d+ parameter tensors have requires_grad=False .* PPO would train only the value head"),
+    row("config-lmppo-beta-a-str", config("agents.lm_ppo:LMPPOConfig", beta="0.1"), TypeError,
+        r"^LMPPOConfig\.beta must be a finite number, got str '0\.1'; pass beta=0\.1, not a string$"),
+    row("config-lmppo-ptx-coef-nan", config("agents.lm_ppo:LMPPOConfig", ptx_coef=float("nan")), ValueError,
+        r"^LMPPOConfig\.ptx_coef must be a finite number, got nan"),
+    row("config-lmppo-prompts-a-str", config("agents.lm_ppo:LMPPOConfig", prompts="The pasta was"), TypeError,
+        r"LMPPOConfig\.prompts must be a list of strings or None, got a single str 'The pasta was'"),
+    row("config-lmppo-kl-estimator-k2", config("agents.lm_ppo:LMPPOConfig", kl_estimator="k2"), ValueError,
+        r"kl_estimator='k2' .* does not estimate the KL"),
+    row("config-ppo-learning-rate-inf", config("agents.ppo:PPOConfig", learning_rate=float("inf")), ValueError,
+        r"^PPOConfig\.learning_rate must be a finite number, got inf"),
+    row("config-ppo-num-envs-a-float", config("agents.ppo:PPOConfig", num_envs=4.0), TypeError,
+        r"^PPOConfig\.num_envs must be an integer, got float 4\.0"),
+    row("config-sft-learning-rate-nan", config("agents.sft:SFTConfig", data_path="d.jsonl", learning_rate=float("nan")),
+        ValueError, r"^SFTConfig\.learning_rate must be a finite number, got nan"),
+    row("config-dpo-beta-inf", config("agents.dpo:DPOConfig", data_path="d.jsonl", beta=float("inf")), ValueError,
+        r"^DPOConfig\.beta must be a finite number, got inf"),
+    row("config-rm-weight-decay-nan", config("agents.reward_model:RewardModelConfig", data_path="d.jsonl",
+                                             weight_decay=float("nan")), ValueError,
+        r"^RewardModelConfig\.weight_decay must be a finite number, got nan"),
+    row("config-pipeline-sft-learning-rate-inf", config("agents.pipeline:PipelineConfig", sft_learning_rate=float("inf")),
+        ValueError, r"^PipelineConfig\.sft_learning_rate must be a finite number, got inf"),
+    row("config-eval-temperature-nan", config("agents.evaluate:EvalConfig", models={"sft": "x"}, temperature=float("nan")),
+        ValueError, r"^EvalConfig\.temperature must be a finite number, got nan"),
+    row("config-sampling-top-k-a-str", config("rlhf_envs.lm.sampling:SamplingConfig", top_k="5"), TypeError,
+        r"^SamplingConfig\.top_k must be an integer, got str '5'; pass top_k=5, not a string$"),
+    row("config-build-lr-inf", config("rlhf_envs.lm.build_embedded:BuildConfig", lr=float("inf")), ValueError,
+        r"^BuildConfig\.lr must be a finite number, got inf"),
+    row("cli-ppo-ptx-coef-nan", cli("ppo", "--output-dir", "{out}", "--ptx-coef", "nan"),
+        CLIExit, r"^exit 2: rlhf ppo: error: LMPPOConfig\.ptx_coef must be a finite number, got nan; pass a finite value$"),
+    row("cli-ppo-output-dir-is-a-file", cli("ppo", "--output-dir", "{data}", data="not a folder"),
+        CLIExit, r"^exit 2: rlhf ppo: error: --output-dir '.*data\.jsonl' is an existing file, not a folder; give a folder path$"),
+    row("cli-ppo-rerun-into-a-finished-folder", with_run_folder("ppo", "--output-dir", "{out}"),
+        CLIExit, r"^exit 2: rlhf ppo: error: --output-dir '.*out' already holds a run; pass --resume to continue it, "
+                 r"--overwrite to replace it, or another folder$"),
+    row("cli-catgrid-unknown-env-id", cli("catgrid", "--env-id", "Nope-v0", "--out", "{out}"),
+        CLIExit, r"^exit 2: rlhf catgrid: error: --env-id 'Nope-v0' is not a registered Gymnasium id; the CatGrid ids are "
+                 r"\['CatGrid-v0', 'CatGrid8x8-v0', 'CatGrid8x8Drunk-v0', 'CatGridDrunk-v0'\]$"),
 ]
 
 

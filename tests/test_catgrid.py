@@ -236,3 +236,19 @@ def test_unknown_map_name_lists_maps():
 def test_maps_from_a_string():
     env = CatGridEnv(desc="C.\n.M")
     assert env.observation_space.n == 4
+
+
+@pytest.mark.parametrize("desc", [["C#M", "##."], ["CT", "TM"], ["C.#", "..#", "##M"]])
+def test_a_map_whose_meat_cannot_be_reached_warns(desc):
+    with pytest.warns(UserWarning, match=r"the meat 'M' cannot be reached from the start 'C'.*optimal return is at most 0"):
+        CatGridEnv(desc=desc)
+
+
+def test_reachable_meat_and_the_registered_maps_do_not_warn():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        CatGridEnv(desc=["C#", ".M"])
+        for name in ("CatGrid-v0", "CatGridDrunk-v0", "CatGrid8x8-v0", "CatGrid8x8Drunk-v0"):
+            gym.make(name)

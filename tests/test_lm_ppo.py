@@ -141,3 +141,11 @@ def test_packed_policy_forward_equals_hugging_face(sampling):
     assert packed_grads.keys() == generic_grads.keys()
     for name in packed_grads:
         torch.testing.assert_close(packed_grads[name], generic_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_k3_under_top_k_hands_over_full_distributions_and_trains(tiny_dir, tmp_path):
+    """k3 with top-k needs the kept set: the trainer hands the full distributions over; the KL is then >= 0 and
+    positive from the start (the truncated policy is not the full-support reference)."""
+    result = train_lm_ppo(_config(tiny_dir, tmp_path, total_episodes=32 * 2, kl_estimator="k3", top_k=20))
+    kls = [row["objective/kl"] for row in result.history]
+    assert all(np.isfinite(kls)) and kls[0] > 0.05, kls

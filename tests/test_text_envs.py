@@ -273,3 +273,26 @@ def test_decoding_equals_the_tokenizers_batch_decode():
     assert task.decode(ids, mask) == expected
     task._backend_decode = False
     assert task.decode(ids, mask) == expected
+
+
+def test_token_env_step_is_retried_after_the_reward_model_fails(lm):
+    calls = []
+
+    def flaky(prompts, responses):
+        calls.append(len(responses))
+        if len(calls) == 1:
+            raise RuntimeError("service down")
+        return [float(r.count("a")) for r in responses]
+
+    from rlhf_envs.rewards import RewardModelError
+
+    env = gym.make("TextToken-v0", model=lm, prompts=PROMPTS, max_new_tokens=4, reward_model=flaky, beta=0.1)
+    env.reset(seed=0)
+    env.unwrapped.set_policy_logprobs(np.full(258, -np.log(258), np.float32))
+    env.step(97)
+    env.unwrapped.set_policy_logprobs(np.full(258, -np.log(258), np.float32))
+    with pytest.raises(RewardModelError, match="service down"):
+        env.step(256)  # EOS: the episode ends and is scored
+    _, _, terminated, _, info = env.step(256)  # the same step again, the hand-over kept
+    assert terminated and info["score"] == 1.0 and info["response"] == "a"
+    assert info["kl_per_token"][1] != 0.0  # the retried step used the handed-over (uniform) distribution
