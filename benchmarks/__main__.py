@@ -133,7 +133,7 @@ def sections() -> dict[str, str]:
         rows = ["| seed | RM held-out accuracy | PPO model | PPO win rate vs SFT | PPO KL to SFT (target) | DPO model | DPO win rate vs SFT | DPO KL to SFT | Elo SFT / PPO / DPO | wall |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for r in d["runs"]:
-            rows.append(f"| {r['seed']} | {_f(r['rm_heldout_accuracy'])} | {r.get('ppo_selected') or 'final'} | {_f(r['ppo_win_rate_vs_sft'])} | {_f(r['ppo_kl_to_sft'])} ({r['kl_budget']}) | "
+            rows.append(f"| {r['seed']} | {_f(r['rm_heldout_accuracy'])} | {r.get('ppo_selected') or 'final'} | {_f(r['ppo_win_rate_vs_sft'])} | {_f(r['ppo_kl_to_sft'])} ({r.get('kl_budget', r.get('target_kl'))}) | "
                         f"{r.get('dpo_selected') or 'final'} | {_f(r['dpo_win_rate_vs_sft'])} | {_f(r['dpo_kl_to_sft'])} | {_f(r['elo_sft'], 0)} / {_f(r['elo_ppo'], 0)} / {_f(r['elo_dpo'], 0)} | "
                         f"{_f(r['wall_seconds'], 0)} s |")
         out["pipeline"] = "\n".join(rows)
@@ -151,8 +151,44 @@ def sections() -> dict[str, str]:
             f"| Hypothesis examples (random maps, seeds, actions, hand-overs through every env) | {d['hypothesis_examples']} in {d['hypothesis_tests']} properties |",
             f"| SIGKILL crash points survived (resumed run equal to an uninterrupted one) | {d['crash_points_survived']} |",
             f"| runs compared bit for bit | {d['runs_compared_bit_for_bit']} |",
-            f"| reliability suite wall time | {_f(d['wall_seconds'], 0)} s ({d['pytest_summary']}) |"])
+            f"| reliability suite wall time | {_f(d['wall_seconds'], 0)} s ({d['pytest_summary']}) |",
+            *_kl_and_startup_rows(d)])
+        if "kl" in d:
+            out["kl_estimators"] = _kl_table(d["kl"])
     return out
+
+
+def _kl_and_startup_rows(d: dict) -> list[str]:
+    """The reliability table's rows for the KL estimators under truncated sampling and the CLI's start-up time."""
+    rows = []
+    if (kl := d.get("kl")) is not None:
+        offered = [r for r in kl["rows"] if r.get("status") == "ok"]
+        worst = max(abs(r["z"]) for r in offered)
+        rows.append(f"| KL estimators `k1`, `k3` against the exact KL under {kl['settings']} sampling settings (temperature, "
+                    f"top-k, top-p, alone and combined), {kl['responses_per_setting']} responses each | "
+                    f"{'all' if kl['all_within_3_se_or_refused'] else 'not all'} within 3 standard errors "
+                    f"(largest \\|z\\| {worst:.2f}); `k2` refused as an env estimator |")
+    if (t := d.get("cli_timing")) is not None:
+        rows.append(f"| `rlhf --help` / a bad top-level option (median of 5, fresh process) | "
+                    f"{_f(t['rlhf --help']['median_s'])} s / {_f(t['rlhf --no-such-option']['median_s'])} s |")
+    return rows
+
+
+def _cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell."""
+    return text.replace("|", "\\|")
+
+
+def _kl_table(kl: dict) -> str:
+    """Each sampling setting's estimators against the exact KL (benchmarks/README.md)."""
+    rows = ["| policy | sampling | estimator | mean | exact | bias (standard error) | status |", "|---|---|---|---|---|---|---|"]
+    for r in kl["rows"]:
+        if "mean" not in r:
+            rows.append(f"| {r['policy']} | {r['sampling']} | {r['estimator']} | | | | {_cell(r['status'])} |")
+            continue
+        rows.append(f"| {r['policy']} | {r['sampling']} | {r['estimator']} | {r['mean']:.4f} | {r['exact']:.4f} | "
+                    f"{r['bias']:+.4f} ({r['bias_stderr']:.4f}) | {_cell(r['status'])} |")
+    return "\n".join(rows)
 
 
 def _headline(row: str) -> bool:
