@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable
 
 import gymnasium as gym
@@ -16,7 +17,7 @@ from gymnasium.vector.utils import batch_space
 from rlhf_envs.dialogue_games import ArithmeticChecker, CalculatorGame, GuessNumberGame
 from rlhf_envs.lm.sampling import positions_from_mask, processed_logprobs
 from rlhf_envs.text_bandit import _check_handed
-from rlhf_envs.text_common import TextTask, _context_length, object_array, response_hidden, vector_info
+from rlhf_envs.text_common import _PROMPT_CACHE_BYTES, TextTask, _context_length, object_array, response_hidden, vector_info
 from rlhf_envs.validation import check_number
 
 __all__ = ["GAMES", "TextDialogueEnv", "TextDialogueVectorEnv"]
@@ -97,6 +98,8 @@ class _Dialogues:
         self.turn = np.zeros(num_envs, dtype=np.int64)
         self.openings: list[str] = [""] * num_envs
         self._encoded: dict[str, list[int]] = {}
+        self._decoded: dict[tuple[int, ...], str] = {}
+        self.reference_kv = _ReferenceKV.make(self.task, num_envs, self.max_context_tokens)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of the env's ``text`` (no special tokens added), cached."""
@@ -106,6 +109,22 @@ class _Dialogues:
             if len(self._encoded) < 65536:
                 self._encoded[text] = ids
         return ids
+
+    def decode(self, turn_ids: np.ndarray, n_tokens: np.ndarray) -> list[str]:
+        """Text of each turn ``turn_ids[i, :n_tokens[i]]`` (turn-end marker dropped); games repeat turns, so texts are
+        cached by token ids and only new turns go through the tokenizer (one batched call)."""
+        keys = [tuple(row[:k].tolist()) for row, k in zip(turn_ids, n_tokens)]
+        missing = sorted({key for key in keys if key not in self._decoded}, key=keys.index)
+        if missing:
+            width = self.max_turn_tokens
+            ids = torch.full((len(missing), width), self.task.pad_token_id, dtype=torch.long)
+            for j, key in enumerate(missing):
+                ids[j, :len(key)] = torch.as_tensor(key)
+            mask = torch.arange(width)[None, :] < torch.tensor([len(key) for key in missing])[:, None]
+            if len(self._decoded) > 65536:
+                self._decoded.clear()
+            self._decoded.update(zip(missing, self.task.decode(ids, mask)))
+        return [self._decoded[key] for key in keys]
 
     def start(self, rows: np.ndarray, rng: np.random.Generator) -> None:
         """New episodes on ``rows``: each game's opening becomes the context."""
@@ -121,6 +140,8 @@ class _Dialogues:
             self.buf[i] = self.task.pad_token_id
             self.buf[i, :len(ids)] = ids
             self.wrote[i] = False
+            if self.reference_kv is not None:
+                self.reference_kv.cached[i] = 0
             self.length[i], self.turn[i] = len(ids), 0
             self.openings[i] = text
 
@@ -145,42 +166,47 @@ class _Dialogues:
         mask = task.response_mask(ids)
         ids = ids.masked_fill(~mask, task.pad_token_id)
         logprobs, full = _policy_logprobs(task, ids, mask, handed)
-        obs, _ = self.observations()
-        context = torch.as_tensor(obs, device=task.device)
-        context_mask = torch.as_tensor(np.arange(obs.shape[1])[None, :] >= obs.shape[1] - self.length[:, None],
-                                       device=task.device)
-        ref, ref_full = _ref_turn_logprobs(task, context, context_mask, ids, mask, full is not None)
-        kl_per_token = task.kl_per_token(logprobs, ref, mask, full, ref_full)
-        kl = kl_per_token.sum(-1).cpu().numpy().astype(np.float32)
-        texts = task.decode(ids, mask)
         n_tokens = mask.sum(-1).cpu().numpy()
         turn_ids = ids.cpu().numpy()
+        # the turn goes into the buffer right after each context; `length` (what counts) moves only below
+        inside = np.arange(width)[None, :] < n_tokens[:, None]
+        rows, cols = np.nonzero(inside)[0], (self.length[:, None] + np.arange(width)[None, :])[inside]
+        self.buf[rows, cols], self.wrote[rows, cols] = turn_ids[inside], True
+        if self.reference_kv is not None:
+            ref, ref_full = self.reference_kv.logprobs(task, self.buf, self.length, ids, mask, full is not None)
+        else:
+            obs, _ = self.observations()
+            context = torch.as_tensor(obs, device=task.device)
+            context_mask = torch.as_tensor(np.arange(obs.shape[1])[None, :] >= obs.shape[1] - self.length[:, None],
+                                           device=task.device)
+            ref, ref_full = _ref_turn_logprobs(task, context, context_mask, ids, mask, full is not None)
+        kl_per_token = task.kl_per_token(logprobs, ref, mask, full, ref_full)
+        kl = kl_per_token.sum(-1).cpu().numpy().astype(np.float32)
+        texts = self.decode(turn_ids, n_tokens)
         turn_reward = np.zeros(self.n, dtype=np.float32)
-        terminated, truncated = np.zeros(self.n, dtype=bool), np.zeros(self.n, dtype=bool)
+        terminated, cut = np.zeros(self.n, dtype=bool), np.zeros(self.n, dtype=bool)
         replies = []
         for i in range(self.n):
             out = self.games[i].reply(texts[i])
-            reply, reward, over = out[0], out[1], out[2]
-            cut = bool(out[3]) if len(out) > 3 else False
-            turn_reward[i], terminated[i] = float(reward), bool(over)
-            start, k = self.length[i], int(n_tokens[i])
-            self.buf[i, start:start + k] = turn_ids[i, :k]
-            self.wrote[i, start:start + k] = True
-            reply_ids = self.encode(reply)
-            fits = self.max_context_tokens - start - k
-            self.buf[i, start + k:start + k + min(len(reply_ids), fits)] = reply_ids[:fits]
-            self.length[i] = start + k + min(len(reply_ids), fits)
-            self.turn[i] += 1
-            # out of turns, out of room for the whole reply or for a whole next turn: a time limit, not an end
-            truncated[i] = not terminated[i] and (cut or len(reply_ids) > fits or self.turn[i] >= self.max_turns
-                                                  or self.length[i] + width > self.max_context_tokens)
-            replies.append(reply)
+            turn_reward[i], terminated[i] = float(out[1]), bool(out[2])
+            reply_ids = self.encode(out[0])
+            start = self.length[i] + n_tokens[i]
+            kept = min(len(reply_ids), self.max_context_tokens - start)
+            self.buf[i, start:start + kept], self.wrote[i, start:start + kept] = reply_ids[:kept], False
+            self.length[i] = start + kept
+            cut[i] = (len(out) > 3 and bool(out[3])) or kept < len(reply_ids)
+            replies.append(out[0])
+        self.turn += 1
+        # out of turns, out of room for the whole reply or for a whole next turn: a time limit, not an end
+        truncated = ~terminated & (cut | (self.turn >= self.max_turns) | (self.length + width > self.max_context_tokens))
         score = np.zeros(self.n, dtype=np.float32)
         if terminated.any():
             done = np.flatnonzero(terminated)
             score[done] = task.reward_model.score([self.openings[i] for i in done], [texts[i] for i in done])
         beta = task.beta
         task.kl_controller.update(float(kl.mean()), self.n)
+        if self.reference_kv is not None:
+            self.reference_kv.commit()
         obs, policy_mask = self.observations()
         return {
             "obs": obs, "reward": (turn_reward + score - beta * kl).astype(np.float32),
@@ -214,6 +240,63 @@ def _policy_logprobs(task: TextTask, ids: torch.Tensor, mask: torch.Tensor,
             task.check_log_distributions(full, mask, "full_logprobs", logprobs, ids)
             full = full if task.needs_full_logprobs else None
     return logprobs.masked_fill(~mask, 0.0), full
+
+
+class _ReferenceKV:
+    """The reference's keys and values of every row's context so far ``[N, n_layer, 2, H, C, hd]``, so a step runs
+    only the tokens it has not seen: the last turn's final token, the env's reply, the new turn.
+
+    Column ``j`` holds context position ``j`` (contexts are left-aligned in :class:`_Dialogues`' buffer);
+    ``cached[i]`` columns of row ``i`` are filled. The reference is frozen, so entries stay valid for the episode.
+    Only for a GPT-2 reference (the lean packed forward) whose table fits in ``_PROMPT_CACHE_BYTES``.
+    """
+
+    def __init__(self, view: Any, num_envs: int, width: int):
+        self.kv = torch.zeros(num_envs, len(view.layers), 2, view.n_head, width, view.head_dim, dtype=view.dtype,
+                              device=view.wte.device)
+        self.cached = np.zeros(num_envs, dtype=np.int64)
+        self._pending: np.ndarray | None = None
+
+    @classmethod
+    def make(cls, task: TextTask, num_envs: int, width: int) -> _ReferenceKV | None:
+        view = None if task.adapters_off else task.reference_view()
+        if view is None or num_envs * 2 * len(view.layers) * width * view.d_model * view.wte.element_size() > \
+                _PROMPT_CACHE_BYTES:
+            return None
+        return cls(view, num_envs, width)
+
+    @torch.no_grad()
+    def logprobs(self, task: TextTask, buf: np.ndarray, length: np.ndarray, ids: torch.Tensor, mask: torch.Tensor,
+                 full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:func:`_ref_turn_logprobs` for turns ``ids [N, T]`` written in ``buf`` after the contexts ``buf[:, :length]``;
+        the new tokens' keys and values are written to it (counted once :meth:`commit` is called)."""
+        view = task.reference_view()
+        n, width = buf.shape
+        k = mask.sum(-1).cpu().numpy()
+        cols = np.arange(width)[None, :]
+        end = length + k - 1  # a turn's last token predicts nothing: it is fed next step
+        feed = (cols >= self.cached[:, None]) & (cols < end[:, None])  # cached <= length - 1: the last context token is new
+        wanted = (cols >= (length - 1)[:, None]) & (cols < end[:, None])
+        device = self.kv.device
+        rows = torch.arange(n, device=device)
+        as_t = functools.partial(torch.as_tensor, device=device)
+        hidden = view.packed_hidden(as_t(buf), as_t(feed), as_t(np.broadcast_to(cols, (n, width)).copy()),
+                                    as_t(wanted), past=(self.kv, rows, as_t(cols < self.cached[:, None])),
+                                    kv_out=(self.kv, rows))
+        self._pending = end
+        picked = processed_logprobs(view.logits(hidden).float(), task.ref_sampling, overwrite=True)
+        ref = torch.zeros(mask.shape, device=ids.device)
+        ref[mask] = picked.gather(-1, ids[mask].unsqueeze(-1)).squeeze(-1)
+        if not full:
+            return ref, None
+        ref_full = torch.zeros(mask.shape + picked.shape[-1:], device=ids.device)
+        ref_full[mask] = picked
+        return ref, ref_full
+
+    def commit(self) -> None:
+        """The step succeeded: the columns written by the last :meth:`logprobs` are now the rows' cache."""
+        if self._pending is not None:
+            self.cached, self._pending = self._pending, None
 
 
 @torch.no_grad()

@@ -166,3 +166,25 @@ def test_games_and_checker():
     env.reset(seed=0)
     _, _, _, _, info = _quiet_step(env, _turn(env, "calc(2*3)"))
     assert info["reply"] == "=?;"
+
+
+@pytest.mark.parametrize("env_id", ["TextDialogue-v0", "TextDialogueTool-v0"])
+def test_reference_kv_cache_matches_the_full_forward(env_id):
+    cached, plain = (gym.make_vec(env_id, num_envs=16, kl_estimator="exact") for _ in range(2))
+    plain.unwrapped.dialogues.reference_kv = None
+    assert cached.unwrapped.dialogues.reference_kv is not None
+    rng = np.random.default_rng(0)
+    cached.reset(seed=5), plain.reset(seed=5)
+    vocab = cached.unwrapped.task.vocab_size
+    T = cached.unwrapped.dialogues.max_turn_tokens
+    for _ in range(6):  # episodes end and restart on the way
+        actions = rng.integers(vocab, size=(16, T))
+        full = torch.log_softmax(torch.randn(16, T, vocab), -1)
+        logprobs = full.gather(-1, torch.as_tensor(actions)[..., None])[..., 0]
+        outs = []
+        for envs in (cached, plain):
+            envs.set_policy_logprobs(logprobs.numpy(), full.numpy())
+            outs.append(envs.step(actions))
+        assert (outs[0][0] == outs[1][0]).all()
+        assert outs[0][4]["ref_logprobs"] == pytest.approx(outs[1][4]["ref_logprobs"], abs=1e-4)
+        assert outs[0][4]["kl"] == pytest.approx(outs[1][4]["kl"], abs=1e-3)
