@@ -56,9 +56,13 @@ __all__ = ["CREDIT", "DialogueBatch", "DialoguePPOConfig", "DialoguePPOResult", 
 class DialoguePPOConfig:
     """Hyper-parameters of multi-turn RLHF PPO."""
 
-    env_id: str = field(default="TextDialogue-v0", metadata={"help": "a TextDialogue env id (TextDialogue-v0: guess, TextDialogueTool-v0: calc)"})
-    env_kwargs: dict = field(default_factory=dict, metadata={"help": "extra env arguments, e.g. {'game_kwargs': {'tool': False}}"})
-    model_path: str | None = field(default=None, metadata={"help": "policy initialisation and reference; None = the game's task model"})
+    env_id: str = field(
+        default="TextDialogue-v0", metadata={"help": "a TextDialogue env id (TextDialogue-v0: guess, "
+            "TextDialogueTool-v0: calc)"})
+    env_kwargs: dict = field(
+        default_factory=dict, metadata={"help": "extra env arguments, e.g. {'game_kwargs': {'tool': False}}"})
+    model_path: str | None = field(
+        default=None, metadata={"help": "policy initialisation and reference; None = the game's task model"})
     seed: int = field(default=0, metadata={"help": "seed of torch, the env and the sampler"})
     iterations: int = field(default=60, metadata={"help": "rollout-and-update iterations"})
     num_envs: int = field(default=64, metadata={"help": "episodes per iteration (the vector env's num_envs)"})
@@ -67,15 +71,20 @@ class DialoguePPOConfig:
     learning_rate: float = field(default=3e-4, metadata={"help": "Adam learning rate of policy and value head"})
     beta: float = field(default=0.01, metadata={"help": "KL coefficient (fixed) on the policy's tokens"})
     kl_estimator: str = field(default="k1", metadata={"help": "the env's KL estimator: k1, k3 or exact"})
-    credit: str = field(default="token", metadata={"help": "credit assignment: token (GAE over policy tokens), turn (GAE over turns) or episode (critic-free)"})
-    gamma: float = field(default=1.0, metadata={"help": "discount per policy token (token credit) or per turn (turn credit)"})
+    credit: str = field(
+        default="token", metadata={"help": "credit assignment: token (GAE over policy tokens), turn (GAE over turns) "
+            "or episode (critic-free)"})
+    gamma: float = field(
+        default=1.0, metadata={"help": "discount per policy token (token credit) or per turn (turn credit)"})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value prediction clip"})
     vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient (unused with credit='episode')"})
-    whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over the rollout's policy tokens"})
+    whiten_advantages: bool = field(
+        default=True, metadata={"help": "whiten advantages over the rollout's policy tokens"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
-    max_approx_kl: float | None = field(default=0.05, metadata={"help": "stop an update once a minibatch's approx-KL exceeds this; None = never"})
+    max_approx_kl: float | None = field(
+        default=0.05, metadata={"help": "stop an update once a minibatch's approx-KL exceeds this; None = never"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of each turn"})
     torch_threads: int | None = field(default=1, metadata={"help": "torch intra-op threads; None = torch's default"})
 
@@ -134,8 +143,11 @@ class DialogueBatch:
 
 def _episode_tensors(contexts: list[np.ndarray], masks: list[np.ndarray], pad: int, fill: int
                      ) -> tuple[torch.Tensor, ...]:
-    """Split each finished context (real tokens) at its first policy token: opening ``[E, P]`` left-padded, rest ``[E, R]``
-    right-padded with one trailing ``fill`` slot; returns ``(prompt_ids, prompt_mask, response_ids, response_mask, loss_mask)``."""
+    """Split each finished context (real tokens) at its first policy token: opening ``[E, P]`` left-padded, rest
+    ``[E, R]`` right-padded with one trailing ``fill`` slot.
+
+    Returns ``(prompt_ids, prompt_mask, response_ids, response_mask, loss_mask)``.
+    """
     opens = [int(np.argmax(m)) for m in masks]
     P = max(opens)
     R = max(len(c) - o for c, o in zip(contexts, opens)) + 1
@@ -196,10 +208,10 @@ def collect_episodes(lm: nn.Module, envs: Any, sampling: SamplingConfig, generat
         kl[i, at] = torch.as_tensor(np.concatenate(r["kl"]))
         turn_reward[i, at[ends]] = torch.as_tensor(r["reward"], dtype=torch.float32)
         turn_start[i, at[ends - np.array(r["lengths"]) + 1]] = 1.0
+    column = {key: torch.tensor([r[key] for r in record]) for key in ("terminated", "truncated", "ret", "score")}
     return DialogueBatch(prompt_ids, prompt_mask, response_ids, response_mask, loss_mask, kl, turn_reward,
-                         turn_start.bool(), torch.tensor([r["terminated"] for r in record]),
-                         torch.tensor([r["truncated"] for r in record]), torch.tensor([len(r["lengths"]) for r in record]),
-                         torch.tensor([r["ret"] for r in record]), torch.tensor([r["score"] for r in record]), task.beta)
+                         turn_start.bool(), column["terminated"], column["truncated"],
+                         torch.tensor([len(r["lengths"]) for r in record]), column["ret"], column["score"], task.beta)
 
 
 def _dense(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,7 +298,7 @@ class DialoguePPOResult:
 
 
 def train_dialogue_ppo(config: DialoguePPOConfig) -> DialoguePPOResult:
-    """Multi-turn RLHF PPO (module docstring); returns the trained policy with its value head and one row per iteration."""
+    """Multi-turn RLHF PPO (module docstring): the trained policy with its value head, one row per iteration."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)

@@ -72,7 +72,8 @@ def _calc(iterations: int, episodes: int, seeds: list[int]) -> dict:
             acc = {tool: evaluate_dialogue(lm, "TextDialogueTool-v0", episodes=episodes, seed=20_000 + seed,
                                            game_kwargs={"tool": tool}) for tool in (True, False)}
             rows.append({"seed": seed, "policy": name, "accuracy_tool": acc[True]["score"],
-                         "accuracy_no_tool": acc[False]["score"], "gap_points": 100 * (acc[True]["score"] - acc[False]["score"]),
+                         "accuracy_no_tool": acc[False]["score"],
+                         "gap_points": 100 * (acc[True]["score"] - acc[False]["score"]),
                          "turns_tool": acc[True]["turns"], "train_s": result.seconds if name == "ppo" else None})
     print_table("Calculator a*b: accuracy with the tool and without it (same model)", rows)
     met = [r["gap_points"] >= 20 for r in rows if r["policy"] == "ppo"]
@@ -125,9 +126,13 @@ def _step_cost(repeats: int) -> dict:
         envs.set_policy_logprobs(logprobs)
         envs.step(turn)
 
+    model = str(GuessNumberGame.model_dir)
+
+    def no_reward(prompts: list, responses: list) -> np.ndarray:
+        return np.zeros(len(responses), dtype=np.float32)
+
     def bandit(cached: bool):
-        bandit_envs = gym.make_vec("TextBandit-v0", num_envs=64, model=str(GuessNumberGame.model_dir),
-                                   prompts=prompts, reward_model=lambda p, r: np.zeros(len(r), dtype=np.float32),
+        bandit_envs = gym.make_vec("TextBandit-v0", num_envs=64, model=model, prompts=prompts, reward_model=no_reward,
                                    max_new_tokens=2)
         assert bandit_envs.unwrapped.task.prompt_mask.sum(-1).tolist() == [13] * 64, "prompts re-encode to 13 tokens"
         bandit_envs.reset(seed=0)
@@ -164,7 +169,7 @@ def _step_cost(repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=30, help="PPO iterations (64 episodes each) on the guess game")
+    parser.add_argument("--iterations", type=int, default=30, help="PPO iterations (64 episodes each), guess game")
     parser.add_argument("--calc-iterations", type=int, default=20, help="PPO iterations on the calculator game")
     parser.add_argument("--eval-episodes", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per round (three rounds)")
@@ -178,8 +183,9 @@ def main() -> None:
         step_cost = _step_cost(args.repeats)
     guess = _guess(args.iterations, args.eval_episodes, args.seeds)
     calc = _calc(args.calc_iterations, args.eval_episodes, args.seeds)
-    write_json("dialogue", {"torch_threads": 1, "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-                            "seconds": time.perf_counter() - started, "guess": guess, "calc": calc, "step_cost": step_cost})
+    write_json("dialogue", {"torch_threads": 1, "loadavg_before": list(load_before),
+                            "loadavg_after": list(os.getloadavg()), "seconds": time.perf_counter() - started,
+                            "guess": guess, "calc": calc, "step_cost": step_cost})
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ Segments = list[tuple[str, bool]]
 
 
 def guess_demonstrations(rng: np.random.Generator, n: int, high: int = 16, p_random: float = 0.3) -> list[Segments]:
-    """``n`` episodes of the noisy consistent guesser (module docstring), at most ``GuessNumberGame.max_turns`` turns."""
+    """``n`` episodes of the noisy consistent guesser (module docstring), at most ``GuessNumberGame.max_turns``."""
     episodes = []
     for _ in range(n):
         game = GuessNumberGame(high)
@@ -75,7 +75,9 @@ def _encode(tokenizer: Any, episodes: list[Segments]) -> tuple[torch.Tensor, tor
         ids: list[int] = []
         label: list[int] = []
         for text, policy in segments:
-            piece = cache.setdefault(text, tokenizer(text, add_special_tokens=False)["input_ids"]) + ([eot] if policy else [])
+            if text not in cache:
+                cache[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+            piece = cache[text] + ([eot] if policy else [])
             ids += piece
             label += piece if policy else [-100] * len(piece)
         rows.append(ids)
@@ -127,14 +129,16 @@ def _train(tokenizer: Any, episodes: list[Segments], n_positions: int, seed: int
     return model, tokenizer
 
 
-def build_guess_model(out_dir: str | Path = GuessNumberGame.model_dir, seed: int = 0, steps: int = 1500) -> tuple[Any, Any]:
+def build_guess_model(out_dir: str | Path = GuessNumberGame.model_dir, seed: int = 0,
+                      steps: int = 1500) -> tuple[Any, Any]:
     """The guess game's task model from 20,000 noisy-guesser episodes; returns ``(model, tokenizer)``."""
     episodes = guess_demonstrations(np.random.default_rng(seed), 20000)
     return _train(make_word_tokenizer(GuessNumberGame.words()), episodes, GuessNumberGame.max_context_tokens + 1,
                   seed, steps, Path(out_dir))
 
 
-def build_calc_model(out_dir: str | Path = CalculatorGame.model_dir, seed: int = 0, steps: int = 1500) -> tuple[Any, Any]:
+def build_calc_model(out_dir: str | Path = CalculatorGame.model_dir, seed: int = 0,
+                     steps: int = 1500) -> tuple[Any, Any]:
     """The calculator game's task model from 20,000 demonstrations; returns ``(model, tokenizer)``."""
     episodes = calc_demonstrations(np.random.default_rng(seed), 20000)
     return _train(make_word_tokenizer(CalculatorGame.words()), episodes, CalculatorGame.max_context_tokens + 1,

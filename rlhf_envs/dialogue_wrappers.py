@@ -62,7 +62,8 @@ class DialogueStrings(gym.Wrapper):
         ids = self._tokenizer(action, add_special_tokens=False)["input_ids"] if action else []
         if len(ids) > d.max_turn_tokens - 1:
             raise ValueError(f"the turn {action[:40]!r} is {len(ids)} tokens; at most max_turn_tokens - 1 = "
-                             f"{d.max_turn_tokens - 1} fit before the turn-end marker; shorten it or raise max_turn_tokens")
+                             f"{d.max_turn_tokens - 1} fit before the turn-end marker; shorten it or raise "
+                             "max_turn_tokens")
         tokens = np.full(d.max_turn_tokens, task.pad_token_id, dtype=np.int64)
         tokens[:len(ids) + 1] = [*ids, task.eos_token_id]
         obs, reward, terminated, truncated, info = self.env.step(tokens)
@@ -91,7 +92,8 @@ class UserGame:
         out = self.inner.reset(seed=int(rng.integers(2**31 - 1))) if self._seeded else self.inner.reset()
         text = out[0] if isinstance(out, tuple) else out
         if not isinstance(text, str):
-            raise TypeError(f"{type(self.inner).__name__}.reset() must return the opening text, got {type(text).__name__}")
+            raise TypeError(f"{type(self.inner).__name__}.reset() must return the opening text, "
+                            f"got {type(text).__name__}")
         return text
 
     def reply(self, text: str) -> tuple[str, float, bool, bool]:
@@ -102,7 +104,8 @@ class UserGame:
         reply, reward = out[0], out[1]
         if not isinstance(reply, str):
             raise TypeError(f"{type(self.inner).__name__}.step(text) must reply with a str, got {type(reply).__name__}")
-        return reply, float(reward), bool(out[2]), bool(out[3]) if len(out) > 3 and not isinstance(out[3], dict) else False
+        truncated = len(out) > 3 and not isinstance(out[3], dict) and bool(out[3])
+        return reply, float(reward), bool(out[2]), truncated
 
 
 class _Factory:

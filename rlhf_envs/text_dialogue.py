@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Any, Callable
 
 import gymnasium as gym
@@ -15,9 +13,9 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from rlhf_envs.dialogue_games import ArithmeticChecker, CalculatorGame, GuessNumberGame
-from rlhf_envs.lm.sampling import positions_from_mask, processed_logprobs
+from rlhf_envs.dialogue_reference import ReferenceKV, ref_turn_logprobs
 from rlhf_envs.text_bandit import _check_handed
-from rlhf_envs.text_common import _PROMPT_CACHE_BYTES, TextTask, _context_length, object_array, response_hidden, vector_info
+from rlhf_envs.text_common import TextTask, _context_length, object_array, vector_info
 from rlhf_envs.validation import check_number
 
 __all__ = ["GAMES", "TextDialogueEnv", "TextDialogueVectorEnv"]
@@ -62,7 +60,8 @@ class _Dialogues:
     """
 
     def __init__(self, num_envs: int, game: Any, game_kwargs: dict | None, model: Any, reward_model: Any,
-                 max_turns: int | None, max_turn_tokens: int | None, max_context_tokens: int | None, **task_kwargs: Any):
+                 max_turns: int | None, max_turn_tokens: int | None, max_context_tokens: int | None,
+                 **task_kwargs: Any):
         self.factory, probe = _resolve_game(game, game_kwargs)
         limits = {name: check_number(value, name, int, optional=True) for name, value in
                   (("max_turns", max_turns), ("max_turn_tokens", max_turn_tokens),
@@ -84,8 +83,8 @@ class _Dialogues:
         if room < 1:
             raise ValueError(f"max_context_tokens={self.max_context_tokens} leaves no room before a turn of "
                              f"max_turn_tokens={self.max_turn_tokens}; raise max_context_tokens")
-        self.task = TextTask(model, reward_model, [opening], max_prompt_tokens=None, max_new_tokens=self.max_turn_tokens,
-                             **task_kwargs)
+        self.task = TextTask(model, reward_model, [opening], max_prompt_tokens=None,
+                             max_new_tokens=self.max_turn_tokens, **task_kwargs)
         context = _context_length(self.task.ref_model)
         if context is not None and self.max_context_tokens > context:
             raise ValueError(f"max_context_tokens={self.max_context_tokens} exceeds the model's context of {context} "
@@ -99,7 +98,7 @@ class _Dialogues:
         self.openings: list[str] = [""] * num_envs
         self._encoded: dict[str, list[int]] = {}
         self._decoded: dict[tuple[int, ...], str] = {}
-        self.reference_kv = _ReferenceKV.make(self.task, num_envs, self.max_context_tokens)
+        self.reference_kv = ReferenceKV.make(self.task, num_envs, self.max_context_tokens)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of the env's ``text`` (no special tokens added), cached."""
@@ -179,7 +178,7 @@ class _Dialogues:
             context = torch.as_tensor(obs, device=task.device)
             context_mask = torch.as_tensor(np.arange(obs.shape[1])[None, :] >= obs.shape[1] - self.length[:, None],
                                            device=task.device)
-            ref, ref_full = _ref_turn_logprobs(task, context, context_mask, ids, mask, full is not None)
+            ref, ref_full = ref_turn_logprobs(task, context, context_mask, ids, mask, full is not None)
         kl_per_token = task.kl_per_token(logprobs, ref, mask, full, ref_full)
         kl = kl_per_token.sum(-1).cpu().numpy().astype(np.float32)
         texts = self.decode(turn_ids, n_tokens)
@@ -198,7 +197,8 @@ class _Dialogues:
             replies.append(out[0])
         self.turn += 1
         # out of turns, out of room for the whole reply or for a whole next turn: a time limit, not an end
-        truncated = ~terminated & (cut | (self.turn >= self.max_turns) | (self.length + width > self.max_context_tokens))
+        no_room = self.length + width > self.max_context_tokens
+        truncated = ~terminated & (cut | (self.turn >= self.max_turns) | no_room)
         score = np.zeros(self.n, dtype=np.float32)
         if terminated.any():
             done = np.flatnonzero(terminated)
@@ -222,7 +222,8 @@ class _Dialogues:
 
 
 def _policy_logprobs(task: TextTask, ids: torch.Tensor, mask: torch.Tensor,
-                     handed: tuple[torch.Tensor, torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     handed: tuple[torch.Tensor, torch.Tensor | None] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The turn's policy log-probs ``[N, T]`` (0 past the turn) and, where the estimator needs them, ``[N, T, V]``:
     those handed over, else a uniform policy's (TextBandit's rule)."""
     if handed is None:
@@ -235,100 +236,12 @@ def _policy_logprobs(task: TextTask, ids: torch.Tensor, mask: torch.Tensor,
         if torch.isinf(logprobs[mask]).any():
             rows = torch.isinf(logprobs).logical_and(mask).any(-1).nonzero().flatten().tolist()
             raise ValueError(f"handed-over logprobs are -inf inside the turn (rows {rows[:5]}): the action was not "
-                             "sampled from the distribution they describe; hand over the log-probs of the tokens you sampled")
+                             "sampled from the distribution they describe; hand over the log-probs of the tokens "
+                             "you sampled")
         if full is not None:
             task.check_log_distributions(full, mask, "full_logprobs", logprobs, ids)
             full = full if task.needs_full_logprobs else None
     return logprobs.masked_fill(~mask, 0.0), full
-
-
-class _ReferenceKV:
-    """The reference's keys and values of every row's context so far ``[N, n_layer, 2, H, C, hd]``, so a step runs
-    only the tokens it has not seen: the last turn's final token, the env's reply, the new turn.
-
-    Column ``j`` holds context position ``j`` (contexts are left-aligned in :class:`_Dialogues`' buffer);
-    ``cached[i]`` columns of row ``i`` are filled. The reference is frozen, so entries stay valid for the episode.
-    Only for a GPT-2 reference (the lean packed forward) whose table fits in ``_PROMPT_CACHE_BYTES``.
-    """
-
-    def __init__(self, view: Any, num_envs: int, width: int):
-        self.kv = torch.zeros(num_envs, len(view.layers), 2, view.n_head, width, view.head_dim, dtype=view.dtype,
-                              device=view.wte.device)
-        self.cached = np.zeros(num_envs, dtype=np.int64)
-        self._pending: np.ndarray | None = None
-
-    @classmethod
-    def make(cls, task: TextTask, num_envs: int, width: int) -> _ReferenceKV | None:
-        view = None if task.adapters_off else task.reference_view()
-        if view is None or num_envs * 2 * len(view.layers) * width * view.d_model * view.wte.element_size() > \
-                _PROMPT_CACHE_BYTES:
-            return None
-        return cls(view, num_envs, width)
-
-    @torch.no_grad()
-    def logprobs(self, task: TextTask, buf: np.ndarray, length: np.ndarray, ids: torch.Tensor, mask: torch.Tensor,
-                 full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:func:`_ref_turn_logprobs` for turns ``ids [N, T]`` written in ``buf`` after the contexts ``buf[:, :length]``;
-        the new tokens' keys and values are written to it (counted once :meth:`commit` is called)."""
-        view = task.reference_view()
-        n, width = buf.shape
-        k = mask.sum(-1).cpu().numpy()
-        cols = np.arange(width)[None, :]
-        end = length + k - 1  # a turn's last token predicts nothing: it is fed next step
-        feed = (cols >= self.cached[:, None]) & (cols < end[:, None])  # cached <= length - 1: the last context token is new
-        wanted = (cols >= (length - 1)[:, None]) & (cols < end[:, None])
-        device = self.kv.device
-        rows = torch.arange(n, device=device)
-        as_t = functools.partial(torch.as_tensor, device=device)
-        hidden = view.packed_hidden(as_t(buf), as_t(feed), as_t(np.broadcast_to(cols, (n, width)).copy()),
-                                    as_t(wanted), past=(self.kv, rows, as_t(cols < self.cached[:, None])),
-                                    kv_out=(self.kv, rows))
-        self._pending = end
-        picked = processed_logprobs(view.logits(hidden).float(), task.ref_sampling, overwrite=True)
-        ref = torch.zeros(mask.shape, device=ids.device)
-        ref[mask] = picked.gather(-1, ids[mask].unsqueeze(-1)).squeeze(-1)
-        if not full:
-            return ref, None
-        ref_full = torch.zeros(mask.shape + picked.shape[-1:], device=ids.device)
-        ref_full[mask] = picked
-        return ref, ref_full
-
-    def commit(self) -> None:
-        """The step succeeded: the columns written by the last :meth:`logprobs` are now the rows' cache."""
-        if self._pending is not None:
-            self.cached, self._pending = self._pending, None
-
-
-@torch.no_grad()
-def _ref_turn_logprobs(task: TextTask, context: torch.Tensor, context_mask: torch.Tensor, ids: torch.Tensor,
-                       mask: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference log-probs ``[N, T]`` (and ``[N, T, V]`` with ``full``) of turns ``ids`` after left-padded contexts.
-
-    :meth:`rlhf_envs.text_common.TextTask.ref_logprobs` with a context per row in place of a prompt index
-    (no prompt cache: contexts change every turn). Entries outside ``mask`` are 0.
-    """
-    width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-    ids, keep = ids[:, :width], mask[:, :width]
-    ref = torch.zeros(mask.shape, device=ids.device)
-    with task.ref_model.disable_adapter() if task.adapters_off else contextlib.nullcontext():
-        view = task.reference_view()
-        if view is None:
-            both = torch.cat([context_mask, keep], dim=1)
-            logits = task.ref_model(input_ids=torch.cat([context, ids], dim=1), attention_mask=both.long(),
-                                    position_ids=positions_from_mask(both), use_cache=False,
-                                    logits_to_keep=width + 1).logits[:, :-1]
-            ref_full = processed_logprobs(logits, task.ref_sampling).masked_fill_(~keep[..., None], 0.0)
-        else:
-            picked = processed_logprobs(view.logits(response_hidden(view, context, context_mask, ids, keep)).float(),
-                                        task.ref_sampling, overwrite=True)
-            ref_full = picked.new_zeros(keep.shape + picked.shape[-1:])
-            ref_full[keep] = picked
-    ref[:, :width] = ref_full.gather(-1, ids.unsqueeze(-1)).squeeze(-1).masked_fill(~keep, 0.0)
-    if not full:
-        return ref, None
-    padded = torch.zeros(mask.shape + (ref_full.shape[-1],), device=ids.device)
-    padded[:, :width] = ref_full
-    return ref, padded
 
 
 _DOC_ARGS = """
@@ -450,7 +363,8 @@ class TextDialogueVectorEnv(VectorEnv):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if render_mode is not None:
-            raise ValueError("the vector TextDialogue does not render; use gym.make('TextDialogue-v0', render_mode='ansi')")
+            raise ValueError("the vector TextDialogue does not render; "
+                             "use gym.make('TextDialogue-v0', render_mode='ansi')")
         self.num_envs = int(num_envs)
         self.dialogues = _Dialogues(self.num_envs, game, game_kwargs, model, reward_model, max_turns, max_turn_tokens,
                                     max_context_tokens, **task_kwargs)

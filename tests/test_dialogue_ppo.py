@@ -56,9 +56,10 @@ def test_loss_mask_is_the_policy_mask_and_env_tokens_never_enter_the_loss():
     generator = torch.Generator().manual_seed(0)
     shape = response_ids.shape
     batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
-             "response_mask": response_mask, "loss_mask": loss_mask, "old_logprobs": -torch.rand(shape, generator=generator),
-             "old_values": torch.randn(shape, generator=generator), "advantages": torch.randn(shape, generator=generator),
-             "returns": torch.randn(shape, generator=generator)}
+             "response_mask": response_mask, "loss_mask": loss_mask,
+             "old_logprobs": -torch.rand(shape, generator=generator),
+             "old_values": torch.randn(shape, generator=generator),
+             "advantages": torch.randn(shape, generator=generator), "returns": torch.randn(shape, generator=generator)}
     config = DialoguePPOConfig()
     sampling = SamplingConfig(max_new_tokens=2)
     loss, _ = _minibatch_loss(model, batch, config, sampling)

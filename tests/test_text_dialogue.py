@@ -83,8 +83,10 @@ def test_kl_covers_the_turn_only_and_matches_a_plain_reference_forward():
     ids = torch.as_tensor(np.concatenate([obs_before[real], action]))[None]
     mask = torch.ones_like(ids, dtype=torch.bool)
     with torch.no_grad():
-        logits = task.ref_model(input_ids=ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask)).logits
-    ref = processed_logprobs(logits[0, real.sum() - 1:-1], task.ref_sampling).gather(-1, ids[0, real.sum():, None])[:, 0]
+        logits = task.ref_model(input_ids=ids, attention_mask=mask.long(),
+                                position_ids=positions_from_mask(mask)).logits
+    n = int(real.sum())
+    ref = processed_logprobs(logits[0, n - 1:-1], task.ref_sampling).gather(-1, ids[0, n:, None])[:, 0]
     assert info["ref_logprobs"] == pytest.approx(ref.numpy(), abs=1e-4)
     assert info["kl_per_token"] == pytest.approx(handed - ref.numpy(), abs=1e-4)
     assert reward == pytest.approx(-0.1 - 0.1 * float(info["kl"]), abs=1e-5)
