@@ -17,8 +17,9 @@ One iteration reads top to bottom in :func:`train_dialogue_ppo`:
    * ``"turn"``: each turn is one action: its reward is the env's reward for the step, its value the
      value at its first token; GAE over turns, the turn's advantage on each of its tokens.
    * ``"episode"``: critic-free, the episode's return minus the batch mean over its spread on every
-     policy token (REINFORCE with a baseline); the hook for group methods (GRPO's group baseline is
-     the same with episodes grouped by opening).
+     policy token (REINFORCE with a baseline).
+   * ``"group"``: critic-free, GRPO's advantage: with ``group_size`` consecutive envs playing the same
+     episode (the vector env's ``group_size``), the return minus its group's mean over the group's spread.
 
    A truncated episode (time or context limit) bootstraps from the value after its last token.
 4. **Update**: PPO's clipped surrogate and clipped value loss (:mod:`agents.lm_ppo_losses`) with
@@ -72,14 +73,15 @@ class DialoguePPOConfig:
     beta: float = field(default=0.01, metadata={"help": "KL coefficient (fixed) on the policy's tokens"})
     kl_estimator: str = field(default="k1", metadata={"help": "the env's KL estimator: k1, k3 or exact"})
     credit: str = field(
-        default="token", metadata={"help": "credit assignment: token (GAE over policy tokens), turn (GAE over turns) "
-            "or episode (critic-free)"})
+        default="token", metadata={"help": "credit assignment: token (GAE over policy tokens), turn (GAE over turns), "
+            "episode or group (critic-free; group: GRPO's group baseline)"})
+    group_size: int = field(default=1, metadata={"help": "envs per group playing the same episode (credit='group')"})
     gamma: float = field(
         default=1.0, metadata={"help": "discount per policy token (token credit) or per turn (turn credit)"})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value prediction clip"})
-    vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient (unused with credit='episode')"})
+    vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient (unused by critic-free credit)"})
     whiten_advantages: bool = field(
         default=True, metadata={"help": "whiten advantages over the rollout's policy tokens"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
@@ -96,6 +98,9 @@ class DialoguePPOConfig:
         for name in ("iterations", "num_envs", "num_minibatches", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DialoguePPOConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.group_size < 1 or self.num_envs % self.group_size or (self.credit == "group" and self.group_size < 2):
+            raise ValueError(f"DialoguePPOConfig.group_size must divide num_envs={self.num_envs} (and be >= 2 for "
+                             f"credit='group'), got group_size={self.group_size!r} with credit={self.credit!r}")
         if self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs {self.num_envs} is not divisible by num_minibatches {self.num_minibatches}")
         for name in ("learning_rate", "cliprange", "cliprange_value", "max_grad_norm", "temperature"):
@@ -268,8 +273,17 @@ def _episode_credit(batch: DialogueBatch, values: torch.Tensor, config: Dialogue
     return adv[:, None] * m, g[:, None] * m
 
 
+def _group_credit(batch: DialogueBatch, values: torch.Tensor, config: DialoguePPOConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO: ``(G - mean_group G) / std_group G`` on every policy token; groups: ``group_size`` consecutive episodes."""
+    g = batch.returns.view(-1, config.group_size)
+    adv = ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True) + 1e-8)).flatten()
+    m = batch.loss_mask.float()
+    return adv[:, None] * m, batch.returns[:, None] * m
+
+
 CREDIT: dict[str, Callable[[DialogueBatch, torch.Tensor, DialoguePPOConfig], tuple[torch.Tensor, torch.Tensor]]] = {
-    "token": _token_credit, "turn": _turn_credit, "episode": _episode_credit}
+    "token": _token_credit, "turn": _turn_credit, "episode": _episode_credit, "group": _group_credit}
 """Credit assignment: ``f(batch, old_values [E, R], config) -> (advantages [E, R], returns [E, R])``."""
 
 
@@ -282,7 +296,7 @@ def _minibatch_loss(model: PolicyWithValueHead, batch: dict[str, torch.Tensor], 
     pg, pg_stats = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], m, config.cliprange)
     loss = pg
     vf = torch.zeros(())
-    if config.credit != "episode":
+    if config.credit not in ("episode", "group"):
         vf, _ = value_loss(values, batch["old_values"], batch["returns"], m, config.cliprange_value)
         loss = loss + config.vf_coef * vf
     return loss, {"approxkl": float(pg_stats["approx_kl"]), "pg_loss": pg.item(), "vf_loss": vf.item(),
@@ -304,7 +318,8 @@ def train_dialogue_ppo(config: DialoguePPOConfig) -> DialoguePPOResult:
     torch.manual_seed(config.seed)
     model_kwargs = {"model": config.model_path} if config.model_path else {}
     envs = gym.make_vec(config.env_id, num_envs=config.num_envs, beta=config.beta, kl_estimator=config.kl_estimator,
-                        temperature=config.temperature, **model_kwargs, **config.env_kwargs)
+                        temperature=config.temperature, group_size=config.group_size, **model_kwargs,
+                        **config.env_kwargs)
     task = envs.unwrapped.task
     positions = getattr(task.ref_model.config, "n_positions", None)
     if positions is not None and envs.unwrapped.dialogues.max_context_tokens >= positions:

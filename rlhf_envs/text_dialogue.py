@@ -125,11 +125,13 @@ class _Dialogues:
             self._decoded.update(zip(missing, self.task.decode(ids, mask)))
         return [self._decoded[key] for key in keys]
 
-    def start(self, rows: np.ndarray, rng: np.random.Generator) -> None:
-        """New episodes on ``rows``: each game's opening becomes the context."""
+    def start(self, rows: np.ndarray, rng: np.random.Generator, group_size: int = 1) -> None:
+        """New episodes on ``rows``: each game's opening becomes the context. With ``group_size`` > 1, each block
+        of ``group_size`` consecutive rows plays the same episode (its games reset from one shared seed)."""
         room = self.max_context_tokens - self.max_turn_tokens
-        for i in rows:
-            text = self.games[i].reset(rng)
+        seeds = rng.integers(2**63 - 1, size=-(-len(rows) // group_size)) if group_size > 1 else None
+        for j, i in enumerate(rows):
+            text = self.games[i].reset(rng if seeds is None else np.random.default_rng(seeds[j // group_size]))
             if not isinstance(text, str):
                 raise TypeError(f"game reset() must return the opening text (str), got {type(text).__name__}")
             ids = self.encode(text)
@@ -349,6 +351,8 @@ class TextDialogueVectorEnv(VectorEnv):
 
     Created by ``gym.make_vec("TextDialogue-v0", num_envs=N)``; same arguments as :class:`TextDialogueEnv`.
     Actions ``[N, T]``; ``envs.set_policy_logprobs(logprobs [N, T], full_logprobs [N, T, V] = None)``.
+    ``group_size`` > 1 (dividing ``num_envs``): at ``reset``, each block of ``group_size`` consecutive envs plays
+    the same episode (same secret, same problem), the groups of GRPO/RLOO; autoreset rows start independent ones.
     Autoreset ``SAME_STEP``: a row whose episode ended comes back with its next opening; its last context is in
     ``info["final_obs"]`` and its policy mask in ``info["final_policy_mask"]`` (``info["policy_mask"]`` is
     aligned with the returned observations). The step's figures are arrays over envs directly in ``info``.
@@ -359,9 +363,13 @@ class TextDialogueVectorEnv(VectorEnv):
     def __init__(self, num_envs: int = 1, render_mode: str | None = None, game: Any = "guess",
                  game_kwargs: dict | None = None, model: Any = None, reward_model: Any = None,
                  max_turns: int | None = None, max_turn_tokens: int | None = None,
-                 max_context_tokens: int | None = None, **task_kwargs: Any):
+                 max_context_tokens: int | None = None, group_size: int = 1, **task_kwargs: Any):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        group_size = check_number(group_size, "group_size", int)
+        if group_size < 1 or num_envs % group_size:
+            raise ValueError(f"group_size must be a positive divisor of num_envs={num_envs}, got {group_size!r}")
+        self.group_size = group_size
         if render_mode is not None:
             raise ValueError("the vector TextDialogue does not render; "
                              "use gym.make('TextDialogue-v0', render_mode='ansi')")
@@ -386,7 +394,7 @@ class TextDialogueVectorEnv(VectorEnv):
         if isinstance(seed, (list, tuple)):
             seed = seed[0]
         super().reset(seed=seed)
-        self.dialogues.start(np.arange(self.num_envs), self.np_random)
+        self.dialogues.start(np.arange(self.num_envs), self.np_random, self.group_size)
         self._handed, self._running = None, True
         obs, mask = self.dialogues.observations()
         return obs, vector_info({"turn": self.dialogues.turn.copy(), "policy_mask": mask,

@@ -131,3 +131,16 @@ def test_ppo_cuts_the_turn_count_on_the_guess_game():
     after = evaluate_dialogue(result.model.lm, episodes=128, seed=7)
     assert after["turns"] < before["turns"] - 0.5, (before, after)
     assert after["solved"] >= before["solved"]
+
+
+def test_groups_share_an_episode_and_group_credit_is_grpo():
+    envs = gym.make_vec("TextDialogueTool-v0", num_envs=8, group_size=4)
+    _, info = envs.reset(seed=0)
+    prompts = list(info["prompt"])
+    assert len(set(prompts[:4])) == 1 and len(set(prompts[4:])) == 1 and prompts[0] != prompts[4]
+    batch = _batch(kl=[[0.0]] * 4, turn_reward=[[0.0]] * 4, loss_mask=[[True]] * 4, turn_start=[[True]] * 4)
+    batch.returns = torch.tensor([1.0, 0.0, 3.0, 4.0])
+    adv, _ = CREDIT["group"](batch, torch.zeros(4, 1), DialoguePPOConfig(num_envs=4, group_size=2, credit="group"))
+    assert adv[:, 0].tolist() == pytest.approx([2 ** -0.5, -(2 ** -0.5), -(2 ** -0.5), 2 ** -0.5], abs=1e-6)
+    with pytest.raises(ValueError, match="group_size"):
+        DialoguePPOConfig(credit="group")
