@@ -127,7 +127,7 @@ def test_config_checks():
 def test_ppo_cuts_the_turn_count_on_the_guess_game():
     lm = gym.make("TextDialogue-v0").unwrapped.task.ref_model
     before = evaluate_dialogue(lm, episodes=128, seed=7)
-    result = train_dialogue_ppo(DialoguePPOConfig(iterations=10, num_envs=32, seed=0))
+    result = train_dialogue_ppo(DialoguePPOConfig(iterations=10, num_envs=64, seed=0))
     after = evaluate_dialogue(result.model.lm, episodes=128, seed=7)
     assert after["turns"] < before["turns"] - 0.5, (before, after)
     assert after["solved"] >= before["solved"]
