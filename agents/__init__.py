@@ -6,6 +6,8 @@ One flat module per algorithm, each with one config dataclass and one ``train_*`
 - :mod:`agents.sft`: supervised fine-tuning (:class:`SFTConfig`, :func:`train_sft`);
 - :mod:`agents.reward_model`: Bradley-Terry reward model (:class:`RewardModelConfig`, :func:`train_reward_model`);
 - :mod:`agents.lm_ppo`: RLHF PPO for language models (:class:`LMPPOConfig`, :func:`train_lm_ppo`);
+- :mod:`agents.dialogue_ppo`: RLHF PPO on multi-turn TextDialogue episodes (:class:`DialoguePPOConfig`,
+  :func:`train_dialogue_ppo`);
 - :mod:`agents.dpo`: DPO, IPO and cDPO (:class:`DPOConfig`, :func:`train_dpo`);
 - :mod:`agents.evaluate`: gold reward, KL, win rates, Elo (:class:`EvalConfig`, :func:`evaluate_models`);
 - :mod:`agents.pipeline`: the whole recipe (:class:`PipelineConfig`, :func:`run_pipeline`).
@@ -29,6 +31,7 @@ _EXPORTS = {
     "RewardModelConfig": "reward_model", "train_reward_model": "reward_model",
     "LMPPOConfig": "lm_ppo", "train_lm_ppo": "lm_ppo",
     "DPOConfig": "dpo", "train_dpo": "dpo",
+    "DialoguePPOConfig": "dialogue_ppo", "train_dialogue_ppo": "dialogue_ppo",
     "EvalConfig": "evaluate", "evaluate_models": "evaluate",
     "PipelineConfig": "pipeline", "run_pipeline": "pipeline",
 }

@@ -44,6 +44,10 @@ _TEXT_ENVS: list[dict] = [
          vector_entry_point="rlhf_envs.text_bandit_exact:TextBanditExactVectorEnv"),
     dict(id="TextToken-v0", entry_point="rlhf_envs.text_token:TextTokenEnv",
          vector_entry_point="rlhf_envs.text_token:TextTokenVectorEnv"),
+    dict(id="TextDialogue-v0", entry_point="rlhf_envs.text_dialogue:TextDialogueEnv",
+         vector_entry_point="rlhf_envs.text_dialogue:TextDialogueVectorEnv", kwargs={"game": "guess"}),
+    dict(id="TextDialogueTool-v0", entry_point="rlhf_envs.text_dialogue:TextDialogueEnv",
+         vector_entry_point="rlhf_envs.text_dialogue:TextDialogueVectorEnv", kwargs={"game": "calc"}),
 ]
 
 
@@ -64,6 +68,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "TextBanditVectorEnv": ("rlhf_envs.text_bandit", "TextBanditVectorEnv"),
     "TextTokenEnv": ("rlhf_envs.text_token", "TextTokenEnv"),
     "TextTokenVectorEnv": ("rlhf_envs.text_token", "TextTokenVectorEnv"),
+    "TextDialogueEnv": ("rlhf_envs.text_dialogue", "TextDialogueEnv"),
+    "TextDialogueVectorEnv": ("rlhf_envs.text_dialogue", "TextDialogueVectorEnv"),
     "catgrid_solver": ("rlhf_envs.catgrid_solver", None),
     "RewardModel": ("rlhf_envs.rewards", "RewardModel"),
     "RewardModelError": ("rlhf_envs.rewards", "RewardModelError"),
