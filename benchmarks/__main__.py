@@ -36,6 +36,7 @@ SCRIPTS = {
     "lora": ["benchmarks.bench_lora"],
     "data_parallel": ["benchmarks.bench_data_parallel"],
     "reliability": ["benchmarks.bench_reliability"],
+    "dialogue": ["benchmarks.bench_dialogue"],
     "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
     "shakespeare": ["benchmarks.bench_shakespeare"],
 }
@@ -144,6 +145,8 @@ def sections() -> dict[str, str]:
         for r in d["rows"]:
             rows.append("| " + " | ".join(_f(r[c], 3) if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")
         out["shakespeare"] = "\n".join(rows)
+    if (d := _load("dialogue")) is not None:
+        out["dialogue"] = _dialogue_table(d)
     if (d := _load("reliability")) is not None:
         out["reliability"] = "\n".join([
             "| figure | value |", "|---|---|",
@@ -172,6 +175,26 @@ def _kl_and_startup_rows(d: dict) -> list[str]:
         rows.append(f"| `rlhf --help` / a bad top-level option (median of 5, fresh process) | "
                     f"{_f(t['rlhf --help']['median_s'])} s / {_f(t['rlhf --no-such-option']['median_s'])} s |")
     return rows
+
+
+def _dialogue_table(d: dict) -> str:
+    """Per seed: the guess game's turns as a multiple of the exact optimum, and the tool task's accuracy gap."""
+    g, c = d["guess"], d["calc"]
+    rows = [f"| seed | guess game, SFT: turns / optimum ({g['optimum_turns']:g}), solved | guess game, PPO | "
+            "tool task, SFT: accuracy with / without the tool | tool task, PPO (gap) |", "|---|---|---|---|---|"]
+    for seed in sorted({r["seed"] for r in g["rows"]}):
+        guess = {r["policy"]: r for r in g["rows"] if r["seed"] == seed and r["decoding"] == "sample"}
+        calc = {r["policy"]: r for r in c["rows"] if r["seed"] == seed}
+        rows.append(f"| {seed} | {guess['sft']['ratio']:.2f}x, {guess['sft']['solved']:.1%} | "
+                    f"{guess['ppo']['ratio']:.2f}x, {guess['ppo']['solved']:.1%} | "
+                    f"{calc['sft']['accuracy_tool']:.1%} / {calc['sft']['accuracy_no_tool']:.1%} | "
+                    f"{calc['ppo']['accuracy_tool']:.1%} / {calc['ppo']['accuracy_no_tool']:.1%} "
+                    f"({calc['ppo']['gap_points']:.0f} points) |")
+    cost = d["step_cost"]
+    rows.append(f"| step cost | {cost['num_envs']}-env `TextDialogue` step vs a `TextBandit` step of the same tokens | "
+                f"{cost['ms']['dialogue']:.1f} ms vs {cost['ms']['bandit_cached']:.1f} ms | "
+                f"{cost['ratio_vs_bandit_cached']:.2f}x | {_when(d)} |")
+    return "\n".join(rows)
 
 
 def _cell(text: str) -> str:

@@ -145,9 +145,9 @@ def _step_cost(repeats: int) -> dict:
 
         return step
 
-    saved = text_common._PROMPT_CACHE_BYTES
+    saved = text_common.PROMPT_CACHE_BYTES
     bandit_cached = bandit(cached=True)
-    text_common._PROMPT_CACHE_BYTES = 0
+    text_common.PROMPT_CACHE_BYTES = 0
     try:
         bandit_uncached = bandit(cached=False)
         times = {"dialogue": [], "bandit_cached": [], "bandit_uncached": []}
@@ -156,7 +156,7 @@ def _step_cost(repeats: int) -> dict:
             times["bandit_cached"].append(_timed(bandit_cached, lambda: None, repeats))
             times["bandit_uncached"].append(_timed(bandit_uncached, lambda: None, repeats))
     finally:
-        text_common._PROMPT_CACHE_BYTES = saved
+        text_common.PROMPT_CACHE_BYTES = saved
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     rows = [{"step (64 envs, 13 + 2 tokens each)": k, "ms": v, "vs bandit cached": v / ms["bandit_cached"]}
             for k, v in ms.items()]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_trainers import _rss_mib, preference_pairs
+from benchmarks.bench_trainers import rss_mib, preference_pairs
 from benchmarks.common import print_table, write_json
 
 TARGETS = "c_attn,c_proj,c_fc"
@@ -63,7 +63,7 @@ def worker(workdir: Path, rank: int, args: argparse.Namespace) -> dict:
                        lora_target_modules=TARGETS if rank else None)
     result = train_dpo(config)
     return {"seconds": result.train_seconds, "pairs_per_second": result.samples_per_second,
-            "peak_rss_mib": _rss_mib("VmHWM")}
+            "peak_rss_mib": rss_mib("VmHWM")}
 
 
 def main() -> None:

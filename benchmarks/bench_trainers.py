@@ -319,7 +319,7 @@ def run_trl(algorithm: str, side: str, workdir: Path, out: Path, s: Settings) ->
     return Timer.end - Timer.start
 
 
-def _rss_mib(field: str) -> float:
+def rss_mib(field: str) -> float:
     """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MiB, from /proc; ``ru_maxrss`` where there is no /proc.
 
     ``ru_maxrss`` alone would not do: Linux carries it over from the parent process across fork and exec.
@@ -343,12 +343,12 @@ def worker(algorithm: str, side: str, workdir: Path, s: Settings) -> dict:
         import datasets, trl  # noqa: F401, E401
     if s.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss_start = _rss_mib("VmRSS")
+    rss_start = rss_mib("VmRSS")
     with tempfile.TemporaryDirectory(dir=workdir) as out:
         seconds = run_ours(algorithm, workdir, Path(out), s) if side == "ours" else \
             run_trl(algorithm, side, workdir, Path(out), s)
     result = {"seconds": seconds, "per_second": s.steps * s.batch_size / seconds,
-              "peak_rss_mib": _rss_mib("VmHWM"),
+              "peak_rss_mib": rss_mib("VmHWM"),
               "rss_after_imports_mib": rss_start}
     if s.device == "cuda":
         result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20

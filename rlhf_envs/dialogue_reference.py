@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from rlhf_envs.lm.sampling import positions_from_mask, processed_logprobs
-from rlhf_envs.text_common import _PROMPT_CACHE_BYTES, TextTask, response_hidden
+from rlhf_envs.text_common import PROMPT_CACHE_BYTES, TextTask, response_hidden
 
 __all__ = ["ReferenceKV", "ref_turn_logprobs"]
 
@@ -21,7 +21,7 @@ class ReferenceKV:
 
     Column ``j`` holds context position ``j`` (contexts are left-aligned in the env's buffer);
     ``cached[i]`` columns of row ``i`` are filled. The reference is frozen, so entries stay valid for the episode.
-    Only for a GPT-2 reference (the lean packed forward) whose table fits in ``_PROMPT_CACHE_BYTES``.
+    Only for a GPT-2 reference (the lean packed forward) whose table fits in ``PROMPT_CACHE_BYTES``.
     """
 
     def __init__(self, view: Any, num_envs: int, width: int):
@@ -34,7 +34,7 @@ class ReferenceKV:
     def make(cls, task: TextTask, num_envs: int, width: int) -> ReferenceKV | None:
         view = None if task.adapters_off else task.reference_view()
         if view is None or num_envs * 2 * len(view.layers) * width * view.d_model * view.wte.element_size() > \
-                _PROMPT_CACHE_BYTES:
+                PROMPT_CACHE_BYTES:
             return None
         return cls(view, num_envs, width)
 

@@ -15,7 +15,7 @@ from gymnasium.vector.utils import batch_space
 from rlhf_envs.compat import renamed_fields
 from rlhf_envs.text_common import TextTask, object_array, pick_prompt, vector_info, vector_task
 
-__all__ = ["TextBanditEnv", "TextBanditVectorEnv"]
+__all__ = ["TextBanditEnv", "TextBanditVectorEnv", "check_handed"]
 
 
 @renamed_fields(target_kl="kl_setpoint")
@@ -103,7 +103,7 @@ class TextBanditEnv(gym.Env):
 
     def set_policy_logprobs(self, logprobs: Any, full_logprobs: Any = None) -> None:
         """Hand over the policy's log-probs for the next ``step``: ``[T]`` and optionally ``[T, V]``."""
-        self._handed = _check_handed(self.task, logprobs, full_logprobs, ())
+        self._handed = check_handed(self.task, logprobs, full_logprobs, ())
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -157,7 +157,7 @@ class TextBanditVectorEnv(VectorEnv):
 
     def set_policy_logprobs(self, logprobs: Any, full_logprobs: Any = None) -> None:
         """Hand over the policy's log-probs for the next ``step``: ``[N, T]`` and optionally ``[N, T, V]``."""
-        self._handed = _check_handed(self.task, logprobs, full_logprobs, (self.num_envs,))
+        self._handed = check_handed(self.task, logprobs, full_logprobs, (self.num_envs,))
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         if isinstance(seed, (list, tuple)):
@@ -181,8 +181,9 @@ class TextBanditVectorEnv(VectorEnv):
         return self.task.prompt_obs[self._prompt_index].copy(), rewards, terminated, truncated, vector_info(info)
 
 
-def _check_handed(task: TextTask, logprobs: Any, full_logprobs: Any,
+def check_handed(task: TextTask, logprobs: Any, full_logprobs: Any,
                   batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The handed-over ``logprobs [*batch, T]`` (and ``full_logprobs [*batch, T, V]``) as checked tensors."""
     steps = (task.max_new_tokens,)
     lp = task.check_logprobs(logprobs, batch + steps, "logprobs")
     full = None

@@ -28,9 +28,10 @@ from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
 from rlhf_envs.validation import check_number
 
-__all__ = ["AdaptersOff", "TextTask", "attention_mask_from_obs", "object_array", "pick_prompt", "vector_info", "vector_task"]
+__all__ = ["PROMPT_CACHE_BYTES", "AdaptersOff", "TextTask", "attention_mask_from_obs", "context_length", "object_array",
+           "pick_prompt", "vector_info", "vector_task"]
 
-_PROMPT_CACHE_BYTES = 256 * 2**20
+PROMPT_CACHE_BYTES = 256 * 2**20
 """Largest reference prompt cache (keys/values of every prompt) kept in memory; beyond it prompts are re-run."""
 
 
@@ -42,7 +43,8 @@ def attention_mask_from_obs(obs: torch.Tensor, pad_token_id: int) -> torch.Tenso
     return (obs != pad_token_id).long().cummax(dim=-1).values.bool()
 
 
-def _context_length(model: Any) -> int | None:
+def context_length(model: Any) -> int | None:
+    """The longest sequence ``model`` takes (positions), or None when its config does not say."""
     config = model.config.get_text_config(decoder=True)
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(config, name, None)
@@ -198,7 +200,7 @@ class TextTask:
             raise ValueError(
                 f"prompt {i} ({self.prompt_texts[i][:40]!r}...) has {len(encoded[i])} tokens > max_prompt_tokens="
                 f"{max_prompt_tokens} ({len(too_long)} prompts too long); raise max_prompt_tokens or shorten them")
-        context = _context_length(self.ref_model)
+        context = context_length(self.ref_model)
         if context is not None and max_prompt_tokens + self.sampling.max_new_tokens > context:
             raise ValueError(
                 f"max_prompt_tokens={max_prompt_tokens} + max_new_tokens={self.sampling.max_new_tokens} exceeds the "
@@ -332,8 +334,8 @@ class TextTask:
         return ref, padded
 
     def _prompt_cache(self, view: GPT2View) -> PromptKVCache | None:
-        """The reference's prompt cache, made on first use; None when the table would pass ``_PROMPT_CACHE_BYTES``."""
-        if self._ref_prompt_cache is None and PromptKVCache.nbytes(view, self.prompt_ids) <= _PROMPT_CACHE_BYTES:
+        """The reference's prompt cache, made on first use; None when the table would pass ``PROMPT_CACHE_BYTES``."""
+        if self._ref_prompt_cache is None and PromptKVCache.nbytes(view, self.prompt_ids) <= PROMPT_CACHE_BYTES:
             self._ref_prompt_cache = PromptKVCache(self.prompt_ids, self.prompt_mask)
         return self._ref_prompt_cache
 
@@ -361,7 +363,7 @@ class TextTask:
         """Reference hidden states ``[M, D]`` predicting the ``M`` response tokens ``ids[mask]`` (row-major).
 
         Prompts come from :class:`PromptKVCache` (computed once per prompt) when the table fits in
-        ``_PROMPT_CACHE_BYTES``; then only response tokens run. Otherwise prompt and response run together.
+        ``PROMPT_CACHE_BYTES``; then only response tokens run. Otherwise prompt and response run together.
         """
         cache = self._prompt_cache(view)
         prompt_mask = self.prompt_mask[prompt_index]

@@ -14,8 +14,8 @@ from gymnasium.vector.utils import batch_space
 
 from rlhf_envs.dialogue_games import ArithmeticChecker, CalculatorGame, GuessNumberGame
 from rlhf_envs.dialogue_reference import ReferenceKV, ref_turn_logprobs
-from rlhf_envs.text_bandit import _check_handed
-from rlhf_envs.text_common import TextTask, _context_length, object_array, vector_info
+from rlhf_envs.text_bandit import check_handed
+from rlhf_envs.text_common import TextTask, context_length, object_array, vector_info
 from rlhf_envs.validation import check_number
 
 __all__ = ["GAMES", "TextDialogueEnv", "TextDialogueVectorEnv"]
@@ -85,7 +85,7 @@ class _Dialogues:
                              f"max_turn_tokens={self.max_turn_tokens}; raise max_context_tokens")
         self.task = TextTask(model, reward_model, [opening], max_prompt_tokens=None,
                              max_new_tokens=self.max_turn_tokens, **task_kwargs)
-        context = _context_length(self.task.ref_model)
+        context = context_length(self.task.ref_model)
         if context is not None and self.max_context_tokens > context:
             raise ValueError(f"max_context_tokens={self.max_context_tokens} exceeds the model's context of {context} "
                              "tokens; lower max_context_tokens")
@@ -318,7 +318,7 @@ class TextDialogueEnv(gym.Env):
 
     def set_policy_logprobs(self, logprobs: Any, full_logprobs: Any = None) -> None:
         """Hand over the policy's log-probs of the next turn: ``[T]`` and optionally ``[T, V]``."""
-        self._handed = _check_handed(self.task, logprobs, full_logprobs, ())
+        self._handed = check_handed(self.task, logprobs, full_logprobs, ())
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -388,7 +388,7 @@ class TextDialogueVectorEnv(VectorEnv):
 
     def set_policy_logprobs(self, logprobs: Any, full_logprobs: Any = None) -> None:
         """Hand over the policy's log-probs of the next turns: ``[N, T]`` and optionally ``[N, T, V]``."""
-        self._handed = _check_handed(self.task, logprobs, full_logprobs, (self.num_envs,))
+        self._handed = check_handed(self.task, logprobs, full_logprobs, (self.num_envs,))
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
         if isinstance(seed, (list, tuple)):

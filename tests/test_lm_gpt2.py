@@ -173,7 +173,7 @@ def _reference_logprobs(task, index, response_ids, response_mask):
 
 @pytest.mark.parametrize("cache_bytes", [256 * 2**20, 0])
 def test_reference_scoring_equals_teacher_forced_hf(tokenizer, monkeypatch, cache_bytes):
-    monkeypatch.setattr("rlhf_envs.text_common._PROMPT_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr("rlhf_envs.text_common.PROMPT_CACHE_BYTES", cache_bytes)
     task = TextTask(model=(_gpt2(seed=1), tokenizer), reward_model=lambda p, r: [0.0] * len(p), prompts=PROMPTS,
                     max_new_tokens=6, temperature=0.7)
     index = torch.tensor([2, 0, 1, 3, 2, 1])
@@ -199,7 +199,7 @@ def test_reference_scoring_equals_teacher_forced_hf(tokenizer, monkeypatch, cach
 
 @pytest.mark.parametrize("cache_bytes", [256 * 2**20, 0])
 def test_cache_prompts_fills_the_reference_prompt_cache_ahead_of_steps(tokenizer, monkeypatch, cache_bytes):
-    monkeypatch.setattr("rlhf_envs.text_common._PROMPT_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr("rlhf_envs.text_common.PROMPT_CACHE_BYTES", cache_bytes)
     task = TextTask(model=(_gpt2(seed=3), tokenizer), reward_model=lambda p, r: [0.0] * len(p), prompts=PROMPTS,
                     max_new_tokens=5, temperature=0.8)
     assert task.cache_prompts(batch_size=3) == (cache_bytes > 0)  # 3 does not divide the prompt count
@@ -217,7 +217,7 @@ def test_cache_prompts_fills_the_reference_prompt_cache_ahead_of_steps(tokenizer
 @pytest.mark.parametrize("cache_bytes", [256 * 2**20, 0])
 def test_reference_scoring_exact_when_rows_share_the_attention_grid(tokenizer, monkeypatch, cache_bytes):
     """Many responses of very different lengths: short ones are packed beside long ones in a grid row."""
-    monkeypatch.setattr("rlhf_envs.text_common._PROMPT_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr("rlhf_envs.text_common.PROMPT_CACHE_BYTES", cache_bytes)
     task = TextTask(model=(_gpt2(seed=2), tokenizer), reward_model=lambda p, r: [0.0] * len(p), prompts=PROMPTS,
                     max_new_tokens=12, temperature=0.9)
     gen = torch.Generator().manual_seed(3)
