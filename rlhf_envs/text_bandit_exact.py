@@ -4,7 +4,7 @@ Six symbols ``a``..``f`` and EOS, responses of up to five tokens (9,331 per prom
 a committed reference GPT-2 (about 30k parameters) and a hidden scoring rule. Every algorithm's
 policy can be scored exactly against ``pi*`` with :mod:`rlhf_envs.text_solver`.
 
-Rebuild the reference (seeded, about ten seconds on one CPU thread)::
+Rebuild the reference (seeded, one CPU thread, 20 s of CPU time)::
 
     python -m rlhf_envs.text_bandit_exact            # writes rlhf_envs/assets/text_exact/
 """
