@@ -81,6 +81,7 @@ class LMPPOConfig:
     num_minibatches: int = field(default=4, metadata={"help": "minibatches per PPO epoch"})
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout"})
     learning_rate: float = field(default=3e-5, metadata={"help": "Adam learning rate of policy and value head"})
+    anneal_lr: bool = field(default=False, metadata={"help": "anneal the learning rate linearly to 0 over the run (CleanRL's anneal_lr)"})
     max_new_tokens: int = field(default=24, metadata={"help": "longest response, EOS included"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the KL and ratio use the same distribution)"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off"})
@@ -404,6 +405,8 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
                disable=not (config.progress and run.rank == 0), desc="RLHF PPO", unit="iter")
     for iteration in bar:
         t0 = time.perf_counter()
+        if config.anneal_lr:  # a resumed run continues the same schedule
+            run.optimizer.param_groups[0]["lr"] = (1.0 - iteration / config.num_iterations) * config.learning_rate
         rollout = _rollout(run, iteration, generator)
         t_rollout = time.perf_counter()
         rollout = _score(run, rollout)

@@ -24,6 +24,7 @@ READMES = (Path(__file__).resolve().parent.parent / "README.md", Path(__file__).
 
 SCRIPTS = {
     "catgrid": ["benchmarks.bench_catgrid"],
+    "frontier": ["benchmarks.bench_frontier"],
     "sampling": ["benchmarks.bench_sampling", "--repeats", "9", "--threads", "1"],
     "sampling_2threads": ["benchmarks.bench_sampling", "--repeats", "9", "--threads", "2",
                           "--out", str(RESULTS_DIR / "sampling_2threads.json")],

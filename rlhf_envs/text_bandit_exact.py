@@ -4,7 +4,7 @@ Six symbols ``a``..``f`` and EOS, responses of up to five tokens (9,331 per prom
 a committed reference GPT-2 (about 30k parameters) and a hidden scoring rule. Every algorithm's
 policy can be scored exactly against ``pi*`` with :mod:`rlhf_envs.text_solver`.
 
-Rebuild the reference (seeded, about ten seconds on one CPU thread)::
+Rebuild the reference (seeded, one CPU thread, 20 s of CPU time)::
 
     python -m rlhf_envs.text_bandit_exact            # writes rlhf_envs/assets/text_exact/
 """
@@ -12,8 +12,10 @@ Rebuild the reference (seeded, about ten seconds on one CPU thread)::
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -147,7 +149,7 @@ def _features(prompt_index: np.ndarray, responses: Sequence[str]) -> np.ndarray:
     for row, (p, text) in enumerate(zip(prompt_index, responses)):
         base = int(p) * per_prompt
         x[row, base + (SYMBOLS.index(text[0]) if text else k)] = 1.0
-        for a, b in zip(text, text[1:]):
+        for a, b in itertools.pairwise(text):
             x[row, base + k + 1 + SYMBOLS.index(a) * k + SYMBOLS.index(b)] += 1.0
         x[row, base + k + 1 + k * k + len(text)] = 1.0
     return x

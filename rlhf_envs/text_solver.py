@@ -22,8 +22,9 @@ reference (and, in :func:`objective`, the policy) in batches: every probability 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +32,19 @@ import torch
 from rlhf_envs.kl import KL_ESTIMATORS
 from rlhf_envs.lm.sampling import SamplingConfig, processed_logprobs
 
-__all__ = ["Enumeration", "PolicyObjective", "TextSolution", "enumerate_env", "enumerate_responses", "frontier",
-           "objective", "sequence_logprobs", "solve", "token_logprobs", "estimator_moments"]
+__all__ = [
+    "Enumeration",
+    "PolicyObjective",
+    "TextSolution",
+    "enumerate_env",
+    "enumerate_responses",
+    "estimator_moments",
+    "frontier",
+    "objective",
+    "sequence_logprobs",
+    "solve",
+    "token_logprobs",
+]
 
 MAX_SEQUENCES = 200_000
 """Most responses per prompt :func:`enumerate_env` accepts (beyond it, teacher-forcing them all is slow)."""
@@ -255,22 +267,19 @@ def estimator_moments(env: Any, policy: Any, batch_size: int = 4096) -> dict[str
     ``k2``, ``k3``, ``exact``), its mean, its bias against the true ``KL(pi || pi_ref)`` and its standard
     deviation over responses, all computed by enumeration (weights pi(y)), means over prompts.
     """
-    enum = enumerate_env(env)
-    task_ref = _task(env).ref_model if not isinstance(env, Enumeration) else None
-    if task_ref is None:
+    if isinstance(env, Enumeration):
         raise TypeError("estimator_moments needs the env (for its reference model), not an Enumeration")
-    ref_sampling = _task(env).ref_sampling
+    task, enum = _task(env), enumerate_env(env)
     stats: dict[str, list[tuple[float, float]]] = {name: [] for name in KL_ESTIMATORS}
     true_kl = []
     for ids in enum.prompt_ids:
         full = token_logprobs(policy, ids, enum.tokens, enum.sampling, batch_size)
-        ref_full = token_logprobs(task_ref, ids, enum.tokens, ref_sampling, batch_size)
+        ref_full = token_logprobs(task.ref_model, ids, enum.tokens, task.ref_sampling, batch_size)
         lp = full.gather(-1, enum.tokens.unsqueeze(-1)).squeeze(-1)
         ref_lp = ref_full.gather(-1, enum.tokens.unsqueeze(-1)).squeeze(-1)
-        weights = sequence_logprobs(full, enum.tokens, enum.mask).exp()
-        seq_kl = float((weights * (sequence_logprobs(full, enum.tokens, enum.mask)
-                                   - sequence_logprobs(ref_full, enum.tokens, enum.mask))).sum())
-        true_kl.append(seq_kl)
+        seq_logp = sequence_logprobs(full, enum.tokens, enum.mask)
+        weights = seq_logp.exp()
+        true_kl.append(float((weights * (seq_logp - sequence_logprobs(ref_full, enum.tokens, enum.mask))).sum()))
         for name, estimator in KL_ESTIMATORS.items():
             per_token = estimator(lp, ref_lp, full, ref_full).masked_fill(~enum.mask, 0.0)
             per_seq = torch.nan_to_num(per_token).double().sum(-1)

@@ -11,9 +11,24 @@ import torch
 
 import rlhf_envs  # noqa: F401  (registers the envs)
 from rlhf_envs.text_bandit import TextBanditEnv, score_responses
-from rlhf_envs.text_bandit_exact import (MAX_NEW_TOKENS, PROMPTS, REFERENCE_DIR, TextBanditExactEnv,
-                                         learned_reward_model, make_symbol_tokenizer, target, true_score)
-from rlhf_envs.text_solver import enumerate_env, frontier, objective, sequence_logprobs, solve, token_logprobs
+from rlhf_envs.text_bandit_exact import (
+    MAX_NEW_TOKENS,
+    PROMPTS,
+    REFERENCE_DIR,
+    TextBanditExactEnv,
+    learned_reward_model,
+    make_symbol_tokenizer,
+    target,
+    true_score,
+)
+from rlhf_envs.text_solver import (
+    enumerate_env,
+    frontier,
+    objective,
+    sequence_logprobs,
+    solve,
+    token_logprobs,
+)
 
 
 def _tiny_lm(vocab_size: int, seed: int):
@@ -81,10 +96,10 @@ def test_solver_matches_brute_force_on_two_symbols_two_tokens():
         r = {y: float(reward([prompt], [y])[0]) for y in probs}
         z = sum(probs[y] * math.exp(r[y] / beta) for y in probs)
         values.append(beta * math.log(z))
-        for y in probs:
+        for y, p in probs.items():
             m = enum.texts.index(y)
-            assert math.isclose(math.exp(enum.ref_logprobs[x, m]), probs[y], rel_tol=1e-5)
-            assert math.isclose(sol.pi_star[x, m], probs[y] * math.exp(r[y] / beta) / z, rel_tol=1e-5)
+            assert math.isclose(math.exp(enum.ref_logprobs[x, m]), p, rel_tol=1e-5)
+            assert math.isclose(sol.pi_star[x, m], p * math.exp(r[y] / beta) / z, rel_tol=1e-5)
     assert math.isclose(sol.optimal_value, float(np.mean(values)), rel_tol=1e-6)
 
 
@@ -139,6 +154,7 @@ def test_env_passes_checkers_and_vector_form():
     env = gym.make("TextBanditExact-v0")
     with pytest.warns(RuntimeWarning, match="no policy log-probs"):
         check_env(env.unwrapped, skip_render_check=True)
+    with pytest.warns(RuntimeWarning, match="no policy log-probs"):
         sb3_check_env(TextBanditExactEnv(), warn=True)
     obs, info = env.reset(seed=0, options={"prompt_index": 2})
     assert info["prompt"] == "fed" and obs.shape == (3,)
@@ -146,7 +162,7 @@ def test_env_passes_checkers_and_vector_form():
     obs, _ = envs.reset(seed=0)
     envs.unwrapped.set_policy_logprobs(np.full((4, MAX_NEW_TOKENS), -1.0, dtype=np.float32))
     tokens = np.array([[1, 2, 3, 6, 6]] * 4)
-    _, rewards, terminated, _, info = envs.step(tokens)
+    _, _, terminated, _, info = envs.step(tokens)
     assert terminated.all() and list(info["response"]) == ["bcd"] * 4
     assert set(info) >= {"score", "kl", "kl_per_token", "logprobs", "ref_logprobs", "beta", "prompt", "response"}
 
@@ -172,3 +188,14 @@ def test_a_few_ppo_iterations_close_part_of_the_gain(tmp_path, enum):
     train_lm_ppo(config)
     trained = objective(enum, load_causal_lm(tmp_path / "policy")[0], beta)
     assert trained.gain_closed > 0.5, trained
+
+
+def test_estimator_moments_k1_k3_exact_unbiased_k2_biased(exact_env):
+    from rlhf_envs.text_solver import estimator_moments
+
+    moments = estimator_moments(exact_env, _perturbed_policy(0.2))
+    kl = moments["true_kl"]["mean"]
+    assert kl > 0.1
+    for name in ("k1", "k3", "exact"):
+        assert moments[name]["bias"] == pytest.approx(0.0, abs=1e-4 * kl)
+    assert moments["k2"]["bias"] > 0.01 and moments["exact"]["std"] < moments["k1"]["std"]
