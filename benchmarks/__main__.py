@@ -146,6 +146,10 @@ def sections() -> dict[str, str]:
         for r in d["rows"]:
             rows.append("| " + " | ".join(_f(r[c], 3) if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")
         out["shakespeare"] = "\n".join(rows)
+    if (d := _load("frontier")) is not None:
+        out["frontier"] = _frontier_table(d)
+    if (d := _load("catgrid")) is not None and d.get("ppo_8x8_runs"):
+        out["catgrid_8x8"] = _catgrid_8x8_table(d)
     if (d := _load("dialogue")) is not None:
         out["dialogue"] = _dialogue_table(d)
     if (d := _load("reliability")) is not None:
@@ -176,6 +180,35 @@ def _kl_and_startup_rows(d: dict) -> list[str]:
         rows.append(f"| `rlhf --help` / a bad top-level option (median of 5, fresh process) | "
                     f"{_f(t['rlhf --help']['median_s'])} s / {_f(t['rlhf --no-such-option']['median_s'])} s |")
     return rows
+
+
+def _frontier_table(d: dict) -> str:
+    """Each algorithm on TextBanditExact-v0: the fraction of the achievable gain it closed and its KL to pi*."""
+    names = {"rlhf_ppo": "RLHF PPO", "dpo": "DPO", "sft_best_of_16": "SFT on best-of-16"}
+    rows = ["| algorithm | beta | gain closed, min / median of seeds | KL(pi \\|\\| pi*) median | seeds at 0.95 | measured on |",
+            "|---|---|---|---|---|---|"]
+    for r in d["summary"]:
+        rows.append(f"| {names.get(r['algorithm'], r['algorithm'])} | {r['beta']:g} | {r['gain_closed_min']:.3f} / "
+                    f"{r['gain_closed_median']:.3f} | {r['kl_to_optimum_median']:.3f} | {r['seeds_at_0.95']}/{r['seeds']} | "
+                    f"{_when(d)} |")
+    for beta in d["betas"]:
+        curve = [c for c in d["dpo_pairs_curve"] if c["beta"] == beta]
+        below = d["dpo_n_below_0_1_nats"].get(str(float(beta)))
+        reached = f"below 0.1 nats from N={below:,}" if below else "not below 0.1 nats"
+        points = ", ".join(f"N={c['n_pairs']:,}: {c['kl_to_optimum']:.3f}" for c in curve)
+        rows.append(f"| DPO, KL(pi \\|\\| pi*) against pairs N | {beta:g} | {points} | {reached} | | {_when(d)} |")
+    return "\n".join(rows)
+
+
+def _catgrid_8x8_table(d: dict) -> str:
+    """Steps (and wall time) to 95% of the exact optimum on the 8x8 maps, ours and SB3's PPO with one budget."""
+    rows = [f"| map | seed | our PPO: steps to 95% of optimum (wall) | SB3 PPO, same settings | budget | measured on |",
+            "|---|---|---|---|---|---|"]
+    for r in d["ppo_8x8_runs"]:
+        ours = f"{r['ours_steps']:,} ({r['ours_seconds']:.0f} s)" if r.get("ours_steps") else "not reached"
+        sb3 = f"{r['sb3_steps']:,} ({r['sb3_seconds']:.0f} s)" if r.get("sb3_steps") else "not reached"
+        rows.append(f"| `{r['env']}` | {r['seed']} | {ours} | {sb3} | {d['ppo_8x8_budget']:,} steps | {_when(d)} |")
+    return "\n".join(rows)
 
 
 def _dialogue_table(d: dict) -> str:
