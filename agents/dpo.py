@@ -44,8 +44,8 @@ from agents.lm_common import (
     split_lm_head,
     target_logits,
 )
-from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.loading import load_causal_lm
+from rlhf_envs.lm.views import packed_view
 
 
 def sigmoid_loss(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
@@ -189,7 +189,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         """``[2B]`` summed response log-probs: every chosen response, then every rejected one."""
         if isinstance(batch[0], PackedBatch):
             packed, *targets = batch
-            return packed.sequence_logps(gpt2_view(model), *targets).view(-1, 2).T.reshape(-1)
+            return packed.sequence_logps(packed_view(model), *targets).view(-1, 2).T.reshape(-1)
         return sequence_logps(model, split, *batch)
 
     start = time.perf_counter()
@@ -200,8 +200,9 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         reference = load_causal_lm(config.ref_model_path, trust_remote_code=config.trust_remote_code)[0].to(device)
         fuse_gelu(reference)
     reference.eval()
-    # GPT-2s without active dropout take the packed lean forward (rlhf_envs.lm.packing); others Hugging Face's.
-    ref_packed = gpt2_view(reference) is not None
+    # GPT-2 and Llama-family models without active dropout take a packed forward (rlhf_envs.lm.views);
+    # others Hugging Face's.
+    ref_packed = packed_view(reference) is not None
     ref_split = None if ref_packed else split_lm_head(reference)
     ref_logps = torch.zeros(len(records), 2, device=device)
     # The pass may take the pairs in any order (a sequence's log-probs do not depend on the others).
@@ -230,7 +231,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     del reference, ref_split
     ref_seconds = time.perf_counter() - start
 
-    packed = gpt2_view(model.train()) is not None
+    packed = packed_view(model.train()) is not None
     split = None if packed else split_lm_head(model)
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[r["prompt"] for r in records])
 

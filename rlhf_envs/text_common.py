@@ -22,6 +22,8 @@ from rlhf_envs.lm.decoding import PromptKVCache
 from rlhf_envs.kl import get_kl_estimator, make_kl_controller
 from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
+from rlhf_envs.lm.views import packed_view
+from rlhf_envs.lm.views import response_hidden as packed_response_hidden
 
 __all__ = ["TextTask", "attention_mask_from_obs", "pick_prompt", "vector_info", "vector_task"]
 
@@ -222,13 +224,15 @@ class TextTask:
         Temperature as the policy's, no top-k/top-p, so every token has a finite log-prob. Entries
         outside ``response_mask`` are 0. The forward stops at the longest response in the batch and
         computes logits only where a response token is predicted. A ``GPT2LMHeadModel`` runs through
-        :meth:`rlhf_envs.lm.gpt2.GPT2View.packed_hidden` (padding skipped in the per-token work).
+        :meth:`rlhf_envs.lm.gpt2.GPT2View.packed_hidden` (padding skipped in the per-token work), a
+        Llama-family model through its packed forward (:func:`rlhf_envs.lm.views.packed_view`).
         """
         width = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
         ids, mask = response_ids[:, :width], response_mask[:, :width]
         view = self.reference_view()
+        packed = packed_view(self.ref_model) if view is None else None
         ref = torch.zeros(response_ids.shape, device=response_ids.device)
-        if view is None:
+        if view is None and packed is None:
             input_ids = torch.cat([self.prompt_ids[prompt_index], ids], dim=1)
             full_mask = torch.cat([self.prompt_mask[prompt_index], mask], dim=1)
             positions = positions_from_mask(full_mask)
@@ -237,8 +241,9 @@ class TextTask:
             ref_full = processed_logprobs(logits, self.ref_sampling).masked_fill_(~mask[..., None], 0.0)
             ref[:, :width] = ref_full.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         else:
-            ref_picked = processed_logprobs(view.logits(self._ref_hidden(view, prompt_index, ids, mask)).float(),
-                                            self.ref_sampling, overwrite=True)
+            hidden = self._ref_hidden(view, prompt_index, ids, mask) if packed is None else \
+                packed_response_hidden(packed, self.prompt_ids[prompt_index], self.prompt_mask[prompt_index], ids, mask)
+            ref_picked = processed_logprobs((view if packed is None else packed).logits(hidden).float(), self.ref_sampling, overwrite=True)
             ref[:, :width][mask] = ref_picked.gather(-1, ids[mask].unsqueeze(-1)).squeeze(-1)
             if full:
                 ref_full = ref_picked.new_zeros(mask.shape + ref_picked.shape[-1:])

@@ -19,6 +19,8 @@ and at least one token always is.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,7 @@ from rlhf_envs.lm.decoding import GPT2Decoder
 
 __all__ = [
     "BufferedKVLayer",
+    "cache_keyword",
     "Generation",
     "SamplingConfig",
     "generate",
@@ -175,6 +178,18 @@ class BufferedKVLayer(DynamicLayer):
         return self.length
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(forward_type: type) -> str:
+    parameters = inspect.signature(forward_type.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name ``model``'s forward takes its KV cache under: ``cache`` (transformers 5.2x on, where
+    ``past_key_values`` is deprecated with a FutureWarning) or ``past_key_values`` (earlier 5.x)."""
+    return _cache_keyword(type(model))
+
+
 def preallocated_cache(model: torch.nn.Module, max_len: int) -> Cache:
     """A KV cache of :class:`BufferedKVLayer` (one per decoder layer) holding up to ``max_len`` positions."""
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
@@ -194,8 +209,8 @@ def prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch
         input_ids=prompt_ids,
         attention_mask=additive_mask(prompt_keep.unsqueeze(1), _model_dtype(model)),
         position_ids=positions_from_mask(keep),
-        past_key_values=cache,
         use_cache=True,
+        **{cache_keyword(model): cache},
         logits_to_keep=1,
     )
     return out.logits[:, -1]
@@ -219,7 +234,7 @@ def generate(
 
     Args:
         model: a Hugging Face causal LM (``model(input_ids, attention_mask, position_ids,
-            past_key_values, use_cache) -> .logits``).
+            cache, use_cache) -> .logits``).
         prompt_ids: ``[B, P]`` int64, left-padded.
         prompt_mask: ``[B, P]`` bool/int, True on real prompt tokens.
         cfg: decoding settings.
@@ -262,8 +277,8 @@ class _HFDecoder:
             input_ids=tokens[:, None],
             attention_mask=self.step_mask[:, :, :, : self.filled],
             position_ids=self.next_position,
-            past_key_values=self.cache,
             use_cache=True,
+            **{cache_keyword(self.model): self.cache},
         )
         self.next_position += 1
         return out.logits[:, -1]
