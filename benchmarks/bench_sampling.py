@@ -11,9 +11,14 @@ reuses them after). It also times the same step on prompts the reference meets f
 The third times one ``TextToken-v0`` vector step over 64 envs with the reference on the lean GPT-2
 forward against the same env on Hugging Face's forward. All parts run under the same ``--threads``.
 
-    python -m benchmarks.bench_sampling [--device cuda] [--repeats 9] [--threads 1]
+    python -m benchmarks.bench_sampling [--device cuda] [--repeats 9] [--threads 1] [--model embedded-llama] [--size 10m]
 
-Writes ``benchmarks/results/sampling.json``.
+``--model embedded-llama`` runs the Llama twin of the embedded model (the sampler's lean Llama decoder,
+:mod:`rlhf_envs.lm.llama_decoding`, and the packed reference pass, :mod:`rlhf_envs.lm.hf_packed`);
+``--size 10m`` a seeded random model of about 10M parameters of the chosen architecture (the shapes of
+``benchmarks/bench_trainers.py --size 10m``). The TextToken part runs for GPT-2 only (it compares the
+lean GPT-2 reference with Hugging Face's). Writes ``benchmarks/results/sampling.json``
+(``sampling_llama.json``, ``sampling_10m.json``, ``sampling_10m_llama.json`` with those options).
 """
 
 from __future__ import annotations
@@ -36,8 +41,20 @@ import rlhf_envs  # noqa: F401  (registers the envs)
 from rlhf_envs.lm.sampling import SamplingConfig, generate
 
 
-def _model(device: str):
-    """The embedded default when it exists, else a GPT-2 of its size (4 layers, width 128, vocab 2048)."""
+def _model(device: str, name: str = "embedded", size: str = "small"):
+    """The embedded default when it exists, else a GPT-2 of its size (4 layers, width 128, vocab 2048);
+    ``embedded-llama``: the Llama twin; ``size="10m"``: a random model of about 10M parameters."""
+    if name != "embedded" or size != "small":
+        import tempfile
+
+        from benchmarks.bench_trainers import build_model
+        from rlhf_envs.lm.loading import load_causal_lm
+
+        arch = "gpt2" if name == "embedded" else "embedded-llama"
+        with tempfile.TemporaryDirectory() as tmp:
+            build_model(Path(tmp), "cpu", 0, arch, size)
+            model, tokenizer = load_causal_lm(tmp)
+        return model.to(device).eval(), tokenizer, f"{name} {size}" + (" (random)" if size != "small" else "")
     try:
         from rlhf_envs.lm.loading import load_causal_lm
 
@@ -114,12 +131,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampling.json"))
+    parser.add_argument("--model", choices=("embedded", "embedded-llama"), default="embedded")
+    parser.add_argument("--size", choices=("small", "10m"), default="small")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/sampling[_10m][_llama].json")
     args = parser.parse_args()
+    if args.out is None:
+        suffix = ("_10m" if args.size == "10m" else "") + ("_llama" if args.model == "embedded-llama" else "")
+        args.out = str(Path(__file__).parent / "results" / f"sampling{suffix}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    model, tokenizer, model_name = _model(device)
+    model, tokenizer, model_name = _model(device, args.model, args.size)
     from rlhf_envs.corpus import make_prompts
 
     prompts = make_prompts(args.batch, seed=0)
@@ -196,6 +218,7 @@ def main() -> None:
             prompt_ids = torch.as_tensor(obs, device=device)
             prompt_mask = prompt_ids != pad
     step_s, sample_s = statistics.median(step_times["seen"]), statistics.median(sample_times)
+    token_target = type(model).__name__ == "GPT2LMHeadModel"  # issue 23 asks <= 0.3 of sampling of the Llama twin
     cold_s = statistics.median(step_times["first_sight"])
 
     print(f"model: {model_name}; device {device}; batch {args.batch}; {args.new_tokens} new tokens; "
@@ -205,12 +228,14 @@ def main() -> None:
         print(f"{name:<22}{row['median_s']:>10.4f}{row['tokens']:>9d}{row['tokens_per_s']:>12.0f}")
     print(f"speed-up over HF generate: {speedup:.2f}x")
     print(f"TextBandit vector step ({args.batch} envs): {step_s * 1e3:.1f} ms vs sampling {sample_s * 1e3:.1f} ms "
-          f"-> ratio {step_s / sample_s:.3f} (target <= 0.25; prompts the reference has seen before)")
+          f"-> ratio {step_s / sample_s:.3f} (target <= {0.25 if token_target else 0.3}; prompts the reference has seen before)")
     print(f"  the same step on prompts the reference sees for the first time: {cold_s * 1e3:.1f} ms -> ratio "
           f"{cold_s / sample_s:.3f}")
-    token = _token_steps(model, tokenizer, prompts, args)
-    print(f"TextToken vector step ({args.batch} envs): {token['lean_median_s'] * 1e3:.2f} ms on the lean forward vs "
-          f"{token['hf_median_s'] * 1e3:.2f} ms on Hugging Face's -> {token['speedup']:.2f}x")
+    token = None
+    if type(model).__name__ == "GPT2LMHeadModel":
+        token = _token_steps(model, tokenizer, prompts, args)
+        print(f"TextToken vector step ({args.batch} envs): {token['lean_median_s'] * 1e3:.2f} ms on the lean forward vs "
+              f"{token['hf_median_s'] * 1e3:.2f} ms on Hugging Face's -> {token['speedup']:.2f}x")
     result = {
         "machine": machine_info(),
         "model": model_name, "device": device, "batch": args.batch, "max_new_tokens": args.new_tokens,

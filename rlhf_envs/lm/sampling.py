@@ -29,6 +29,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 from rlhf_envs.lm.segments import additive_mask
 from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.decoding import GPT2Decoder
+from rlhf_envs.lm.llama_decoding import LlamaDecoder, llama_decoder_weights
+from rlhf_envs.lm.views import announce
 
 __all__ = [
     "BufferedKVLayer",
@@ -246,7 +248,8 @@ def generate(
     cache (no per-step concatenation; attention reads only the filled part), with explicit position ids and a prebuilt
     4D attention mask updated in place (so the model does no mask bookkeeping). A ``GPT2LMHeadModel`` in eval
     mode without hooks runs through the lean forward of :mod:`rlhf_envs.lm.gpt2` (same parameters, same
-    logits, a fraction of Hugging Face's per-op overhead); any other model through its own forward.
+    logits, a fraction of Hugging Face's per-op overhead), a Llama, Mistral or Qwen2 through
+    :mod:`rlhf_envs.lm.llama_decoding`; any other model through its own forward.
     Runs under ``torch.inference_mode``; the returned tensors are ordinary (usable with autograd).
     """
     with torch.inference_mode():
@@ -305,10 +308,15 @@ def _generate(
     batch = prompt_ids.shape[0]
     steps = cfg.max_new_tokens
     view = gpt2_view(model)
-    if view is None:
-        decoder = _HFDecoder(model, prompt_ids, prompt_mask, steps)
-    else:
+    llama = llama_decoder_weights(model, prompt_ids.shape[1] + steps) if view is None else None
+    if view is not None:
         decoder = GPT2Decoder(view, prompt_ids, prompt_mask, steps)
+    elif llama is not None:
+        decoder = LlamaDecoder(llama, prompt_ids, prompt_mask, steps)
+    else:
+        decoder = _HFDecoder(model, prompt_ids, prompt_mask, steps)
+    announce(model, "sampler: " + ("lean GPT-2" if view is not None else "lean Llama" if llama is not None else
+                                   "Hugging Face forward"), fallback=view is None and llama is None)
     logits = decoder.prefill()
 
     response_ids = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)

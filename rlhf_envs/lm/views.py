@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["PackedForward", "packed_view", "forward_path"]
+__all__ = ["PackedForward", "announce", "forward_path", "packed_view", "response_hidden"]
 
 logger = logging.getLogger("rlhf_envs.lm")
 _announced: set[tuple[str, str]] = set()
@@ -60,7 +60,7 @@ def packed_view(model: torch.nn.Module, announce: bool = True) -> PackedForward 
     if view is None:
         view = hf_packed_view(model)
     if announce:
-        _announce(model, forward_path(view))
+        _announce(model, forward_path(view), fallback=view is None)
     return view
 
 
@@ -71,12 +71,19 @@ def forward_path(view: PackedForward | None) -> str:
     return getattr(view, "path", "gpt2")
 
 
-def _announce(model: torch.nn.Module, path: str) -> None:
+def announce(model: torch.nn.Module, path: str, fallback: bool) -> None:
+    """Log once per model class and ``path`` which path it takes (a warning when it is the slow ``fallback``)."""
+    _announce(model, path, fallback)
+
+
+def _announce(model: torch.nn.Module, path: str, fallback: bool) -> None:
     name = type(model).__name__
     if (name, path) in _announced:
         return
     _announced.add((name, path))
-    if path == "padded":
+    if fallback and path != "padded":
+        logger.warning("%s: %s (no lean path for this model)", name, path)
+    elif path == "padded":
         logger.warning("%s takes Hugging Face's padded forward (no packed path for this architecture, or dropout or "
                        "hooks active): exact, but slower than the packed paths of GPT-2 and Llama-family models", name)
     else:
