@@ -151,7 +151,8 @@ def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, cfg: Samp
 
 def _packed_policy_forward(view: PackedForward, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig, return_full: bool = False):
-    """:func:`policy_forward` through a packed forward (:mod:`rlhf_envs.lm.views`): no padding, LM head at response tokens only."""
+    """:func:`policy_forward` through a packed forward (:mod:`rlhf_envs.lm.views`): no padding, the LM head at
+    response tokens only."""
     prompt_keep, keep = prompt_mask.bool(), response_mask.bool()
     seqs = [torch.cat([p[pk], r[k]]) for p, pk, r, k in zip(prompt_ids.cpu(), prompt_keep.cpu(), response_ids.cpu(), keep.cpu())]
     batch = pack_sequences(seqs, drop_last=True)  # the last token predicts nothing

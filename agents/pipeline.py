@@ -42,7 +42,8 @@ class PipelineConfig:
     """Every knob of ``rlhf pipeline``; the defaults run the embedded model in minutes on a CPU."""
 
     output_dir: str = field(default="runs/pipeline", metadata={"help": "the run folder"})
-    model_path: str | None = field(default=None, metadata={"help": "base causal LM directory, or a shipped model's name (embedded, embedded-llama); None = the embedded default"})
+    model_path: str | None = field(default=None, metadata={"help": "base causal LM directory or a shipped model's name "
+                                                           "(embedded, embedded-llama); None = the embedded default"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
     demonstrations_path: str | None = field(default=None, metadata={"help": "SFT demonstrations, JSONL {prompt, completion}; None = drawn from the embedded corpus"})
     prompts_path: str | None = field(default=None, metadata={"help": "prompts for preferences, PPO, validation and evaluation, JSONL {prompt}; None = corpus prompts. Either way each distinct prompt goes to one of the four"})

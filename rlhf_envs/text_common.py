@@ -19,6 +19,7 @@ from gymnasium.error import InvalidAction
 
 from rlhf_envs.lm.gpt2 import GPT2View, ViewCache
 from rlhf_envs.lm.decoding import PromptKVCache
+from rlhf_envs.lm.hf_prompt_cache import HFPromptCache
 from rlhf_envs.kl import get_kl_estimator, make_kl_controller
 from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
@@ -118,6 +119,7 @@ class TextTask:
         self._warned_uniform = False
         self._ref_prompt_cache: PromptKVCache | None = None
         self._ref_view = ViewCache(self.ref_model)
+        self._ref_hf_prompt_cache: HFPromptCache | None = None
         self._backend_decode = _decodes_with_backend(self.tokenizer)
 
     @property
@@ -242,8 +244,9 @@ class TextTask:
             ref[:, :width] = ref_full.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         else:
             hidden = self._ref_hidden(view, prompt_index, ids, mask) if packed is None else \
-                packed_response_hidden(packed, self.prompt_ids[prompt_index], self.prompt_mask[prompt_index], ids, mask)
-            ref_picked = processed_logprobs((view if packed is None else packed).logits(hidden).float(), self.ref_sampling, overwrite=True)
+                self._packed_ref_hidden(packed, prompt_index, ids, mask)
+            logits = (view if packed is None else packed).logits(hidden).float()
+            ref_picked = processed_logprobs(logits, self.ref_sampling, overwrite=True)
             ref[:, :width][mask] = ref_picked.gather(-1, ids[mask].unsqueeze(-1)).squeeze(-1)
             if full:
                 ref_full = ref_picked.new_zeros(mask.shape + ref_picked.shape[-1:])
@@ -299,6 +302,23 @@ class TextTask:
             hidden[:, 1:][predicts] = view.packed_hidden(ids[:, :-1], predicts, positions, predicts,
                                                          (kv, prompt_index, prompt_mask))
         return hidden[mask]
+
+    def _packed_ref_hidden(self, view: Any, prompt_index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                           ) -> torch.Tensor:
+        """:meth:`_ref_hidden` for a Llama-family reference (:class:`rlhf_envs.lm.hf_packed.HFPackedView`): prompts
+        from :class:`rlhf_envs.lm.hf_prompt_cache.HFPromptCache` while the table fits in ``_PROMPT_CACHE_BYTES``
+        (and no sliding window is shorter than a row), else prompt and response in one packed forward."""
+        config = view.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        nbytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4 * int(self.prompt_mask.sum())
+        window = view.sliding_window
+        if self._ref_hf_prompt_cache is None and nbytes <= _PROMPT_CACHE_BYTES and \
+                (window is None or self.prompt_ids.shape[1] + self.max_new_tokens <= window):
+            self._ref_hf_prompt_cache = HFPromptCache(self.prompt_ids, self.prompt_mask)
+        if self._ref_hf_prompt_cache is None:
+            prompt_ids, prompt_mask = self.prompt_ids[prompt_index], self.prompt_mask[prompt_index]
+            return packed_response_hidden(view, prompt_ids, prompt_mask, ids, mask)
+        return self._ref_hf_prompt_cache.hidden(view, prompt_index, ids, mask)
 
     def kl_per_token(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
                      full_logprobs: torch.Tensor | None = None, full_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:

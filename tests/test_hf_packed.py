@@ -132,7 +132,8 @@ def test_packed_rewards_and_gradients_match_padded(kind: str) -> None:
     assert isinstance(view, HFPackedView) and view.score is not None and view.lm_head is None
     seqs, _ = _sequences(2)
     batch = pack_sequences(seqs)
-    rewards = F.linear(view.final_norm(batch.hidden(view, batch.last_index(model.config.pad_token_id))), view.score)[:, 0]
+    last = batch.last_index(model.config.pad_token_id)
+    rewards = F.linear(view.final_norm(batch.hidden(view, last)), view.score)[:, 0]
     rewards.pow(2).sum().backward()
     packed_grads = _grads(model)
     width = max(len(s) for s in seqs)
@@ -171,10 +172,13 @@ def test_ppo_policy_forward_packed_matches_padded() -> None:
     torch.testing.assert_close(values, expected_values, atol=2e-5, rtol=1e-5)
 
 
-def test_env_reference_pass_matches_padded() -> None:
-    """TextTask's reference log-probs on a Llama (the packed path) equal HF's padded forward."""
+@pytest.mark.parametrize("prompt_cache", [True, False])
+def test_env_reference_pass_matches_padded(prompt_cache: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TextTask's reference log-probs on a Llama (the packed path, with and without the prompt cache of
+    rlhf_envs.lm.hf_prompt_cache) equal HF's padded forward, also after the weights change."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    import rlhf_envs.text_common
     from rlhf_envs.text_common import TextTask
     from tests.tiny_models import tiny_causal_lm
 
@@ -189,13 +193,20 @@ def test_env_reference_pass_matches_padded() -> None:
     response_ids = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(0))
     response_ids[1, 3] = 256
     response_mask = task.response_mask(response_ids)
+    if not prompt_cache:
+        monkeypatch.setattr(rlhf_envs.text_common, "_PROMPT_CACHE_BYTES", 0)
+    task.ref_logprobs(index, response_ids, response_mask, full=False)  # fills the prompt cache
+    with torch.no_grad():
+        task.ref_model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # a changed reference: no stale cache read
     ref, full = task.ref_logprobs(index, response_ids, response_mask, full=True)
+    assert (task._ref_hf_prompt_cache is not None) == prompt_cache
     from rlhf_envs.lm.sampling import positions_from_mask
 
     ids = torch.cat([task.prompt_ids[index], response_ids], 1)
     mask = torch.cat([task.prompt_mask[index], response_mask], 1)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask)).logits
+        logits = task.ref_model(input_ids=ids, attention_mask=mask.long(),
+                                position_ids=positions_from_mask(mask)).logits
     expected = (logits[:, task.prompt_ids.shape[1] - 1 : -1] / task.ref_sampling.temperature).log_softmax(-1)
     picked = expected.gather(-1, response_ids[..., None])[..., 0].masked_fill(~response_mask, 0.0)
     torch.testing.assert_close(ref, picked, atol=2e-5, rtol=1e-5)
@@ -221,3 +232,33 @@ def test_attention_dropout_in_training_takes_the_padded_path() -> None:
     assert packed_view(model) is None
     assert packed_view(model.eval()) is not None
     assert model.config._attn_implementation != "rlhf_packed"  # restored after every packed call
+
+
+def test_lora_adapters_go_through_the_packed_path() -> None:
+    """peft's LoRA layers are the model's own modules: packed log-probs and adapter gradients match padded ones,
+    with the adapters on and off."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model("llama-tied-gqa"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    view = packed_view(model)
+    assert isinstance(view, HFPackedView)
+    seqs, starts = _sequences(3)
+    batch = pack_sequences(seqs, drop_last=True)
+    packed = batch.sequence_logps(view, *batch.distinct_targets(starts))
+    packed.sum().backward()
+    packed_grads = _grads(model)
+    padded = _padded_logps(model, seqs, starts)
+    padded.sum().backward()
+    padded_grads = _grads(model)
+    torch.testing.assert_close(packed, padded, atol=2e-5, rtol=1e-5)
+    assert packed_grads and all("lora" in name for name in packed_grads)
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+    with torch.no_grad(), model.disable_adapter():
+        off = batch.sequence_logps(view, *batch.distinct_targets(starts))
+        torch.testing.assert_close(off, _padded_logps(model, seqs, starts), atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(off, packed.detach())

@@ -3,7 +3,8 @@
 Run ``python -m rlhf_envs.lm.build_embedded`` to regenerate ``rlhf_envs/assets/embedded``
 from scratch (nothing is downloaded); ``--arch llama`` builds ``rlhf_envs/assets/embedded-llama``,
 a Llama-architecture model (RMSNorm, rotary positions, grouped-query attention, SwiGLU) of about the
-same size on the same corpus, with the same tokenizer (the BPE training is deterministic). The corpus is the project's own synthetic
+same size on the same corpus, with the same tokenizer (the BPE training is deterministic); the committed
+twin was built with ``--arch llama --max-steps 2400``. The corpus is the project's own synthetic
 reviews (:mod:`rlhf_envs.corpus`), or, with ``--corpus shakespeare --data PATH``,
 short passages of a plain-text file such as tinyshakespeare.
 
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
+                          PreTrainedTokenizerFast)
 
 from rlhf_envs.corpus import make_reviews
 
@@ -58,7 +60,8 @@ class BuildConfig:
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     n_embd: int = field(default=128, metadata={"help": "hidden width"})
     n_head: int = field(default=4, metadata={"help": "attention heads (must divide n_embd)"})
-    n_kv_head: int = field(default=2, metadata={"help": "llama only: key/value heads (grouped-query attention; must divide n_head)"})
+    n_kv_head: int = field(default=2, metadata={"help": "llama only: key/value heads (grouped-query attention; "
+                                                 "must divide n_head)"})
     intermediate_size: int = field(default=384, metadata={"help": "llama only: SwiGLU width (the twin then has "
                                                           "about the GPT-2's parameter count)"})
     n_positions: int = field(default=128, metadata={"help": "context length in tokens"})

@@ -59,19 +59,27 @@ def _grid(x: torch.Tensor, layout: _Layout, heads: int) -> torch.Tensor:
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      sliding_window: int | None = None, packed_layout: _Layout | None = None,
-                     **kwargs) -> tuple[torch.Tensor, None]:
+                     packed_record: list | None = None, packed_past=None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature over a packed row: ``query [1, H, N, hd]``, ``key`` and
     ``value [1, H_kv, N, hd]`` -> ``([1, N, H, hd], None)``.
 
     The layout comes in ``packed_layout`` (passed through the model's ``**kwargs``). Rows of the
     causal layout go through SDPA's causal kernel; a shared-row layout runs as two batched matmuls
     under its block-diagonal mask (for rows of tens of tokens faster than SDPA on CPU; see
-    :data:`rlhf_envs.lm.packing.SEGMENT_ATTENTION_BYTES`).
+    :data:`rlhf_envs.lm.packing.SEGMENT_ATTENTION_BYTES`). With ``packed_record`` (a list) each layer
+    appends its keys and values; with ``packed_past`` (:class:`rlhf_envs.lm.hf_prompt_cache.PastLayout`)
+    the new tokens attend to cached prompt keys and values as well.
     """
+    if packed_record is not None:
+        packed_record.append((key, value))
+    if packed_past is not None:
+        return packed_past.attend(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling), None
     if packed_layout is None:
-        raise ValueError(f"the {PACKED_ATTENTION!r} attention implementation runs only inside HFPackedView.packed_forward")
+        raise ValueError(f"the {PACKED_ATTENTION!r} attention implementation runs only inside HFPackedView's "
+                         "packed_forward and past_forward")
     if dropout:
-        raise ValueError(f"packed attention has no dropout, got attention dropout {dropout}; HFPackedView refuses such models")
+        raise ValueError(f"packed attention has no dropout, got attention dropout {dropout}; "
+                         "hf_packed_view returns None for such a model in training mode")
     heads, hd = query.shape[1], query.shape[-1]
     scale = hd ** -0.5 if scaling is None else scaling
     q, k, v = (_grid(x, packed_layout, heads) for x in (query, key, value))
@@ -134,11 +142,12 @@ def hf_packed_view(model: torch.nn.Module) -> HFPackedView | None:
     config = getattr(base, "config", None)
     if config is None or getattr(config, "model_type", None) not in PACKED_MODEL_TYPES:
         return None
-    if not type(base).__name__.endswith(_CLASS_SUFFIXES) or type(base).__module__.split(".")[:2] != ["transformers", "models"]:
+    name = type(base).__name__
+    if not name.endswith(_CLASS_SUFFIXES) or type(base).__module__.split(".")[:2] != ["transformers", "models"]:
         return None
     if base.training and getattr(config, "attention_dropout", 0.0):
         return None
-    head = getattr(base, "lm_head", None) if type(base).__name__.endswith("ForCausalLM") else getattr(base, "score", None)
+    head = getattr(base, "lm_head", None) if name.endswith("ForCausalLM") else getattr(base, "score", None)
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
     return HFPackedView(base)
@@ -161,7 +170,8 @@ class HFPackedView:
         config = model.config.get_text_config()
         self.config = model.config
         self.n_head = config.num_attention_heads
-        self.sliding_window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        use_window = getattr(config, "use_sliding_window", True)  # Qwen2/Qwen3 switch it off by default
+        self.sliding_window = getattr(config, "sliding_window", None) if use_window else None
         head = getattr(model, "lm_head", None)
         self.lm_head = head.weight if head is not None and type(model).__name__.endswith("ForCausalLM") else None
         score = getattr(model, "score", None)
@@ -180,19 +190,33 @@ class HFPackedView:
         return F.linear(hidden, self.lm_head)
 
     def packed_forward(self, tokens: torch.Tensor, positions: torch.Tensor, gather: torch.Tensor, owner: torch.Tensor,
-                       rows: int, keep: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       rows: int, keep: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                       record: list | None = None) -> torch.Tensor:
         """Differentiable last hidden states ``[N, D]`` of ``N`` packed tokens (``[K, D]`` at ``keep``), with the
         arguments of :meth:`rlhf_envs.lm.gpt2.GPT2View.packed_forward`.
 
         A shared-row layout (``attn_mask``) wider than a sliding window is not built by the packing's
-        callers; causal rows wider than it get the windowed mask (:func:`_windowed`).
+        callers; causal rows wider than it get the windowed mask (:func:`_windowed`). With ``record`` (a
+        list) every layer's keys and values ``[1, H_kv, N, hd]`` are appended to it.
         """
         width = gather.numel() // rows
         if attn_mask is not None and self.sliding_window is not None and width > self.sliding_window:
             raise ValueError(f"shared rows of width {width} exceed the sliding window {self.sliding_window}; "
                              "pass the causal-row layout (attn_mask=None)")
         layout = _Layout(gather, owner, rows, attn_mask)
+        extra = {} if record is None else {"packed_record": record}
         with _attention_implementation(self.config, PACKED_ATTENTION):
-            out = self.body(input_ids=tokens[None], position_ids=positions[None], use_cache=False, packed_layout=layout)
+            out = self.body(input_ids=tokens[None], position_ids=positions[None], use_cache=False, packed_layout=layout,
+                            **extra)
         hidden = out.last_hidden_state[0]
         return hidden if keep is None else hidden.index_select(0, keep)
+
+    def past_forward(self, tokens: torch.Tensor, positions: torch.Tensor, past) -> torch.Tensor:
+        """Last hidden states ``[N, D]`` of ``N`` new tokens that attend to cached keys and values as ``past``
+        (a :class:`rlhf_envs.lm.hf_prompt_cache.PastLayout`) lays them out. Not for sliding-window models."""
+        if self.sliding_window is not None and past.width > self.sliding_window:
+            raise ValueError(f"rows of {past.width} tokens exceed the sliding window {self.sliding_window}")
+        past.layer = 0
+        with _attention_implementation(self.config, PACKED_ATTENTION):
+            out = self.body(input_ids=tokens[None], position_ids=positions[None], use_cache=False, packed_past=past)
+        return out.last_hidden_state[0]

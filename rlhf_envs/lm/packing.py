@@ -154,7 +154,8 @@ class PackedBatch:
         """
         seg = self.segments
         window = getattr(view, "sliding_window", None)
-        if seg is not None and self.tokens.device.type == "cpu" and (window is None or seg.allowed.shape[-1] <= window) and \
+        fits = seg is not None and (window is None or seg.allowed.shape[-1] <= window)
+        if fits and self.tokens.device.type == "cpu" and \
                 view.n_head * seg.allowed.numel() * 4 <= SEGMENT_ATTENTION_BYTES and \
                 (torch.is_grad_enabled() or seg.allowed.shape[-1] <= SEGMENT_INFERENCE_WIDTH):
             return view.packed_forward(self.tokens, self.positions, seg.gather, seg.owner, seg.rows, keep,
