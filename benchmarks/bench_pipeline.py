@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/bench_pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--model-path", default=None, help="base model directory or name (default: the embedded GPT-2)")
+    parser.add_argument("--model-path", default=None,
+                        help="base model directory or name (default: the embedded GPT-2)")
     args = parser.parse_args(argv)
 
     rows = []
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "elo_sft": elo["sft"], "elo_ppo": elo["ppo"], "elo_dpo": elo["dpo"], "wall_seconds": wall,
                      "eval_rows": evaluation["rows"]})
     table = [{k: v for k, v in r.items() if k != "eval_rows"} for r in rows]
-    print_table("rlhf pipeline on the embedded default, per seed", table)
+    print_table(f"rlhf pipeline on {args.model_path or 'the embedded default'}, per seed", table)
     checks = {name: {"target": target, "worst_seed": min(r[name] for r in rows),
                      "mean": statistics.mean(r[name] for r in rows),
                      "met_by_every_seed": all(r[name] >= target for r in rows)} for name, target in TARGETS.items()}

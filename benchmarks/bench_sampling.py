@@ -12,7 +12,8 @@ reuses them after). It also times the same step on prompts the reference meets f
 The third times one ``TextToken-v0`` vector step over 64 envs with the reference on the lean GPT-2
 forward against the same env on Hugging Face's forward. All parts run under the same ``--threads``.
 
-    python -m benchmarks.bench_sampling [--device cuda] [--repeats 9] [--threads 1] [--model embedded-llama] [--size 10m]
+    python -m benchmarks.bench_sampling [--device cuda] [--repeats 9] [--threads 1]
+                                        [--model embedded-llama] [--size 10m]
 
 ``--model embedded-llama`` runs the Llama twin of the embedded model (the sampler's lean Llama decoder,
 :mod:`rlhf_envs.lm.llama_decoding`, and the packed reference pass, :mod:`rlhf_envs.lm.hf_packed`);
@@ -237,9 +238,11 @@ def main() -> None:
     print(f"{'sampler':<28}{'median s':>10}{'tokens':>9}{'tokens/s':>12}")
     for name, row in rows.items():
         print(f"{name:<28}{row['median_s']:>10.4f}{row['tokens']:>9d}{row['tokens_per_s']:>12.0f}")
-    print(f"speed-up over HF generate: {speedup:.2f}x; the lean decoder over our generic path: {lean_over_generic:.2f}x")
+    print(f"speed-up over HF generate: {speedup:.2f}x; the lean decoder over our generic path: "
+          f"{lean_over_generic:.2f}x")
     print(f"TextBandit vector step ({args.batch} envs): {step_s * 1e3:.1f} ms vs sampling {sample_s * 1e3:.1f} ms "
-          f"-> ratio {step_s / sample_s:.3f} (target <= {0.25 if token_target else 0.3}; prompts the reference has seen before)")
+          f"-> ratio {step_s / sample_s:.3f} (target <= {0.25 if token_target else 0.3}; prompts the reference "
+          "has seen before)")
     print(f"  the same step on prompts the reference sees for the first time: {cold_s * 1e3:.1f} ms -> ratio "
           f"{cold_s / sample_s:.3f}")
     token = None

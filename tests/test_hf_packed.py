@@ -262,3 +262,18 @@ def test_lora_adapters_go_through_the_packed_path() -> None:
         off = batch.sequence_logps(view, *batch.distinct_targets(starts))
         torch.testing.assert_close(off, _padded_logps(model, seqs, starts), atol=2e-5, rtol=1e-5)
     assert not torch.allclose(off, packed.detach())
+
+
+def test_embedded_llama_is_a_named_twin_of_the_default() -> None:
+    """``embedded-llama`` names the shipped Llama twin: Llama architecture, the default's tokenizer, about its size."""
+    from rlhf_envs.lm.loading import EMBEDDED_LLAMA_DIR, load_causal_lm, resolve_model_path
+
+    assert resolve_model_path("embedded-llama") == EMBEDDED_LLAMA_DIR
+    model, tokenizer = load_causal_lm("embedded-llama")
+    default, default_tokenizer = load_causal_lm(None)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention
+    assert tokenizer.get_vocab() == default_tokenizer.get_vocab()
+    n, n_default = (sum(p.numel() for p in m.parameters()) for m in (model, default))
+    assert 0.9 * n_default < n < 1.1 * n_default
+    assert isinstance(packed_view(model), HFPackedView)

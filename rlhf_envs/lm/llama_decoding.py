@@ -107,7 +107,8 @@ def llama_decoder_weights(model: torch.nn.Module, total_length: int) -> _Weights
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's Llama RMSNorm: in float32, then scaled by ``weight`` in ``x``'s dtype (for float32, torch's
-    fused kernel: the same values, and 0.6 of the six-op form's time on a decoding step's ``[64, 1, 128]``, one thread)."""
+    fused kernel: the same values, and 0.6 of the six-op form's time on a decoding step's ``[64, 1, 128]``, one
+    thread)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32 and hasattr(F, "rms_norm"):  # torch >= 2.4
         return F.rms_norm(x, weight.shape, weight, eps)
     normed = x.float()
