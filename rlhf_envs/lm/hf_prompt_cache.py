@@ -5,7 +5,8 @@ every prompt once through the model's packed forward (:class:`rlhf_envs.lm.hf_pa
 keeping each layer's (rotated) keys and values and each prompt's last hidden state; a scoring pass then
 feeds only the response tokens, whose attention reads the prompt's keys and values from the table. On
 the embedded Llama twin's TextBandit step this takes the prompt tokens (about half) out of every
-reference forward. The table is rebuilt whenever a parameter changes (a parameter's identity, storage
+reference forward: the step's time over sampling's went from 0.345 without it to 0.245-0.267 with it
+(``python -m benchmarks.bench_sampling --model embedded-llama``, 2026-12-04, one thread). The table is rebuilt whenever a parameter changes (a parameter's identity, storage
 or version counter differs from when it was built), so a model that trains is never read stale.
 """
 
