@@ -44,7 +44,7 @@ from agents.lm_common import (
 )
 from rlhf_envs.lm.padded import batch_sequences, split_lm_head, target_logits
 from agents.distributed import distributed
-from rlhf_envs.lm.gpt2 import gpt2_view
+from rlhf_envs.lm.views import packed_view
 from rlhf_envs.lm.loading import load_causal_lm
 
 
@@ -146,7 +146,7 @@ def _logps(model: torch.nn.Module, split: tuple | None, batch: tuple) -> torch.T
     """``[2B]`` summed response log-probs: every chosen response, then every rejected one."""
     if isinstance(batch[0], PackedBatch):
         packed, *targets = batch
-        return packed.sequence_logps(gpt2_view(model), *targets).view(-1, 2).T.reshape(-1)
+        return packed.sequence_logps(packed_view(model), *targets).view(-1, 2).T.reshape(-1)
     return sequence_logps(model, split, *batch)
 
 
@@ -182,8 +182,9 @@ def _reference_logps(config: DPOConfig, model: torch.nn.Module, data: Any, n: in
         reference = load_causal_lm(config.ref_model_path, trust_remote_code=config.trust_remote_code)[0].to(device)
         fuse_gelu(reference)
     reference.eval()
-    # GPT-2s without active dropout take the packed lean forward (rlhf_envs.lm.packing); others Hugging Face's.
-    packed = gpt2_view(reference) is not None
+    # GPT-2 and Llama-family models without active dropout take a packed forward (rlhf_envs.lm.views);
+    # others Hugging Face's.
+    packed = packed_view(reference) is not None
     split = None if packed else split_lm_head(reference)
     ref_logps = torch.zeros(n, 2, device=device)
     order = _reference_order(data, n, packed)
@@ -220,7 +221,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     ref_logps = _reference_logps(config, model, data, len(records), pad_id, device, autocast)
     ref_seconds = time.perf_counter() - start
 
-    packed = gpt2_view(model.train()) is not None
+    packed = packed_view(model.train()) is not None
     split = None if packed else split_lm_head(model)
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed,
                                          groups=[prompt_key(r["prompt"]) for r in records])

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from agents.elo import elo_ratings, win_rate
 from rlhf_envs.lm.loading import load_causal_lm
-from rlhf_envs.lm.gpt2 import gpt2_view
+from rlhf_envs.lm.views import packed_view
+from rlhf_envs.lm.views import response_hidden as packed_response_hidden
 from rlhf_envs.lm.sampling import Generation, SamplingConfig, generate, processed_logprobs, response_logprobs
 from rlhf_envs.text_bandit import score_responses
 from rlhf_envs.text_common import TextTask, response_hidden
@@ -122,14 +123,15 @@ def _full_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, g
                    cfg: SamplingConfig) -> torch.Tensor:
     """``[B, T, V]`` the model's processed next-token log-distributions along ``gen``'s responses (0 past them).
 
-    A ``GPT2LMHeadModel`` runs the lean packed forward (no padding, the LM head only where a
+    A GPT-2 or Llama-family model runs its packed forward (no padding, the LM head only where a
     response token is predicted); any other model :func:`rlhf_envs.lm.sampling.response_logprobs`.
     """
-    view = gpt2_view(model)
+    view = packed_view(model)
     if view is None:
         full = response_logprobs(model, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask, cfg, return_full=True)[1]
         return full.masked_fill(~gen.response_mask[..., None], 0.0)
-    hidden = response_hidden(view, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask)
+    hidden = (response_hidden if view.path == "gpt2" else packed_response_hidden)(
+        view, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask)
     picked = processed_logprobs(view.logits(hidden).float(), cfg)
     full = picked.new_zeros(gen.response_mask.shape + picked.shape[-1:])
     full[gen.response_mask] = picked

@@ -185,10 +185,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def model_dir(model_path: str | None) -> Path:
-    """``model_path``, or the embedded default model's directory when it is None."""
-    from rlhf_envs.lm.loading import EMBEDDED_MODEL_DIR
+    """``model_path``'s directory: the embedded default when it is None, a shipped model's for its name."""
+    from rlhf_envs.lm.loading import resolve_model_path
 
-    return EMBEDDED_MODEL_DIR if model_path is None else Path(model_path)
+    return resolve_model_path(model_path)
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rlhf_envs.lm.gpt2 import GPT2View, gpt2_view
+from rlhf_envs.lm.views import PackedForward, packed_view
 from rlhf_envs.lm.packing import pack_sequences
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
 
@@ -38,9 +38,10 @@ def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, cfg: Samp
     return full.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(probs * full.masked_fill(probs == 0, 0.0)).sum(-1), full
 
 
-def _packed_policy_forward(view: GPT2View, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+def _packed_policy_forward(view: PackedForward, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig, return_full: bool = False):
-    """:func:`policy_forward` through the packed lean GPT-2 forward: no padding, LM head at response tokens only."""
+    """:func:`policy_forward` through a packed forward (:mod:`rlhf_envs.lm.views`): no padding, the LM head at
+    response tokens only."""
     prompt_keep, keep = prompt_mask.bool(), response_mask.bool()
     seqs = [torch.cat([p[pk], r[k]]) for p, pk, r, k in zip(prompt_ids.cpu(), prompt_keep.cpu(), response_ids.cpu(), keep.cpu())]
     batch = pack_sequences(seqs, drop_last=True)  # the last token predicts nothing
@@ -63,10 +64,10 @@ def policy_forward(policy: nn.Module, v_head: ValueHead, prompt_ids: torch.Tenso
     With ``return_full`` a fourth tensor, the full log-distributions ``[B, T, V]`` (0 past each
     response), e.g. for the env's ``exact`` KL estimator.
 
-    A GPT-2 without active dropout takes the packed lean forward (:mod:`rlhf_envs.lm.packing`); other
-    models Hugging Face's forward on the padded batch. Both give the same values to float rounding.
+    GPT-2 and Llama-family models without active dropout take a packed forward (:mod:`rlhf_envs.lm.views`);
+    other models Hugging Face's forward on the padded batch. Both give the same values to float rounding.
     """
-    view = gpt2_view(policy)
+    view = packed_view(policy)
     if view is not None and view.lm_head is not None:
         return _packed_policy_forward(view, v_head, prompt_ids, prompt_mask, response_ids, response_mask, cfg, return_full)
     prompt_len = prompt_ids.shape[1]

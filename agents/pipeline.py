@@ -46,7 +46,8 @@ class PipelineConfig:
     """Every knob of ``rlhf pipeline``; the defaults run the embedded model in minutes on a CPU."""
 
     output_dir: str = field(default="runs/pipeline", metadata={"help": "the run folder"})
-    model_path: str | None = field(default=None, metadata={"help": "base causal LM directory; None = the embedded default"})
+    model_path: str | None = field(default=None, metadata={"help": "base causal LM directory or a shipped model's name "
+                                                           "(embedded, embedded-llama); None = the embedded default"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
     demonstrations_path: str | None = field(default=None, metadata={"help": "SFT demonstrations {prompt, completion} or {messages} (JSONL, .jsonl.gz, parquet or a datasets folder); None = drawn from the embedded corpus"})
     prompts_path: str | None = field(default=None, metadata={"help": "prompts for preferences, PPO, validation and evaluation, rows {prompt} (JSONL, .jsonl.gz, parquet or a datasets folder); None = corpus prompts. Either way each distinct prompt goes to one of the four"})
@@ -98,7 +99,9 @@ class PipelineConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"PipelineConfig.{name} must be an integer >= 0, got {value!r}")
         self._check_stage_values()
-        if self.model_path is not None and not (Path(self.model_path) / "config.json").is_file():
+        from rlhf_envs.lm.loading import resolve_model_path
+
+        if self.model_path is not None and not (resolve_model_path(self.model_path) / "config.json").is_file():
             raise FileNotFoundError(f"model_path {self.model_path!r} is not a Hugging Face model directory (no config.json)")
         for name in ("demonstrations_path", "prompts_path"):
             value = getattr(self, name)

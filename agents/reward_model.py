@@ -43,7 +43,7 @@ from agents.lm_common import (
 )
 from rlhf_envs.lm.padded import pad
 from agents.distributed import is_main_process
-from rlhf_envs.lm.gpt2 import gpt2_view
+from rlhf_envs.lm.views import packed_view
 from rlhf_envs.lm.loading import check_remote_code, load_tokenizer
 
 
@@ -116,10 +116,10 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed, groups=[prompt_key(r["prompt"]) for r in records])
     pad_id, side = tokenizer.pad_token_id, tokenizer.padding_side
 
-    # A GPT-2 without active dropout takes the packed lean forward: the batch's texts share their common
-    # first tokens (a prompt runs once for its K texts) and nothing is padded (rlhf_envs.lm.packing); other
-    # models take Hugging Face's forward.
-    packed = gpt2_view(model.train()) is not None
+    # GPT-2 and Llama-family models without active dropout take a packed forward (rlhf_envs.lm.views): the
+    # batch's texts share their common first tokens (a prompt runs once for its K texts) and nothing is
+    # padded (rlhf_envs.lm.packing); other models take Hugging Face's forward.
+    packed = packed_view(model.train()) is not None
 
     def collate(indices: list[int]) -> tuple:
         pairs = ranking_pairs([len(groups[i]) for i in indices])
@@ -137,7 +137,7 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
         """``[S]`` float32 rewards of the batch's texts, then ``better``, ``worse`` and ``weight``."""
         if isinstance(batch[0], PackedBatch):
             packed_batch, last, *pairs = batch
-            view = gpt2_view(model)
+            view = packed_view(model)
             hidden = view.final_norm(packed_batch.hidden(view, last))
             return (torch.nn.functional.linear(hidden, view.score)[:, 0].float(), *pairs)
         input_ids, mask, positions, *pairs = batch

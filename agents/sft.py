@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from agents.data import read_sft, tokenize_sft
 from agents.lora import with_lora
 from rlhf_envs.lm.packing import PackedBatch, pack_sequences
-from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.loading import load_causal_lm
 from agents.lm_common import LMTrainConfig, TrainResult, fuse_gelu, held_out_split, run_training, start_run
 from rlhf_envs.lm.padded import batch_sequences, split_lm_head, target_logits
+from rlhf_envs.lm.views import packed_view
 
 
 @dataclass
@@ -51,9 +51,9 @@ def train_sft(config: SFTConfig) -> TrainResult:
     train_idx, eval_idx = held_out_split(len(data.input_ids), config.eval_fraction, config.seed, groups=data.record_index)
     pad_id = tokenizer.pad_token_id
 
-    # A GPT-2 without active dropout takes the packed lean forward (no padding, rlhf_envs.lm.packing);
-    # other models take Hugging Face's forward on right-padded batches.
-    packed = gpt2_view(model.train()) is not None
+    # GPT-2 and Llama-family models without active dropout take a packed forward (no padding,
+    # rlhf_envs.lm.views); other models take Hugging Face's forward on right-padded batches.
+    packed = packed_view(model.train()) is not None
     split = None if packed else split_lm_head(model)
 
     def collate(indices: list[int]) -> tuple:
@@ -66,7 +66,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
     def logits_and_targets(model: torch.nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(batch[0], PackedBatch):
             packed_batch, predictor, targets = batch
-            return packed_batch.target_logits(gpt2_view(model), predictor), targets
+            return packed_batch.target_logits(packed_view(model), predictor), targets
         logits, targets, _ = target_logits(model, split, *batch)
         return logits, targets
 

@@ -202,7 +202,7 @@ def _frontier_table(d: dict) -> str:
 
 def _catgrid_8x8_table(d: dict) -> str:
     """Steps (and wall time) to 95% of the exact optimum on the 8x8 maps, ours and SB3's PPO with one budget."""
-    rows = [f"| map | seed | our PPO: steps to 95% of optimum (wall) | SB3 PPO, same settings | budget | measured on |",
+    rows = ["| map | seed | our PPO: steps to 95% of optimum (wall) | SB3 PPO, same settings | budget | measured on |",
             "|---|---|---|---|---|---|"]
     for r in d["ppo_8x8_runs"]:
         ours = f"{r['ours_steps']:,} ({r['ours_seconds']:.0f} s)" if r.get("ours_steps") else "not reached"

@@ -2,7 +2,8 @@
 
 Both samplers run in one process on the same model, prompts, seed and settings (batch 64, 48 new
 tokens, temperature 0.9, top-k 50, top-p 0.95 by default), interleaved, ``--repeats`` times; the
-table reports medians. The second part times one ``TextBandit-v0`` vector step over 64 envs
+table reports medians. A third row times our sampler on its generic path (Hugging Face's forward,
+taken when a hook is registered): what the lean decoders of GPT-2 and Llama-family models gain. The second part times one ``TextBandit-v0`` vector step over 64 envs
 (one reference forward + decoding + one reward call) against sampling those 64 responses, after
 one warm-up step, with the reference's keys and values of every prompt computed beforehand
 (``TextTask.cache_prompts``; a step otherwise computes them the first time it meets a prompt and
@@ -12,8 +13,14 @@ The third times one ``TextToken-v0`` vector step over 64 envs with the reference
 forward against the same env on Hugging Face's forward. All parts run under the same ``--threads``.
 
     python -m benchmarks.bench_sampling [--device cuda] [--repeats 9] [--threads 1]
+                                        [--model embedded-llama] [--size 10m]
 
-Writes ``benchmarks/results/sampling.json``.
+``--model embedded-llama`` runs the Llama twin of the embedded model (the sampler's lean Llama decoder,
+:mod:`rlhf_envs.lm.llama_decoding`, and the packed reference pass, :mod:`rlhf_envs.lm.hf_packed`);
+``--size 10m`` a seeded random model of about 10M parameters of the chosen architecture (the shapes of
+``benchmarks/bench_trainers.py --size 10m``). The TextToken part runs for GPT-2 only (it compares the
+lean GPT-2 reference with Hugging Face's). Writes ``benchmarks/results/sampling.json``
+(``sampling_llama.json``, ``sampling_10m.json``, ``sampling_10m_llama.json`` with those options).
 """
 
 from __future__ import annotations
@@ -36,8 +43,20 @@ import rlhf_envs  # noqa: F401  (registers the envs)
 from rlhf_envs.lm.sampling import SamplingConfig, generate
 
 
-def _model(device: str):
-    """The embedded default when it exists, else a GPT-2 of its size (4 layers, width 128, vocab 2048)."""
+def _model(device: str, name: str = "embedded", size: str = "small"):
+    """The embedded default when it exists, else a GPT-2 of its size (4 layers, width 128, vocab 2048);
+    ``embedded-llama``: the Llama twin; ``size="10m"``: a random model of about 10M parameters."""
+    if name != "embedded" or size != "small":
+        import tempfile
+
+        from benchmarks.bench_trainers import build_model
+        from rlhf_envs.lm.loading import load_causal_lm
+
+        arch = "gpt2" if name == "embedded" else "embedded-llama"
+        with tempfile.TemporaryDirectory() as tmp:
+            build_model(Path(tmp), "cpu", 0, arch, size)
+            model, tokenizer = load_causal_lm(tmp)
+        return model.to(device).eval(), tokenizer, f"{name} {size}" + (" (random)" if size != "small" else "")
     try:
         from rlhf_envs.lm.loading import load_causal_lm
 
@@ -114,12 +133,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampling.json"))
+    parser.add_argument("--model", choices=("embedded", "embedded-llama"), default="embedded")
+    parser.add_argument("--size", choices=("small", "10m"), default="small")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/sampling[_10m][_llama].json")
     args = parser.parse_args()
+    if args.out is None:
+        suffix = ("_10m" if args.size == "10m" else "") + ("_llama" if args.model == "embedded-llama" else "")
+        args.out = str(Path(__file__).parent / "results" / f"sampling{suffix}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    model, tokenizer, model_name = _model(device)
+    model, tokenizer, model_name = _model(device, args.model, args.size)
     from rlhf_envs.corpus import make_prompts
 
     prompts = make_prompts(args.batch, seed=0)
@@ -143,11 +167,20 @@ def main() -> None:
         is_eos = (new == eos).long()
         return int(((is_eos.cumsum(-1) - is_eos) == 0).sum())
 
-    times: dict[str, list[float]] = {"rlhf_envs.generate": [], "hf.generate": []}
-    tokens: dict[str, list[int]] = {"rlhf_envs.generate": [], "hf.generate": []}
-    ours(), hf()
+    def generic() -> int:
+        """Our sampler on its generic path (Hugging Face's forward): a no-op hook turns the lean decoders off."""
+        hook = model.register_forward_pre_hook(lambda module, inputs: None)
+        try:
+            return ours()
+        finally:
+            hook.remove()
+
+    samplers = (("rlhf_envs.generate", ours), ("rlhf_envs.generate generic", generic), ("hf.generate", hf))
+    times: dict[str, list[float]] = {name: [] for name, _ in samplers}
+    tokens: dict[str, list[int]] = {name: [] for name, _ in samplers}
+    ours(), generic(), hf()
     for _ in range(args.repeats):
-        for name, fn in (("rlhf_envs.generate", ours), ("hf.generate", hf)):
+        for name, fn in samplers:
             _sync(device)
             start = time.perf_counter()
             n = fn()
@@ -160,6 +193,7 @@ def main() -> None:
         rows[name] = {"median_s": median, "tokens": int(statistics.median(tokens[name])),
                       "tokens_per_s": statistics.median(tokens[name]) / median}
     speedup = rows["rlhf_envs.generate"]["tokens_per_s"] / rows["hf.generate"]["tokens_per_s"]
+    lean_over_generic = rows["rlhf_envs.generate generic"]["median_s"] / rows["rlhf_envs.generate"]["median_s"]
 
     warnings.simplefilter("ignore", RuntimeWarning)
     envs = gym.make_vec("TextBandit-v0", num_envs=args.batch, model=(model, tokenizer), prompts=prompts,
@@ -196,27 +230,32 @@ def main() -> None:
             prompt_ids = torch.as_tensor(obs, device=device)
             prompt_mask = prompt_ids != pad
     step_s, sample_s = statistics.median(step_times["seen"]), statistics.median(sample_times)
+    token_target = type(model).__name__ == "GPT2LMHeadModel"  # issue 23 asks <= 0.3 of sampling of the Llama twin
     cold_s = statistics.median(step_times["first_sight"])
 
     print(f"model: {model_name}; device {device}; batch {args.batch}; {args.new_tokens} new tokens; "
           f"T=0.9 top-k=50 top-p=0.95; median of {args.repeats}")
-    print(f"{'sampler':<22}{'median s':>10}{'tokens':>9}{'tokens/s':>12}")
+    print(f"{'sampler':<28}{'median s':>10}{'tokens':>9}{'tokens/s':>12}")
     for name, row in rows.items():
-        print(f"{name:<22}{row['median_s']:>10.4f}{row['tokens']:>9d}{row['tokens_per_s']:>12.0f}")
-    print(f"speed-up over HF generate: {speedup:.2f}x")
+        print(f"{name:<28}{row['median_s']:>10.4f}{row['tokens']:>9d}{row['tokens_per_s']:>12.0f}")
+    print(f"speed-up over HF generate: {speedup:.2f}x; the lean decoder over our generic path: "
+          f"{lean_over_generic:.2f}x")
     print(f"TextBandit vector step ({args.batch} envs): {step_s * 1e3:.1f} ms vs sampling {sample_s * 1e3:.1f} ms "
-          f"-> ratio {step_s / sample_s:.3f} (target <= 0.25; prompts the reference has seen before)")
+          f"-> ratio {step_s / sample_s:.3f} (target <= {0.25 if token_target else 0.3}; prompts the reference "
+          "has seen before)")
     print(f"  the same step on prompts the reference sees for the first time: {cold_s * 1e3:.1f} ms -> ratio "
           f"{cold_s / sample_s:.3f}")
-    token = _token_steps(model, tokenizer, prompts, args)
-    print(f"TextToken vector step ({args.batch} envs): {token['lean_median_s'] * 1e3:.2f} ms on the lean forward vs "
-          f"{token['hf_median_s'] * 1e3:.2f} ms on Hugging Face's -> {token['speedup']:.2f}x")
+    token = None
+    if type(model).__name__ == "GPT2LMHeadModel":
+        token = _token_steps(model, tokenizer, prompts, args)
+        print(f"TextToken vector step ({args.batch} envs): {token['lean_median_s'] * 1e3:.2f} ms on the lean forward vs "
+              f"{token['hf_median_s'] * 1e3:.2f} ms on Hugging Face's -> {token['speedup']:.2f}x")
     result = {
         "machine": machine_info(),
         "model": model_name, "device": device, "batch": args.batch, "max_new_tokens": args.new_tokens,
         "sampling": {"temperature": 0.9, "top_k": 50, "top_p": 0.95}, "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-        "samplers": rows, "speedup_vs_hf": speedup,
+        "samplers": rows, "speedup_vs_hf": speedup, "lean_decoder_over_generic_path": lean_over_generic,
         "bandit_step": {"num_envs": args.batch, "step_median_s": step_s, "sample_median_s": sample_s,
                         "step_over_sample": step_s / sample_s,
                         "reference_prompt_cache": task._ref_prompt_cache is not None,

@@ -31,6 +31,14 @@ every batch inside the loop.
 
     python -m benchmarks.bench_trainers [--quick] [--device cpu|cuda] [--repeats 3] [--threads 2] [--out PATH]
                                         [--data reviews|shakespeare] [--algorithms sft rm dpo]
+                                        [--model gpt2|embedded-llama] [--size small|10m]
+
+``--model embedded-llama`` trains the Llama-architecture twin of the embedded model
+(``rlhf_envs/assets/embedded-llama``: RMSNorm, rotary positions, grouped-query attention, SwiGLU), on
+the packed path through transformers' own forward (:mod:`rlhf_envs.lm.hf_packed`); ``--size 10m``
+takes a seeded random model of about 10M parameters of the chosen architecture instead (GPT-2: 6
+layers, width 384; Llama: 6 layers, width 384, 6 heads over 2 key/value heads, SwiGLU 1024), built from
+a config, untrained: a speedup that holds there is not an artefact of a tiny model.
 
 Writes ``benchmarks/results/trainers.json`` (``trainers_cuda.json`` with ``--device cuda``,
 ``trainers_shakespeare.json`` with ``--data shakespeare``; ``python -m benchmarks`` also runs it on two
@@ -69,6 +77,8 @@ SIDES = ("ours", "trl", "trl_shipped")
 TRL_VARIANTS = {"trl": "TRL matched", "trl_shipped": "TRL as shipped"}
 UNITS = {"sft": "samples/s", "rm": "pairs/s", "dpo": "pairs/s"}
 TARGETS = {"sft": 1.5, "rm": 1.5, "dpo": 4.0}
+MODEL_TARGETS = {("embedded-llama", "small"): 3.0, ("gpt2", "10m"): 2.5, ("embedded-llama", "10m"): 2.5}
+"""Issue 23's targets against TRL matched, the same for the three trainers: the Llama twin and the 10M models."""
 TRL_TRAINERS = {"sft": "SFTTrainer", "rm": "RewardTrainer", "dpo": "DPOTrainer"}
 TIMED = {
     "sft": "forward, loss on completion tokens, backward, clip, AdamW step, per batch",
@@ -93,28 +103,43 @@ class Settings:
     seed: int = 0
     bf16: bool = False
     """bf16 autocast on ours and on TRL matched (TRL as shipped has it on by default either way)."""
+    model: str = "gpt2"
+    """``gpt2`` or ``embedded-llama`` (see the module docstring)."""
+    size: str = "small"
+    """``small`` (the embedded model's size) or ``10m`` (about 10M parameters, random)."""
 
 
-def build_model(path: Path, device: str, seed: int = 0) -> int:
-    """Save a seeded random GPT-2 and the embedded tokenizer to ``path``; returns its parameter count.
+def build_model(path: Path, device: str, seed: int = 0, model: str = "gpt2", size: str = "small") -> int:
+    """Save the benchmark's model and the embedded tokenizer to ``path``; returns its parameter count.
 
-    CPU: 4 layers, width 128, 4 heads, no dropout (the embedded model's shape). CUDA: GPT-2 small's shape
-    (12 layers, width 768, 12 heads, its 50257-token embedding) over the same tokenizer.
+    ``gpt2``, small: a seeded random GPT-2 of 4 layers, width 128, 4 heads, no dropout (the embedded model's
+    shape) on CPU; GPT-2 small's shape (12 layers, width 768, 12 heads, its 50257-token embedding) on CUDA.
+    ``embedded-llama``, small: the embedded Llama twin's trained weights. ``10m``: a seeded random model of
+    about 10M parameters of either architecture (see the module docstring).
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from rlhf_envs.lm.loading import load_tokenizer
+    from rlhf_envs.lm.loading import load_causal_lm, load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(None)
-    shape = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024) if device == "cuda" else \
-        dict(n_layer=4, n_embd=128, n_head=4, vocab_size=len(tokenizer), n_positions=128)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    config = GPT2Config(**shape, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = GPT2LMHeadModel(config)
-    model.save_pretrained(path)
+    if model == "embedded-llama" and size == "small":
+        built = load_causal_lm(resolve_model_path("embedded-llama"))[0]
+    elif model == "embedded-llama":
+        built = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1024,
+                                             num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                                             max_position_embeddings=128, tie_word_embeddings=True, **special))
+    else:
+        shape = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024) if device == "cuda" else \
+            dict(n_layer=4, n_embd=128, n_head=4, vocab_size=len(tokenizer), n_positions=128)
+        if size == "10m":
+            shape = dict(n_layer=6, n_embd=384, n_head=6, vocab_size=len(tokenizer), n_positions=128)
+        built = GPT2LMHeadModel(GPT2Config(**shape, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special))
+    built.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in built.parameters())
 
 
 def preference_pairs(n: int, seed: int) -> list[dict[str, str]]:
@@ -197,7 +222,7 @@ def write_inputs(workdir: Path, settings: Settings, data: str = "reviews") -> di
     from rlhf_envs.corpus import make_demonstrations
 
     n = settings.steps * settings.batch_size
-    n_params = build_model(workdir / "model", settings.device, settings.seed)
+    n_params = build_model(workdir / "model", settings.device, settings.seed, settings.model, settings.size)
     demos, pairs = shakespeare_data(n, settings.seed) if data == "shakespeare" else \
         (make_demonstrations(n, settings.seed), preference_pairs(n, settings.seed))
     for name, rows in (("sft", demos), ("pairs", pairs)):
@@ -380,8 +405,15 @@ def main() -> None:
                              "../shared/data/tinyshakespeare.txt (about 94, near max length 128)")
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 autocast on ours and on TRL matched (as TRL ships; weights and optimizer stay float32)")
+    parser.add_argument("--model", choices=("gpt2", "embedded-llama"), default="gpt2",
+                        help="gpt2: a random GPT-2 of the embedded model's shape; embedded-llama: the Llama twin")
+    parser.add_argument("--size", choices=("small", "10m"), default="small",
+                        help="small: the embedded model's size; 10m: a random model of about 10M parameters")
     parser.add_argument("--out", default=None,
-                        help="results file (default benchmarks/results/trainers.json, trainers_cuda.json with --device cuda)")
+                        help="results file (default benchmarks/results/trainers.json, trainers_cuda.json with --device cuda; "
+                             "_llama and _10m added for --model embedded-llama and --size 10m)")
+    parser.add_argument("--no-shipped", action="store_true",
+                        help="leave out TRL as shipped (the targets are against TRL matched): a third less time")
     parser.add_argument("--worker", nargs=2, metavar=("ALGORITHM", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
@@ -394,51 +426,57 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device is visible to torch; run on a GPU machine or use --device cpu")
     steps = args.steps or (10 if args.quick else 40)
     repeats = args.repeats or (1 if args.quick else 3)
-    settings = Settings(steps=steps, threads=args.threads, device=args.device, bf16=args.bf16)
+    settings = Settings(steps=steps, threads=args.threads, device=args.device, bf16=args.bf16, model=args.model,
+                        size=args.size)
     memory_key = "cuda_max_allocated_mib" if args.device == "cuda" else "peak_rss_mib"
+    sides = SIDES[:2] if args.no_shipped else SIDES
+    targets = {a: MODEL_TARGETS.get((args.model, args.size), TARGETS[a]) for a in ALGORITHMS}
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         inputs = write_inputs(workdir, settings, args.data)
         for algorithm in args.algorithms:
-            runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+            runs: dict[str, list[dict]] = {side: [] for side in sides}
             for repeat in range(repeats):
-                for side in SIDES[repeat % len(SIDES):] + SIDES[:repeat % len(SIDES)]:
+                for side in sides[repeat % len(sides):] + sides[:repeat % len(sides)]:
                     runs[side].append(_spawn(algorithm, side, workdir, settings))
                     print(f"{algorithm} {side} run {repeat + 1}/{repeats}: {runs[side][-1]['per_second']:.1f} "
                           f"{UNITS[algorithm]}, {runs[side][-1][memory_key]:.0f} MiB", flush=True)
-            median = {side: {key: statistics.median(r[key] for r in runs[side]) for key in runs[side][0]} for side in SIDES}
-            best = {side: max(r["per_second"] for r in runs[side]) for side in SIDES}
+            median = {side: {key: statistics.median(r[key] for r in runs[side]) for key in runs[side][0]} for side in sides}
+            best = {side: max(r["per_second"] for r in runs[side]) for side in sides}
             versus = {}
-            for peer, label in TRL_VARIANTS.items():
+            for peer, label in ((peer, label) for peer, label in TRL_VARIANTS.items() if peer in sides):
                 speedup = median["ours"]["per_second"] / median[peer]["per_second"]
                 memory_ratio = median["ours"][memory_key] / median[peer][memory_key]
                 versus[peer] = {"label": label, "speedup": speedup,
                                 "speedup_paired_median": statistics.median(
                                     a["per_second"] / b["per_second"] for a, b in zip(runs["ours"], runs[peer])),
                                 "speedup_best": best["ours"] / best[peer], "memory_ratio": memory_ratio,
-                                "target_met": speedup >= TARGETS[algorithm] and memory_ratio <= 1.0}
+                                "target_met": speedup >= targets[algorithm] and memory_ratio <= 1.0}
             results[algorithm] = {"unit": UNITS[algorithm], "trl_trainer": TRL_TRAINERS[algorithm],
                                   "timed_region": TIMED[algorithm],
                                   "trl_shipped_differs_from_matched": shipped_differences(algorithm, settings),
                                   "median": median, "best_per_second": best, "runs": runs,
-                                  "target_speedup": TARGETS[algorithm], "versus": versus}
-            rows.append({"algorithm": algorithm, "unit": UNITS[algorithm], "ours": median["ours"]["per_second"],
-                         "TRL matched": median["trl"]["per_second"],
-                         "TRL as shipped": median["trl_shipped"]["per_second"],
-                         "ours/TRL matched": versus["trl"]["speedup"],
-                         "ours/TRL as shipped": versus["trl_shipped"]["speedup"],
-                         "paired matched": versus["trl"]["speedup_paired_median"],
-                         "paired shipped": versus["trl_shipped"]["speedup_paired_median"],
-                         "target": f">= {TARGETS[algorithm]}x", "ours MiB": median["ours"][memory_key],
-                         "matched MiB": median["trl"][memory_key], "shipped MiB": median["trl_shipped"][memory_key]})
+                                  "target_speedup": targets[algorithm], "versus": versus}
+            row = {"algorithm": algorithm, "unit": UNITS[algorithm], "ours": median["ours"]["per_second"],
+                   "TRL matched": median["trl"]["per_second"], "TRL as shipped": None, "ours/TRL matched": versus["trl"]["speedup"],
+                   "ours/TRL as shipped": None, "paired matched": versus["trl"]["speedup_paired_median"],
+                   "paired shipped": None, "target": f">= {targets[algorithm]}x", "ours MiB": median["ours"][memory_key],
+                   "matched MiB": median["trl"][memory_key], "shipped MiB": None}
+            if "trl_shipped" in sides:
+                row.update({"TRL as shipped": median["trl_shipped"]["per_second"],
+                            "ours/TRL as shipped": versus["trl_shipped"]["speedup"],
+                            "paired shipped": versus["trl_shipped"]["speedup_paired_median"],
+                            "shipped MiB": median["trl_shipped"][memory_key]})
+            rows.append({key: value for key, value in row.items() if value is not None})
     import trl
 
-    print_table(f"Training throughput, ours vs TRL {trl.__version__} ({args.device}, {args.data} data"
+    print_table(f"Training throughput, ours vs TRL {trl.__version__} ({args.model} {args.size}, {args.device}, {args.data} data"
                 f"{', bf16 autocast' if args.bf16 else ''}, {steps} steps of "
                 f"{settings.batch_size}, median of {repeats})", rows)
     default = "trainers" + ("_shakespeare" if args.data == "shakespeare" else "") + ("_bf16" if args.bf16 else "") + \
-        ("_cuda" if args.device == "cuda" else "")
+        ("_cuda" if args.device == "cuda" else "") + ("_10m" if args.size == "10m" else "") + \
+        ("_llama" if args.model == "embedded-llama" else "")
     out = Path(args.out) if args.out else RESULTS_DIR / f"{default}.json"
     write_json(out.stem, {
         "command": "python -m benchmarks.bench_trainers " + " ".join(sys.argv[1:]),

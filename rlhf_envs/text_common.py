@@ -23,9 +23,12 @@ from gymnasium.error import InvalidAction
 from rlhf_envs.lm.chat import check_conversation, encode_prompt, is_conversation, prompt_text
 from rlhf_envs.lm.gpt2 import GPT2View, ViewCache
 from rlhf_envs.lm.decoding import PromptKVCache
+from rlhf_envs.lm.hf_prompt_cache import HFPromptCache
 from rlhf_envs.kl import check_env_estimator, check_exact_kl, make_kl_controller, truncates
 from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
+from rlhf_envs.lm.views import packed_view
+from rlhf_envs.lm.views import response_hidden as packed_response_hidden
 from rlhf_envs.validation import check_number
 
 __all__ = ["PROMPT_CACHE_BYTES", "AdaptersOff", "TextTask", "attention_mask_from_obs", "context_length", "object_array",
@@ -162,6 +165,7 @@ class TextTask:
         self._warned_uniform = False
         self._ref_prompt_cache: PromptKVCache | None = None
         self._ref_view = ViewCache(self.ref_model)
+        self._ref_hf_prompt_cache: HFPromptCache | None = None
         self._backend_decode = _decodes_with_backend(self.tokenizer)
 
     @property
@@ -306,13 +310,15 @@ class TextTask:
         Temperature as the policy's, no top-k/top-p, so every token has a finite log-prob. Entries
         outside ``response_mask`` are 0. The forward stops at the longest response in the batch and
         computes logits only where a response token is predicted. A ``GPT2LMHeadModel`` runs through
-        :meth:`rlhf_envs.lm.gpt2.GPT2View.packed_hidden` (padding skipped in the per-token work).
+        :meth:`rlhf_envs.lm.gpt2.GPT2View.packed_hidden` (padding skipped in the per-token work), a
+        Llama-family model through its packed forward (:func:`rlhf_envs.lm.views.packed_view`).
         """
         width = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
         ids, mask = response_ids[:, :width], response_mask[:, :width]
         view = self.reference_view()
+        packed = packed_view(self.ref_model) if view is None else None
         ref = torch.zeros(response_ids.shape, device=response_ids.device)
-        if view is None:
+        if view is None and packed is None:
             input_ids = torch.cat([self.prompt_ids[prompt_index], ids], dim=1)
             full_mask = torch.cat([self.prompt_mask[prompt_index], mask], dim=1)
             positions = positions_from_mask(full_mask)
@@ -321,8 +327,10 @@ class TextTask:
             ref_full = processed_logprobs(logits, self.ref_sampling).masked_fill_(~mask[..., None], 0.0)
             ref[:, :width] = ref_full.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         else:
-            ref_picked = processed_logprobs(view.logits(self._ref_hidden(view, prompt_index, ids, mask)).float(),
-                                            self.ref_sampling, overwrite=True)
+            hidden = self._ref_hidden(view, prompt_index, ids, mask) if packed is None else \
+                self._packed_ref_hidden(packed, prompt_index, ids, mask)
+            logits = (view if packed is None else packed).logits(hidden).float()
+            ref_picked = processed_logprobs(logits, self.ref_sampling, overwrite=True)
             ref[:, :width][mask] = ref_picked.gather(-1, ids[mask].unsqueeze(-1)).squeeze(-1)
             if full:
                 ref_full = ref_picked.new_zeros(mask.shape + ref_picked.shape[-1:])
@@ -379,6 +387,23 @@ class TextTask:
             hidden[:, 1:][predicts] = view.packed_hidden(ids[:, :-1], predicts, positions, predicts,
                                                          (kv, prompt_index, prompt_mask))
         return hidden[mask]
+
+    def _packed_ref_hidden(self, view: Any, prompt_index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                           ) -> torch.Tensor:
+        """:meth:`_ref_hidden` for a Llama-family reference (:class:`rlhf_envs.lm.hf_packed.HFPackedView`): prompts
+        from :class:`rlhf_envs.lm.hf_prompt_cache.HFPromptCache` while the table fits in ``PROMPT_CACHE_BYTES``
+        (and no sliding window is shorter than a row), else prompt and response in one packed forward."""
+        config = view.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        nbytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4 * int(self.prompt_mask.sum())
+        window = view.sliding_window
+        if self._ref_hf_prompt_cache is None and nbytes <= PROMPT_CACHE_BYTES and \
+                (window is None or self.prompt_ids.shape[1] + self.max_new_tokens <= window):
+            self._ref_hf_prompt_cache = HFPromptCache(self.prompt_ids, self.prompt_mask)
+        if self._ref_hf_prompt_cache is None:
+            prompt_ids, prompt_mask = self.prompt_ids[prompt_index], self.prompt_mask[prompt_index]
+            return packed_response_hidden(view, prompt_ids, prompt_mask, ids, mask)
+        return self._ref_hf_prompt_cache.hidden(view, prompt_index, ids, mask)
 
     def kl_per_token(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
                      full_logprobs: torch.Tensor | None = None, full_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:

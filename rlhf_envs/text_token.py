@@ -14,7 +14,7 @@ from gymnasium.vector.utils import batch_space
 
 from rlhf_envs.lm.decoding import GPT2Decoder
 from rlhf_envs.lm.segments import additive_mask
-from rlhf_envs.lm.sampling import preallocated_cache, prefill, processed_logprobs
+from rlhf_envs.lm.sampling import cache_keyword, preallocated_cache, prefill, processed_logprobs
 from rlhf_envs.compat import renamed_fields
 from rlhf_envs.text_common import TextTask, object_array, pick_prompt, vector_info, vector_task
 
@@ -168,7 +168,7 @@ class _TokenEpisodes:
                 input_ids=tokens[:, None],
                 attention_mask=additive_mask(self.keep[:, None, None, : length + 1], next(self.task.ref_model.parameters()).dtype),
                 position_ids=self.next_position[:, None],
-                past_key_values=self.cache,
+                **{cache_keyword(self.task.ref_model): self.cache},
                 use_cache=True,
             ).logits[:, -1]
         self.next_position += 1

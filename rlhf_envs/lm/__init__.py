@@ -1,7 +1,9 @@
 """Model-level code that the envs and the trainers share.
 
 - :mod:`~rlhf_envs.lm.loading`: offline loading of causal LMs and tokenizers, the embedded default.
+- :mod:`~rlhf_envs.lm.views`: which packed forward a model takes (:func:`packed_view`), one dispatch for all callers.
 - :mod:`~rlhf_envs.lm.gpt2`: the lean GPT-2 forward over a Hugging Face model's own weights.
+- :mod:`~rlhf_envs.lm.hf_packed`: the packed forward of Llama-family models, through transformers' own forward.
 - :mod:`~rlhf_envs.lm.segments`: packed attention layouts and their masks.
 - :mod:`~rlhf_envs.lm.decoding`: the prompt key/value table and the KV-cached decoder.
 - :mod:`~rlhf_envs.lm.kernels`: GPT-2's tanh-GELU, written for CPU speed.
@@ -19,10 +21,16 @@ from typing import Any
 
 _EXPORTS = {
     "EMBEDDED_MODEL_DIR": "loading",
+    "EMBEDDED_LLAMA_DIR": "loading",
+    "EMBEDDED_MODELS": "loading",
+    "resolve_model_path": "loading",
     "check_remote_code": "loading",
     "load_causal_lm": "loading",
     "load_tokenizer": "loading",
     "GPT2View": "gpt2",
+    "HFPackedView": "hf_packed",
+    "PackedForward": "views",
+    "packed_view": "views",
     "gpt2_view": "gpt2",
     "SamplingConfig": "sampling",
     "generate": "sampling",

@@ -1,7 +1,10 @@
-"""Build the embedded default model: a byte-level BPE tokenizer and a small GPT-2.
+"""Build the embedded default model: a byte-level BPE tokenizer and a small GPT-2 (or its Llama twin).
 
 Run ``python -m rlhf_envs.lm.build_embedded`` to regenerate ``rlhf_envs/assets/embedded``
-from scratch (nothing is downloaded). The corpus is the project's own synthetic
+from scratch (nothing is downloaded); ``--arch llama`` builds ``rlhf_envs/assets/embedded-llama``,
+a Llama-architecture model (RMSNorm, rotary positions, grouped-query attention, SwiGLU) of about the
+same size on the same corpus, with the same tokenizer (the BPE training is deterministic); the committed
+twin was built with ``--arch llama --max-steps 2400``. The corpus is the project's own synthetic
 reviews (:mod:`rlhf_envs.corpus`), or, with ``--corpus shakespeare --data PATH``,
 short passages of a plain-text file such as tinyshakespeare.
 
@@ -31,7 +34,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
+                          PreTrainedTokenizerFast)
 
 from rlhf_envs.corpus import make_reviews
 from rlhf_envs.lm.chat import EMBEDDED_CHAT_TEMPLATE
@@ -40,13 +44,16 @@ from rlhf_envs.validation import check_config_fields
 BOS_EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "embedded"
+ARCH_OUT = {"gpt2": DEFAULT_OUT, "llama": DEFAULT_OUT.with_name("embedded-llama")}
 
 
 @dataclass
 class BuildConfig:
     """Everything that determines the embedded tokenizer and model."""
 
-    out: Path = field(default=DEFAULT_OUT, metadata={"help": "output directory (replaced atomically)"})
+    out: Path | None = field(default=None, metadata={"help": "output directory (replaced atomically); default "
+                                                       "rlhf_envs/assets/embedded, or embedded-llama with --arch llama"})
+    arch: str = field(default="gpt2", metadata={"help": "'gpt2' (the default model) or 'llama' (its Llama twin)"})
     seed: int = field(default=0, metadata={"help": "seed for the corpus, the init and the batch order"})
     corpus: str = field(default="reviews", metadata={"help": "'reviews' (synthetic) or 'shakespeare'"})
     data: Path | None = field(default=None, metadata={"help": "plain-text file for --corpus shakespeare"})
@@ -55,6 +62,10 @@ class BuildConfig:
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     n_embd: int = field(default=128, metadata={"help": "hidden width"})
     n_head: int = field(default=4, metadata={"help": "attention heads (must divide n_embd)"})
+    n_kv_head: int = field(default=2, metadata={"help": "llama only: key/value heads (grouped-query attention; "
+                                                 "must divide n_head)"})
+    intermediate_size: int = field(default=384, metadata={"help": "llama only: SwiGLU width (the twin then has "
+                                                          "about the GPT-2's parameter count)"})
     n_positions: int = field(default=128, metadata={"help": "context length in tokens"})
     batch_size: int = field(default=64, metadata={"help": "texts per optimizer step"})
     max_steps: int = field(default=3000, metadata={"help": "optimizer steps"})
@@ -68,7 +79,11 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         check_config_fields(self)
-        self.out = Path(self.out)
+        if self.arch not in ARCH_OUT:
+            raise ValueError(f"arch={self.arch!r}; expected one of {sorted(ARCH_OUT)}.")
+        self.out = Path(self.out) if self.out is not None else ARCH_OUT[self.arch]
+        if self.arch == "llama" and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ValueError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}; pick a divisor.")
         if self.corpus not in ("reviews", "shakespeare"):
             raise ValueError(f"corpus={self.corpus!r}; expected 'reviews' or 'shakespeare'.")
         if self.corpus == "shakespeare":
@@ -170,16 +185,26 @@ def lr_at(step: int, config: BuildConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def train_model(rows: list[list[int]], tokenizer: PreTrainedTokenizerFast,
-                config: BuildConfig) -> tuple[GPT2LMHeadModel, dict]:
-    """Train a GPT-2 on ``rows`` with AdamW; returns the model and training statistics."""
-    torch.manual_seed(config.seed)
-    model_config = GPT2Config(
+def new_model(tokenizer: PreTrainedTokenizerFast, config: BuildConfig) -> PreTrainedModel:
+    """A freshly initialised GPT-2 or Llama (``config.arch``), tied embeddings, no dropout."""
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    if config.arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=config.n_positions, hidden_size=config.n_embd,
+            intermediate_size=config.intermediate_size, num_hidden_layers=config.n_layer,
+            num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head, tie_word_embeddings=True,
+            attention_dropout=0.0, **special))
+    return GPT2LMHeadModel(GPT2Config(
         vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(model_config)
+        n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special))
+
+
+def train_model(rows: list[list[int]], tokenizer: PreTrainedTokenizerFast,
+                config: BuildConfig) -> tuple[PreTrainedModel, dict]:
+    """Train a GPT-2 or Llama on ``rows`` with AdamW; returns the model and training statistics."""
+    torch.manual_seed(config.seed)
+    model = new_model(tokenizer, config)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -216,7 +241,7 @@ def train_model(rows: list[list[int]], tokenizer: PreTrainedTokenizerFast,
 
 
 @torch.no_grad()
-def eval_loss(model: GPT2LMHeadModel, rows: list[list[int]], pad_id: int, batch_size: int = 256) -> float:
+def eval_loss(model: PreTrainedModel, rows: list[list[int]], pad_id: int, batch_size: int = 256) -> float:
     """Mean next-token cross-entropy (nats per token) over ``rows``."""
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
@@ -255,7 +280,7 @@ def build(config: BuildConfig) -> dict:
     return info
 
 
-def write_atomically(out: Path, model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast,
+def write_atomically(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
                      info: dict, start: float) -> None:
     """Save into a temporary sibling directory, then swap it in place of ``out``."""
     out = out.resolve()

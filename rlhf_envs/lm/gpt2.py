@@ -241,6 +241,9 @@ class GPT2View:
     ``H`` heads of ``hd = D / H``, ``V`` vocabulary.
     """
 
+    path = "gpt2"
+    """Its name in :func:`rlhf_envs.lm.views.forward_path`."""
+
     def __init__(self, model: torch.nn.Module):
         config, body = model.config, model.transformer
         self.n_head = config.n_head

@@ -2,7 +2,11 @@
 
 ``load_causal_lm(None)`` returns the embedded default (a small GPT-2 trained on the
 project's synthetic reviews by :mod:`rlhf_envs.lm.build_embedded`); any local Hugging Face
-causal-LM directory works in its place. Nothing is ever fetched from the Hub
+causal-LM directory works in its place. Two names are reserved for the shipped models
+(:data:`EMBEDDED_MODELS`): ``"embedded"`` (the default) and ``"embedded-llama"``, its
+Llama-architecture twin (same tokenizer and corpus, about the same size; built with
+``python -m rlhf_envs.lm.build_embedded --arch llama``). A local directory of either name is
+reached as ``./embedded-llama``. Nothing is ever fetched from the Hub
 (``local_files_only=True``), and each way a directory can be unusable raises an
 error that says what is wrong and how to fix it.
 
@@ -25,6 +29,9 @@ from transformers.models.auto.modeling_auto import (
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 EMBEDDED_MODEL_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "embedded"
+EMBEDDED_LLAMA_DIR: Path = EMBEDDED_MODEL_DIR.with_name("embedded-llama")
+EMBEDDED_MODELS: dict[str, Path] = {"embedded": EMBEDDED_MODEL_DIR, "embedded-llama": EMBEDDED_LLAMA_DIR}
+"""The names ``--model-path`` (and every ``path`` argument here) accepts for the models the package ships."""
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -33,12 +40,23 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vo
 _CAUSAL_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The directory ``path`` names: ``None`` or ``"embedded"`` is the embedded default, ``"embedded-llama"``
+    its Llama twin (:data:`EMBEDDED_MODELS`), anything else a local directory."""
+    if path is None:
+        return EMBEDDED_MODEL_DIR
+    if isinstance(path, str) and path in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[path]
+    return Path(path).expanduser()
+
+
 def _model_dir(path: str | Path | None) -> Path:
-    """The directory to load from; ``None`` is the embedded default."""
-    directory = EMBEDDED_MODEL_DIR if path is None else Path(path).expanduser()
+    """The directory to load from; ``None`` is the embedded default (see :func:`resolve_model_path`)."""
+    directory = resolve_model_path(path)
     if not directory.is_dir():
-        hint = (" The embedded model is missing: rebuild it with `python -m rlhf_envs.lm.build_embedded`."
-                if path is None else "")
+        arch = " --arch llama" if directory == EMBEDDED_LLAMA_DIR else ""
+        hint = (f" The embedded model is missing: rebuild it with `python -m rlhf_envs.lm.build_embedded{arch}`."
+                if directory in EMBEDDED_MODELS.values() else "")
         raise FileNotFoundError(
             f"Model directory {str(directory)!r} does not exist.{hint} Pass a local Hugging Face "
             "model directory (with config.json, weights and tokenizer files), or None for the "

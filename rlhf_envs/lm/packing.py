@@ -14,7 +14,9 @@ is exact and the padding is never attended to. On CPU, short sequences instead s
 (:class:`Segments`: a block-diagonal causal mask keeps them apart, and attention runs as two
 matmuls), which cuts the padding and the per-row overhead. The per-token work (layer norms,
 projections, MLP) runs on the ``N`` packed tokens only, and the LM head on each distinct token that
-predicts a target, through :meth:`rlhf_envs.lm.gpt2.GPT2View.packed_forward`.
+predicts a target, through the model's packed forward (:mod:`rlhf_envs.lm.views`): the lean GPT-2
+forward (:meth:`rlhf_envs.lm.gpt2.GPT2View.packed_forward`) or, for Llama-family models, transformers'
+own forward on the packed tokens (:class:`rlhf_envs.lm.hf_packed.HFPackedView`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 import torch
 
-from rlhf_envs.lm.gpt2 import GPT2View
+from rlhf_envs.lm.views import PackedForward
 from rlhf_envs.lm.segments import SegmentLayout, additive_mask, within
 
 __all__ = ["PackedBatch", "pack_sequences"]
@@ -139,24 +141,28 @@ class PackedBatch:
                 Segments(*(t.to(device) for t in (segments.gather, segments.owner, segments.allowed)))
         return replace(self, **move, segments=segments)
 
-    def hidden(self, view: GPT2View, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states before ``ln_f`` (differentiable) from :meth:`GPT2View.packed_forward`: ``[N, D]``,
-        or ``[K, D]`` at the packed indices ``keep`` (the last layer then runs only there after attention).
+    def hidden(self, view: PackedForward, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (differentiable; in the view's convention, see :class:`rlhf_envs.lm.views.PackedForward`)
+        from ``view.packed_forward``: ``[N, D]``, or ``[K, D]`` at the packed indices ``keep`` (the lean GPT-2
+        forward then runs the last layer only there after attention).
 
         On CPU, when the attention probabilities stay under ``SEGMENT_ATTENTION_BYTES`` per layer (and,
         without gradients, rows are at most ``SEGMENT_INFERENCE_WIDTH`` wide), attention runs on the
         :class:`Segments` layout as two matmuls; otherwise (and on GPUs, where SDPA's fused kernels
-        win) on one causal row per sequence through SDPA. Both are exact.
+        win) on one causal row per sequence through SDPA. Both are exact. A view with a sliding window
+        narrower than the shared rows takes the causal rows.
         """
         seg = self.segments
-        if seg is not None and self.tokens.device.type == "cpu" and \
+        window = getattr(view, "sliding_window", None)
+        fits = seg is not None and (window is None or seg.allowed.shape[-1] <= window)
+        if fits and self.tokens.device.type == "cpu" and \
                 view.n_head * seg.allowed.numel() * 4 <= SEGMENT_ATTENTION_BYTES and \
                 (torch.is_grad_enabled() or seg.allowed.shape[-1] <= SEGMENT_INFERENCE_WIDTH):
             return view.packed_forward(self.tokens, self.positions, seg.gather, seg.owner, seg.rows, keep,
                                        additive_mask(seg.allowed, view.dtype))
         return view.packed_forward(self.tokens, self.positions, self.gather, self.owner, len(self.sequences), keep)
 
-    def target_logits(self, view: GPT2View, predictor: torch.Tensor) -> torch.Tensor:
+    def target_logits(self, view: PackedForward, predictor: torch.Tensor) -> torch.Tensor:
         """float32 logits ``[M, V]`` at the ``predictor`` indices of :meth:`targets` (the LM head runs there only)."""
         return view.logits(self.hidden(view, predictor)).float()
 
@@ -169,7 +175,7 @@ class PackedBatch:
         distinct, row = np.unique(predictor.numpy(), return_inverse=True)
         return torch.from_numpy(distinct), torch.from_numpy(row.reshape(-1)), target_ids, sequence
 
-    def sequence_logps(self, view: GPT2View, predictor: torch.Tensor, row: torch.Tensor, target_ids: torch.Tensor,
+    def sequence_logps(self, view: PackedForward, predictor: torch.Tensor, row: torch.Tensor, target_ids: torch.Tensor,
                        sequence: torch.Tensor) -> torch.Tensor:
         """``[S]`` float32: each sequence's summed log-prob of its targets (from :meth:`distinct_targets`)."""
         logits = self.target_logits(view, predictor)

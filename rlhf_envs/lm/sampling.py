@@ -19,6 +19,8 @@ and at least one token always is.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -27,10 +29,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 from rlhf_envs.lm.segments import additive_mask
 from rlhf_envs.lm.gpt2 import gpt2_view
 from rlhf_envs.lm.decoding import GPT2Decoder
+from rlhf_envs.lm.llama_decoding import LlamaDecoder, llama_decoder_weights
+from rlhf_envs.lm.views import announce
 from rlhf_envs.validation import check_config_fields
 
 __all__ = [
     "BufferedKVLayer",
+    "cache_keyword",
     "Generation",
     "SamplingConfig",
     "generate",
@@ -177,6 +182,18 @@ class BufferedKVLayer(DynamicLayer):
         return self.length
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(forward_type: type) -> str:
+    parameters = inspect.signature(forward_type.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name ``model``'s forward takes its KV cache under: ``cache`` (transformers 5.2x on, where
+    ``past_key_values`` is deprecated with a FutureWarning) or ``past_key_values`` (earlier 5.x)."""
+    return _cache_keyword(type(model))
+
+
 def preallocated_cache(model: torch.nn.Module, max_len: int) -> Cache:
     """A KV cache of :class:`BufferedKVLayer` (one per decoder layer) holding up to ``max_len`` positions."""
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
@@ -196,8 +213,8 @@ def prefill(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch
         input_ids=prompt_ids,
         attention_mask=additive_mask(prompt_keep.unsqueeze(1), _model_dtype(model)),
         position_ids=positions_from_mask(keep),
-        past_key_values=cache,
         use_cache=True,
+        **{cache_keyword(model): cache},
         logits_to_keep=1,
     )
     return out.logits[:, -1]
@@ -221,7 +238,7 @@ def generate(
 
     Args:
         model: a Hugging Face causal LM (``model(input_ids, attention_mask, position_ids,
-            past_key_values, use_cache) -> .logits``).
+            cache, use_cache) -> .logits``).
         prompt_ids: ``[B, P]`` int64, left-padded.
         prompt_mask: ``[B, P]`` bool/int, True on real prompt tokens.
         cfg: decoding settings.
@@ -233,7 +250,8 @@ def generate(
     cache (no per-step concatenation; attention reads only the filled part), with explicit position ids and a prebuilt
     4D attention mask updated in place (so the model does no mask bookkeeping). A ``GPT2LMHeadModel`` in eval
     mode without hooks runs through the lean forward of :mod:`rlhf_envs.lm.gpt2` (same parameters, same
-    logits, a fraction of Hugging Face's per-op overhead); any other model through its own forward.
+    logits, a fraction of Hugging Face's per-op overhead), a Llama, Mistral or Qwen2 through
+    :mod:`rlhf_envs.lm.llama_decoding`; any other model through its own forward.
     Runs under ``torch.inference_mode``; the returned tensors are ordinary (usable with autograd).
     """
     with torch.inference_mode():
@@ -264,8 +282,8 @@ class _HFDecoder:
             input_ids=tokens[:, None],
             attention_mask=self.step_mask[:, :, :, : self.filled],
             position_ids=self.next_position,
-            past_key_values=self.cache,
             use_cache=True,
+            **{cache_keyword(self.model): self.cache},
         )
         self.next_position += 1
         return out.logits[:, -1]
@@ -292,10 +310,15 @@ def _generate(
     batch = prompt_ids.shape[0]
     steps = cfg.max_new_tokens
     view = gpt2_view(model)
-    if view is None:
-        decoder = _HFDecoder(model, prompt_ids, prompt_mask, steps)
-    else:
+    llama = llama_decoder_weights(model, prompt_ids.shape[1] + steps) if view is None else None
+    if view is not None:
         decoder = GPT2Decoder(view, prompt_ids, prompt_mask, steps)
+    elif llama is not None:
+        decoder = LlamaDecoder(llama, prompt_ids, prompt_mask, steps)
+    else:
+        decoder = _HFDecoder(model, prompt_ids, prompt_mask, steps)
+    announce(model, "sampler: " + ("lean GPT-2" if view is not None else "lean Llama" if llama is not None else
+                                   "Hugging Face forward"), fallback=view is None and llama is None)
     logits = decoder.prefill()
 
     response_ids = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)
