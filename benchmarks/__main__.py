@@ -36,6 +36,14 @@ SCRIPTS = {
     "trainers_shakespeare_bf16": ["benchmarks.bench_trainers", "--data", "shakespeare", "--algorithms", "dpo", "--bf16"],
     "lora": ["benchmarks.bench_lora"],
     "data_parallel": ["benchmarks.bench_data_parallel"],
+    "trainers_llama": ["benchmarks.bench_trainers", "--model", "embedded-llama", "--no-shipped",
+                       "--out", str(RESULTS_DIR / "trainers_llama.json")],
+    "trainers_10m": ["benchmarks.bench_trainers", "--size", "10m", "--steps", "6", "--no-shipped",
+                     "--out", str(RESULTS_DIR / "trainers_10m.json")],
+    "trainers_10m_llama": ["benchmarks.bench_trainers", "--model", "embedded-llama", "--size", "10m", "--steps", "6",
+                           "--no-shipped", "--out", str(RESULTS_DIR / "trainers_10m_llama.json")],
+    "sampling_llama": ["benchmarks.bench_sampling", "--model", "embedded-llama", "--threads", "1", "--repeats", "7",
+                       "--out", str(RESULTS_DIR / "sampling_llama.json")],
     "reliability": ["benchmarks.bench_reliability"],
     "dialogue": ["benchmarks.bench_dialogue"],
     "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
@@ -77,10 +85,12 @@ def sections() -> dict[str, str]:
             perf.append(f"| PPO wall time to 95% of optimum on `{row['env']}` (median of {row['seeds']} seeds; "
                         f"reached {row['seeds_reached_ours']}/{row['seeds']} vs {row['seeds_reached_sb3']}/{row['seeds']}) vs SB3 PPO, same hyper-parameters | "
                         f"{_f(row['ours_median_s'])} s | {_f(row['sb3_median_s'])} s | {_f(row['wall_ratio_ours_over_sb3'])}x the time | {_when(d)} | bench_catgrid |")
-    for name in ("sampling", "sampling_2threads"):
+    for name in ("sampling", "sampling_2threads", "sampling_llama"):
         if (d := _load(name)) is None:
             continue
         s, threads = d["samplers"], f"{d['torch_threads']} thread{'s' if d['torch_threads'] > 1 else ''}"
+        if "llama" in str(d.get("model", "")):
+            threads += "; Llama twin"
         perf.append(f"| sampler tokens/s vs HF `generate` (batch {d['batch']}, {d['max_new_tokens']} new tokens, T={d['sampling']['temperature']}, "
                     f"top-k {d['sampling']['top_k']}, top-p {d['sampling']['top_p']}; {threads}) | {_f(s['rlhf_envs.generate']['tokens_per_s'], 0)} | "
                     f"{_f(s['hf.generate']['tokens_per_s'], 0)} | {_f(d['speedup_vs_hf'])}x | {_when(d)} | bench_sampling |")
@@ -95,11 +105,13 @@ def sections() -> dict[str, str]:
         if (t := d.get("token_step")) is not None:
             perf.append(f"| `TextToken` vector step, {t['num_envs']} envs: reference on our lean GPT-2 forward vs Hugging Face's forward "
                         f"({threads}) | {_f(t['lean_median_s'] * 1000)} ms | {_f(t['hf_median_s'] * 1000)} ms | {_f(t['speedup'])}x | {_when(d)} | bench_sampling |")
-    for file in ("trainers", "trainers_2threads", "trainers_shakespeare", "trainers_shakespeare_bf16"):
+    for file in ("trainers", "trainers_2threads", "trainers_shakespeare", "trainers_shakespeare_bf16", "trainers_llama",
+                 "trainers_10m", "trainers_10m_llama"):
         if (d := _load(file)) is None:
             continue
         for name, r in d["results"].items():
             threads = f"{d['settings']['threads']} thread{'s' if d['settings']['threads'] > 1 else ''}"
+            threads += _model_label(d)
             if d.get("data") == "shakespeare":
                 tokens = d["mean_tokens_per_sequence_" + ("sft" if name == "sft" else "pairs")]
                 threads += f"; long Shakespeare sequences, {tokens:.0f} tokens on average"
@@ -201,13 +213,14 @@ def _frontier_table(d: dict) -> str:
 
 
 def _catgrid_8x8_table(d: dict) -> str:
-    """Steps (and wall time) to 95% of the exact optimum on the 8x8 maps, ours and SB3's PPO with one budget."""
-    rows = ["| map | seed | our PPO: steps to 95% of optimum (wall) | SB3 PPO, same settings | budget | measured on |",
-            "|---|---|---|---|---|---|"]
-    for r in d["ppo_8x8_runs"]:
-        ours = f"{r['ours_steps']:,} ({r['ours_seconds']:.0f} s)" if r.get("ours_steps") else "not reached"
-        sb3 = f"{r['sb3_steps']:,} ({r['sb3_seconds']:.0f} s)" if r.get("sb3_steps") else "not reached"
-        rows.append(f"| `{r['env']}` | {r['seed']} | {ours} | {sb3} | {d['ppo_8x8_budget']:,} steps | {_when(d)} |")
+    """Per 8x8 map: steps to 95% of the exact optimum on each seed, ours and SB3's PPO with one budget."""
+    rows = ["| map | our PPO: steps to 95% of optimum, per seed (wall) | SB3 PPO, same settings | budget | measured on |",
+            "|---|---|---|---|---|"]
+    for env in dict.fromkeys(r["env"] for r in d["ppo_8x8_runs"]):
+        runs = [r for r in d["ppo_8x8_runs"] if r["env"] == env]
+        cell = {side: ", ".join(f"{r[side + '_steps'] / 1e6:.2f}M ({r[side + '_seconds']:.0f} s)" if r.get(side + "_steps")
+                                else "not reached" for r in runs) for side in ("ours", "sb3")}
+        rows.append(f"| `{env}` | {cell['ours']} | {cell['sb3']} | {d['ppo_8x8_budget'] / 1e6:g}M steps | {_when(d)} |")
     return "\n".join(rows)
 
 
@@ -248,9 +261,22 @@ def _kl_table(kl: dict) -> str:
     return "\n".join(rows)
 
 
+def _model_label(d: dict) -> str:
+    """'' for the embedded GPT-2; else which model a trainer benchmark ran (the Llama twin, a 10M model)."""
+    model, size = d["settings"].get("model", "gpt2"), d["settings"].get("size", "small")
+    if model in ("gpt2", "embedded") and size == "small":
+        return ""
+    name = "Llama twin" if "llama" in model else "GPT-2"
+    if size != "small":
+        name = f"{d['n_parameters'] / 1e6:.0f}M-param {'Llama' if 'llama' in model else 'GPT-2'}, {d['settings']['steps']} steps"
+    return f"; {name}"
+
+
 def _headline(row: str) -> bool:
-    """The rows the README shows: one thread, the embedded corpus, float32 (the rest are in benchmarks/README.md)."""
-    return not any(word in row for word in ("2 threads", "Shakespeare", "bf16 autocast", "as shipped"))
+    """The rows the README shows: one thread, float32, against a peer (the rest are in benchmarks/README.md)."""
+    if any(word in row for word in ("2 threads", "Shakespeare", "bf16 autocast", "as shipped", "for the first time")):
+        return False
+    return any(word in row for word in ("vs Gymnasium", "vs SB3 PPO", "vs HF `generate`", "scoring step", "vs TRL"))
 
 
 def tables() -> str:
