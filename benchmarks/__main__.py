@@ -167,7 +167,7 @@ def sections() -> dict[str, str]:
     if (d := _load("reliability")) is not None:
         out["reliability"] = "\n".join([
             "| figure | value |", "|---|---|",
-            f"| bad inputs tried (one parametrised table), rejected with a clear error and no state change | {d['bad_inputs_rejected_correctly']} / {d['bad_inputs_tried']} |",
+            f"| bad inputs (one parametrised table) rejected with a clear error and no state change | {d['bad_inputs_rejected_correctly']} / {d['bad_inputs_tried']} |",
             f"| Hypothesis examples (random maps, seeds, actions, hand-overs through every env) | {d['hypothesis_examples']} in {d['hypothesis_tests']} properties |",
             f"| SIGKILL crash points survived (resumed run equal to an uninterrupted one) | {d['crash_points_survived']} |",
             f"| runs compared bit for bit | {d['runs_compared_bit_for_bit']} |",
