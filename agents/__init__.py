@@ -7,6 +7,7 @@ One flat module per algorithm, each with one config dataclass and one ``train_*`
 - :mod:`agents.reward_model`: Bradley-Terry reward model (:class:`RewardModelConfig`, :func:`train_reward_model`);
 - :mod:`agents.lm_ppo`: RLHF PPO for language models (:class:`LMPPOConfig`, :func:`train_lm_ppo`);
 - :mod:`agents.dpo`: DPO, IPO and cDPO (:class:`DPOConfig`, :func:`train_dpo`);
+- :mod:`agents.grpo`: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++ (:class:`GRPOConfig`, :func:`train_grpo`);
 - :mod:`agents.evaluate`: gold reward, KL, win rates, Elo (:class:`EvalConfig`, :func:`evaluate_models`);
 - :mod:`agents.pipeline`: the whole recipe (:class:`PipelineConfig`, :func:`run_pipeline`).
 
@@ -29,6 +30,7 @@ _EXPORTS = {
     "RewardModelConfig": "reward_model", "train_reward_model": "reward_model",
     "LMPPOConfig": "lm_ppo", "train_lm_ppo": "lm_ppo",
     "DPOConfig": "dpo", "train_dpo": "dpo",
+    "GRPOConfig": "grpo", "train_grpo": "grpo",
     "EvalConfig": "evaluate", "evaluate_models": "evaluate",
     "PipelineConfig": "pipeline", "run_pipeline": "pipeline",
 }

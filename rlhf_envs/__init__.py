@@ -42,6 +42,8 @@ _TEXT_ENVS: list[dict] = [
          vector_entry_point="rlhf_envs.text_bandit:TextBanditVectorEnv"),
     dict(id="TextBanditExact-v0", entry_point="rlhf_envs.text_bandit_exact:TextBanditExactEnv",
          vector_entry_point="rlhf_envs.text_bandit_exact:TextBanditExactVectorEnv"),
+    dict(id="TextArithmetic-v0", entry_point="rlhf_envs.text_arithmetic:TextArithmeticEnv",
+         vector_entry_point="rlhf_envs.text_arithmetic:TextArithmeticVectorEnv"),
     dict(id="TextToken-v0", entry_point="rlhf_envs.text_token:TextTokenEnv",
          vector_entry_point="rlhf_envs.text_token:TextTokenVectorEnv"),
 ]
@@ -62,6 +64,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "CatGridVectorEnv": ("rlhf_envs.catgrid_vector", "CatGridVectorEnv"),
     "TextBanditEnv": ("rlhf_envs.text_bandit", "TextBanditEnv"),
     "TextBanditVectorEnv": ("rlhf_envs.text_bandit", "TextBanditVectorEnv"),
+    "TextArithmeticEnv": ("rlhf_envs.text_arithmetic", "TextArithmeticEnv"),
+    "TextArithmeticVectorEnv": ("rlhf_envs.text_arithmetic", "TextArithmeticVectorEnv"),
     "TextTokenEnv": ("rlhf_envs.text_token", "TextTokenEnv"),
     "TextTokenVectorEnv": ("rlhf_envs.text_token", "TextTokenVectorEnv"),
     "catgrid_solver": ("rlhf_envs.catgrid_solver", None),
