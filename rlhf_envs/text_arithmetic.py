@@ -22,6 +22,7 @@ import numpy as np
 
 from rlhf_envs.rewards import VerifierReward
 from rlhf_envs.text_bandit import TextBanditEnv, TextBanditVectorEnv
+from rlhf_envs.text_common import check_group_size
 
 __all__ = ["ASSET_DIR", "OPERATIONS", "SPLITS", "TextArithmeticEnv", "TextArithmeticVectorEnv",
            "demonstrations", "extract_answer", "is_well_formed", "make_arithmetic_tokenizer", "make_problems", "solve"]
@@ -188,6 +189,7 @@ class TextArithmeticVectorEnv(TextBanditVectorEnv):
                  n_prompts: int = 2000, prompt_seed: int = 0, format_reward: float = 0.0,
                  prompts: Sequence[str] | None = None, model: Any = None, beta: float = 0.0,
                  max_new_tokens: int = 6, **kwargs: Any):
+        check_group_size(group_size, num_envs)  # before the model loads
         super().__init__(num_envs, render_mode, group_size,
                          **_task_kwargs(split, n_prompts, prompt_seed, format_reward, prompts, model, beta=beta,
                                         max_new_tokens=max_new_tokens, **kwargs))
