@@ -6,6 +6,8 @@ One iteration reads top to bottom in :func:`train_grpo`:
    times (``gym.make_vec(env_id, num_envs=batch_size, group_size=G)``); the policy samples a response
    to each with the shared KV-cached sampler; one teacher-forced pass of the policy
    (:func:`agents.lm_policy.policy_forward`, the packed path) gives the old log-probs, handed to the env.
+   With one gradient step per rollout and ``beta == 0`` that pass is skipped: the old log-probs are the
+   training pass's own, detached (the ratio is exactly 1, as in TRL).
 2. **Scoring** is the env's ``step``: the reward plugin (``verifier`` on ``TextArithmetic-v0``) and,
    unless ``beta == 0``, one reference pass. ``kl_in="reward"``: the env's reward is ``score - beta *
    KL`` (k1, InstructGPT's); ``kl_in="loss"``: the env runs the reference with beta 0 and the trainer
@@ -234,8 +236,9 @@ def _rollout(run: _Run, seed: int) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         gen = generate(run.lm, prompt_ids, prompt_mask, config.sampling, eos_token_id=task.eos_token_id,
                        pad_token_id=task.pad_token_id, generator=generator)
-        old, _, _ = policy_forward(run.lm, None, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask,
-                                   config.sampling)
+        # one on-policy step without a KL needs no old log-probs: the training pass's, detached, are the same numbers
+        old = gen.logprobs if _single_on_policy_step(config) else policy_forward(
+            run.lm, None, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask, config.sampling)[0]
     n, used = gen.response_ids.shape
     ids = torch.full((n, width), task.pad_token_id, dtype=torch.long)
     ids[:, :used] = gen.response_ids
@@ -243,7 +246,8 @@ def _rollout(run: _Run, seed: int) -> dict[str, torch.Tensor]:
     mask[:, :used] = gen.response_mask
     old_logprobs = torch.zeros(n, width)
     old_logprobs[:, :used] = old
-    run.envs.set_policy_logprobs(old_logprobs.numpy())
+    if not task.skip_reference:
+        run.envs.set_policy_logprobs(old_logprobs.numpy())
     _, rewards, _, _, info = run.envs.step(ids.numpy())
     run.completions += n
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": ids, "response_mask": mask,
@@ -251,6 +255,11 @@ def _rollout(run: _Run, seed: int) -> dict[str, torch.Tensor]:
             "rewards": torch.as_tensor(rewards, dtype=torch.float32),
             "scores": torch.as_tensor(info["score"], dtype=torch.float32),
             "kl": torch.as_tensor(info["kl"], dtype=torch.float32)}
+
+
+def _single_on_policy_step(config: GRPOConfig) -> bool:
+    """Whether each rollout gets exactly one gradient step and no KL: then the ratio is ``exp(logp - logp.detach())``."""
+    return config.ppo_epochs == 1 and config.num_minibatches == 1 and config.beta == 0
 
 
 def _collect(run: _Run, iteration: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -299,8 +308,8 @@ def _minibatch_loss(run: _Run, mb: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     m = mb["response_mask"]
     logprobs, _, _ = policy_forward(run.lm, None, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], m,
                                     config.sampling)
-    token_loss, stats = clipped_token_loss(logprobs, mb["old_logprobs"], mb["advantages"], m, config.cliprange,
-                                           config.clip_high)
+    old = logprobs.detach() if _single_on_policy_step(config) else mb["old_logprobs"]
+    token_loss, stats = clipped_token_loss(logprobs, old, mb["advantages"], m, config.cliprange, config.clip_high)
     if config.beta > 0 and config.kl_in == "loss":
         kl = KL_LOSSES[config.kl_loss](logprobs, mb["ref_logprobs"]) * m
         token_loss = token_loss + config.beta * kl

@@ -32,11 +32,12 @@ BOS_EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 CHARACTERS = "0123456789+-*="
 OPERATIONS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "+": ((1, 2, 3), (1, 2)),
+    "+": ((1, 2), (1, 2)),
     "-": ((1, 2), (1, 2)),
     "*": ((1, 2), (1,)),
 }
-"""Per operation, the digit counts of the left and right operands (each drawn uniformly)."""
+"""Per operation, the digit counts of the left and right operands (each drawn uniformly). A difference
+is never negative (the operands are swapped when the left one is smaller)."""
 SPLITS = ("train", "test")
 HELD_OUT_EVERY = 5
 """A problem is held out (``split="test"``) when the CRC-32 of its text is divisible by this: 20%."""
@@ -72,6 +73,8 @@ def make_problems(n: int, seed: int = 0, split: str = "train") -> list[str]:
         left_digits, right_digits = OPERATIONS[op]
         a = _operand(rng, int(rng.choice(left_digits)))
         b = _operand(rng, int(rng.choice(right_digits)))
+        if op == "-" and a < b:
+            a, b = b, a
         problem = f"{a}{op}{b}="
         if split_of(problem) == split:
             problems[problem] = None

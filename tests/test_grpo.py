@@ -54,14 +54,15 @@ def test_bad_group_size_from_the_env():
 
 def test_ratio_is_exactly_one_at_step_zero(tiny_arithmetic_lm, tmp_path, one_thread):
     """The training pass (train mode, with gradients) gives bit-identical log-probs to the rollout's."""
-    run = _setup(_config(tiny_arithmetic_lm, tmp_path))
+    run = _setup(_config(tiny_arithmetic_lm, tmp_path, ppo_epochs=2))  # two epochs: the rollout runs its own pass
     batch, _ = _collect(run, 0)
     run.lm.train()
     logprobs, _, _ = policy_forward(run.lm, None, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
                                     batch["response_mask"], run.config.sampling)
     ratio = (logprobs - batch["old_logprobs"]).exp()
     assert torch.equal(ratio[batch["response_mask"]], torch.ones(int(batch["response_mask"].sum())))
-    history = train_grpo(_config(tiny_arithmetic_lm, tmp_path / "run", total_episodes=16)).history
+    # one step per rollout, with a KL term so that the rollout runs its own pass of old log-probs
+    history = train_grpo(_config(tiny_arithmetic_lm, tmp_path / "run", total_episodes=16, beta=0.01)).history
     assert history[0]["policy/ratio_avg"] == 1.0 and history[0]["policy/clipfrac_avg"] == 0.0
 
 
