@@ -20,7 +20,8 @@ One iteration reads top to bottom in :func:`train_grpo`:
    (``[1 - cliprange, 1 + cliprange_high]``), the per-token loss aggregated by ``loss_type``
    (:data:`agents.grpo_losses.AGGREGATIONS`).
 
-Logged names: ``objective/scores`` (mean score: accuracy on a verifier task), ``objective/kl``,
+Logged names: ``objective/scores`` (mean score of every response sampled, refills included: accuracy on a
+verifier task), ``objective/trained_scores`` (of the responses trained on), ``objective/kl``,
 ``groups/zero_variance_frac`` (of the groups sampled), ``groups/trained_zero_variance_frac`` (of the
 sequences the update spent compute on; 0 under dynamic sampling), ``policy/clipfrac_avg``,
 ``policy/ratio_avg``, ``loss/policy_avg``, ``tokens/response_length_mean``.
@@ -44,8 +45,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import rlhf_envs  # noqa: F401  (registers the envs)
-from agents.grpo_losses import ADVANTAGES, AGGREGATIONS, KL_LOSSES, clipped_token_loss, overlong_penalty, \
-    zero_variance_groups
+from agents.grpo_losses import (
+    ADVANTAGES,
+    AGGREGATIONS,
+    KL_LOSSES,
+    clipped_token_loss,
+    overlong_penalty,
+    zero_variance_groups,
+)
 from agents.lm_policy import policy_forward
 from rlhf_envs.lm.sampling import SamplingConfig, generate
 from rlhf_envs.validation import check_config_fields
@@ -234,8 +241,10 @@ def _rollout(run: _Run, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     run.lm.eval()
     with torch.no_grad():
-        gen = generate(run.lm, prompt_ids, prompt_mask, config.sampling, eos_token_id=task.eos_token_id,
-                       pad_token_id=task.pad_token_id, generator=generator)
+        # the env hands out each prompt to G consecutive rows: the sampler runs each prompt once
+        G = config.group_size
+        gen = generate(run.lm, prompt_ids[::G], prompt_mask[::G], config.sampling, eos_token_id=task.eos_token_id,
+                       pad_token_id=task.pad_token_id, generator=generator, repeats=G)
         # one on-policy step without a KL needs no old log-probs: the training pass's, detached, are the same numbers
         old = gen.logprobs if _single_on_policy_step(config) else policy_forward(
             run.lm, None, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask, config.sampling)[0]
@@ -258,7 +267,7 @@ def _rollout(run: _Run, seed: int) -> dict[str, torch.Tensor]:
 
 
 def _single_on_policy_step(config: GRPOConfig) -> bool:
-    """Whether each rollout gets exactly one gradient step and no KL: then the ratio is ``exp(logp - logp.detach())``."""
+    """Whether each rollout gets one gradient step and no KL: then the ratio is ``exp(logp - logp.detach())``."""
     return config.ppo_epochs == 1 and config.num_minibatches == 1 and config.beta == 0
 
 
@@ -271,9 +280,11 @@ def _collect(run: _Run, iteration: int) -> tuple[dict[str, torch.Tensor], dict[s
     wanted = config.batch_size // G
     kept: list[dict[str, torch.Tensor]] = []
     n_groups = n_zero = have = 0
+    sampled_scores = []
     for refill in range(config.max_refills + 1 if config.drops_zero_variance else 1):
         seed = (config.seed * 1_000_003 + iteration) * 101 + refill
         batch = _rollout(run, seed)
+        sampled_scores.append(batch["scores"])
         zero = zero_variance_groups(batch["scores"], G)
         n_groups, n_zero = n_groups + len(zero), n_zero + int(zero.sum())
         if config.drops_zero_variance:
@@ -285,7 +296,8 @@ def _collect(run: _Run, iteration: int) -> tuple[dict[str, torch.Tensor], dict[s
             break
     whole = {k: torch.cat([b[k] for b in kept])[:wanted * G] for k in kept[0]}
     trained_zero = zero_variance_groups(whole["scores"], G).float().mean() if len(whole["scores"]) else torch.tensor(0.)
-    stats = {"groups/zero_variance_frac": n_zero / n_groups, "groups/trained": len(whole["scores"]) // G,
+    stats = {"objective/scores": float(torch.cat(sampled_scores).mean()), "groups/zero_variance_frac": n_zero / n_groups,
+             "groups/trained": len(whole["scores"]) // G,
              "groups/trained_zero_variance_frac": float(trained_zero), "groups/rollouts": len(kept)}
     return whole, stats
 
@@ -344,7 +356,7 @@ def _metrics_row(iteration: int, run: _Run, batch: dict[str, torch.Tensor], grou
                  stats: dict[str, float]) -> dict[str, Any]:
     """One ``metrics.jsonl`` row."""
     row = {"step": iteration + 1, "episodes": (iteration + 1) * run.config.batch_size, "completions": run.completions,
-           "objective/scores": float(batch["scores"].mean()) if len(batch["scores"]) else float("nan"),
+           "objective/trained_scores": float(batch["scores"].mean()) if len(batch["scores"]) else float("nan"),
            "objective/kl": float(batch["kl"].mean()) if len(batch["kl"]) else 0.0, **groups,
            "policy/clipfrac_avg": stats.get("clipfrac", 0.0), "policy/ratio_avg": stats.get("ratio", 1.0),
            "loss/policy_avg": stats.get("pg_loss", 0.0),

@@ -70,7 +70,8 @@ class TaskPipelineConfig:
     def grpo_config(self, model_path: str):
         from agents.grpo import GRPOConfig
 
-        return GRPOConfig(model_path=model_path, env_kwargs={"n_prompts": self.n_train_prompts, "prompt_seed": self.seed},
+        env_kwargs = {"n_prompts": self.n_train_prompts, "prompt_seed": self.seed}
+        return GRPOConfig(model_path=model_path, env_kwargs=env_kwargs,
                           output_dir=str(Path(self.output_dir) / "grpo"), seed=self.seed,
                           total_episodes=self.rl_episodes, batch_size=self.batch_size, group_size=self.group_size,
                           learning_rate=self.grpo_learning_rate, max_new_tokens=self.max_new_tokens,

@@ -66,7 +66,8 @@ def evaluate_verifiable(model: Any, tokenizer: Any, prompts: Sequence[str], rewa
             ref = response_logprobs(ref_model, rep_ids, rep_mask, gen.response_ids, gen.response_mask, cfg)
             kls.append(((gen.logprobs - ref) * gen.response_mask).sum(-1).numpy())
         g = generate(model, ids, mask, greedy, eos_token_id=eos, pad_token_id=pad)
-        greedy_right.append(np.asarray(reward.score(batch, _decode(tokenizer, g.response_ids, g.response_mask, eos))) >= 1)
+        greedy_texts = _decode(tokenizer, g.response_ids, g.response_mask, eos)
+        greedy_right.append(np.asarray(reward.score(batch, greedy_texts)) >= 1)
     right = np.concatenate(right)
     counts = right.sum(-1)
     out = {"pass@1": float(np.mean([pass_at_k(k, int(c), 1) for c in counts])),

@@ -8,8 +8,9 @@ Sections, per seed (``--seeds``):
 2. **Ours against TRL 1.16's GRPOTrainer**, from that seed's SFT model: the same prompts (the
    pipeline's training problems), G, batch, max completion length, steps, learning rate (constant),
    ``loss_type="dapo"`` with clip 0.2 / 0.28 on both sides, beta 0, one update per generation, no
-   dynamic sampling (TRL has none), fp32 on CPU, one torch thread. Timed end to end: ours the whole
-   ``train_grpo`` call (env and model set-up included), TRL ``trainer.train()`` (its set-up excluded).
+   dynamic sampling (TRL has none), fp32 on CPU, one torch thread. Timed end to end (generation,
+   scoring, update): ours the training loop of ``train_grpo`` (its env and model set-up excluded),
+   TRL ``trainer.train()`` (the trainer's construction excluded); imports are warmed first.
    Both are then evaluated with the same held-out pass@1. The two sides run interleaved in one process,
    their order alternating by seed, so both see the same machine load; ``os.getloadavg()`` is recorded
    before and after every timed run.
@@ -68,9 +69,8 @@ def _ours(sft: str, out: Path, seed: int, settings: dict, **overrides) -> tuple[
                         batch_size=settings["batch"], group_size=settings["group"], learning_rate=settings["lr"],
                         max_new_tokens=settings["max_new_tokens"], progress=False, torch_threads=1,
                         **{"loss_type": "dapo", "dynamic_sampling": False, "cliprange_high": 0.28, **overrides})
-    start = time.perf_counter()
-    result = train_grpo(config)
-    return time.perf_counter() - start, result.completions, result.history
+    result = train_grpo(config)  # result.seconds: the training loop, its set-up (env, model) excluded
+    return result.seconds, result.completions, result.history
 
 
 def _trl(sft: str, out: Path, seed: int, settings: dict) -> tuple[float, int]:
