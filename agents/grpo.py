@@ -79,6 +79,8 @@ class GRPOConfig:
     num_minibatches: int = field(default=1, metadata={"help": "minibatches per pass over a rollout"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout (several: the clipped ratio matters)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
+    warmup_iterations: int = field(default=0, metadata={"help": "linear learning-rate warm-up over this many iterations (Adam's first steps are full-size in every direction, noise included)"})
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "Adam's (beta1, beta2)"})
     max_new_tokens: int = field(default=6, metadata={"help": "longest response, EOS included"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the ratio and the KL use the same distribution)"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off"})
@@ -121,7 +123,9 @@ class GRPOConfig:
                 raise ValueError(f"GRPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.cliprange_high is not None and not self.cliprange_high > 0:
             raise ValueError(f"GRPOConfig.cliprange_high must be > 0 or None, got {self.cliprange_high!r}")
-        for name in ("beta", "max_refills", "overlong_buffer", "overlong_penalty"):
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"GRPOConfig.adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        for name in ("beta", "max_refills", "overlong_buffer", "overlong_penalty", "warmup_iterations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.overlong_buffer > self.max_new_tokens:
@@ -217,7 +221,8 @@ def _setup(config: GRPOConfig) -> _Run:
     if task.vocab_size != lm.get_output_embeddings().weight.shape[0]:
         raise ValueError(f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
                          f"{task.vocab_size}: the policy and ref_model must share a tokenizer")
-    optimizer = torch.optim.Adam(lm.parameters(), lr=config.learning_rate, eps=1e-5, fused=CPU_FUSED_ADAM)
+    optimizer = torch.optim.Adam(lm.parameters(), lr=config.learning_rate, betas=tuple(config.adam_betas), eps=1e-5,
+                                 fused=CPU_FUSED_ADAM)
     run = _Run(config, lm, tokenizer, envs, optimizer)
     out = Path(config.output_dir)
     latest = latest_checkpoint(out / "checkpoints") if config.resume else None
@@ -337,6 +342,8 @@ def _update(run: _Run, batch: dict[str, torch.Tensor], iteration: int) -> dict[s
     run.lm.train()
     n = len(batch["advantages"])
     generator = torch.Generator().manual_seed(config.seed * 7_919 + iteration)
+    for group in run.optimizer.param_groups:
+        group["lr"] = config.learning_rate * min(1.0, (iteration + 1) / (config.warmup_iterations + 1))
     size = max(1, n // config.num_minibatches)
     stats: dict[str, list[float]] = {}
     for _ in range(config.ppo_epochs):

@@ -39,20 +39,21 @@ class TaskPipelineConfig:
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
     n_demonstrations: int = field(default=4000, metadata={"help": "SFT demonstrations (training-split problems and answers)"})
     sft_epochs: int = field(default=1, metadata={"help": "SFT passes over the demonstrations"})
-    sft_learning_rate: float = field(default=1e-3, metadata={"help": "SFT peak learning rate"})
+    sft_learning_rate: float = field(default=1e-4, metadata={"help": "SFT peak learning rate"})
     n_train_prompts: int = field(default=4000, metadata={"help": "training-split problems GRPO and PPO draw from"})
     n_eval_prompts: int = field(default=400, metadata={"help": "held-out problems evaluated"})
     eval_k: int = field(default=8, metadata={"help": "samples per held-out problem (pass@1 and pass@k)"})
     max_new_tokens: int = field(default=6, metadata={"help": "longest response, EOS included"})
-    rl_episodes: int = field(default=6144, metadata={"help": "responses GRPO (and PPO) train on"})
+    rl_episodes: int = field(default=12800, metadata={"help": "responses GRPO (and PPO) train on"})
     batch_size: int = field(default=128, metadata={"help": "responses per rollout"})
     group_size: int = field(default=8, metadata={"help": "GRPO responses per prompt"})
-    grpo_learning_rate: float = field(default=3e-4, metadata={"help": "GRPO learning rate"})
+    grpo_learning_rate: float = field(default=3e-5, metadata={"help": "GRPO learning rate"})
+    warmup_iterations: int = field(default=20, metadata={"help": "GRPO learning-rate warm-up iterations"})
     loss_type: str = field(default="dapo", metadata={"help": "GRPO loss aggregation: grpo, dr_grpo or dapo"})
     advantage: str = field(default="grpo", metadata={"help": "GRPO advantage: grpo, rloo or reinforce_pp"})
     beta: float = field(default=0.0, metadata={"help": "GRPO KL coefficient (0: no reference pass)"})
     run_ppo: bool = field(default=True, metadata={"help": "also train RLHF PPO from SFT on the same prompts and reward"})
-    ppo_learning_rate: float = field(default=3e-4, metadata={"help": "PPO learning rate"})
+    ppo_learning_rate: float = field(default=3e-5, metadata={"help": "PPO learning rate"})
     ppo_beta: float = field(default=0.0, metadata={"help": "PPO KL coefficient"})
     torch_threads: int | None = field(default=1, metadata={"help": "torch threads (1 is robust on a shared machine)"})
     progress: bool = field(default=False, metadata={"help": "show progress bars"})
@@ -74,7 +75,8 @@ class TaskPipelineConfig:
         return GRPOConfig(model_path=model_path, env_kwargs=env_kwargs,
                           output_dir=str(Path(self.output_dir) / "grpo"), seed=self.seed,
                           total_episodes=self.rl_episodes, batch_size=self.batch_size, group_size=self.group_size,
-                          learning_rate=self.grpo_learning_rate, max_new_tokens=self.max_new_tokens,
+                          learning_rate=self.grpo_learning_rate, warmup_iterations=self.warmup_iterations,
+                          max_new_tokens=self.max_new_tokens,
                           loss_type=self.loss_type, advantage=self.advantage, beta=self.beta,
                           torch_threads=self.torch_threads, progress=self.progress)
 

@@ -37,10 +37,11 @@ from benchmarks.common import print_table, write_json
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
-def _pipeline(seed: int, out: Path, episodes: int) -> dict:
+def _pipeline(seed: int, out: Path, episodes: int, lr: float) -> dict:
     from agents.task_pipeline import TaskPipelineConfig, run_task_pipeline
 
-    config = TaskPipelineConfig(output_dir=str(out / f"pipeline-{seed}"), seed=seed, rl_episodes=episodes)
+    config = TaskPipelineConfig(output_dir=str(out / f"pipeline-{seed}"), seed=seed, rl_episodes=episodes,
+                                grpo_learning_rate=lr)
     summary = run_task_pipeline(config)
     ev = summary["evaluation"]
     return {"seed": seed, "sft_pass@1": ev["sft"]["pass@1"], "grpo_pass@1": ev["grpo"]["pass@1"],
@@ -67,6 +68,7 @@ def _ours(sft: str, out: Path, seed: int, settings: dict, **overrides) -> tuple[
     config = GRPOConfig(model_path=sft, env_kwargs={"n_prompts": settings["n_prompts"], "prompt_seed": seed},
                         output_dir=str(out), seed=seed, total_episodes=settings["steps"] * settings["batch"],
                         batch_size=settings["batch"], group_size=settings["group"], learning_rate=settings["lr"],
+                        warmup_iterations=settings["warmup"],
                         max_new_tokens=settings["max_new_tokens"], progress=False, torch_threads=1,
                         **{"loss_type": "dapo", "dynamic_sampling": False, "cliprange_high": 0.28, **overrides})
     result = train_grpo(config)  # result.seconds: the training loop, its set-up (env, model) excluded
@@ -92,7 +94,8 @@ def _trl(sft: str, out: Path, seed: int, settings: dict) -> tuple[float, int]:
     args = TRLConfig(output_dir=str(out), seed=seed, use_cpu=True, bf16=False, gradient_checkpointing=False,
                      per_device_train_batch_size=settings["batch"], num_generations=settings["group"],
                      generation_batch_size=settings["batch"], max_completion_length=settings["max_new_tokens"],
-                     max_steps=settings["steps"], learning_rate=settings["lr"], lr_scheduler_type="constant",
+                     max_steps=settings["steps"], learning_rate=settings["lr"], lr_scheduler_type="constant_with_warmup",
+                     warmup_steps=settings["warmup"],
                      loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, num_iterations=1,
                      temperature=1.0, logging_steps=10_000, save_strategy="no", report_to="none",
                      disable_dropout=True, dataloader_num_workers=0)
@@ -146,21 +149,25 @@ def _length_bias(seed: int, sft: str, out: Path, settings: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=48, help="GRPO steps of every RL run (pipeline included)")
+    parser.add_argument("--steps", type=int, default=100, help="GRPO steps of every RL run (pipeline included)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--trl-steps", type=int, default=12, help="steps of the TRL comparison (both sides)")
+    parser.add_argument("--lr", type=float, default=3e-5)
+    parser.add_argument("--warmup", type=int, default=20, help="learning-rate warm-up iterations (ours; TRL: warmup_steps)")
+    parser.add_argument("--trl-steps", type=int, default=40, help="steps of the TRL comparison (both sides)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_grpo"))
     parser.add_argument("--name", default="grpo")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    import trl  # noqa: F401  (imports warmed before any timed region: neither side pays them)
+    import transformers  # noqa: F401
+
     settings = {"steps": args.steps, "batch": args.batch, "group": args.group, "lr": args.lr, "max_new_tokens": 6,
-                "n_prompts": 4000}
-    trl_settings = {**settings, "steps": args.trl_steps}
+                "n_prompts": 4000, "warmup": args.warmup}
+    trl_settings = {**settings, "steps": args.trl_steps, "warmup": min(args.warmup, args.trl_steps // 2)}
     pipeline, versus, bias = [], [], []
     for seed in args.seeds:
-        pipeline.append(_pipeline(seed, args.out, args.steps * args.batch))
+        pipeline.append(_pipeline(seed, args.out, args.steps * args.batch, args.lr))
         sft = str(args.out / f"pipeline-{seed}" / "sft")
         versus.append(_versus_trl(seed, sft, args.out / "trl", trl_settings))
         bias.extend(_length_bias(seed, sft, args.out / "bias", settings))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-BUILD = dict(n_texts=10_000, n_layer=2, n_embd=96, n_head=4, n_positions=32, batch_size=256, max_steps=300, lr=3e-3)
+BUILD = dict(n_texts=10_000, n_layer=2, n_embd=96, n_head=4, n_positions=32, batch_size=256, max_steps=1200, lr=3e-3)
 """The committed model's settings."""
 
 
