@@ -133,7 +133,8 @@ class GRPOConfig:
                              f"{self.max_new_tokens}")
         if isinstance(self.prompts, str):
             raise TypeError("GRPOConfig.prompts must be a list of strings or None, got a single str; wrap it in a list")
-        self.sampling  # noqa: B018  (validates the sampling settings now, before anything runs)
+        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p)  # its checks now, before anything runs
 
     @property
     def sampling(self) -> SamplingConfig:

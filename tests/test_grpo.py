@@ -1,7 +1,6 @@
 """The GRPO-family trainer: errors before anything runs, ratio 1 at step 0, the right tokens, resume, learning."""
 
 import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 
