@@ -38,6 +38,7 @@ SCRIPTS = {
     "reliability": ["benchmarks.bench_reliability"],
     "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
     "shakespeare": ["benchmarks.bench_shakespeare"],
+    "grpo": ["benchmarks.bench_grpo"],
 }
 
 
