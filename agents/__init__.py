@@ -9,6 +9,7 @@ One flat module per algorithm, each with one config dataclass and one ``train_*`
 - :mod:`agents.dialogue_ppo`: RLHF PPO on multi-turn TextDialogue episodes (:class:`DialoguePPOConfig`,
   :func:`train_dialogue_ppo`);
 - :mod:`agents.dpo`: DPO, IPO and cDPO (:class:`DPOConfig`, :func:`train_dpo`);
+- :mod:`agents.grpo`: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++ (:class:`GRPOConfig`, :func:`train_grpo`);
 - :mod:`agents.evaluate`: gold reward, KL, win rates, Elo (:class:`EvalConfig`, :func:`evaluate_models`);
 - :mod:`agents.pipeline`: the whole recipe (:class:`PipelineConfig`, :func:`run_pipeline`).
 
@@ -32,6 +33,7 @@ _EXPORTS = {
     "LMPPOConfig": "lm_ppo", "train_lm_ppo": "lm_ppo",
     "DPOConfig": "dpo", "train_dpo": "dpo",
     "DialoguePPOConfig": "dialogue_ppo", "train_dialogue_ppo": "dialogue_ppo",
+    "GRPOConfig": "grpo", "train_grpo": "grpo",
     "EvalConfig": "evaluate", "evaluate_models": "evaluate",
     "PipelineConfig": "pipeline", "run_pipeline": "pipeline",
 }

@@ -185,12 +185,23 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_pipeline(args: argparse.Namespace) -> int:
+    from agents.task_pipeline import TaskPipelineConfig, run_task_pipeline
+
+    summary = run_task_pipeline(config_from_args(TaskPipelineConfig, args))
+    print(json.dumps(summary, indent=2))
+    print(f"report: {Path(args.output_dir) / 'report.md'}")
+    return 0
+
+
 _COMMANDS: dict[str, str] = {
     "pipeline": "SFT -> reward model -> PPO, and DPO beside it, on the embedded default, with a report",
     "sft": "supervised fine-tuning on JSONL {prompt, completion}",
     "rm": "reward model (Bradley-Terry) on JSONL pairs {prompt, chosen, rejected} or rankings {prompt, responses}",
     "dpo": "DPO / IPO / conservative DPO on JSONL preference pairs",
     "ppo": "RLHF PPO of a causal LM against TextBandit-v0 (KL to a frozen reference)",
+    "grpo": "critic-free group RL (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++) against a text env with group sampling",
+    "task-pipeline": "SFT -> GRPO, and RLHF PPO beside it, on a verifiable task (arithmetic), with pass@k report",
     "eval": "gold reward, proxy reward, KL to the reference and win rates of checkpoints",
     "elo": "Elo ratings of checkpoints from head-to-head games judged by the gold reward",
     "catgrid": "train our PPO on a CatGrid env and report the fraction of the exact optimum",
@@ -201,7 +212,8 @@ torch), so ``rlhf --help`` and a bad command answer without importing torch or t
 _TRAINERS = {"sft": ("agents.sft:SFTConfig", "agents.sft:train_sft"),
              "rm": ("agents.reward_model:RewardModelConfig", "agents.reward_model:train_reward_model"),
              "dpo": ("agents.dpo:DPOConfig", "agents.dpo:train_dpo"),
-             "ppo": ("agents.lm_ppo:LMPPOConfig", "agents.lm_ppo:train_lm_ppo")}
+             "ppo": ("agents.lm_ppo:LMPPOConfig", "agents.lm_ppo:train_lm_ppo"),
+             "grpo": ("agents.grpo:GRPOConfig", "agents.grpo:train_grpo")}
 
 
 def _load(path: str):
@@ -223,10 +235,14 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         add_config_args(p, _load("agents.pipeline:PipelineConfig"))
         _add_run_folder_args(p)
         p.set_defaults(func=_pipeline)
+    elif name == "task-pipeline":
+        add_config_args(p, _load("agents.task_pipeline:TaskPipelineConfig"))
+        _add_run_folder_args(p)
+        p.set_defaults(func=_task_pipeline)
     elif name in _TRAINERS:
         cls = _load(_TRAINERS[name][0])
-        add_config_args(p, cls, skip=("prompts", "ptx_texts") if name == "ppo" else ())
-        if name == "ppo":
+        add_config_args(p, cls, skip={"ppo": ("prompts", "ptx_texts"), "grpo": ("prompts",)}.get(name, ()))
+        if name in ("ppo", "grpo"):
             p.add_argument("--prompts-path", "--prompts-file", dest="prompts_file", default=None,
                            help="prompts: rows with a 'prompt' (a string or role/content turns) in JSONL, .jsonl.gz, "
                                 "parquet or a datasets folder (default: corpus prompts)")

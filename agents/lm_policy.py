@@ -38,7 +38,7 @@ def _logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, cfg: Samp
     return full.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(probs * full.masked_fill(probs == 0, 0.0)).sum(-1), full
 
 
-def _packed_policy_forward(view: PackedForward, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+def _packed_policy_forward(view: PackedForward, v_head: ValueHead | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig, return_full: bool = False):
     """:func:`policy_forward` through a packed forward (:mod:`rlhf_envs.lm.views`): no padding, the LM head at
     response tokens only."""
@@ -50,18 +50,19 @@ def _packed_policy_forward(view: PackedForward, v_head: ValueHead, prompt_ids: t
     hidden = view.final_norm(batch.to(device).hidden(view, predictor.to(device)))
     logprobs, entropy, full = _logprobs_and_entropy(F.linear(hidden, view.lm_head), targets.to(device), cfg)
     out = []
-    for flat in (logprobs, v_head(hidden), entropy):  # response tokens in row-major order = keep's True cells
+    values = v_head(hidden) if v_head is not None else hidden.new_zeros(hidden.shape[:1])
+    for flat in (logprobs, values, entropy):  # response tokens in row-major order = keep's True cells
         out.append(flat.new_zeros(keep.shape).masked_scatter(keep, flat))
     if return_full:
         out.append(full.new_zeros(keep.shape + full.shape[-1:]).index_put_((keep,), full))
     return tuple(out)
 
 
-def policy_forward(policy: nn.Module, v_head: ValueHead, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+def policy_forward(policy: nn.Module, v_head: ValueHead | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                    response_ids: torch.Tensor, response_mask: torch.Tensor, cfg: SamplingConfig, return_full: bool = False):
     """One teacher-forced pass: ``(logprobs [B, T], values [B, T], entropy [B, T])`` of the responses
     under the processed (sampled-from) distribution; the value at t is that of the state before token t.
-    With ``return_full`` a fourth tensor, the full log-distributions ``[B, T, V]`` (0 past each
+    ``v_head=None`` (critic-free trainers) gives zero values. With ``return_full`` a fourth tensor, the full log-distributions ``[B, T, V]`` (0 past each
     response), e.g. for the env's ``exact`` KL estimator.
 
     GPT-2 and Llama-family models without active dropout take a packed forward (:mod:`rlhf_envs.lm.views`);
@@ -75,7 +76,7 @@ def policy_forward(policy: nn.Module, v_head: ValueHead, prompt_ids: torch.Tenso
     out = policy(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=mask.long(),
                  position_ids=positions_from_mask(mask), output_hidden_states=True, use_cache=False)
     logprobs, entropy, full = _logprobs_and_entropy(out.logits[:, prompt_len - 1:-1], response_ids, cfg)
-    values = v_head(out.hidden_states[-1][:, prompt_len - 1:-1])
+    values = v_head(out.hidden_states[-1][:, prompt_len - 1:-1]) if v_head is not None else torch.zeros_like(logprobs)
     keep = response_mask.bool()
     result = (logprobs.masked_fill(~keep, 0.0), values.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0))
     return result + (full.masked_fill(~keep[..., None], 0.0),) if return_full else result

@@ -48,6 +48,7 @@ SCRIPTS = {
     "dialogue": ["benchmarks.bench_dialogue"],
     "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
     "shakespeare": ["benchmarks.bench_shakespeare"],
+    "grpo": ["benchmarks.bench_grpo"],
 }
 
 

@@ -3,8 +3,10 @@
 A reward model is anything with ``score(prompts: list[str], responses: list[str]) -> np.ndarray``
 (float32, shape ``[B]``), or a plain callable with that signature. Sources, in lookup order:
 
-1. the built-ins: ``sentiment`` (VADER compound score of the response, in [-1, 1]) and
-   ``learned`` (``path=`` a Hugging Face sequence-classification checkpoint with one label);
+1. the built-ins: ``sentiment`` (VADER compound score of the response, in [-1, 1]),
+   ``learned`` (``path=`` a Hugging Face sequence-classification checkpoint with one label) and
+   ``verifier`` (an exact checker: 1 for a right answer, 0 otherwise, plus an optional format reward;
+   :class:`VerifierReward`, by default :mod:`rlhf_envs.text_arithmetic`'s);
 2. factories added with :func:`register`;
 3. the entry point group ``rlhf_envs.reward_models`` of installed distributions: each entry point
    loads to a factory. They are read lazily, at the first lookup of an unknown name; a plugin
@@ -33,6 +35,7 @@ __all__ = [
     "RewardModelError",
     "SentimentReward",
     "ValidatedRewardModel",
+    "VerifierReward",
     "available_reward_models",
     "make_reward_model",
     "register",
@@ -154,6 +157,36 @@ def _reward_texts(tokenizer: Any, prompts: list, responses: list[str]) -> tuple[
     return [chat_reward_text(tokenizer, p, r) for p, r in zip(prompts, responses)], False
 
 
+class VerifierReward:
+    """An exact checker as a reward plugin: ``1`` when the response's answer is right, else ``0``, plus
+    ``format_reward`` when the response is well formed.
+
+    ``answer(prompt) -> str`` gives the reference answer, ``extract(response) -> str | None`` the
+    response's answer and ``well_formed(response) -> bool`` the format check. Left ``None``, each is
+    the arithmetic task's (:func:`rlhf_envs.text_arithmetic.solve`, ``extract_answer``, ``is_well_formed``);
+    pass your own to check another task: ``make_reward_model("verifier", answer=..., extract=...)``.
+    """
+
+    def __init__(self, format_reward: float = 0.0, answer: Callable[[str], str] | None = None,
+                 extract: Callable[[str], str | None] | None = None,
+                 well_formed: Callable[[str], bool] | None = None):
+        from rlhf_envs import text_arithmetic
+        from rlhf_envs.validation import check_number
+
+        self.format_reward = check_number(format_reward, "format_reward")
+        self.answer = answer or text_arithmetic.solve
+        self.extract = extract or text_arithmetic.extract_answer
+        self.well_formed = well_formed or text_arithmetic.is_well_formed
+
+    def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        scores = np.fromiter((self.extract(r) == self.answer(p) for p, r in zip(prompts, responses)),
+                             dtype=np.float32, count=len(responses))
+        if self.format_reward:
+            scores += self.format_reward * np.fromiter(map(self.well_formed, responses), dtype=np.float32,
+                                                       count=len(responses))
+        return scores
+
+
 class _CallableReward:
     """Adapts a plain ``f(prompts, responses) -> array`` to the plugin interface."""
 
@@ -164,7 +197,8 @@ class _CallableReward:
         return self.fn(prompts, responses)
 
 
-_BUILTINS: dict[str, Callable[..., Any]] = {"sentiment": SentimentReward, "learned": LearnedReward}
+_BUILTINS: dict[str, Callable[..., Any]] = {"sentiment": SentimentReward, "learned": LearnedReward,
+                                            "verifier": VerifierReward}
 _REGISTERED: dict[str, Callable[..., Any]] = {}
 
 

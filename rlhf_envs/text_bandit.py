@@ -13,7 +13,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from rlhf_envs.compat import renamed_fields
-from rlhf_envs.text_common import TextTask, object_array, pick_prompt, vector_info, vector_task
+from rlhf_envs.text_common import TextTask, check_group_size, object_array, pick_prompt, vector_info, vector_task
 
 __all__ = ["TextBanditEnv", "TextBanditVectorEnv", "check_handed"]
 
@@ -75,6 +75,8 @@ class TextBanditEnv(gym.Env):
     - ``temperature``, ``top_k``, ``top_p``: the distribution the agent samples from
       (``env.unwrapped.task.sampling``).
     - ``device``: where the reference model runs.
+    - ``skip_reference``: ``True`` runs no reference forward (``kl``, ``ref_logprobs`` reported as 0, the
+      reward is the score alone); needs ``beta=0`` and no ``kl_setpoint`` (KL-free training, e.g. GRPO with beta 0).
 
     ## Info
     ``score``, ``kl`` (sum over tokens), ``kl_per_token [T]``, ``logprobs [T]``, ``ref_logprobs [T]``,
@@ -88,12 +90,12 @@ class TextBanditEnv(gym.Env):
                  kl_horizon: float = 10000.0, max_prompt_tokens: int | None = None, max_new_tokens: int = 24,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, device: str = "cpu",
                  reward_kwargs: dict | None = None, reward_timeout_s: float | None = None, n_prompts: int = 512,
-                 prompt_seed: int = 0, render_mode: str | None = None):
+                 prompt_seed: int = 0, skip_reference: bool = False, render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.task = TextTask(model, reward_model, prompts, beta, kl_estimator, kl_setpoint, kl_horizon,
                              max_prompt_tokens, max_new_tokens, temperature, top_k, top_p, device, reward_kwargs,
-                             reward_timeout_s, n_prompts, prompt_seed)
+                             reward_timeout_s, n_prompts, prompt_seed, skip_reference)
         self.render_mode = render_mode
         self.observation_space = spaces.Box(0, self.task.vocab_size - 1, (self.task.max_prompt_tokens,), np.int64)
         self.action_space = spaces.MultiDiscrete([self.task.vocab_size] * max_new_tokens)
@@ -137,6 +139,11 @@ class TextBanditVectorEnv(VectorEnv):
     :class:`TextBanditEnv`; actions are ``[N, max_new_tokens]`` and the handed-over log-probs
     ``envs.set_policy_logprobs(logprobs [N, T], full_logprobs [N, T, V] = None)``.
 
+    **Group sampling** (GRPO, RLOO): ``group_size=G`` draws ``N / G`` prompts and hands each out to
+    ``G`` consecutive envs (``obs[g * G : (g + 1) * G]`` are one prompt); ``info["group"] [N]`` is each
+    env's group index. The reference runs each distinct prompt of a step once (its cached keys and
+    values serve the whole group). ``G`` must divide ``N``.
+
     Every step ends every episode and (autoreset ``SAME_STEP``) draws the next prompts: the returned
     observations are the new prompts, the scored ones are in ``info["final_obs"]``. The step's
     metrics (``score``, ``kl``, ...) are arrays over envs directly in ``info``.
@@ -144,9 +151,11 @@ class TextBanditVectorEnv(VectorEnv):
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.SAME_STEP}
 
-    def __init__(self, num_envs: int = 1, render_mode: str | None = None, **task_kwargs: Any):
+    def __init__(self, num_envs: int = 1, render_mode: str | None = None, group_size: int = 1, **task_kwargs: Any):
+        self.group_size = check_group_size(group_size, num_envs)
         self.task = vector_task(num_envs, render_mode, "TextBandit-v0", task_kwargs)
         self.num_envs = int(num_envs)
+        self._group = np.arange(self.num_envs) // self.group_size
         self.render_mode = None
         self.single_observation_space = spaces.Box(0, self.task.vocab_size - 1, (self.task.max_prompt_tokens,), np.int64)
         self.single_action_space = spaces.MultiDiscrete([self.task.vocab_size] * self.task.max_new_tokens)
@@ -163,10 +172,16 @@ class TextBanditVectorEnv(VectorEnv):
         if isinstance(seed, (list, tuple)):
             seed = seed[0]
         super().reset(seed=seed)
-        self._prompt_index = self.np_random.integers(len(self.task.prompts), size=self.num_envs)
+        self._prompt_index = self._draw_prompts()
         self._handed = None
         return self.task.prompt_obs[self._prompt_index].copy(), vector_info(
-            {"prompt": object_array([self.task.prompts[i] for i in self._prompt_index])})
+            {"prompt": object_array([self.task.prompts[i] for i in self._prompt_index]),
+             "group": self._group.copy()})
+
+    def _draw_prompts(self) -> np.ndarray:
+        """``[N]`` prompt indices: ``N / G`` uniform draws, each repeated for its ``G`` envs."""
+        drawn = self.np_random.integers(len(self.task.prompts), size=self.num_envs // self.group_size)
+        return np.repeat(drawn, self.group_size)
 
     def step(self, actions):
         if self._prompt_index is None:
@@ -175,7 +190,8 @@ class TextBanditVectorEnv(VectorEnv):
         rewards, info = score_responses(self.task, self._prompt_index, tokens, self._handed)
         self._handed = None
         info["final_obs"] = self.task.prompt_obs[self._prompt_index].copy()
-        self._prompt_index = self.np_random.integers(len(self.task.prompts), size=self.num_envs)
+        info["group"] = self._group.copy()
+        self._prompt_index = self._draw_prompts()
         terminated = np.ones(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         return self.task.prompt_obs[self._prompt_index].copy(), rewards, terminated, truncated, vector_info(info)
@@ -209,7 +225,11 @@ def score_responses(task: TextTask, prompt_index: np.ndarray, tokens: np.ndarray
     response_ids = torch.as_tensor(tokens, device=task.device)
     mask = task.response_mask(response_ids)
     response_ids = response_ids.masked_fill(~mask, task.pad_token_id)
-    if handed is None:
+    if task.skip_reference:
+        # beta = 0 without a reference: no forward at all, the KL is reported as 0 and the reward is the score
+        logprobs = torch.zeros(mask.shape, device=task.device) if handed is None else handed[0]
+        full = None
+    elif handed is None:
         task.warn_uniform()
         logprobs = torch.full(mask.shape, task.uniform_logprob(), device=task.device)
         # a uniform policy keeps every token, so k3 needs no correction: only the exact KL needs the full vectors
@@ -226,9 +246,12 @@ def score_responses(task: TextTask, prompt_index: np.ndarray, tokens: np.ndarray
             task.check_log_distributions(full, mask, "full_logprobs", logprobs, response_ids)
             full = full if task.needs_full_logprobs else None
     logprobs = logprobs.masked_fill(~mask, 0.0)
-    ref, ref_full = task.ref_logprobs(torch.as_tensor(prompt_index, device=task.device), response_ids, mask,
-                                      full is not None)
-    kl_per_token = task.kl_per_token(logprobs, ref, mask, full, ref_full)
+    if task.skip_reference:
+        ref = kl_per_token = torch.zeros(mask.shape, device=task.device)
+    else:
+        ref, ref_full = task.ref_logprobs(torch.as_tensor(prompt_index, device=task.device), response_ids, mask,
+                                          full is not None)
+        kl_per_token = task.kl_per_token(logprobs, ref, mask, full, ref_full)
     kl = kl_per_token.sum(-1)
     responses = task.decode(response_ids, mask)
     scores = task.score(prompt_index.tolist(), responses)

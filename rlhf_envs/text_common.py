@@ -31,8 +31,8 @@ from rlhf_envs.lm.views import packed_view
 from rlhf_envs.lm.views import response_hidden as packed_response_hidden
 from rlhf_envs.validation import check_number
 
-__all__ = ["PROMPT_CACHE_BYTES", "AdaptersOff", "TextTask", "attention_mask_from_obs", "context_length", "object_array",
-           "pick_prompt", "vector_info", "vector_task"]
+__all__ = ["PROMPT_CACHE_BYTES", "AdaptersOff", "TextTask", "attention_mask_from_obs", "check_group_size",
+           "context_length", "object_array", "pick_prompt", "vector_info", "vector_task"]
 
 PROMPT_CACHE_BYTES = 256 * 2**20
 """Largest reference prompt cache (keys/values of every prompt) kept in memory; beyond it prompts are re-run."""
@@ -129,6 +129,7 @@ class TextTask:
         reward_timeout_s: float | None = None,
         n_prompts: int = 512,
         prompt_seed: int = 0,
+        skip_reference: bool = False,
     ):
         beta, kl_horizon = check_number(beta, "beta"), check_number(kl_horizon, "kl_horizon")
         kl_setpoint = check_number(kl_setpoint, "kl_setpoint", optional=True)
@@ -139,6 +140,12 @@ class TextTask:
         if isinstance(prompts, (str, bytes)):
             raise TypeError(f"prompts must be a list of strings, got a single {type(prompts).__name__} "
                             f"{prompts[:40]!r}; wrap it in a list: prompts=[{prompts[:40]!r}]")
+        if not isinstance(skip_reference, bool):
+            raise TypeError(f"skip_reference must be a bool, got {type(skip_reference).__name__} {skip_reference!r}")
+        if skip_reference and (beta != 0 or kl_setpoint is not None):
+            raise ValueError(f"skip_reference=True drops the KL term, so it needs beta=0 and no kl_setpoint "
+                             f"(got beta={beta}, kl_setpoint={kl_setpoint}); set beta=0 or keep the reference pass")
+        self.skip_reference = skip_reference
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         max_new_tokens = self.sampling.max_new_tokens
         self.ref_sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=self.sampling.temperature)
@@ -371,13 +378,19 @@ class TextTask:
         """Reference hidden states ``[M, D]`` predicting the ``M`` response tokens ``ids[mask]`` (row-major).
 
         Prompts come from :class:`PromptKVCache` (computed once per prompt) when the table fits in
-        ``PROMPT_CACHE_BYTES``; then only response tokens run. Otherwise prompt and response run together.
+        ``PROMPT_CACHE_BYTES``; then only response tokens run. Otherwise, when a prompt repeats in the
+        batch (group sampling), a cache over the batch's distinct prompts runs each once; else prompt and
+        response run together.
         """
         cache = self._prompt_cache(view)
         prompt_mask = self.prompt_mask[prompt_index]
+        rows = prompt_index
         if cache is None:
-            return response_hidden(view, self.prompt_ids[prompt_index], prompt_mask, ids, mask)
-        kv, last_hidden = cache.get(view, prompt_index)
+            distinct, rows = prompt_index.unique(return_inverse=True)
+            if len(distinct) == len(prompt_index):
+                return response_hidden(view, self.prompt_ids[prompt_index], prompt_mask, ids, mask)
+            cache = PromptKVCache(self.prompt_ids[distinct], self.prompt_mask[distinct])
+        kv, last_hidden = cache.get(view, rows)
         hidden = last_hidden.new_zeros(mask.shape + last_hidden.shape[-1:])
         hidden[:, 0] = last_hidden
         if mask.shape[1] > 1:
@@ -385,7 +398,7 @@ class TextTask:
             predicts = mask[:, 1:]
             positions = prompt_mask.long().sum(-1, keepdim=True) + torch.arange(mask.shape[1] - 1, device=mask.device)
             hidden[:, 1:][predicts] = view.packed_hidden(ids[:, :-1], predicts, positions, predicts,
-                                                         (kv, prompt_index, prompt_mask))
+                                                         (kv, rows, prompt_mask))
         return hidden[mask]
 
     def _packed_ref_hidden(self, view: Any, prompt_index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -464,6 +477,16 @@ def object_array(values: Sequence[Any]) -> np.ndarray:
     for i, value in enumerate(values):
         out[i] = value
     return out
+
+
+def check_group_size(group_size: Any, num_envs: Any) -> int:
+    """``group_size`` as an int that is >= 1 and divides ``num_envs``, else a ``ValueError`` naming both."""
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer (responses per prompt), got {group_size!r}")
+    if isinstance(num_envs, (int, np.integer)) and not isinstance(num_envs, bool) and num_envs % group_size:
+        raise ValueError(f"group_size={group_size} does not divide num_envs={num_envs}: each of the num_envs / "
+                         f"group_size prompts is handed out group_size times; pick a divisor of {num_envs}")
+    return int(group_size)
 
 
 def vector_info(info: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -233,6 +233,7 @@ def generate(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    repeats: int = 1,
 ) -> Generation:
     """Sample ``cfg.max_new_tokens`` tokens (or fewer, once every row hit EOS) for a batch of prompts.
 
@@ -245,6 +246,8 @@ def generate(
         eos_token_id: the token that ends a response.
         pad_token_id: written after EOS.
         generator: a ``torch.Generator`` on the model's device for reproducible sampling.
+        repeats: sample each prompt this many times (group sampling): rows ``i * repeats`` to
+            ``(i + 1) * repeats - 1`` answer prompt ``i``; the prompt runs once, its cache is copied.
 
     The prompt is run once; each later step feeds one token per row through a preallocated KV
     cache (no per-step concatenation; attention reads only the filled part), with explicit position ids and a prebuilt
@@ -255,7 +258,8 @@ def generate(
     Runs under ``torch.inference_mode``; the returned tensors are ordinary (usable with autograd).
     """
     with torch.inference_mode():
-        ids, mask, logprobs = _generate(model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator)
+        ids, mask, logprobs = _generate(model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator,
+                                        repeats)
     return Generation(ids.clone(), mask.clone(), logprobs.clone())
 
 
@@ -303,6 +307,7 @@ def _generate(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None,
+    repeats: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The decoding loop. Rows that emitted EOS leave the batch (the decoder drops their cache rows once
     a quarter of the running rows has finished), so later steps, sampling included, cost only the live rows."""
@@ -320,6 +325,10 @@ def _generate(
     announce(model, "sampler: " + ("lean GPT-2" if view is not None else "lean Llama" if llama is not None else
                                    "Hugging Face forward"), fallback=view is None and llama is None)
     logits = decoder.prefill()
+    if repeats > 1:
+        copies = torch.arange(batch, device=device).repeat_interleave(repeats)
+        decoder.keep_rows(copies)
+        logits, batch = logits.index_select(0, copies), batch * repeats
 
     response_ids = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros(batch, steps, dtype=torch.bool, device=device)
