@@ -163,6 +163,8 @@ def sections() -> dict[str, str]:
         out["frontier"] = _frontier_table(d)
     if (d := _load("catgrid")) is not None and d.get("ppo_8x8_runs"):
         out["catgrid_8x8"] = _catgrid_8x8_table(d)
+    if (d := _load("grpo")) is not None:
+        out["grpo"] = _grpo_table(d, _load("grpo_trl"))
     if (d := _load("dialogue")) is not None:
         out["dialogue"] = _dialogue_table(d)
     if (d := _load("reliability")) is not None:
@@ -222,6 +224,21 @@ def _catgrid_8x8_table(d: dict) -> str:
         cell = {side: ", ".join(f"{r[side + '_steps'] / 1e6:.2f}M ({r[side + '_seconds']:.0f} s)" if r.get(side + "_steps")
                                 else "not reached" for r in runs) for side in ("ours", "sb3")}
         rows.append(f"| `{env}` | {cell['ours']} | {cell['sb3']} | {d['ppo_8x8_budget'] / 1e6:g}M steps | {_when(d)} |")
+    return "\n".join(rows)
+
+
+def _grpo_table(d: dict, trl: dict | None) -> str:
+    """Per seed: the task pipeline's held-out pass@1 (SFT, GRPO, PPO) and ours against TRL's GRPOTrainer."""
+    versus = {r["seed"]: r for r in (trl or d)["versus_trl"]}
+    rows = ["| seed | pass@1 SFT / GRPO / PPO (GRPO gain) | pass@8 SFT / GRPO | task pipeline wall | completions/s ours / "
+            f"TRL {d['trl_version']} `GRPOTrainer` (pass@1 ours / TRL) | ratio |", "|---|---|---|---|---|---|"]
+    for r in d["pipeline"]:
+        v = versus.get(r["seed"], {})
+        rows.append(f"| {r['seed']} | {r['sft_pass@1']:.3f} / {r['grpo_pass@1']:.3f} / {r['ppo_pass@1']:.3f} "
+                    f"({r['gain_points']:+.1f} points) | {r['sft_pass@8']:.3f} / {r['grpo_pass@8']:.3f} | "
+                    f"{r['total_seconds']:.0f} s | {v.get('ours_completions_per_s', 0):,.0f} / "
+                    f"{v.get('trl_completions_per_s', 0):,.0f} ({v.get('ours_pass@1', 0):.3f} / {v.get('trl_pass@1', 0):.3f}) "
+                    f"| {v.get('speedup', 0):.2f}x |")
     return "\n".join(rows)
 
 
