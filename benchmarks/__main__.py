@@ -292,7 +292,8 @@ def _model_label(d: dict) -> str:
 
 def _headline(row: str) -> bool:
     """The rows the README shows: one thread, float32, against a peer (the rest are in benchmarks/README.md)."""
-    if any(word in row for word in ("2 threads", "Shakespeare", "bf16 autocast", "as shipped", "for the first time")):
+    if any(word in row for word in ("2 threads", "Shakespeare", "bf16 autocast", "as shipped", "for the first time",
+                                    "M-param")):
         return False
     return any(word in row for word in ("vs Gymnasium", "vs SB3 PPO", "vs HF `generate`", "scoring step", "vs TRL"))
 
