@@ -15,7 +15,7 @@ from gymnasium.vector.utils import batch_space
 from rlhf_envs.compat import renamed_fields
 from rlhf_envs.text_common import TextTask, check_group_size, object_array, pick_prompt, vector_info, vector_task
 
-__all__ = ["TextBanditEnv", "TextBanditVectorEnv", "check_handed"]
+__all__ = ["TextBanditEnv", "TextBanditVectorEnv", "check_handed", "handed_logprobs"]
 
 
 @renamed_fields(target_kl="kl_setpoint")
@@ -215,16 +215,11 @@ def check_handed(task: TextTask, logprobs: Any, full_logprobs: Any,
     return lp, full
 
 
-def score_responses(task: TextTask, prompt_index: np.ndarray, tokens: np.ndarray,
-                    handed: tuple[torch.Tensor, torch.Tensor | None] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Score ``N`` responses ``tokens [N, T]`` to prompts ``prompt_index [N]``: rewards ``[N]`` and info arrays.
-
-    One batched reference forward, one batched reward call. Validates everything before any state
-    changes; the adaptive controller moves only after a successful reward call.
-    """
-    response_ids = torch.as_tensor(tokens, device=task.device)
-    mask = task.response_mask(response_ids)
-    response_ids = response_ids.masked_fill(~mask, task.pad_token_id)
+def handed_logprobs(task: TextTask, response_ids: torch.Tensor, mask: torch.Tensor,
+                    handed: tuple[torch.Tensor, torch.Tensor | None] | None, where: str = "response"
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The policy's log-probs ``[N, T]`` (0 outside ``mask``) and, where the estimator needs them, ``[N, T, V]``:
+    those handed over (checked), else a uniform policy's (what ``action_space.sample()`` draws from)."""
     if task.skip_reference:
         # beta = 0 without a reference: no forward at all, the KL is reported as 0 and the reward is the score
         logprobs = torch.zeros(mask.shape, device=task.device) if handed is None else handed[0]
@@ -240,12 +235,25 @@ def score_responses(task: TextTask, prompt_index: np.ndarray, tokens: np.ndarray
         if torch.isinf(logprobs[mask]).any():
             rows = torch.isinf(logprobs).logical_and(mask).any(-1).nonzero().flatten().tolist()
             raise ValueError(
-                f"handed-over logprobs are -inf inside the response (rows {rows[:5]}): the action was not sampled "
+                f"handed-over logprobs are -inf inside the {where} (rows {rows[:5]}): the action was not sampled "
                 "from the distribution they describe; hand over the log-probs of the tokens you sampled")
         if full is not None:
             task.check_log_distributions(full, mask, "full_logprobs", logprobs, response_ids)
             full = full if task.needs_full_logprobs else None
-    logprobs = logprobs.masked_fill(~mask, 0.0)
+    return logprobs.masked_fill(~mask, 0.0), full
+
+
+def score_responses(task: TextTask, prompt_index: np.ndarray, tokens: np.ndarray,
+                    handed: tuple[torch.Tensor, torch.Tensor | None] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Score ``N`` responses ``tokens [N, T]`` to prompts ``prompt_index [N]``: rewards ``[N]`` and info arrays.
+
+    One batched reference forward, one batched reward call. Validates everything before any state
+    changes; the adaptive controller moves only after a successful reward call.
+    """
+    response_ids = torch.as_tensor(tokens, device=task.device)
+    mask = task.response_mask(response_ids)
+    response_ids = response_ids.masked_fill(~mask, task.pad_token_id)
+    logprobs, full = handed_logprobs(task, response_ids, mask, handed)
     if task.skip_reference:
         ref = kl_per_token = torch.zeros(mask.shape, device=task.device)
     else:

@@ -14,7 +14,7 @@ from gymnasium.vector.utils import batch_space
 
 from rlhf_envs.dialogue_games import ArithmeticChecker, CalculatorGame, GuessNumberGame
 from rlhf_envs.dialogue_reference import ReferenceKV, ref_turn_logprobs
-from rlhf_envs.text_bandit import check_handed
+from rlhf_envs.text_bandit import check_handed, handed_logprobs
 from rlhf_envs.text_common import TextTask, context_length, object_array, vector_info
 from rlhf_envs.validation import check_number
 
@@ -166,7 +166,7 @@ class _Dialogues:
         ids = torch.as_tensor(tokens, device=task.device)
         mask = task.response_mask(ids)
         ids = ids.masked_fill(~mask, task.pad_token_id)
-        logprobs, full = _policy_logprobs(task, ids, mask, handed)
+        logprobs, full = handed_logprobs(task, ids, mask, handed, "turn")
         n_tokens = mask.sum(-1).cpu().numpy()
         turn_ids = ids.cpu().numpy()
         # the turn goes into the buffer right after each context; `length` (what counts) moves only below
@@ -221,29 +221,6 @@ class _Dialogues:
                      "turn_text": object_array(texts), "reply": object_array(replies),
                      "prompt": object_array(list(self.openings))},
         }
-
-
-def _policy_logprobs(task: TextTask, ids: torch.Tensor, mask: torch.Tensor,
-                     handed: tuple[torch.Tensor, torch.Tensor | None] | None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The turn's policy log-probs ``[N, T]`` (0 past the turn) and, where the estimator needs them, ``[N, T, V]``:
-    those handed over, else a uniform policy's (TextBandit's rule)."""
-    if handed is None:
-        task.warn_uniform()
-        logprobs = torch.full(mask.shape, task.uniform_logprob(), device=task.device)
-        full = (torch.full(mask.shape + (task.vocab_size,), task.uniform_logprob(), device=task.device)
-                if task.kl_estimator == "exact" else None)
-    else:
-        logprobs, full = handed
-        if torch.isinf(logprobs[mask]).any():
-            rows = torch.isinf(logprobs).logical_and(mask).any(-1).nonzero().flatten().tolist()
-            raise ValueError(f"handed-over logprobs are -inf inside the turn (rows {rows[:5]}): the action was not "
-                             "sampled from the distribution they describe; hand over the log-probs of the tokens "
-                             "you sampled")
-        if full is not None:
-            task.check_log_distributions(full, mask, "full_logprobs", logprobs, ids)
-            full = full if task.needs_full_logprobs else None
-    return logprobs.masked_fill(~mask, 0.0), full
 
 
 _DOC_ARGS = """
