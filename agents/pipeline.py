@@ -109,6 +109,11 @@ class PipelineConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"PipelineConfig.{name} must be an integer >= 0, got {value!r}")
         self._check_stage_values()
+        from rlhf_envs.rewards import available_reward_models
+
+        if self.gold_reward not in available_reward_models():
+            raise ValueError(f"PipelineConfig.gold_reward {self.gold_reward!r} is not a reward plugin; known: "
+                             f"{available_reward_models()} (register one with rlhf_envs.rewards.register)")
         if self.model_path is not None and not (Path(self.model_path) / "config.json").is_file():
             raise FileNotFoundError(f"model_path {self.model_path!r} is not a Hugging Face model directory (no config.json)")
         for name in ("demonstrations_path", "prompts_path"):

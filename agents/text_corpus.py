@@ -43,7 +43,7 @@ MAX_CHARS = 400
 CORPUS_RECIPE: dict[str, object] = {
     "n_demonstrations": 2000,
     "sft_epochs": 2,
-    "n_preference_prompts": 1200,
+    "n_preference_prompts": 1600,
     "rm_epochs": 4,
     "rm_learning_rate": 1e-3,
     "ppo_episodes": 2048,
