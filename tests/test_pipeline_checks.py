@@ -5,8 +5,8 @@ Runs on the embedded model with tiny budgets and a gold reward that carries no s
 from __future__ import annotations
 
 import json
-import zlib
 
+import numpy as np
 import pytest
 
 from agents.cli import FAILED_TO_LEARN_EXIT, main
@@ -19,15 +19,17 @@ TINY = ["--n-demonstrations", "96", "--n-preference-prompts", "48", "--ppo-episo
         "1", "--no-progress", "--torch-threads", "1"]
 
 
-def _coin(prompts: list[str], responses: list[str]) -> list[float]:
-    """A gold reward that is noise: a hash of the response, uniform in [0, 1), no ties and nothing to learn."""
-    return [zlib.crc32(r.encode()) / 2**32 for r in responses]
+def _noise():
+    """A gold reward that is noise: a seeded uniform draw per answer, unrelated to its text (a hash of the text
+    would not do: the embedded model's answers recur, and a reward model learns the recurring ones' values)."""
+    rng = np.random.default_rng(0)
+    return lambda prompts, responses: rng.random(len(responses)).tolist()
 
 
 def test_reward_model_at_chance_is_reported_at_the_top(tmp_path, capsys):
-    rewards.register("test-coin", lambda: _coin, overwrite=True)
+    rewards.register("test-noise", _noise, overwrite=True)
     run = tmp_path / "run"
-    assert main(["pipeline", "--output-dir", str(run), "--gold-reward", "test-coin", *TINY]) == FAILED_TO_LEARN_EXIT
+    assert main(["pipeline", "--output-dir", str(run), "--gold-reward", "test-noise", *TINY]) == FAILED_TO_LEARN_EXIT
     summary = json.loads((run / "summary.json").read_text())
     stages = summary["stages"]
     assert summary["status"] == "failed-to-learn" and stages["rm"]["status"] == "failed-to-learn"

@@ -95,3 +95,23 @@ def test_corpus_and_jsonl_data_are_exclusive(tmp_path):
     corpus = _text_file(tmp_path / "reviews.txt", 50)
     with pytest.raises(ValueError, match="drop demonstrations_path and prompts_path"):
         PipelineConfig(corpus_paths=[str(corpus)], prompts_path=str(corpus))
+
+
+@pytest.mark.slow
+def test_pipeline_on_a_corpus_pretrains_then_runs_every_stage(tmp_path):
+    corpus, run = _text_file(tmp_path / "reviews.txt", 1200, seed=5), tmp_path / "run"
+    code = main(["pipeline", "--corpus", str(corpus), "--output-dir", str(run), "--pretrain-size", "tiny",
+                 "--pretrain-steps", "40", "--n-demonstrations", "96", "--n-preference-prompts", "48", "--ppo-episodes",
+                 "64", "--ppo-batch-size", "32", "--n-eval-prompts", "16", "--dpo-checkpoints", "1", "--ppo-snapshots",
+                 "1", "--rm-epochs", "1", "--dpo-epochs", "1", "--sft-epochs", "1", "--no-progress", "--torch-threads", "1"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert code == (0 if summary["status"] == "ok" else 3)
+    assert list(summary["stages"]) == ["pretrain", "sft", "preferences", "rm", "ppo", "dpo"]
+    assert summary["stages"]["pretrain"]["status"] == "ok"  # 40 steps on the reviews beat token frequencies
+    info = json.loads((run / "pretrain" / "pretrain_info.json").read_text())
+    assert info["eval_loss"] < info["eval_unigram_loss"]
+    demonstrations = [json.loads(line) for line in (run / "data" / "sft.jsonl").read_text().splitlines()]
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert len(demonstrations) == 96 and evaluation["n_prompts"] == 16
+    assert not {d["prompt"] for d in demonstrations} & {e["prompt"] for e in evaluation["examples"]}
+    assert f"pretrained on {corpus}" in (run / "report.md").read_text()
