@@ -91,8 +91,6 @@ class PipelineConfig:
 
     def __post_init__(self):
         check_config_fields(self)
-        if self.corpus_paths is not None:
-            self._check_corpus()
         for name in ("n_demonstrations", "sft_epochs", "n_preference_prompts", "rm_epochs", "ppo_episodes",
                      "ppo_batch_size", "dpo_epochs", "max_new_tokens", "n_eval_prompts"):
             value = getattr(self, name)
@@ -120,6 +118,8 @@ class PipelineConfig:
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"PipelineConfig.{name} {value!r} does not exist: give a JSONL file")
+        if self.corpus_paths is not None:
+            self._check_corpus()
         if self.prompts_path is not None:
             _prompt_splits(self)  # too few distinct prompts fails here, before anything is written
 
@@ -158,9 +158,9 @@ def _prompt_splits(config: PipelineConfig) -> tuple[list[str], list[str], list[s
     """Prompts for preferences, PPO, the KL-guarded choice of the PPO and DPO models (validation) and the
     evaluation, with no prompt in two of them.
 
-    The distinct prompts of ``prompts_path`` or ``corpus_paths`` (or of embedded-corpus draws: the review grammar has about 1,500
-    distinct openings, so prompts drawn with different seeds would overlap) are shuffled with the
-    seed and dealt out: ``n_eval_prompts`` to the evaluation (at most a quarter of them) and 256 to
+    The distinct prompts of ``prompts_path`` or ``corpus_paths`` (or of embedded-corpus draws: the review
+    grammar has about 1,500 distinct openings, so prompts drawn with different seeds would overlap) are
+    shuffled with the seed and dealt out: ``n_eval_prompts`` to the evaluation (at most a quarter of them) and 256 to
     validation (at most a sixth), each once; of the rest, a third to PPO and two thirds to
     preferences. Those two take the draws (or lines) of their prompts, so a frequent prompt stays
     frequent there: preferences up to ``n_preference_prompts`` of them, PPO all (512 from the corpus).
@@ -411,8 +411,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
     then :func:`_evaluate_and_report` on rank 0. Each stage's check (:mod:`agents.stage_checks`) runs when it
     ends; a gold reward that leaves fewer than 2 rankings stops the run after preferences, with the report.
     """
-    from agents.stage_checks import announce, stage_status
     from agents.distributed import check_divides_among_processes
+    from agents.stage_checks import announce, stage_status
     from rlhf_envs.lm.loading import EMBEDDED_MODEL_DIR
 
     check_divides_among_processes(config.ppo_batch_size, "ppo_batch_size")  # before any stage runs
@@ -467,7 +467,7 @@ def _rankings_kept(out: Path) -> int:
 
 
 def _stage_summary(statuses: dict[str, dict]) -> dict:
-    """The run's status (``ok``, or ``failed-to-learn`` when a stage did not learn), its warnings and each stage's finding."""
+    """The run's status (``ok``, or ``failed-to-learn`` when a stage did not learn), its warnings, each stage's finding."""
     from agents.stage_checks import FAILED, OK, warnings_of
 
     failed = any(s["status"] == FAILED for s in statuses.values())
@@ -483,7 +483,8 @@ def _stop_without_rankings(config: PipelineConfig, out: Path, stages: list[str],
 
     statuses |= {name: {"status": NOT_RUN} for name in stages if name not in statuses}
     summary = {**_stage_summary(statuses), "stopped_after": "preferences",
-               "seconds": {k: round(v, 1) for k, v in timings.items()}, "total_seconds": round(sum(timings.values()), 1),
+               "seconds": {k: round(v, 1) for k, v in timings.items()},
+               "total_seconds": round(sum(timings.values()), 1),
                "preferences": json.loads((out / "preferences" / "DONE").read_text())}
     summary["warnings"].append(f"the run stopped after preferences: {_rankings_kept(out)} rankings kept, a reward model "
                                "needs at least 2 (one to train on, one held out); rm, ppo and dpo did not run.")

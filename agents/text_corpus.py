@@ -53,7 +53,9 @@ CORPUS_RECIPE: dict[str, object] = {
 """Values that worked on a small model pretrained on tinyshakespeare, where they differ from the embedded
 model's. A new base model's SFT needs two epochs; the reward model 4 epochs at 1e-3 (at 2 epochs of 5e-4 its
 held-out accuracy stayed near 0.56, and PPO exploited a proxy near chance: gold win rate 0.46 against SFT,
-0.74 with these); PPO reaches the KL budget in 2,048 episodes with the controller's horizon at 500."""
+0.74 with these); PPO reaches the KL budget in 2,048 episodes with the controller's horizon at 500. With 1,200
+preference prompts the reward model reached 0.635 held out; 1,600 give it a third more rankings, the cheapest
+lever (sampling and ranking them and training the reward model took 32 s of that run's 388)."""
 
 
 def apply_corpus_recipe(config) -> list[str]:
