@@ -8,11 +8,13 @@ next 14 at most), then runs SFT, the gold-ranked preferences, the reward model, 
 evaluates on held-out prompts. The text is read from ``../shared/data`` and never copied into the
 repository.
 
-    python -m benchmarks.bench_shakespeare            # about 15 minutes on a shared 2-core CPU
+    python -m benchmarks.bench_shakespeare --threads 1   # 21 minutes on a 2-core CPU under a mean load of 6.8
     python -m benchmarks.bench_shakespeare --quick    # a smoke run of a few minutes, not for the README
 
 The run folder is ``--out`` (default ``runs/bench_shakespeare``, which git ignores); the table,
-the timings and the machine's load go to ``benchmarks/results/shakespeare.json``.
+the timings and the machine's load go to ``benchmarks/results/shakespeare.json``. On a machine
+shared by more processes than it has cores, give one thread: torch's two threads ran pretraining
+4.7 times slower than one there (16 against 3.4 s a step at a load of about 11, 2026-12-04).
 """
 
 from __future__ import annotations
