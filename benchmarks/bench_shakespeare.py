@@ -8,7 +8,7 @@ next 14 at most), then runs SFT, the gold-ranked preferences, the reward model, 
 evaluates on held-out prompts. The text is read from ``../shared/data`` and never copied into the
 repository.
 
-    python -m benchmarks.bench_shakespeare --threads 1   # 21 minutes on a 2-core CPU under a mean load of 6.8
+    python -m benchmarks.bench_shakespeare --threads 1   # 7.5 minutes on 2 cores at a load of 3.7; 21 at 6.8
     python -m benchmarks.bench_shakespeare --quick    # a smoke run of a few minutes, not for the README
 
 The run folder is ``--out`` (default ``runs/bench_shakespeare``, which git ignores); the table,
