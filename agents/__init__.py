@@ -3,6 +3,7 @@
 One flat module per algorithm, each with one config dataclass and one ``train_*`` function:
 
 - :mod:`agents.ppo`: PPO for discrete Gymnasium envs (:class:`PPOConfig`, :func:`train_ppo`);
+- :mod:`agents.pretrain`: pretraining on plain text (:class:`PretrainConfig`, :func:`train_pretrain`);
 - :mod:`agents.sft`: supervised fine-tuning (:class:`SFTConfig`, :func:`train_sft`);
 - :mod:`agents.reward_model`: Bradley-Terry reward model (:class:`RewardModelConfig`, :func:`train_reward_model`);
 - :mod:`agents.lm_ppo`: RLHF PPO for language models (:class:`LMPPOConfig`, :func:`train_lm_ppo`);
@@ -28,6 +29,7 @@ __rlhf_gym__ = True
 
 _EXPORTS = {
     "PPOConfig": "ppo", "train_ppo": "ppo",
+    "PretrainConfig": "pretrain", "train_pretrain": "pretrain",
     "SFTConfig": "sft", "train_sft": "sft",
     "RewardModelConfig": "reward_model", "train_reward_model": "reward_model",
     "LMPPOConfig": "lm_ppo", "train_lm_ppo": "lm_ppo",

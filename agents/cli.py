@@ -12,7 +12,7 @@ from pathlib import Path
 from rlhf_envs.compat import RENAMED_FIELDS
 
 
-DATA_PARALLEL = ("sft", "rm", "dpo", "ppo", "pipeline")
+DATA_PARALLEL = ("pretrain", "sft", "rm", "dpo", "ppo", "pipeline")
 """The sub-commands that run data parallel when launched by ``torchrun`` (see :mod:`agents.lm_common`)."""
 
 
@@ -181,8 +181,20 @@ def _pipeline(args: argparse.Namespace) -> int:
     if not is_main_process():  # data parallel: rank 0 evaluated and wrote the report
         return 0
     print(json.dumps(summary, indent=2))
+    for line in summary.get("warnings", []):
+        print(f"[pipeline] WARNING {line}", file=sys.stderr)
     print(f"report: {Path(args.output_dir) / 'report.md'}")
-    return 0
+    return 0 if summary.get("status", "ok") == "ok" else FAILED_TO_LEARN_EXIT
+
+
+FAILED_TO_LEARN_EXIT = 3
+"""``rlhf pipeline``'s exit status when the run finished but a stage did not learn (see :mod:`agents.stage_checks`)."""
+
+
+def _add_corpus_arg(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--corpus", dest="corpus_paths", nargs="+", required=required, default=None, metavar="FILE",
+                        help="plain-text (UTF-8) files" + ("" if required else ": pretrain on them and cut the "
+                             "demonstrations and prompts out of them (agents.text_corpus)"))
 
 
 def _task_pipeline(args: argparse.Namespace) -> int:
@@ -195,7 +207,8 @@ def _task_pipeline(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, str] = {
-    "pipeline": "SFT -> reward model -> PPO, and DPO beside it, on the embedded default, with a report",
+    "pipeline": "SFT -> reward model -> PPO, and DPO beside it, on the embedded default or your own text (--corpus), with a report",
+    "pretrain": "pretrain a causal LM (and a BPE tokenizer) on plain-text files",
     "sft": "supervised fine-tuning on JSONL {prompt, completion}",
     "rm": "reward model (Bradley-Terry) on JSONL pairs {prompt, chosen, rejected} or rankings {prompt, responses}",
     "dpo": "DPO / IPO / conservative DPO on JSONL preference pairs",
@@ -209,7 +222,8 @@ _COMMANDS: dict[str, str] = {
 """Every sub-command and its one-line help. Only the chosen one's options are built (its config module imports
 torch), so ``rlhf --help`` and a bad command answer without importing torch or transformers."""
 
-_TRAINERS = {"sft": ("agents.sft:SFTConfig", "agents.sft:train_sft"),
+_TRAINERS = {"pretrain": ("agents.pretrain:PretrainConfig", "agents.pretrain:train_pretrain"),
+             "sft": ("agents.sft:SFTConfig", "agents.sft:train_sft"),
              "rm": ("agents.reward_model:RewardModelConfig", "agents.reward_model:train_reward_model"),
              "dpo": ("agents.dpo:DPOConfig", "agents.dpo:train_dpo"),
              "ppo": ("agents.lm_ppo:LMPPOConfig", "agents.lm_ppo:train_lm_ppo"),
@@ -232,7 +246,8 @@ def _add_run_folder_args(parser: argparse.ArgumentParser) -> None:
 def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
     """The options of sub-command ``name`` (imports its config's module)."""
     if name == "pipeline":
-        add_config_args(p, _load("agents.pipeline:PipelineConfig"))
+        add_config_args(p, _load("agents.pipeline:PipelineConfig"), skip=("corpus_paths",))
+        _add_corpus_arg(p, required=False)
         _add_run_folder_args(p)
         p.set_defaults(func=_pipeline)
     elif name == "task-pipeline":
@@ -241,7 +256,10 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.set_defaults(func=_task_pipeline)
     elif name in _TRAINERS:
         cls = _load(_TRAINERS[name][0])
-        add_config_args(p, cls, skip={"ppo": ("prompts", "ptx_texts"), "grpo": ("prompts",)}.get(name, ()))
+        add_config_args(p, cls, skip={"ppo": ("prompts", "ptx_texts"), "grpo": ("prompts",),
+                                      "pretrain": ("corpus_paths",)}.get(name, ()))
+        if name == "pretrain":
+            _add_corpus_arg(p, required=True)
         if name in ("ppo", "grpo"):
             p.add_argument("--prompts-path", "--prompts-file", dest="prompts_file", default=None,
                            help="prompts: rows with a 'prompt' (a string or role/content turns) in JSONL, .jsonl.gz, "

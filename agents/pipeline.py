@@ -8,10 +8,16 @@ prompt K times and the gold reward (VADER sentiment, human-rated word valences) 
 answers. PPO optimises the learned proxy; evaluation judges with the gold reward, so the report
 shows proxy against gold reward and both against KL (over-optimisation).
 
+With ``corpus_paths`` (``rlhf pipeline --corpus FILE...``) the base model is first pretrained on the
+user's text (stage ``pretrain``, :mod:`agents.pretrain`), and the demonstrations and prompts are cut
+out of the same text (:mod:`agents.text_corpus` documents how). After every stage a check says
+whether it learned (:mod:`agents.stage_checks`): a stage that did not is announced on the console,
+at the top of ``report.md`` and in ``summary.json``'s ``stages``, with the figure and what to change.
+
 The run folder::
 
     data/{sft,rankings,preferences}.jsonl   the generated data
-    sft/ rm/ dpo/ ppo/policy/               models (Hugging Face dirs, safetensors), each with metrics.jsonl
+    pretrain/ sft/ rm/ dpo/ ppo/policy/     models (Hugging Face dirs, safetensors), each with metrics.jsonl
     eval.json  curves.json  report.md  *.png
 
 Under ``torchrun`` every training stage runs data parallel (each trainer splits its own work);
@@ -35,6 +41,7 @@ import torch.distributed as dist
 
 from agents.data import write_jsonl
 from agents.distributed import distributed, is_main_process, join_process_group
+from agents.pipeline_selection import candidates, over_optimisation_curves, select_within_budget
 from agents.trackers import REPORT_TO_HELP, parse_report_to
 from rlhf_envs.compat import renamed_fields
 from rlhf_envs.validation import check_config_fields
@@ -51,6 +58,11 @@ class PipelineConfig:
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
     demonstrations_path: str | None = field(default=None, metadata={"help": "SFT demonstrations {prompt, completion} or {messages} (JSONL, .jsonl.gz, parquet or a datasets folder); None = drawn from the embedded corpus"})
     prompts_path: str | None = field(default=None, metadata={"help": "prompts for preferences, PPO, validation and evaluation, rows {prompt} (JSONL, .jsonl.gz, parquet or a datasets folder); None = corpus prompts. Either way each distinct prompt goes to one of the four"})
+    corpus_paths: list | None = field(default=None, metadata={"help": "plain-text files (--corpus FILE...): pretrain a base model on them and cut the demonstrations and prompts out of them (agents.text_corpus), in place of demonstrations_path and prompts_path"})
+    corpus_recipe: bool = field(default=True, metadata={"help": "with corpus_paths, set the settings left at their defaults to the corpus recipe's (agents.text_corpus.CORPUS_RECIPE)"})
+    pretrain_size: str = field(default="small", metadata={"help": "with corpus_paths, the size preset of the new GPT-2 (agents.pretrain.SIZES); with model_path too, that model is pretrained further instead"})
+    pretrain_steps: int = field(default=600, metadata={"help": "with corpus_paths, pretraining's optimizer steps (64 passages each)"})
+    gold_reward: str = field(default="sentiment", metadata={"help": "reward plugin that ranks the SFT answers and judges the evaluation: the gold reward"})
     n_demonstrations: int = field(default=3000, metadata={"help": "SFT demonstrations drawn from the corpus"})
     sft_epochs: int = field(default=1, metadata={"help": "SFT epochs"})
     sft_learning_rate: float = field(default=5e-4, metadata={"help": "SFT learning rate"})
@@ -100,7 +112,11 @@ class PipelineConfig:
                 raise ValueError(f"PipelineConfig.{name} must be an integer >= 0, got {value!r}")
         self._check_stage_values()
         from rlhf_envs.lm.loading import resolve_model_path
+        from rlhf_envs.rewards import available_reward_models
 
+        if self.gold_reward not in available_reward_models():
+            raise ValueError(f"PipelineConfig.gold_reward {self.gold_reward!r} is not a reward plugin; known: "
+                             f"{available_reward_models()} (register one with rlhf_envs.register_reward_model)")
         if self.model_path is not None and not (resolve_model_path(self.model_path) / "config.json").is_file():
             raise FileNotFoundError(f"model_path {self.model_path!r} is not a Hugging Face model directory (no config.json)")
         for name in ("demonstrations_path", "prompts_path"):
@@ -108,8 +124,17 @@ class PipelineConfig:
             if value is not None and not Path(value).exists():
                 raise FileNotFoundError(f"PipelineConfig.{name} {value!r} does not exist: give a JSONL, .jsonl.gz or "
                                         "parquet file or a datasets folder")
+        if self.corpus_paths is not None:
+            self._check_corpus()
         if self.prompts_path is not None:
             _prompt_splits(self)  # too few distinct prompts fails here, before anything is written
+
+    def _check_corpus(self) -> None:
+        """``corpus_paths``: the recipe's settings, then a corpus that is text and big enough for the splits asked
+        for (:func:`agents.text_corpus.check_corpus`), before anything is written."""
+        from agents.text_corpus import check_corpus
+
+        check_corpus(self, _prompt_splits)
 
     def _check_stage_values(self) -> None:
         """Build each stage's config from these values now, so a bad ``beta``, learning rate or DPO loss
@@ -139,14 +164,18 @@ def _prompt_splits(config: PipelineConfig) -> tuple[list[str], list[str], list[s
     """Prompts for preferences, PPO, the KL-guarded choice of the PPO and DPO models (validation) and the
     evaluation, with no prompt in two of them.
 
-    The distinct prompts of ``prompts_path`` (or of corpus draws: the review grammar has about 1,500
-    distinct openings, so prompts drawn with different seeds would overlap) are shuffled with the
-    seed and dealt out: ``n_eval_prompts`` to the evaluation (at most a quarter of them) and 256 to
+    The distinct prompts of ``prompts_path`` or ``corpus_paths`` (or of embedded-corpus draws: the review
+    grammar has about 1,500 distinct openings, so prompts drawn with different seeds would overlap) are
+    shuffled with the seed and dealt out: ``n_eval_prompts`` to the evaluation (at most a quarter of them) and 256 to
     validation (at most a sixth), each once; of the rest, a third to PPO and two thirds to
     preferences. Those two take the draws (or lines) of their prompts, so a frequent prompt stays
     frequent there: preferences up to ``n_preference_prompts`` of them, PPO all (512 from the corpus).
     """
-    if config.prompts_path is None:
+    if config.corpus_paths is not None:
+        from agents.text_corpus import corpus_examples
+
+        draws, source = corpus_examples(config.corpus_paths, config.seed)[1], f"the corpus {config.corpus_paths}"
+    elif config.prompts_path is None:
         from rlhf_envs.corpus import make_prompts
 
         # enough draws that the preference and PPO shares (about 40% and 20% of the draws) fill their quotas
@@ -170,7 +199,7 @@ def _prompt_splits(config: PipelineConfig) -> tuple[list[str], list[str], list[s
     shuffled = [draws[i] for i in rng.permutation(len(draws))]
     pref = [p for p in shuffled if p in pref_set][:config.n_preference_prompts]
     ppo = [p for p in shuffled if p in ppo_set]
-    if config.prompts_path is None:
+    if config.prompts_path is None and config.corpus_paths is None:
         ppo = ppo[:_N_PPO_CORPUS_PROMPTS]
     return pref, ppo, distinct[n_eval:n_eval + n_val], distinct[:n_eval]
 
@@ -228,7 +257,7 @@ def make_preferences(model_path: str, prompts: list[str], config: PipelineConfig
 
     k = config.k_responses
     repeated = [p for p in prompts for _ in range(k)]
-    task = TextTask(model_path, "sentiment", repeated, beta=0.0, max_new_tokens=config.max_new_tokens)
+    task = TextTask(model_path, config.gold_reward, repeated, beta=0.0, max_new_tokens=config.max_new_tokens)
     samples = sample_and_score(task, task.ref_model, EvalConfig(models={"sft": model_path}, seed=seed, batch_size=256,
                                                                 max_new_tokens=config.max_new_tokens, progress=False))
     rankings, pairs = [], []
@@ -254,11 +283,26 @@ def make_preferences(model_path: str, prompts: list[str], config: PipelineConfig
     return rankings, pairs, stats
 
 
+def _pretrain_stage(config: PipelineConfig, out: Path) -> None:
+    """Stage 0 (with ``corpus_paths``): the base model, pretrained on the corpus."""
+    from agents.pretrain import PretrainConfig, train_pretrain
+
+    result = train_pretrain(PretrainConfig(
+        corpus_paths=config.corpus_paths, model_path=config.model_path, output_dir=str(out / "pretrain"),
+        seed=config.seed, size=config.pretrain_size, max_steps=config.pretrain_steps, progress=config.progress))
+    _mark_done(out, "pretrain", result.metrics)
+
+
 def _sft_stage(config: PipelineConfig, out: Path, base: str, held_out: set[str]) -> None:
     """Stage 1: SFT of the base model on demonstrations (drawn avoiding the validation and evaluation prompts)."""
     from agents.sft import SFTConfig, train_sft
 
-    if config.demonstrations_path is None:
+    if config.corpus_paths is not None:
+        from agents.text_corpus import corpus_examples
+
+        demonstrations = [d for d in corpus_examples(config.corpus_paths, config.seed)[0]
+                          if d["prompt"] not in held_out][:config.n_demonstrations]
+    elif config.demonstrations_path is None:
         demonstrations = _demonstrations_avoiding(config.n_demonstrations, config.seed + 1, held_out)
     else:
         from agents.data import read_sft
@@ -328,7 +372,7 @@ def _dpo_stage(config: PipelineConfig, out: Path, sft: str) -> None:
 
 
 def _evaluate_and_report(config: PipelineConfig, out: Path, base: str, splits: tuple[list[str], ...],
-                         n_iterations: int, timings: dict[str, float]) -> dict:
+                         n_iterations: int, timings: dict[str, float], statuses: dict[str, dict]) -> dict:
     """Stages 6-7: the KL-guarded choice of the reported models, the evaluation, ``summary.json`` and the report."""
     from agents.evaluate import EvalConfig, evaluate_models, write_eval
     from agents.reports import write_report
@@ -336,18 +380,20 @@ def _evaluate_and_report(config: PipelineConfig, out: Path, base: str, splits: t
     sft, rm = str(out / "sft"), str(out / "rm")
     _, _, validation_prompts, eval_prompts = splits
     t = time.perf_counter()
-    selections = _select_within_budget(out, sft, config, validation_prompts, _candidates(out, sft, n_iterations))
+    selections = select_within_budget(out, sft, config, validation_prompts, candidates(out, sft, n_iterations))
     models = {"base": base, "sft": sft, "ppo": selections["ppo"]["path"], "dpo": selections["dpo"]["path"]}
     eval_config = EvalConfig(models=models, reference="sft", reward_model_path=rm, prompts=eval_prompts,
-                             max_new_tokens=config.max_new_tokens, seed=config.seed, progress=config.progress)
+                             gold_reward=config.gold_reward, max_new_tokens=config.max_new_tokens, seed=config.seed,
+                             progress=config.progress)
     evaluation = evaluate_models(eval_config)
     write_eval(evaluation, out / "eval.json")
-    curves = _over_optimisation_curves(out, sft, rm, config, eval_prompts[:128])
+    curves = over_optimisation_curves(out, sft, rm, config, eval_prompts[:128])
     write_eval(curves, out / "curves.json")
     timings["eval"] = time.perf_counter() - t
 
     rm_metrics = json.loads((out / "rm" / "DONE").read_text())
     summary = {
+        **_stage_summary(statuses),
         "rm_heldout_accuracy": rm_metrics.get("eval/accuracy"),
         "ppo_win_rate_vs_sft": _row(evaluation, "ppo")["win_rate_vs_sft"],
         "ppo_kl_to_sft": _row(evaluation, "ppo")["kl_to_sft"],
@@ -368,10 +414,13 @@ def _evaluate_and_report(config: PipelineConfig, out: Path, base: str, splits: t
 def run_pipeline(config: PipelineConfig) -> dict:
     """Run every stage and write the report; returns the summary (also in ``summary.json``).
 
-    Stages (each skipped when ``resume`` finds it done): :func:`_sft_stage`, :func:`_preferences_stage`,
-    :func:`_rm_stage`, :func:`_ppo_stage`, :func:`_dpo_stage`, then :func:`_evaluate_and_report` on rank 0.
+    Stages (each skipped when ``resume`` finds it done): :func:`_pretrain_stage` (with ``corpus_paths``),
+    :func:`_sft_stage`, :func:`_preferences_stage`, :func:`_rm_stage`, :func:`_ppo_stage`, :func:`_dpo_stage`,
+    then :func:`_evaluate_and_report` on rank 0. Each stage's check (:mod:`agents.stage_checks`) runs when it
+    ends; a gold reward that leaves fewer than 2 rankings stops the run after preferences, with the report.
     """
     from agents.distributed import check_divides_among_processes
+    from agents.stage_checks import announce, stage_status
     from rlhf_envs.lm.loading import EMBEDDED_MODEL_DIR
 
     check_divides_among_processes(config.ppo_batch_size, "ppo_batch_size")  # before any stage runs
@@ -383,122 +432,70 @@ def run_pipeline(config: PipelineConfig) -> dict:
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "pipeline_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    base = config.model_path or str(EMBEDDED_MODEL_DIR)
+    base = str(out / "pretrain") if config.corpus_paths is not None else config.model_path or str(EMBEDDED_MODEL_DIR)
     sft, rm = str(out / "sft"), str(out / "rm")
     n_iterations = max(1, config.ppo_episodes // config.ppo_batch_size)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     splits = _prompt_splits(config)
     pref_prompts, ppo_prompts, validation_prompts, eval_prompts = splits
-    stages = {
+    stages = {"pretrain": lambda: _pretrain_stage(config, out)} if config.corpus_paths is not None else {}
+    stages |= {
         "sft": lambda: _sft_stage(config, out, base, set(validation_prompts) | set(eval_prompts)),
         "preferences": lambda: _preferences_stage(config, out, sft, pref_prompts),
         "rm": lambda: _rm_stage(config, out, sft),
         "ppo": lambda: _ppo_stage(config, out, sft, rm, ppo_prompts, n_iterations),
         "dpo": lambda: _dpo_stage(config, out, sft),
     }
+    statuses: dict[str, dict] = {}
     for name, run_stage in stages.items():
         if _stage(out, name, config):
             run_stage()
         timings[name] = time.perf_counter() - t
         t = time.perf_counter()
+        if is_main_process():
+            statuses[name] = stage_status(name, json.loads((out / name / "DONE").read_text()), statuses)
+            announce(name, statuses[name])
+        if name == "preferences" and _from_rank_zero(is_main_process() and _rankings_kept(out) < 2):
+            return _stop_without_rankings(config, out, list(stages), statuses, timings) if is_main_process() else {}
     if not is_main_process():  # evaluation and the report are rank 0's; the others are done
         _from_rank_zero(None)
         return {}
-    summary = _evaluate_and_report(config, out, base, splits, n_iterations, timings)
+    summary = _evaluate_and_report(config, out, base, splits, n_iterations, timings, statuses)
     _from_rank_zero(None)
     return summary
-
-
-def _candidates(out: Path, sft: str, n_iterations: int) -> dict[str, dict[str, str]]:
-    """Per algorithm, the models the KL-guarded choice picks among (name -> directory), oldest first, final last.
-
-    PPO: its snapshots and the final policy (the snapshot of the last iteration holds the final
-    policy's weights: left out, sampled once as "final"). DPO: its intermediate checkpoints and the
-    final model (a checkpoint of the final step likewise left out).
-    """
-    ppo = {snap.name: str(snap) for snap in sorted((out / "ppo" / "snapshots").glob("iter-*"))
-           if snap.name != f"iter-{n_iterations:05d}"}
-    ppo["final"] = str(out / "ppo" / "policy")
-    timing = out / "dpo" / "timing.json"
-    final_step = json.loads(timing.read_text()).get("step") if timing.is_file() else None
-    dpo = {name: path for name, (path, step) in _dpo_checkpoint_dirs(out, sft).items() if step != final_step}
-    dpo["final"] = str(out / "dpo")
-    return {"ppo": ppo, "dpo": dpo}
-
-
-def _select_within_budget(out: Path, sft: str, config: PipelineConfig, prompts: list[str],
-                          candidates: dict[str, dict[str, str]]) -> dict[str, dict]:
-    """The PPO and DPO models the evaluation reports, each chosen by KL alone on validation prompts (not the evaluation's).
-
-    PPO's adaptive controller holds the KL of each training batch near its setpoint, but a single
-    update can still move the policy's KL to SFT on fresh samples well past the budget (seed 0 of
-    the benchmark: 3.0 to 6.2 nats in one update); DPO has no KL control at all, only beta's
-    implicit one. So every candidate of ``candidates`` (per algorithm, oldest first) is sampled on
-    the validation prompts, and per algorithm the latest one whose KL to SFT is within
-    ``kl_budget`` with two standard errors to spare (the KL is a mean over a heavy-tailed
-    distribution) is reported; the one with the lowest such bound if none is. Both methods are thus
-    compared within the same budget. No reward enters the choice. Written to
-    ``<algorithm>_selection.json``; each entry of the result is that file's content. Without a
-    budget (``kl_budget`` None) the final models are reported and no file is written.
-    """
-    from agents.evaluate import EvalConfig, evaluate_models
-
-    if config.kl_budget is None:
-        return {algorithm: {"selected": "final", "path": models["final"]} for algorithm, models in candidates.items()}
-    named = {f"{algorithm}:{name}": path for algorithm, models in candidates.items() for name, path in models.items()}
-    result = evaluate_models(EvalConfig(models={"sft": sft, **named}, reference="sft", prompts=prompts,
-                                        max_new_tokens=config.max_new_tokens, seed=config.seed + 2, progress=False))
-    rows = {row["model"]: row for row in result["rows"]}
-    selections = {}
-    for algorithm, models in candidates.items():
-        kl = {name: rows[f"{algorithm}:{name}"]["kl_to_sft"] for name in models}
-        bound = {name: kl[name] + 2.0 * rows[f"{algorithm}:{name}"]["kl_to_sft_stderr"] for name in models}
-        within = [name for name in models if bound[name] <= config.kl_budget]
-        selected = within[-1] if within else min(bound, key=bound.get)
-        selections[algorithm] = {"selected": selected, "path": models[selected], "kl_budget": config.kl_budget,
-                                 "kl_to_sft_on_validation": kl, "kl_upper_bound_on_validation": bound,
-                                 "n_validation_prompts": len(prompts)}
-        (out / f"{algorithm}_selection.json").write_text(json.dumps(selections[algorithm], indent=2) + "\n")
-    return selections
-
-
-def _dpo_checkpoint_dirs(out: Path, sft: str) -> dict[str, tuple[str, int]]:
-    """DPO's intermediate checkpoints as loadable Hugging Face directories (``dpo/curve/<name>``), oldest
-    first: name -> (directory, the checkpoint's optimizer step)."""
-    from agents.checkpoint import list_checkpoints
-    from rlhf_envs.lm.loading import load_causal_lm
-
-    found = {}
-    for ckpt in list_checkpoints(out / "dpo" / "checkpoints"):
-        target = out / "dpo" / "curve" / ckpt.name
-        if not (target / "config.json").is_file():  # a checkpoint's weights as a loadable HF directory
-            from safetensors.torch import load_model
-
-            model, tokenizer = load_causal_lm(sft)
-            load_model(model, str(ckpt / "model.safetensors"))
-            model.save_pretrained(target)
-            tokenizer.save_pretrained(target)
-        step = json.loads((ckpt / "checkpoint.json").read_text())["state"]["global_step"]
-        found[ckpt.name] = (str(target), step)
-    return found
 
 
 def _row(evaluation: dict, name: str) -> dict:
     return next(r for r in evaluation["rows"] if r["model"] == name)
 
 
-def _over_optimisation_curves(out: Path, sft: str, rm: str, config: PipelineConfig, prompts: list[str]) -> dict:
-    """Gold reward, proxy reward and KL to SFT of intermediate PPO snapshots and DPO checkpoints."""
-    from agents.evaluate import EvalConfig, evaluate_models
+def _rankings_kept(out: Path) -> int:
+    return json.loads((out / "preferences" / "DONE").read_text())["rankings_kept"]
 
-    models = {"sft": sft}
-    for snap in sorted((out / "ppo" / "snapshots").glob("iter-*")):
-        models[f"ppo@{snap.name}"] = str(snap)
-    models["ppo@final"] = str(out / "ppo" / "policy")
-    for name, (path, _) in _dpo_checkpoint_dirs(out, sft).items():
-        models[f"dpo@{name}"] = path
-    models["dpo@final"] = str(out / "dpo")
-    result = evaluate_models(EvalConfig(models=models, reference="sft", reward_model_path=rm, prompts=prompts,
-                                        max_new_tokens=config.max_new_tokens, seed=config.seed + 1, progress=config.progress))
-    return {"points": result["rows"]}
+
+def _stage_summary(statuses: dict[str, dict]) -> dict:
+    """The run's status (``ok``, or ``failed-to-learn`` when a stage did not learn), its warnings, each stage's finding."""
+    from agents.stage_checks import FAILED, OK, warnings_of
+
+    failed = any(s["status"] == FAILED for s in statuses.values())
+    return {"status": FAILED if failed else OK, "warnings": warnings_of(statuses), "stages": statuses}
+
+
+def _stop_without_rankings(config: PipelineConfig, out: Path, stages: list[str], statuses: dict[str, dict],
+                           timings: dict[str, float]) -> dict:
+    """The gold reward tied (nearly) every prompt's answers: no reward model, PPO or DPO can train. Write the
+    summary and a report that says so, and return the summary."""
+    from agents.reports import write_stopped_report
+    from agents.stage_checks import NOT_RUN
+
+    statuses |= {name: {"status": NOT_RUN} for name in stages if name not in statuses}
+    summary = {**_stage_summary(statuses), "stopped_after": "preferences",
+               "seconds": {k: round(v, 1) for k, v in timings.items()},
+               "total_seconds": round(sum(timings.values()), 1),
+               "preferences": json.loads((out / "preferences" / "DONE").read_text())}
+    summary["warnings"].append(f"the run stopped after preferences: {_rankings_kept(out)} rankings kept, a reward model "
+                               "needs at least 2 (one to train on, one held out); rm, ppo and dpo did not run.")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_stopped_report(out, config, summary)
+    return summary

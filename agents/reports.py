@@ -115,8 +115,8 @@ def write_report(out: Path, config, evaluation: dict, curves: dict, summary: dic
         for e in evaluation["examples"][:4])
     text = f"""# rlhf pipeline report
 
-Base model `{config.model_path or 'embedded default'}`, seed {config.seed}, {evaluation['n_prompts']} held-out prompts,
-one sampled response each (temperature 1). Gold reward: VADER sentiment (compound, in [-1, 1]). Proxy reward: the
+{warnings_block(summary)}Base model `{_base_name(config)}`, seed {config.seed}, {evaluation['n_prompts']} held-out prompts,
+one sampled response each (temperature 1). Gold reward: {_gold_name(config)}. Proxy reward: the
 reward model trained on gold-ranked SFT samples. KL (`kl_to_sft`): KL(model || SFT) in nats per response, as the
 exact KL between the two next-token distributions at every position of the sampled response, summed, with its standard
 error over prompts; `kl_to_sft_k1` is the sampled log-ratio (k1) estimate of the same quantity, noisier. Win rate:
@@ -137,6 +137,8 @@ which one word runs four or more times in a row ("my my my my"), the mark of a p
 | DPO model reported (the latest within the KL budget on validation prompts, `dpo_selection.json`) | {summary.get('dpo_selected', 'final')} |
 | wall time | {summary['total_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}) |
 
+{stages_table(summary)}
+
 ![gold vs KL](gold_vs_kl.png)
 
 ![PPO training](ppo_training.png)
@@ -147,6 +149,41 @@ which one word runs four or more times in a row ("my my my my"), the mark of a p
 
 {examples}
 """
+    tmp = out / "report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / "report.md")
+    return out / "report.md"
+
+
+def _base_name(config) -> str:
+    if getattr(config, "corpus_paths", None):
+        return f"pretrained on {', '.join(config.corpus_paths)} (pretrain/)"
+    return config.model_path or "embedded default"
+
+
+def _gold_name(config) -> str:
+    name = getattr(config, "gold_reward", "sentiment")
+    return "VADER sentiment (compound, in [-1, 1])" if name == "sentiment" else f"the `{name}` reward plugin"
+
+
+def warnings_block(summary: dict) -> str:
+    """The report's opening warning: every stage that did not learn, with its figure and what to change."""
+    if not summary.get("warnings"):
+        return ""
+    lines = "\n".join(f"- **{line}**" for line in summary["warnings"])
+    return f"## WARNING: this run did not learn everywhere\n\n{lines}\n\n"
+
+
+def stages_table(summary: dict) -> str:
+    """One row per stage: its status (ok, failed-to-learn, ran-against-failed, not-run) and its figure."""
+    rows = [{"stage": name, "status": s["status"], "figure": s.get("figure", "")} for name, s in summary.get("stages", {}).items()]
+    return "## Did each stage learn?\n\n" + _table(rows, ["stage", "status", "figure"]) if rows else ""
+
+
+def write_stopped_report(out: Path, config, summary: dict) -> Path:
+    """``report.md`` of a run that stopped after preferences (nothing for a reward model to train on)."""
+    text = (f"# rlhf pipeline report\n\n{warnings_block(summary)}Base model `{_base_name(config)}`, seed {config.seed}. "
+            f"Gold reward: {_gold_name(config)}.\n\n{stages_table(summary)}\n")
     tmp = out / "report.md.tmp"
     tmp.write_text(text)
     tmp.replace(out / "report.md")

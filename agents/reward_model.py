@@ -14,7 +14,7 @@ is the usual pairwise loss ``-log sigmoid(r_chosen - r_rejected)``. Data: JSONL 
 ``{"prompt", "responses": [best, ..., worst]}`` or ``{"prompt", "chosen", "rejected"}``.
 Logged names: ``loss``, ``accuracy`` (fraction of pairs ordered correctly), ``margin`` (mean
 ``r_better - r_worse``), ``grad_norm``, ``lr``; held out: ``eval/loss``, ``eval/accuracy``,
-``eval/margin``.
+``eval/margin``, ``eval/pairs`` (how many held-out pairs the accuracy is over).
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
             losses.append(float(loss) * len(indices))
             margins.append(margin)
         margin = torch.cat(margins)
-        return {"loss": sum(losses) / len(eval_idx), "accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}
+        return {"loss": sum(losses) / len(eval_idx), "accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()),
+                "pairs": float(len(margin))}
 
     result = run_training(
         config,

@@ -5,7 +5,8 @@ tokens condition but are not trained on. Data: JSONL lines ``{"prompt", "complet
 (:func:`agents.data.read_sft`). :func:`train_sft` reads top to bottom: load, tokenise once, hold
 out ``eval_fraction``, and run the shared loop of :mod:`agents.lm_common` (checkpoints, exact
 resume, metrics JSONL). Logged names: ``loss``, ``grad_norm``, ``lr``, ``eval/loss``,
-``eval/perplexity``.
+``eval/perplexity``, ``eval/unigram_loss`` (the held-out tokens' loss under a unigram model,
+the baseline to beat).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from agents.data import read_sft, tokenize_sft
+from agents.data import TokenizedSequences, read_sft, tokenize_sft
 from agents.lora import with_lora
 from rlhf_envs.lm.packing import PackedBatch, pack_sequences
 from rlhf_envs.lm.loading import load_causal_lm
@@ -43,13 +44,39 @@ def train_sft(config: SFTConfig) -> TrainResult:
     device = start_run(config)
     records = read_sft(config.data_path)
     model, tokenizer = load_causal_lm(config.model_path, trust_remote_code=config.trust_remote_code)
-    fuse_gelu(model)
     model = with_lora(model, config)
-    model.to(device)
     data = tokenize_sft(tokenizer, records, config.max_length)
     # a conversation gives one example per assistant turn: held out together, by conversation
     train_idx, eval_idx = held_out_split(len(data.input_ids), config.eval_fraction, config.seed, groups=data.record_index)
+    return fit_sequences(config, "sft", model, tokenizer, data, train_idx, eval_idx, device)
+
+
+def unigram_loss(train_targets: list[torch.Tensor], eval_targets: list[torch.Tensor], vocab_size: int) -> float:
+    """Cross-entropy (nats per token) of ``eval_targets`` under a unigram model of ``train_targets``.
+
+    The baseline a language model must beat to have learned anything about context: token
+    frequencies alone, add-one (Laplace) smoothed over ``vocab_size`` so that an unseen token costs
+    a finite amount. Both arguments are lists of 1-D int64 target tensors.
+    """
+    counts = torch.bincount(torch.cat(train_targets), minlength=vocab_size).double() + 1.0
+    log_p = counts.log() - counts.sum().log()
+    return float(-log_p[torch.cat(eval_targets)].mean())
+
+
+def fit_sequences(config: LMTrainConfig, algorithm: str, model: torch.nn.Module, tokenizer, data: TokenizedSequences,
+                  train_idx: list[int], eval_idx: list[int], device: torch.device) -> TrainResult:
+    """Train ``model`` on the tokens after each sequence's prompt (SFT; pretraining with a prompt of BOS alone).
+
+    The shared loop of :mod:`agents.lm_common` runs it; held out (``eval_idx``) it logs ``eval/loss``,
+    ``eval/perplexity`` and ``eval/unigram_loss``, the same tokens' loss under a unigram model of the
+    training targets (:func:`unigram_loss`): a loss no lower than that one means nothing was learned.
+    """
+    fuse_gelu(model)
+    model.to(device)
     pad_id = tokenizer.pad_token_id
+    completion = [ids[max(int(n), 1):] for ids, n in zip(data.input_ids, data.prompt_lengths)]
+    baseline = unigram_loss([completion[i] for i in train_idx], [completion[i] for i in eval_idx],
+                            max(model.get_input_embeddings().num_embeddings, len(tokenizer))) if eval_idx else None
 
     # GPT-2 and Llama-family models without active dropout take a packed forward (no padding,
     # rlhf_envs.lm.views); other models take Hugging Face's forward on right-padded batches.
@@ -80,11 +107,11 @@ def train_sft(config: SFTConfig) -> TrainResult:
             total += float(F.cross_entropy(logits, targets, reduction="sum"))
             count += len(targets)
         loss = total / max(count, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "unigram_loss": baseline}
 
     return run_training(
         config,
-        algorithm="sft",
+        algorithm=algorithm,
         model=model,
         tokenizer=tokenizer,
         num_train=len(train_idx),
@@ -93,5 +120,5 @@ def train_sft(config: SFTConfig) -> TrainResult:
         evaluate=evaluate if eval_idx else None,
         device=device,
         # the loss is a mean over target tokens: data-parallel shares are weighed by their targets
-        example_weights=[max(len(data.input_ids[i]) - max(int(data.prompt_lengths[i]), 1), 0) for i in train_idx],
+        example_weights=[len(completion[i]) for i in train_idx],
     )

@@ -8,7 +8,8 @@ import json
 import pytest
 
 import agents.evaluate
-from agents.pipeline import PipelineConfig, _select_within_budget
+from agents.pipeline import PipelineConfig
+from agents.pipeline_selection import select_within_budget
 
 # (KL to SFT, standard error) per candidate on the validation prompts, oldest first, final last
 MEASURED = {
@@ -42,7 +43,7 @@ def _candidates(algorithms):
 
 def test_latest_candidate_within_budget_with_two_standard_errors_to_spare(tmp_path, stub_evaluation):
     config = PipelineConfig(output_dir=str(tmp_path), kl_budget=4.0)
-    selections = _select_within_budget(tmp_path, "/models/sft", config, ["a prompt"], _candidates(["ppo", "dpo"]))
+    selections = select_within_budget(tmp_path, "/models/sft", config, ["a prompt"], _candidates(["ppo", "dpo"]))
     # ppo: final's bound is 3.0 + 2 * 0.6 = 4.2 > 4, iter-00024's 4.3 > 4, so iter-00016 (2.4) is the latest within
     assert selections["ppo"]["selected"] == "iter-00016" and selections["ppo"]["path"] == "/models/ppo/iter-00016"
     # dpo: the collapsed later checkpoints are out of budget; the early one is reported
@@ -58,13 +59,13 @@ def test_latest_candidate_within_budget_with_two_standard_errors_to_spare(tmp_pa
 
 def test_nothing_within_budget_reports_the_lowest_bound(tmp_path, stub_evaluation):
     config = PipelineConfig(output_dir=str(tmp_path), kl_budget=4.0)
-    selections = _select_within_budget(tmp_path, "/models/sft", config, ["a prompt"], _candidates(["never"]))
+    selections = select_within_budget(tmp_path, "/models/sft", config, ["a prompt"], _candidates(["never"]))
     assert selections["never"]["selected"] == "b"  # bounds 11.0, 6.0, 6.2
 
 
 def test_no_budget_reports_the_final_models_without_sampling(tmp_path, stub_evaluation):
     config = PipelineConfig(output_dir=str(tmp_path), kl_budget=None)
-    selections = _select_within_budget(tmp_path, "/models/sft", config, ["a prompt"], _candidates(["ppo", "dpo"]))
+    selections = select_within_budget(tmp_path, "/models/sft", config, ["a prompt"], _candidates(["ppo", "dpo"]))
     assert {a: s["selected"] for a, s in selections.items()} == {"ppo": "final", "dpo": "final"}
     assert selections["dpo"]["path"] == "/models/dpo/final"
     assert not stub_evaluation and not list(tmp_path.glob("*_selection.json"))

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -104,12 +105,17 @@ class BuildConfig:
                              f"max_steps={self.max_steps}.")
 
 
-def shakespeare_passages(path: Path, max_chars: int = 400) -> list[str]:
-    """Split a play text into passages: one speech each, long speeches cut at line ends."""
+def text_passages(text: str, max_chars: int = 400) -> list[str]:
+    """Split plain text into passages of at most ``max_chars`` characters (a single longer word excepted).
+
+    A passage is a block between blank lines (a speech, a paragraph); a longer block is cut at
+    line ends, and a line longer than ``max_chars`` at spaces. Lines keep their text, stripped of
+    trailing whitespace; empty blocks are dropped.
+    """
     passages: list[str] = []
-    for speech in path.read_text(encoding="utf-8").split("\n\n"):
+    for block in re.split(r"\n[ \t\r]*\n", text):
         chunk: list[str] = []
-        for line in speech.strip().splitlines():
+        for line in _short_lines(block.strip().splitlines(), max_chars):
             if chunk and sum(len(x) + 1 for x in chunk) + len(line) > max_chars:
                 passages.append("\n".join(chunk))
                 chunk = []
@@ -117,6 +123,23 @@ def shakespeare_passages(path: Path, max_chars: int = 400) -> list[str]:
         if chunk:
             passages.append("\n".join(chunk))
     return passages
+
+
+def _short_lines(lines: list[str], max_chars: int) -> list[str]:
+    """``lines`` stripped on the right, each longer than ``max_chars`` cut at spaces."""
+    out: list[str] = []
+    for line in (x.rstrip() for x in lines):
+        while len(line) > max_chars and " " in line[1:max_chars + 1]:
+            cut = line.rindex(" ", 1, max_chars + 1)
+            out.append(line[:cut])
+            line = line[cut + 1:]
+        out.append(line)
+    return out
+
+
+def shakespeare_passages(path: Path, max_chars: int = 400) -> list[str]:
+    """Split a play text into passages: one speech each, long speeches cut at line ends."""
+    return text_passages(path.read_text(encoding="utf-8"), max_chars)
 
 
 def load_texts(config: BuildConfig) -> list[str]:
@@ -185,6 +208,15 @@ def lr_at(step: int, config: BuildConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def new_gpt2(tokenizer: PreTrainedTokenizerFast, n_positions: int, n_embd: int, n_layer: int,
+             n_head: int) -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2 (torch's global seed) sized for ``tokenizer``, dropout off."""
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
 def new_model(tokenizer: PreTrainedTokenizerFast, config: BuildConfig) -> PreTrainedModel:
     """A freshly initialised GPT-2 or Llama (``config.arch``), tied embeddings, no dropout."""
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -195,9 +227,7 @@ def new_model(tokenizer: PreTrainedTokenizerFast, config: BuildConfig) -> PreTra
             intermediate_size=config.intermediate_size, num_hidden_layers=config.n_layer,
             num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head, tie_word_embeddings=True,
             attention_dropout=0.0, **special))
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special))
+    return new_gpt2(tokenizer, config.n_positions, config.n_embd, config.n_layer, config.n_head)
 
 
 def train_model(rows: list[list[int]], tokenizer: PreTrainedTokenizerFast,
