@@ -47,7 +47,8 @@ SCRIPTS = {
     "reliability": ["benchmarks.bench_reliability"],
     "dialogue": ["benchmarks.bench_dialogue"],
     "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
-    "shakespeare": ["benchmarks.bench_shakespeare"],
+    "shakespeare": ["benchmarks.bench_shakespeare", "--threads", "1"],
+    "corpus_kjv": ["benchmarks.bench_corpus", "--kjv", "--threads", "1"],
     "grpo": ["benchmarks.bench_grpo"],
 }
 
@@ -163,6 +164,9 @@ def sections() -> dict[str, str]:
         out["frontier"] = _frontier_table(d)
     if (d := _load("catgrid")) is not None and d.get("ppo_8x8_runs"):
         out["catgrid_8x8"] = _catgrid_8x8_table(d)
+    corpora = [d for d in (_load("shakespeare"), _load("corpus_kjv")) if d is not None and "figures" in d]
+    if corpora:
+        out["corpus"] = _corpus_table(corpora)
     if (d := _load("grpo")) is not None:
         out["grpo"] = _grpo_table(d, _load("grpo_trl"))
     if (d := _load("dialogue")) is not None:
@@ -224,6 +228,18 @@ def _catgrid_8x8_table(d: dict) -> str:
         cell = {side: ", ".join(f"{r[side + '_steps'] / 1e6:.2f}M ({r[side + '_seconds']:.0f} s)" if r.get(side + "_steps")
                                 else "not reached" for r in runs) for side in ("ours", "sb3")}
         rows.append(f"| `{env}` | {cell['ours']} | {cell['sb3']} | {d['ppo_8x8_budget'] / 1e6:g}M steps | {_when(d)} |")
+    return "\n".join(rows)
+
+
+def _corpus_table(runs: list[dict]) -> str:
+    """``rlhf pipeline --corpus`` on each text, pretraining included: the learning figures and the wall time."""
+    rows = ["| corpus | pretraining held-out loss / unigram | RM held-out accuracy | PPO win rate vs SFT | "
+            "DPO win rate vs SFT | wall (mean load on 2 cores) | measured on |", "|---|---|---|---|---|---|---|"]
+    for d in runs:
+        f, p = d["figures"], d["pretrain"]
+        rows.append(f"| {', '.join(d['corpus'])} | {p['eval_loss']:.2f} / {p['eval_unigram_loss']:.2f} | "
+                    f"{f['rm_heldout_accuracy']:.3f} | {f['ppo_win_rate_vs_sft']:.3f} | {f['dpo_win_rate_vs_sft']:.3f} | "
+                    f"{d['total_wall_seconds']:.0f} s ({d['machine_load']['load_1min_mean']:.1f}) | {_when(d)} |")
     return "\n".join(rows)
 
 
