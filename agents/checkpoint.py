@@ -63,7 +63,9 @@ def save_checkpoint(
         try:
             text = json.dumps(meta)
         except TypeError as err:
-            raise TypeError(f"checkpoint state must be JSON-serialisable (numbers, strings, lists, dicts): {err}") from err
+            raise TypeError(
+                f"checkpoint state must be JSON-serialisable (numbers, strings, lists, dicts): {err}"
+            ) from err
         (tmp / "checkpoint.json").write_text(text)
         for name in _FILES:
             _fsync(tmp / name)
@@ -75,15 +77,23 @@ def save_checkpoint(
     return directory
 
 
-def save_model_dir(directory: str | Path, *, model: torch.nn.Module, tokenizer: Any = None,
-                   tensors: dict[str, dict[str, torch.Tensor]] | None = None, json_files: dict[str, Any] | None = None,
-                   into_existing: bool = False, keep_training: bool = False) -> Path:
+def save_model_dir(
+    directory: str | Path,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any = None,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    json_files: dict[str, Any] | None = None,
+    into_existing: bool = False,
+    keep_training: bool = False,
+) -> Path:
     """Write a model directory: every model the project saves goes through here.
 
     ``model``: a Hugging Face model (``save_pretrained``: safetensors and ``config.json``), a peft model
     (its adapters alone to ``adapter/``, peft's format, and the model with them merged in beside, so every
     loader reads it like any other Hugging Face directory; merged in place, or in a copy with
-    ``keep_training`` so that training goes on with the adapters), or a plain module (``model.safetensors`` of its state dict). ``tokenizer`` is saved
+    ``keep_training`` so that training goes on with the adapters), or a plain module (``model.safetensors`` of its
+    state dict). ``tokenizer`` is saved
     beside when given; ``tensors`` maps file names to state dicts (``{"value_head.safetensors": ...}``) and
     ``json_files`` file names to JSON-serialisable objects.
 
@@ -149,18 +159,25 @@ def load_checkpoint(
     directory = Path(directory)
     meta_path = directory / "checkpoint.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a complete checkpoint (no checkpoint.json): pick one from latest_checkpoint()")
+        raise FileNotFoundError(
+            f"{directory} is not a complete checkpoint (no checkpoint.json): pick one from latest_checkpoint()"
+        )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: checkpoint format {meta.get('format')!r}, this code reads {FORMAT_VERSION}")
     device = next(model.parameters()).device
     missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False, device=str(device))
     if missing or unexpected:
-        raise ValueError(f"{directory}: weights do not fit this model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise ValueError(
+            f"{directory}: weights do not fit this model (missing {sorted(missing)[:5]}, unexpected "
+            f"{sorted(unexpected)[:5]})"
+        )
     if optimizer is not None:
         if meta["optimizer"] is None:
             raise ValueError(f"{directory} holds no optimizer state: load it with optimizer=None")
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), meta["optimizer"], optimizer))
+        optimizer.load_state_dict(
+            _unflatten_optimizer(load_file(str(directory / "optimizer.safetensors")), meta["optimizer"], optimizer)
+        )
     if scheduler is not None:
         if meta["scheduler"] is None:
             raise ValueError(f"{directory} holds no scheduler state: load it with scheduler=None")
@@ -209,7 +226,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def _flatten_optimizer(
+    optimizer: torch.optim.Optimizer | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Tensor state to a flat ``{"state/<i>/<name>": tensor}`` dict; the rest to JSON."""
     if optimizer is None:
         return {}, None
@@ -225,7 +244,9 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer | None) -> tuple[dict[st
     return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _unflatten_optimizer(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, index, name = key.split("/", 2)
@@ -257,6 +278,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([v for _, v in cuda][: torch.cuda.device_count()])
     n = meta["numpy"]
-    np.random.set_state((n["kind"], tensors["numpy"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], tensors["numpy"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = meta["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))

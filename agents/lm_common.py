@@ -48,27 +48,68 @@ CPU_FUSED_ADAM = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 
 class LMTrainConfig:
     """Fields every LM trainer (SFT, reward model, DPO) shares; each algorithm's config adds its own."""
 
-    model_path: str | None = field(default=None, metadata={"help": "local Hugging Face causal-LM directory; None = the embedded default model"})
-    data_path: str = field(default="", metadata={"help": "training data: JSONL, .jsonl.gz, parquet or a datasets.save_to_disk folder (the fields depend on the algorithm, agents.data)"})
-    output_dir: str = field(default="runs/out", metadata={"help": "the final model (a Hugging Face directory), metrics.jsonl and checkpoints/ go here"})
-    seed: int = field(default=0, metadata={"help": "seed of torch, numpy, random, the data order and the held-out split"})
+    model_path: str | None = field(
+        default=None, metadata={"help": "local Hugging Face causal-LM directory; None = the embedded default model"}
+    )
+    data_path: str = field(
+        default="",
+        metadata={
+            "help": "training data: JSONL, .jsonl.gz, parquet or a datasets.save_to_disk folder (the fields depend on "
+            "the algorithm, agents.data)"
+        },
+    )
+    output_dir: str = field(
+        default="runs/out",
+        metadata={"help": "the final model (a Hugging Face directory), metrics.jsonl and checkpoints/ go here"},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seed of torch, numpy, random, the data order and the held-out split"}
+    )
     num_epochs: int = field(default=1, metadata={"help": "passes over the training data"})
-    max_steps: int | None = field(default=None, metadata={"help": "total optimizer steps (the LR schedule is sized to it; overrides num_epochs); None = num_epochs full passes"})
+    max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "total optimizer steps (the LR schedule is sized to it; overrides num_epochs); None = num_epochs "
+            "full passes"
+        },
+    )
     batch_size: int = field(default=32, metadata={"help": "examples per optimizer step"})
-    max_length: int = field(default=128, metadata={"help": "longest tokenised sequence (prompt + response); longer ones are truncated, see agents.data"})
+    max_length: int = field(
+        default=128,
+        metadata={"help": "longest tokenised sequence (prompt + response); longer ones are truncated, see agents.data"},
+    )
     learning_rate: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and norms)"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps with a linear LR warm-up from 0"})
-    lr_schedule: str = field(default="linear", metadata={"help": "LR decay after warm-up: linear (to 0), cosine (to 0) or constant"})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the global gradient norm to this; None = no clipping"})
-    eval_fraction: float = field(default=0.05, metadata={"help": "fraction of the data held out for evaluation (0 = none)"})
+    lr_schedule: str = field(
+        default="linear", metadata={"help": "LR decay after warm-up: linear (to 0), cosine (to 0) or constant"}
+    )
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "clip the global gradient norm to this; None = no clipping"}
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "fraction of the data held out for evaluation (0 = none)"}
+    )
     eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps (0 = only at the end)"})
     log_every: int = field(default=10, metadata={"help": "write a metrics line every this many steps"})
-    checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every this many steps (0 = never)"})
+    checkpoint_every: int = field(
+        default=0, metadata={"help": "save a resumable checkpoint every this many steps (0 = never)"}
+    )
     keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir/checkpoints"})
-    device: str = field(default="auto", metadata={"help": "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."})
-    bf16: bool = field(default=False, metadata={"help": "autocast the forward passes to bfloat16 (weights and optimizer stay float32); on a CPU with bf16 instructions faster on long sequences, slower on short ones; on a CPU without them emulated and about 15x slower, with a warning (README, Performance)"})
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir/checkpoints"}
+    )
+    device: str = field(
+        default="auto", metadata={"help": "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."}
+    )
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "autocast the forward passes to bfloat16 (weights and optimizer stay float32); on a CPU with bf16 "
+            "instructions faster on long sequences, slower on short ones; on a CPU without them emulated and "
+            "about 15x slower, with a warning (README, Performance)"
+        },
+    )
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped inside model_path"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -96,7 +137,9 @@ class LMTrainConfig:
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"{name}.max_steps must be a positive integer or None, got {self.max_steps!r}")
         if self.max_length < 2:
-            raise ValueError(f"{name}.max_length must be >= 2 (a prompt token and a response token), got {self.max_length}")
+            raise ValueError(
+                f"{name}.max_length must be >= 2 (a prompt token and a response token), got {self.max_length}"
+            )
         if not self.learning_rate > 0:
             raise ValueError(f"{name}.learning_rate must be > 0, got {self.learning_rate!r}")
         if self.weight_decay < 0:
@@ -115,7 +158,9 @@ class LMTrainConfig:
             try:
                 torch.device(self.device)
             except RuntimeError as err:
-                raise ValueError(f"{name}.device {self.device!r} is not a torch device: use auto, cpu or cuda[:N]") from err
+                raise ValueError(
+                    f"{name}.device {self.device!r} is not a torch device: use auto, cpu or cuda[:N]"
+                ) from err
 
 
 @dataclass
@@ -171,9 +216,12 @@ def start_run(config: LMTrainConfig) -> torch.device:
     if config.bf16 and device.type == "cpu":
         os.environ.setdefault(ONEDNN_CACHE_VARIABLE, "0")
         if cpu_has_bf16() is False:
-            warnings.warn("bf16=True on a CPU without bfloat16 instructions (AVX512_BF16 or AMX): its bf16 matrix products "
-                          "are emulated and training runs many times slower than in float32 (15x for DPO in "
-                          "benchmarks/bench_breakdown.py on such a CPU); leave bf16 off on this machine", stacklevel=2)
+            warnings.warn(
+                "bf16=True on a CPU without bfloat16 instructions (AVX512_BF16 or AMX): its bf16 matrix products "
+                "are emulated and training runs many times slower than in float32 (15x for DPO in "
+                "benchmarks/bench_breakdown.py on such a CPU); leave bf16 off on this machine",
+                stacklevel=2,
+            )
     return device
 
 
@@ -230,7 +278,9 @@ def make_optimizer(model: nn.Module, config: LMTrainConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: LMTrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: LMTrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_ratio * total_steps`` steps, then ``lr_schedule`` decay."""
     warmup = int(config.warmup_ratio * total_steps)
     schedule = config.lr_schedule
@@ -248,8 +298,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: LMTrainConfig, tota
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def held_out_split(n: int, eval_fraction: float, seed: int, groups: Sequence[Hashable] | None = None,
-                   ) -> tuple[list[int], list[int]]:
+def held_out_split(
+    n: int,
+    eval_fraction: float,
+    seed: int,
+    groups: Sequence[Hashable] | None = None,
+) -> tuple[list[int], list[int]]:
     """Seeded ``(train_indices, eval_indices)``; at least one eval example when eval_fraction > 0.
 
     With ``groups`` (one key per example, e.g. its prompt) whole groups are held out, in a seeded
@@ -271,8 +325,10 @@ def held_out_split(n: int, eval_fraction: float, seed: int, groups: Sequence[Has
             break
         held += members[keys[g]]
     if n - len(held) < 1:
-        raise ValueError(f"{n} examples leave none for training after holding out {len(held)}"
-                         f"{'' if groups is None else f' (whole groups of {len(keys)})'}: add data or lower eval_fraction")
+        raise ValueError(
+            f"{n} examples leave none for training after holding out {len(held)}"
+            f"{'' if groups is None else f' (whole groups of {len(keys)})'}: add data or lower eval_fraction"
+        )
     chosen = set(held)
     return [i for i in range(n) if i not in chosen], sorted(held)
 
@@ -284,15 +340,24 @@ class MetricsWriter:
     under the same names, for the run in ``path``'s folder; ``run_config`` is the run's settings they record.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None, report_to: Sequence[str] = (),
-                 run_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        resume_step: int | None = None,
+        report_to: Sequence[str] = (),
+        run_config: dict[str, Any] | None = None,
+    ):
         from agents.trackers import open_trackers
 
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= resume_step
+            ]
             path.write_text("".join(line + "\n" for line in kept))
         self._trackers = open_trackers(list(report_to), path.parent, run_config)
         self._file = path.open("a")
@@ -355,10 +420,23 @@ def run_training(
     scheduler = make_scheduler(optimizer, config, total_steps)
     resume_from = latest_checkpoint(checkpoint_root) if config.resume else None
     state = _resume(resume_from, config, algorithm, num_train, model, optimizer, scheduler)
-    step_loss = DistributedDataParallel(LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else functools.partial(loss_fn, model)
-    writer = MetricsWriter(output_dir / "metrics.jsonl", resume_step=state["global_step"] if resume_from else None,
-                           report_to=config.report_to, run_config=asdict(config)) if main else None
+    step_loss = (
+        DistributedDataParallel(
+            LossModule(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if world > 1
+        else functools.partial(loss_fn, model)
+    )
+    writer = (
+        MetricsWriter(
+            output_dir / "metrics.jsonl",
+            resume_step=state["global_step"] if resume_from else None,
+            report_to=config.report_to,
+            run_config=asdict(config),
+        )
+        if main
+        else None
+    )
     log = writer.write if writer is not None else (lambda record: None)
     step, samples = state["global_step"], state["samples_seen"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
@@ -378,7 +456,9 @@ def run_training(
                 loss, metrics = step_loss(batch)
             (loss * scale if scale != 1.0 else loss).backward()
             if config.max_grad_norm is not None:
-                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm, foreach=True)
+                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), config.max_grad_norm, foreach=True
+                )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -393,12 +473,31 @@ def run_training(
                 pending.clear()
                 log({"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0], **last})
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if main and evaluate is not None and config.eval_every and step % config.eval_every == 0 and step != total_steps:
+            if (
+                main
+                and evaluate is not None
+                and config.eval_every
+                and step % config.eval_every == 0
+                and step != total_steps
+            ):
                 log({"step": step, **{f"eval/{k}": v for k, v in _evaluate(model, evaluate, autocast).items()}})
             if config.checkpoint_every and step % config.checkpoint_every == 0:
-                _save_checkpoint(checkpoint_root, config, model, optimizer, scheduler, main, world,
-                                 {"algorithm": algorithm, "global_step": step, "samples_seen": samples,
-                                  "num_train": num_train, "config": asdict(config)})
+                _save_checkpoint(
+                    checkpoint_root,
+                    config,
+                    model,
+                    optimizer,
+                    scheduler,
+                    main,
+                    world,
+                    {
+                        "algorithm": algorithm,
+                        "global_step": step,
+                        "samples_seen": samples,
+                        "num_train": num_train,
+                        "config": asdict(config),
+                    },
+                )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start + extra_seconds
@@ -409,8 +508,13 @@ def run_training(
         if evaluate is not None:
             last.update({f"eval/{k}": v for k, v in _evaluate(model, evaluate, autocast).items()})
             log({"step": step, **{k: v for k, v in last.items() if k.startswith("eval/")}})
-        _save_final(output_dir, model, tokenizer, writer, {"step": step, "train_seconds": seconds,
-                                                          "samples_per_second": speed, "processes": world})
+        _save_final(
+            output_dir,
+            model,
+            tokenizer,
+            writer,
+            {"step": step, "train_seconds": seconds, "samples_per_second": speed, "processes": world},
+        )
     if world > 1:
         dist.barrier()
     return TrainResult(str(output_dir), step, samples, seconds, speed, last)
@@ -423,8 +527,15 @@ def _schedule_lengths(config: LMTrainConfig, num_train: int) -> tuple[int, int, 
     return steps_per_epoch, total_steps, math.ceil(total_steps / steps_per_epoch)
 
 
-def _resume(resume_from: Path | None, config: LMTrainConfig, algorithm: str, num_train: int, model: nn.Module,
-            optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+def _resume(
+    resume_from: Path | None,
+    config: LMTrainConfig,
+    algorithm: str,
+    num_train: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
     """The training state to start from: a fresh one, or ``resume_from``'s after checking it is this run's."""
     if resume_from is None:
         return {"global_step": 0, "samples_seen": 0, "num_train": num_train}
@@ -432,22 +543,41 @@ def _resume(resume_from: Path | None, config: LMTrainConfig, algorithm: str, num
     if state.get("algorithm") != algorithm or state.get("num_train") != num_train:
         raise ValueError(
             f"checkpoint {resume_from} is from {state.get('algorithm')!r} on {state.get('num_train')} examples, "
-            f"this run is {algorithm!r} on {num_train}: resume with the same data and algorithm, or set resume=False")
-    changed = {k: (state["config"][k], getattr(config, k)) for k in _RESUME_KEYS
-               if state["config"].get(k) != getattr(config, k)}
+            f"this run is {algorithm!r} on {num_train}: resume with the same data and algorithm, or set resume=False"
+        )
+    changed = {
+        k: (state["config"][k], getattr(config, k))
+        for k in _RESUME_KEYS
+        if state["config"].get(k) != getattr(config, k)
+    }
     if changed:
         settings = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
-        raise ValueError(f"checkpoint {resume_from} was written with other settings ({settings}): "
-                         "resume with the same values, or set resume=False to start over")
+        raise ValueError(
+            f"checkpoint {resume_from} was written with other settings ({settings}): "
+            "resume with the same values, or set resume=False to start over"
+        )
     return state
 
 
-def _save_checkpoint(root: Path, config: LMTrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, main: bool, world: int, meta: dict[str, Any]) -> None:
+def _save_checkpoint(
+    root: Path,
+    config: LMTrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    main: bool,
+    world: int,
+    meta: dict[str, Any],
+) -> None:
     """Rank 0 writes ``checkpoint-<step>`` and prunes to ``keep_checkpoints``; every process waits for it."""
     if main:
-        save_checkpoint(root / f"checkpoint-{meta['global_step']:08d}", model=model, optimizer=optimizer,
-                        scheduler=scheduler, state=meta)
+        save_checkpoint(
+            root / f"checkpoint-{meta['global_step']:08d}",
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=meta,
+        )
         prune_checkpoints(root, keep=config.keep_checkpoints)
     if world > 1:
         dist.barrier()
@@ -471,7 +601,9 @@ def _mean_metrics(pending: list[dict[str, torch.Tensor]], world: int) -> dict[st
     return dict(zip(keys, means.tolist()))
 
 
-def _evaluate(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], autocast: torch.autocast) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], autocast: torch.autocast
+) -> dict[str, float]:
     model.eval()
     try:
         with torch.inference_mode(), autocast:

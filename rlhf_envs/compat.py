@@ -21,7 +21,8 @@ T = TypeVar("T")
 
 
 def renamed_fields(**renames: str) -> Callable[[type[T]], type[T]]:
-    """Class decorator (a dataclass or any class whose __init__ takes keywords): ``@renamed_fields(old="new")`` maps keyword ``old`` to field ``new``."""
+    """Class decorator (a dataclass or any class whose __init__ takes keywords): ``@renamed_fields(old="new")`` maps
+    keyword ``old`` to field ``new``."""
 
     def wrap(cls: type[T]) -> type[T]:
         init = cls.__init__
@@ -32,10 +33,13 @@ def renamed_fields(**renames: str) -> Callable[[type[T]], type[T]]:
                 if old not in kwargs:
                     continue
                 if new in kwargs:
-                    raise TypeError(f"{cls.__name__}: got both {old!r} and {new!r}; {old!r} is the old name of "
-                                    f"{new!r}: pass {new!r} only")
-                warnings.warn(f"{cls.__name__}.{old} was renamed to {new!r}: pass {new}= instead", FutureWarning,
-                              stacklevel=2)
+                    raise TypeError(
+                        f"{cls.__name__}: got both {old!r} and {new!r}; {old!r} is the old name of "
+                        f"{new!r}: pass {new!r} only"
+                    )
+                warnings.warn(
+                    f"{cls.__name__}.{old} was renamed to {new!r}: pass {new}= instead", FutureWarning, stacklevel=2
+                )
                 kwargs[new] = kwargs.pop(old)
             init(self, *args, **kwargs)
 

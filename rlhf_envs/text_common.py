@@ -20,19 +20,29 @@ import numpy as np
 import torch
 from gymnasium.error import InvalidAction
 
-from rlhf_envs.lm.chat import check_conversation, encode_prompt, is_conversation, prompt_text
-from rlhf_envs.lm.gpt2 import GPT2View, ViewCache
-from rlhf_envs.lm.decoding import PromptKVCache
-from rlhf_envs.lm.hf_prompt_cache import HFPromptCache
 from rlhf_envs.kl import check_env_estimator, check_exact_kl, make_kl_controller, truncates
-from rlhf_envs.rewards import make_reward_model
+from rlhf_envs.lm.chat import check_conversation, encode_prompt, is_conversation, prompt_text
+from rlhf_envs.lm.decoding import PromptKVCache
+from rlhf_envs.lm.gpt2 import GPT2View, ViewCache
+from rlhf_envs.lm.hf_prompt_cache import HFPromptCache
 from rlhf_envs.lm.sampling import SamplingConfig, positions_from_mask, processed_logprobs
 from rlhf_envs.lm.views import packed_view
 from rlhf_envs.lm.views import response_hidden as packed_response_hidden
+from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.validation import check_number
 
-__all__ = ["PROMPT_CACHE_BYTES", "AdaptersOff", "TextTask", "attention_mask_from_obs", "check_group_size",
-           "context_length", "object_array", "pick_prompt", "vector_info", "vector_task"]
+__all__ = [
+    "PROMPT_CACHE_BYTES",
+    "AdaptersOff",
+    "TextTask",
+    "attention_mask_from_obs",
+    "check_group_size",
+    "context_length",
+    "object_array",
+    "pick_prompt",
+    "vector_info",
+    "vector_task",
+]
 
 PROMPT_CACHE_BYTES = 256 * 2**20
 """Largest reference prompt cache (keys/values of every prompt) kept in memory; beyond it prompts are re-run."""
@@ -85,7 +95,9 @@ def _reference_pass(method: Callable) -> Callable:
 def _load_reference(model: ModelSpec) -> tuple[Any, Any]:
     if isinstance(model, AdaptersOff):
         if not hasattr(model.model, "disable_adapter"):
-            raise TypeError(f"AdaptersOff needs a peft model (with disable_adapter()), got {type(model.model).__name__}")
+            raise TypeError(
+                f"AdaptersOff needs a peft model (with disable_adapter()), got {type(model.model).__name__}"
+            )
         return model.model, model.tokenizer
     if isinstance(model, tuple):
         if len(model) != 2:
@@ -97,7 +109,8 @@ def _load_reference(model: ModelSpec) -> tuple[Any, Any]:
         return load_causal_lm(model)
     raise TypeError(
         f"model must be None (the embedded default), a path to an HF causal LM directory or a (model, tokenizer) "
-        f"pair, got {type(model).__name__}")
+        f"pair, got {type(model).__name__}"
+    )
 
 
 class TextTask:
@@ -138,13 +151,17 @@ class TextTask:
         n_prompts = check_number(n_prompts, "n_prompts", int)
         prompt_seed = check_number(prompt_seed, "prompt_seed", int)
         if isinstance(prompts, (str, bytes)):
-            raise TypeError(f"prompts must be a list of strings, got a single {type(prompts).__name__} "
-                            f"{prompts[:40]!r}; wrap it in a list: prompts=[{prompts[:40]!r}]")
+            raise TypeError(
+                f"prompts must be a list of strings, got a single {type(prompts).__name__} "
+                f"{prompts[:40]!r}; wrap it in a list: prompts=[{prompts[:40]!r}]"
+            )
         if not isinstance(skip_reference, bool):
             raise TypeError(f"skip_reference must be a bool, got {type(skip_reference).__name__} {skip_reference!r}")
         if skip_reference and (beta != 0 or kl_setpoint is not None):
-            raise ValueError(f"skip_reference=True drops the KL term, so it needs beta=0 and no kl_setpoint "
-                             f"(got beta={beta}, kl_setpoint={kl_setpoint}); set beta=0 or keep the reference pass")
+            raise ValueError(
+                f"skip_reference=True drops the KL term, so it needs beta=0 and no kl_setpoint "
+                f"(got beta={beta}, kl_setpoint={kl_setpoint}); set beta=0 or keep the reference pass"
+            )
         self.skip_reference = skip_reference
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         max_new_tokens = self.sampling.max_new_tokens
@@ -160,7 +177,9 @@ class TextTask:
         self.eos_token_id = self.tokenizer.eos_token_id
         if self.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token; set one (responses end at EOS)")
-        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_id
+        self.pad_token_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_id
+        )
         self.reward_model = make_reward_model(reward_model, timeout_s=reward_timeout_s, **(reward_kwargs or {}))
         if prompts is None:
             from rlhf_envs.corpus import make_prompts
@@ -188,8 +207,10 @@ class TextTask:
 
     def _encode_prompts(self, max_prompt_tokens: int | None) -> None:
         if not self.prompts or not all(isinstance(p, str) or is_conversation(p) for p in self.prompts):
-            raise ValueError("prompts must be a non-empty list of strings or of conversations (lists of role/content "
-                             "turns), or None for the built-in corpus prompts")
+            raise ValueError(
+                "prompts must be a non-empty list of strings or of conversations (lists of role/content "
+                "turns), or None for the built-in corpus prompts"
+            )
         for i, p in enumerate(self.prompts):
             if not isinstance(p, str):
                 check_conversation(p, f"prompts[{i}]")
@@ -210,18 +231,20 @@ class TextTask:
             i = too_long[0]
             raise ValueError(
                 f"prompt {i} ({self.prompt_texts[i][:40]!r}...) has {len(encoded[i])} tokens > max_prompt_tokens="
-                f"{max_prompt_tokens} ({len(too_long)} prompts too long); raise max_prompt_tokens or shorten them")
+                f"{max_prompt_tokens} ({len(too_long)} prompts too long); raise max_prompt_tokens or shorten them"
+            )
         context = context_length(self.ref_model)
         if context is not None and max_prompt_tokens + self.sampling.max_new_tokens > context:
             raise ValueError(
                 f"max_prompt_tokens={max_prompt_tokens} + max_new_tokens={self.sampling.max_new_tokens} exceeds the "
-                f"model's context of {context} tokens; shorten the prompts or lower max_new_tokens")
+                f"model's context of {context} tokens; shorten the prompts or lower max_new_tokens"
+            )
         self.max_prompt_tokens = max_prompt_tokens
         ids = torch.full((len(encoded), max_prompt_tokens), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(encoded), max_prompt_tokens, dtype=torch.bool)
         for i, row in enumerate(encoded):
-            ids[i, max_prompt_tokens - len(row):] = torch.tensor(row)
-            mask[i, max_prompt_tokens - len(row):] = True
+            ids[i, max_prompt_tokens - len(row) :] = torch.tensor(row)
+            mask[i, max_prompt_tokens - len(row) :] = True
         self.prompt_ids, self.prompt_mask = ids.to(self.device), mask.to(self.device)
         self.prompt_obs = ids.numpy()
 
@@ -229,15 +252,16 @@ class TextTask:
         """``tokens`` as int64 of exactly ``shape`` with ids in ``[0, V)``, else :class:`InvalidAction`."""
         arr = np.asarray(tokens)
         if arr.shape != shape:
-            raise InvalidAction(
-                f"{what} must have shape {shape} (token ids, EOS then padding), got shape {arr.shape}")
+            raise InvalidAction(f"{what} must have shape {shape} (token ids, EOS then padding), got shape {arr.shape}")
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
             raise InvalidAction(f"{what} must be integer token ids, got dtype {arr.dtype}")
         arr = arr.astype(np.int64, copy=False)
         bad = (arr < 0) | (arr >= self.vocab_size)
         if bad.any():
             raise InvalidAction(
-                f"{what} has token ids out of range: {sorted(set(arr[bad].tolist()))[:5]}; expected 0..{self.vocab_size - 1}")
+                f"{what} has token ids out of range: {sorted(set(arr[bad].tolist()))[:5]}; expected "
+                f"0..{self.vocab_size - 1}"
+            )
         return arr
 
     def check_logprobs(self, values: Any, shape: tuple[int, ...], what: str) -> torch.Tensor:
@@ -251,8 +275,14 @@ class TextTask:
             raise ValueError(f"{what} must be log-probabilities (<= 0, not NaN)")
         return t.to(self.device, torch.float32)
 
-    def check_log_distributions(self, full: torch.Tensor, mask: torch.Tensor, what: str,
-                                logprobs: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> None:
+    def check_log_distributions(
+        self,
+        full: torch.Tensor,
+        mask: torch.Tensor,
+        what: str,
+        logprobs: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
+    ) -> None:
         """Raise unless ``full [..., V]`` is a normalised log-distribution wherever ``mask [...]`` is True.
 
         The one hand-over check of both envs. With ``logprobs`` and ``tokens`` (``[...]``), also that the
@@ -266,7 +296,8 @@ class TextTask:
                 f"{what} must be a full log-distribution over the vocabulary (exp sums to 1 per row) at every "
                 f"{'response token' if mask.dim() > 1 else 'step'}; at index {at} the total mass is "
                 f"{mass[bad][0].item():.4g}; hand over log_softmax of the logits you sampled from "
-                "(rlhf_envs.lm.sampling.processed_logprobs)")
+                "(rlhf_envs.lm.sampling.processed_logprobs)"
+            )
         if logprobs is not None and tokens is not None:
             picked = full.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
             off = ((picked - logprobs).abs() > 1e-3) & mask
@@ -274,7 +305,8 @@ class TextTask:
                 at = off.nonzero()[0].tolist()
                 raise ValueError(
                     f"logprobs disagree with full_logprobs at the sampled token (index {at}: {logprobs[tuple(at)]:.4g} "
-                    f"vs {picked[tuple(at)]:.4g}); hand over both from the distribution you sampled from")
+                    f"vs {picked[tuple(at)]:.4g}); hand over both from the distribution you sampled from"
+                )
 
     def warn_uniform(self) -> None:
         """Warn (once per env) that no log-probs were handed over and the KL is for a uniform policy."""
@@ -284,7 +316,9 @@ class TextTask:
                 "no policy log-probs were handed over with env.unwrapped.set_policy_logprobs(...) before step(); "
                 "the KL assumes the action was drawn uniformly from the action space (true for "
                 "action_space.sample()). Agents must hand over the log-probs they sampled with.",
-                RuntimeWarning, stacklevel=4)
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def uniform_logprob(self) -> float:
         """``-log V``: the log-prob of any token under a uniform policy."""
@@ -310,8 +344,9 @@ class TextTask:
 
     @_reference_pass
     @torch.no_grad()
-    def ref_logprobs(self, prompt_index: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
-                     full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def ref_logprobs(
+        self, prompt_index: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor, full: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reference log-probs ``[N, T]`` (and ``[N, T, V]`` with ``full``) in one batched forward.
 
         Temperature as the policy's, no top-k/top-p, so every token has a finite log-prob. Entries
@@ -329,13 +364,21 @@ class TextTask:
             input_ids = torch.cat([self.prompt_ids[prompt_index], ids], dim=1)
             full_mask = torch.cat([self.prompt_mask[prompt_index], mask], dim=1)
             positions = positions_from_mask(full_mask)
-            logits = self.ref_model(input_ids=input_ids, attention_mask=full_mask.long(), position_ids=positions,
-                                    use_cache=False, logits_to_keep=width + 1).logits[:, :-1]
+            logits = self.ref_model(
+                input_ids=input_ids,
+                attention_mask=full_mask.long(),
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=width + 1,
+            ).logits[:, :-1]
             ref_full = processed_logprobs(logits, self.ref_sampling).masked_fill_(~mask[..., None], 0.0)
             ref[:, :width] = ref_full.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         else:
-            hidden = self._ref_hidden(view, prompt_index, ids, mask) if packed is None else \
-                self._packed_ref_hidden(packed, prompt_index, ids, mask)
+            hidden = (
+                self._ref_hidden(view, prompt_index, ids, mask)
+                if packed is None
+                else self._packed_ref_hidden(packed, prompt_index, ids, mask)
+            )
             logits = (view if packed is None else packed).logits(hidden).float()
             ref_picked = processed_logprobs(logits, self.ref_sampling, overwrite=True)
             ref[:, :width][mask] = ref_picked.gather(-1, ids[mask].unsqueeze(-1)).squeeze(-1)
@@ -373,8 +416,13 @@ class TextTask:
             cache.get(view, everything[start : start + batch_size])
         return True
 
-    def _ref_hidden(self, view: GPT2View, prompt_index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                    ) -> torch.Tensor:
+    def _ref_hidden(
+        self,
+        view: GPT2View,
+        prompt_index: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         """Reference hidden states ``[M, D]`` predicting the ``M`` response tokens ``ids[mask]`` (row-major).
 
         Prompts come from :class:`PromptKVCache` (computed once per prompt) when the table fits in
@@ -397,12 +445,18 @@ class TextTask:
             # Response token j is fed only when token j + 1 exists (the mask is a prefix), so a row's EOS never runs.
             predicts = mask[:, 1:]
             positions = prompt_mask.long().sum(-1, keepdim=True) + torch.arange(mask.shape[1] - 1, device=mask.device)
-            hidden[:, 1:][predicts] = view.packed_hidden(ids[:, :-1], predicts, positions, predicts,
-                                                         (kv, rows, prompt_mask))
+            hidden[:, 1:][predicts] = view.packed_hidden(
+                ids[:, :-1], predicts, positions, predicts, (kv, rows, prompt_mask)
+            )
         return hidden[mask]
 
-    def _packed_ref_hidden(self, view: Any, prompt_index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                           ) -> torch.Tensor:
+    def _packed_ref_hidden(
+        self,
+        view: Any,
+        prompt_index: torch.Tensor,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         """:meth:`_ref_hidden` for a Llama-family reference (:class:`rlhf_envs.lm.hf_packed.HFPackedView`): prompts
         from :class:`rlhf_envs.lm.hf_prompt_cache.HFPromptCache` while the table fits in ``PROMPT_CACHE_BYTES``
         (and no sliding window is shorter than a row), else prompt and response in one packed forward."""
@@ -410,16 +464,25 @@ class TextTask:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         nbytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4 * int(self.prompt_mask.sum())
         window = view.sliding_window
-        if self._ref_hf_prompt_cache is None and nbytes <= PROMPT_CACHE_BYTES and \
-                (window is None or self.prompt_ids.shape[1] + self.max_new_tokens <= window):
+        if (
+            self._ref_hf_prompt_cache is None
+            and nbytes <= PROMPT_CACHE_BYTES
+            and (window is None or self.prompt_ids.shape[1] + self.max_new_tokens <= window)
+        ):
             self._ref_hf_prompt_cache = HFPromptCache(self.prompt_ids, self.prompt_mask)
         if self._ref_hf_prompt_cache is None:
             prompt_ids, prompt_mask = self.prompt_ids[prompt_index], self.prompt_mask[prompt_index]
             return packed_response_hidden(view, prompt_ids, prompt_mask, ids, mask)
         return self._ref_hf_prompt_cache.hidden(view, prompt_index, ids, mask)
 
-    def kl_per_token(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                     full_logprobs: torch.Tensor | None = None, full_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    def kl_per_token(
+        self,
+        logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+        mask: torch.Tensor,
+        full_logprobs: torch.Tensor | None = None,
+        full_ref_logprobs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The chosen estimator per token, 0 where ``mask`` is False (see :mod:`rlhf_envs.kl`)."""
         kl = self._estimator(logprobs, ref_logprobs, full_logprobs, full_ref_logprobs).masked_fill(~mask, 0.0)
         if self.kl_estimator == "exact":
@@ -431,8 +494,13 @@ class TextTask:
         return self.reward_model.score([self.prompts[i] for i in prompt_index], responses)
 
 
-def response_hidden(view: GPT2View, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                    response_mask: torch.Tensor) -> torch.Tensor:
+def response_hidden(
+    view: GPT2View,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
     """Hidden states ``[M, D]`` (before ``ln_f``) predicting the ``M`` tokens ``response_ids[response_mask]``
     (row-major), from one packed forward over the left-padded prompts ``[B, P]`` and the responses ``[B, T]``."""
     mask = torch.cat([prompt_mask.bool(), response_mask.bool()], dim=1)
@@ -467,7 +535,9 @@ def vector_task(num_envs: Any, render_mode: str | None, env_id: str, task_kwargs
     accepted = [name for name in inspect.signature(TextTask).parameters]
     unknown = sorted(set(task_kwargs) - set(accepted))
     if unknown:
-        raise TypeError(f"{env_id} got unknown keyword arguments {unknown}; accepted: {['num_envs', 'render_mode', *accepted]}")
+        raise TypeError(
+            f"{env_id} got unknown keyword arguments {unknown}; accepted: {['num_envs', 'render_mode', *accepted]}"
+        )
     return TextTask(**task_kwargs)
 
 
@@ -484,8 +554,10 @@ def check_group_size(group_size: Any, num_envs: Any) -> int:
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer (responses per prompt), got {group_size!r}")
     if isinstance(num_envs, (int, np.integer)) and not isinstance(num_envs, bool) and num_envs % group_size:
-        raise ValueError(f"group_size={group_size} does not divide num_envs={num_envs}: each of the num_envs / "
-                         f"group_size prompts is handed out group_size times; pick a divisor of {num_envs}")
+        raise ValueError(
+            f"group_size={group_size} does not divide num_envs={num_envs}: each of the num_envs / "
+            f"group_size prompts is handed out group_size times; pick a divisor of {num_envs}"
+        )
     return int(group_size)
 
 
@@ -498,7 +570,8 @@ def vector_info(info: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def pick_prompt(task: TextTask, rng: np.random.Generator, options: dict | None) -> int:
-    """The prompt index an episode starts from: ``options["prompt_index"]`` when given, else a uniform draw from ``rng``."""
+    """The prompt index an episode starts from: ``options["prompt_index"]`` when given, else a uniform draw from
+    ``rng``."""
     if options and "prompt_index" in options:
         index = options["prompt_index"]
         if not isinstance(index, (int, np.integer)) or not 0 <= index < len(task.prompts):

@@ -22,35 +22,60 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from _torchrun_ppo import fixed_rollout, run_update
-from agents.distributed import shard
+from safetensors.torch import load_file
 from test_data import make_tiny_lm, write_jsonl
 from test_dpo import _pairs
 from test_pipeline import TINY
 from test_reward_model import _toy_preferences
 from test_sft import _demonstrations
 
-COMMON = ["--num-epochs", "2", "--batch-size", "8", "--learning-rate", "3e-3", "--eval-fraction", "0.125",
-          "--log-every", "1", "--torch-threads", "1", "--no-progress", "--seed", "3"]
+from agents.distributed import shard
+
+COMMON = [
+    "--num-epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--learning-rate",
+    "3e-3",
+    "--eval-fraction",
+    "0.125",
+    "--log-every",
+    "1",
+    "--torch-threads",
+    "1",
+    "--no-progress",
+    "--seed",
+    "3",
+]
 
 
 def _env() -> dict[str, str]:
     # the launched scripts import tests.tiny_models: the repository root goes on their path, as pytest's pythonpath does
     root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    )
     env.pop("WORLD_SIZE", None)
     return env
 
 
 def _cli(args: list[str], processes: int) -> subprocess.CompletedProcess:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
     return subprocess.run([*launch, "-m", "agents.cli", *args], env=_env(), capture_output=True, text=True, timeout=300)
 
 
 def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["loss"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def _train_both_ways(tmp_path: Path, command: str, data: Path, extra: list[str] = ()) -> tuple[Path, Path]:
@@ -58,8 +83,10 @@ def _train_both_ways(tmp_path: Path, command: str, data: Path, extra: list[str] 
     runs = {}
     for processes in (1, 2):
         out = tmp_path / f"{command}-{processes}"
-        done = _cli([command, "--model-path", str(lm), "--data-path", str(data), "--output-dir", str(out), *COMMON, *extra],
-                    processes)
+        done = _cli(
+            [command, "--model-path", str(lm), "--data-path", str(data), "--output-dir", str(out), *COMMON, *extra],
+            processes,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         runs[processes] = out
     return runs[1], runs[2]
@@ -70,7 +97,9 @@ def _assert_same_training(alone: Path, together: Path) -> None:
     assert len(losses_a) == len(losses_b) > 1
     assert losses_b == pytest.approx(losses_a, abs=1e-5)
     # the held-out metrics come from rank 0 alone, over the whole held-out set: the same numbers
-    alone_eval, together_eval = (json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (alone, together))
+    alone_eval, together_eval = (
+        json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (alone, together)
+    )
     assert together_eval["eval/loss"] == pytest.approx(alone_eval["eval/loss"], abs=1e-5)
     # Weights agree to float rounding, except where the true gradient is 0 (a reward model's final
     # norm bias shifts every score alike, an attention key bias every score of a query alike): there
@@ -124,15 +153,22 @@ def test_shard_deals_out_the_batch_and_weighs_each_share():
 @pytest.mark.parametrize("command", [["catgrid"], ["eval", "--model", "a=b"]])
 def test_commands_that_do_not_split_their_work_refuse_several_processes(command):
     env = dict(_env(), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
-    done = subprocess.run([sys.executable, "-m", "agents.cli", *command], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "agents.cli", *command], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert "does not run data parallel yet" in done.stderr and "torchrun" in done.stderr
 
 
 def _torchrun_ppo(args: list[str]) -> None:
     script = Path(__file__).with_name("_torchrun_ppo.py")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -160,9 +196,19 @@ def test_ppo_on_two_processes_learns_and_resumes_exactly(tmp_path, save_tiny_lm)
 
     def run(out: Path, iterations: int, batch: int, **extra) -> list[dict]:
         out.mkdir(exist_ok=True)
-        config = dict(model_path=str(lm), prompts=["hello", "the cat", "once upon"], output_dir=str(out),
-                      batch_size=batch, total_episodes=batch * iterations, max_new_tokens=8, learning_rate=3e-3,
-                      beta=0.01, progress=False, torch_threads=1, **extra)
+        config = dict(
+            model_path=str(lm),
+            prompts=["hello", "the cat", "once upon"],
+            output_dir=str(out),
+            batch_size=batch,
+            total_episodes=batch * iterations,
+            max_new_tokens=8,
+            learning_rate=3e-3,
+            beta=0.01,
+            progress=False,
+            torch_threads=1,
+            **extra,
+        )
         (out / "config-in.json").write_text(json.dumps(config))
         _torchrun_ppo(["train", str(out / "config-in.json"), str(out)])
         histories = [json.loads((out / f"history-{rank}.json").read_text()) for rank in (0, 1)]

@@ -24,8 +24,17 @@ def tiny_dir(tmp_path_factory, save_tiny_lm):
 
 
 def _config(tiny_dir, out, **kw):
-    base = dict(model_path=tiny_dir, reward_model=vowel_share, prompts=["hello", "the cat", "once upon"],
-                output_dir=str(out), batch_size=32, max_new_tokens=8, learning_rate=3e-3, beta=0.01, progress=False)
+    base = dict(
+        model_path=tiny_dir,
+        reward_model=vowel_share,
+        prompts=["hello", "the cat", "once upon"],
+        output_dir=str(out),
+        batch_size=32,
+        max_new_tokens=8,
+        learning_rate=3e-3,
+        beta=0.01,
+        progress=False,
+    )
     base.update(kw)
     return LMPPOConfig(**base)
 
@@ -39,11 +48,15 @@ def test_ppo_raises_the_score_with_bounded_kl(tiny_dir, tmp_path):
     assert max(kls) < 15.0, kls
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 12 and "objective/kl_coef" in json.loads(lines[0])
-    assert (tmp_path / "policy" / "model.safetensors").is_file() and (tmp_path / "policy" / "value_head.safetensors").is_file()
+    assert (tmp_path / "policy" / "model.safetensors").is_file() and (
+        tmp_path / "policy" / "value_head.safetensors"
+    ).is_file()
 
 
 @pytest.mark.parametrize("return_full_path", ["packed", "generic"])
-def test_full_distributions_for_the_exact_estimator_match_the_chosen_log_probs(save_tiny_lm, tmp_path, return_full_path):
+def test_full_distributions_for_the_exact_estimator_match_the_chosen_log_probs(
+    save_tiny_lm, tmp_path, return_full_path
+):
     from agents.lm_policy import PolicyWithValueHead
     from rlhf_envs.lm.loading import load_causal_lm
     from rlhf_envs.lm.sampling import SamplingConfig
@@ -55,8 +68,14 @@ def test_full_distributions_for_the_exact_estimator_match_the_chosen_log_probs(s
     response_ids, response_mask = torch.randint(0, 256, (3, 5), generator=g), torch.ones(3, 5, dtype=torch.bool)
     response_mask[1, 3:] = False
     with torch.no_grad():
-        logprobs, _, _, full = model(prompt_ids, prompt_mask, response_ids, response_mask,
-                                     SamplingConfig(max_new_tokens=5, temperature=0.7, top_k=20), return_full=True)
+        logprobs, _, _, full = model(
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            response_mask,
+            SamplingConfig(max_new_tokens=5, temperature=0.7, top_k=20),
+            return_full=True,
+        )
     if handle is not None:
         handle.remove()
     picked = full.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
@@ -81,20 +100,28 @@ def test_adaptive_beta_moves_toward_the_target(tiny_dir, tmp_path):
 def test_resumed_run_equals_uninterrupted_run(tiny_dir, tmp_path):
     full = train_lm_ppo(_config(tiny_dir, tmp_path / "full", total_episodes=16 * 3, batch_size=16, save_every=1))
     train_lm_ppo(_config(tiny_dir, tmp_path / "cut", total_episodes=16 * 2, batch_size=16, save_every=1))
-    resumed = train_lm_ppo(_config(tiny_dir, tmp_path / "cut", total_episodes=16 * 3, batch_size=16, save_every=1, resume=True))
+    resumed = train_lm_ppo(
+        _config(tiny_dir, tmp_path / "cut", total_episodes=16 * 3, batch_size=16, save_every=1, resume=True)
+    )
     a = load_file(str(tmp_path / "full" / "policy" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "policy" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert full.history[-1] == {**resumed.history[-1], **{k: v for k, v in full.history[-1].items() if k.startswith("time/")}}
+    assert full.history[-1] == {
+        **resumed.history[-1],
+        **{k: v for k, v in full.history[-1].items() if k.startswith("time/")},
+    }
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"batch_size": 30, "num_minibatches": 4}, "not divisible"),
-    ({"beta": -0.1}, "beta must be >= 0"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"reward_model": "learned"}, "reward_model_path"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 30, "num_minibatches": 4}, "not divisible"),
+        ({"beta": -0.1}, "beta must be >= 0"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"reward_model": "learned"}, "reward_model_path"),
+    ],
+)
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LMPPOConfig(**kwargs)
@@ -128,7 +155,9 @@ def test_packed_policy_forward_equals_hugging_face(sampling):
         model.zero_grad()
         outs = model(prompt_ids, prompt_mask, response_ids, response_mask, cfg)
         sum(o.sum() for o in outs).backward()
-        return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return [o.detach() for o in outs], {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     packed, packed_grads = run()
     handle = model.lm.register_forward_pre_hook(lambda module, args: None)  # a hook: the generic path

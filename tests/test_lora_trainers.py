@@ -22,9 +22,18 @@ def test_lora_ppo_learns_and_holds_one_copy_of_the_base_weights(tmp_path, monkey
 
     make_env = lm_ppo._make_env
     monkeypatch.setattr(lm_ppo, "_make_env", spy)
-    config = lm_ppo.LMPPOConfig(output_dir=str(tmp_path), batch_size=32, max_new_tokens=8, total_episodes=32 * 12,
-                                learning_rate=1e-3, beta=0.01, lora_r=8, lora_alpha=16.0, torch_threads=1,
-                                progress=False)
+    config = lm_ppo.LMPPOConfig(
+        output_dir=str(tmp_path),
+        batch_size=32,
+        max_new_tokens=8,
+        total_episodes=32 * 12,
+        learning_rate=1e-3,
+        beta=0.01,
+        lora_r=8,
+        lora_alpha=16.0,
+        torch_threads=1,
+        progress=False,
+    )
     result = lm_ppo.train_lm_ppo(config)  # the embedded model, the sentiment reward: about 5 s
     scores = [row["objective/scores"] for row in result.history]
     kls = [row["objective/kl"] for row in result.history]
@@ -57,7 +66,9 @@ def test_lora_ppo_refuses_a_separate_reference():
 
 
 def _adapter_and_merged(out):
-    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file() and (
+        out / "adapter" / "adapter_model.safetensors"
+    ).is_file()
     assert (out / "model.safetensors").is_file()
 
 
@@ -70,8 +81,20 @@ def test_lora_sft_trains_the_adapters_and_saves_them_merged(tmp_path):
 
     data = write_jsonl(tmp_path / "sft.jsonl", make_demonstrations(64, seed=0))
     out = tmp_path / "sft"
-    result = train_sft(SFTConfig(data_path=str(data), output_dir=str(out), batch_size=16, max_steps=4, lora_r=4,
-                                 learning_rate=1e-2, eval_fraction=0.0, torch_threads=1, progress=False, device="cpu"))
+    result = train_sft(
+        SFTConfig(
+            data_path=str(data),
+            output_dir=str(out),
+            batch_size=16,
+            max_steps=4,
+            lora_r=4,
+            learning_rate=1e-2,
+            eval_fraction=0.0,
+            torch_threads=1,
+            progress=False,
+            device="cpu",
+        )
+    )
     assert result.global_step == 4
     _adapter_and_merged(out)
     merged, _ = load_causal_lm(str(out))
@@ -87,13 +110,27 @@ def test_lora_reward_model_trains_its_head_and_saves_merged(tmp_path):
     from agents.reward_model import RewardModelConfig, train_reward_model
     from rlhf_envs.rewards import LearnedReward
 
-    good, bad = ["a great film", "wonderful acting", "a lovely story"], ["a terrible film", "awful acting", "a dull story"]
+    good, bad = (
+        ["a great film", "wonderful acting", "a lovely story"],
+        ["a terrible film", "awful acting", "a dull story"],
+    )
     rows = [{"prompt": "review:", "chosen": " " + g, "rejected": " " + b} for g, b in zip(good, bad)] * 16
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     out = tmp_path / "rm"
-    train_reward_model(RewardModelConfig(data_path=str(data), output_dir=str(out), batch_size=8, num_epochs=3,
-                                         lora_r=4, learning_rate=3e-3, eval_fraction=0.0, torch_threads=1,
-                                         progress=False, device="cpu"))
+    train_reward_model(
+        RewardModelConfig(
+            data_path=str(data),
+            output_dir=str(out),
+            batch_size=8,
+            num_epochs=3,
+            lora_r=4,
+            learning_rate=3e-3,
+            eval_fraction=0.0,
+            torch_threads=1,
+            progress=False,
+            device="cpu",
+        )
+    )
     _adapter_and_merged(out)
     reward = LearnedReward(str(out))
     scores = reward.score(["review:"] * 6, [" " + t for t in good + bad])

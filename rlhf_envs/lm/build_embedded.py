@@ -35,8 +35,14 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from rlhf_envs.corpus import make_reviews
 from rlhf_envs.lm.chat import EMBEDDED_CHAT_TEMPLATE
@@ -52,8 +58,13 @@ ARCH_OUT = {"gpt2": DEFAULT_OUT, "llama": DEFAULT_OUT.with_name("embedded-llama"
 class BuildConfig:
     """Everything that determines the embedded tokenizer and model."""
 
-    out: Path | None = field(default=None, metadata={"help": "output directory (replaced atomically); default "
-                                                       "rlhf_envs/assets/embedded, or embedded-llama with --arch llama"})
+    out: Path | None = field(
+        default=None,
+        metadata={
+            "help": "output directory (replaced atomically); default "
+            "rlhf_envs/assets/embedded, or embedded-llama with --arch llama"
+        },
+    )
     arch: str = field(default="gpt2", metadata={"help": "'gpt2' (the default model) or 'llama' (its Llama twin)"})
     seed: int = field(default=0, metadata={"help": "seed for the corpus, the init and the batch order"})
     corpus: str = field(default="reviews", metadata={"help": "'reviews' (synthetic) or 'shakespeare'"})
@@ -63,10 +74,12 @@ class BuildConfig:
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
     n_embd: int = field(default=128, metadata={"help": "hidden width"})
     n_head: int = field(default=4, metadata={"help": "attention heads (must divide n_embd)"})
-    n_kv_head: int = field(default=2, metadata={"help": "llama only: key/value heads (grouped-query attention; "
-                                                 "must divide n_head)"})
-    intermediate_size: int = field(default=384, metadata={"help": "llama only: SwiGLU width (the twin then has "
-                                                          "about the GPT-2's parameter count)"})
+    n_kv_head: int = field(
+        default=2, metadata={"help": "llama only: key/value heads (grouped-query attention; must divide n_head)"}
+    )
+    intermediate_size: int = field(
+        default=384, metadata={"help": "llama only: SwiGLU width (the twin then has about the GPT-2's parameter count)"}
+    )
     n_positions: int = field(default=128, metadata={"help": "context length in tokens"})
     batch_size: int = field(default=64, metadata={"help": "texts per optimizer step"})
     max_steps: int = field(default=3000, metadata={"help": "optimizer steps"})
@@ -74,8 +87,12 @@ class BuildConfig:
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps before the cosine decay"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads: 1 is robust on a shared "
-                                              "machine, 2 is ~1.6x faster on an idle 2-core one"})
+    threads: int = field(
+        default=1,
+        metadata={
+            "help": "torch CPU threads: 1 is robust on a shared machine, 2 is ~1.6x faster on an idle 2-core one"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
 
     def __post_init__(self) -> None:
@@ -89,20 +106,25 @@ class BuildConfig:
             raise ValueError(f"corpus={self.corpus!r}; expected 'reviews' or 'shakespeare'.")
         if self.corpus == "shakespeare":
             if self.data is None or not Path(self.data).is_file():
-                raise ValueError(f"data={self.data!r} is not a file; --corpus shakespeare needs "
-                                 "--data PATH, e.g. ../shared/data/tinyshakespeare.txt.")
+                raise ValueError(
+                    f"data={self.data!r} is not a file; --corpus shakespeare needs "
+                    "--data PATH, e.g. ../shared/data/tinyshakespeare.txt."
+                )
             self.data = Path(self.data)
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}; "
-                             "pick n_head among the divisors of n_embd.")
+            raise ValueError(
+                f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}; "
+                "pick n_head among the divisors of n_embd."
+            )
         if self.vocab_size < 260:
             raise ValueError(f"vocab_size={self.vocab_size}; need >= 260 (256 bytes + 2 specials + merges).")
         for name in ("n_texts", "n_layer", "n_positions", "batch_size", "max_steps", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer.")
         if not 0 <= self.warmup_steps < self.max_steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps}; expected 0 <= warmup_steps < "
-                             f"max_steps={self.max_steps}.")
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps}; expected 0 <= warmup_steps < max_steps={self.max_steps}."
+            )
 
 
 def text_passages(text: str, max_chars: int = 400) -> list[str]:
@@ -129,10 +151,10 @@ def _short_lines(lines: list[str], max_chars: int) -> list[str]:
     """``lines`` stripped on the right, each longer than ``max_chars`` cut at spaces."""
     out: list[str] = []
     for line in (x.rstrip() for x in lines):
-        while len(line) > max_chars and " " in line[1:max_chars + 1]:
+        while len(line) > max_chars and " " in line[1 : max_chars + 1]:
             cut = line.rindex(" ", 1, max_chars + 1)
             out.append(line[:cut])
-            line = line[cut + 1:]
+            line = line[cut + 1 :]
         out.append(line)
     return out
 
@@ -154,14 +176,19 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS_EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_EOS} $A", pair=f"{BOS_EOS} $A $B", special_tokens=[(BOS_EOS, 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS_EOS, eos_token=BOS_EOS,
-                                   pad_token=PAD, padding_side="left")
+        single=f"{BOS_EOS} $A", pair=f"{BOS_EOS} $A $B", special_tokens=[(BOS_EOS, 0)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS_EOS, eos_token=BOS_EOS, pad_token=PAD, padding_side="left"
+    )
 
 
 def encode(texts: list[str], tokenizer: PreTrainedTokenizerFast, max_len: int) -> list[list[int]]:
@@ -178,12 +205,10 @@ def collate(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask,
-            "labels": input_ids.masked_fill(mask == 0, -100)}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
 
 
-def length_bucketed_batches(lengths: list[int], batch_size: int,
-                            rng: np.random.Generator) -> list[np.ndarray]:
+def length_bucketed_batches(lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """One epoch of index batches, each of similar lengths (less padding), in random order.
 
     Shuffles, sorts windows of 50 batches by length, cuts them into batches and shuffles
@@ -194,9 +219,9 @@ def length_bucketed_batches(lengths: list[int], batch_size: int,
     lengths_arr = np.asarray(lengths)
     batches = []
     for w in range(0, len(order) - batch_size + 1, window):
-        chunk = order[w: w + window]
+        chunk = order[w : w + window]
         chunk = chunk[np.argsort(lengths_arr[chunk], kind="stable")]
-        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -208,38 +233,63 @@ def lr_at(step: int, config: BuildConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def new_gpt2(tokenizer: PreTrainedTokenizerFast, n_positions: int, n_embd: int, n_layer: int,
-             n_head: int) -> GPT2LMHeadModel:
+def new_gpt2(
+    tokenizer: PreTrainedTokenizerFast, n_positions: int, n_embd: int, n_layer: int, n_head: int
+) -> GPT2LMHeadModel:
     """A freshly initialised GPT-2 (torch's global seed) sized for ``tokenizer``, dropout off."""
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=n_positions,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def new_model(tokenizer: PreTrainedTokenizerFast, config: BuildConfig) -> PreTrainedModel:
     """A freshly initialised GPT-2 or Llama (``config.arch``), tied embeddings, no dropout."""
-    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     if config.arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=config.n_positions, hidden_size=config.n_embd,
-            intermediate_size=config.intermediate_size, num_hidden_layers=config.n_layer,
-            num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head, tie_word_embeddings=True,
-            attention_dropout=0.0, **special))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                max_position_embeddings=config.n_positions,
+                hidden_size=config.n_embd,
+                intermediate_size=config.intermediate_size,
+                num_hidden_layers=config.n_layer,
+                num_attention_heads=config.n_head,
+                num_key_value_heads=config.n_kv_head,
+                tie_word_embeddings=True,
+                attention_dropout=0.0,
+                **special,
+            )
+        )
     return new_gpt2(tokenizer, config.n_positions, config.n_embd, config.n_layer, config.n_head)
 
 
-def train_model(rows: list[list[int]], tokenizer: PreTrainedTokenizerFast,
-                config: BuildConfig) -> tuple[PreTrainedModel, dict]:
+def train_model(
+    rows: list[list[int]], tokenizer: PreTrainedTokenizerFast, config: BuildConfig
+) -> tuple[PreTrainedModel, dict]:
     """Train a GPT-2 or Llama on ``rows`` with AdamW; returns the model and training statistics."""
     torch.manual_seed(config.seed)
     model = new_model(tokenizer, config)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=config.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+    )
     rng = np.random.default_rng(config.seed)
     batches: list[np.ndarray] = []
     tokens_seen, losses = 0, []
@@ -264,9 +314,13 @@ def train_model(rows: list[list[int]], tokenizer: PreTrainedTokenizerFast,
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
     train_seconds = time.perf_counter() - start
     model.eval()
-    stats = {"steps": config.max_steps, "tokens_seen": tokens_seen,
-             "final_loss": round(float(np.mean(losses[-50:])), 4), "train_seconds": round(train_seconds, 1),
-             "tokens_per_second": round(tokens_seen / train_seconds)}
+    stats = {
+        "steps": config.max_steps,
+        "tokens_seen": tokens_seen,
+        "final_loss": round(float(np.mean(losses[-50:])), 4),
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(tokens_seen / train_seconds),
+    }
     return model, stats
 
 
@@ -275,7 +329,7 @@ def eval_loss(model: PreTrainedModel, rows: list[list[int]], pad_id: int, batch_
     """Mean next-token cross-entropy (nats per token) over ``rows``."""
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i: i + batch_size], pad_id)
+        batch = collate(rows[i : i + batch_size], pad_id)
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += model(**batch).loss.item() * n
         count += n
@@ -300,18 +354,28 @@ def build(config: BuildConfig) -> dict:
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)
-    settings = {k: (v.name if isinstance(v, Path) else v)
-                for k, v in dataclasses.asdict(config).items() if k not in ("out", "progress")}
-    info = {"seed": config.seed, "corpus": config.corpus, "n_texts": len(train_texts), **stats,
-            "eval_loss": round(eval_loss(model, eval_rows, tokenizer.pad_token_id), 4),
-            "n_parameters": sum(p.numel() for p in model.parameters()), "config": settings,
-            "torch_version": torch.__version__}
+    settings = {
+        k: (v.name if isinstance(v, Path) else v)
+        for k, v in dataclasses.asdict(config).items()
+        if k not in ("out", "progress")
+    }
+    info = {
+        "seed": config.seed,
+        "corpus": config.corpus,
+        "n_texts": len(train_texts),
+        **stats,
+        "eval_loss": round(eval_loss(model, eval_rows, tokenizer.pad_token_id), 4),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "config": settings,
+        "torch_version": torch.__version__,
+    }
     write_atomically(config.out, model, tokenizer, info, start)
     return info
 
 
-def write_atomically(out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
-                     info: dict, start: float) -> None:
+def write_atomically(
+    out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, info: dict, start: float
+) -> None:
     """Save into a temporary sibling directory, then swap it in place of ``out``."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -341,8 +405,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     for f in dataclasses.fields(BuildConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), Path)
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])

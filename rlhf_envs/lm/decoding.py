@@ -1,4 +1,5 @@
-"""Cached decoding over the lean GPT-2 forward: a prompt key/value table for a frozen reference, and a KV-cached decoder."""
+"""Cached decoding over the lean GPT-2 forward: a prompt key/value table for a frozen reference, and a KV-cached
+decoder."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class PromptKVCache:
         return n * per_prompt * view.wte.element_size()
 
     def get(self, view: GPT2View, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(kv, last_hidden)``: the whole table ``[n, n_layer, 2, H, P, hd]`` with prompts ``index [N]`` filled, and ``[N, D]``."""
+        """``(kv, last_hidden)``: the whole table ``[n, n_layer, 2, H, P, hd]`` with prompts ``index [N]`` filled, and
+        ``[N, D]``."""
         fingerprint = tuple((id(t), t.data_ptr(), t._version) for t in view.tensors)
         if fingerprint != self.fingerprint or self.kv is None:
             n, length = self.prompt_ids.shape
@@ -55,8 +57,9 @@ class PromptKVCache:
             last = torch.zeros_like(mask)
             last[:, -1] = True
             positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
-            self.last_hidden[missing] = view.packed_hidden(self.prompt_ids[missing], mask, positions, last,
-                                                           kv_out=(self.kv, missing))
+            self.last_hidden[missing] = view.packed_hidden(
+                self.prompt_ids[missing], mask, positions, last, kv_out=(self.kv, missing)
+            )
             self.ready[missing] = True
         return self.kv, self.last_hidden[index]
 
@@ -65,7 +68,8 @@ class GPT2Decoder:
     """Prefill then one-token steps for left-padded prompts, over a cache preallocated to ``P + max_new_tokens``.
 
     ``prefill()`` returns the last prompt position's logits ``[B, V]``; each ``step(tokens [B])``
-    feeds one token per row and returns the next logits ``[B, V]``; ``keep_rows`` drops rows. Pad positions of the prompt
+    feeds one token per row and returns the next logits ``[B, V]``; ``keep_rows`` drops rows. Pad positions of the
+    prompt
     attend only to themselves and are masked as keys; position ids come from the mask.
     """
 
@@ -98,8 +102,9 @@ class GPT2Decoder:
         start = self.filled
         self.key_mask[:, :, :, start] = 0.0
         self.filled += 1
-        hidden = self.view.forward(tokens[:, None], self.next_position, self.key_mask[..., : self.filled],
-                                   self.cache, start)
+        hidden = self.view.forward(
+            tokens[:, None], self.next_position, self.key_mask[..., : self.filled], self.cache, start
+        )
         self.next_position += 1
         return self.view.logits(hidden[:, 0])
 

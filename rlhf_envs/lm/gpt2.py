@@ -82,7 +82,9 @@ def _residual(update: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return update.add_(x) if update.dtype == x.dtype else x + update
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """``softmax(q k^T * scale + attn_mask) v`` as two batched matmuls (short sequences).
 
     For the short rows of a scoring batch (tens of keys, head size 32) this is as fast as CPU SDPA's
@@ -98,8 +100,10 @@ def _hooks_or_dropout(modules: Iterable[torch.nn.Module]) -> bool:
     """True when a forward (pre-)hook is registered (globally or on any of ``modules``) or a dropout is active."""
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or (isinstance(m, torch.nn.Dropout) and m.training and m.p > 0)
-               for m in modules)
+    return any(
+        m._forward_hooks or m._forward_pre_hooks or (isinstance(m, torch.nn.Dropout) and m.training and m.p > 0)
+        for m in modules
+    )
 
 
 def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
@@ -119,8 +123,12 @@ def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
     if type(base) not in (GPT2LMHeadModel, GPT2ForSequenceClassification):
         return None
     config = base.config
-    if (config.add_cross_attention or config.activation_function not in _TANH_GELUS
-            or config.reorder_and_upcast_attn or _hooks_or_dropout(model.modules())):
+    if (
+        config.add_cross_attention
+        or config.activation_function not in _TANH_GELUS
+        or config.reorder_and_upcast_attn
+        or _hooks_or_dropout(model.modules())
+    ):
         return None
     try:
         return GPT2View(base)
@@ -173,10 +181,16 @@ def _projection(module: torch.nn.Module) -> tuple[torch.Tensor | _LoRA, torch.Te
         raise _NotExact("several active LoRA adapters")
     name = active[0]
     dropout = module.lora_dropout[name]
-    if (name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False)
-            or getattr(module, "lora_bias", {}).get(name, False) or module.lora_B[name].bias is not None
-            or not (type(dropout) is torch.nn.Identity
-                    or (type(dropout) is torch.nn.Dropout and (dropout.p == 0 or not dropout.training)))):
+    if (
+        name in getattr(module, "lora_variant", {})
+        or getattr(module, "use_dora", {}).get(name, False)
+        or getattr(module, "lora_bias", {}).get(name, False)
+        or module.lora_B[name].bias is not None
+        or not (
+            type(dropout) is torch.nn.Identity
+            or (type(dropout) is torch.nn.Dropout and (dropout.p == 0 or not dropout.training))
+        )
+    ):
         raise _NotExact("a LoRA variant, bias or dropout")
     return _LoRA(base.weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]), base.bias
 
@@ -258,16 +272,31 @@ class GPT2View:
         self.score = _exactly(score, nn.Linear).weight if score is not None else None
         self.layers = []
         for i, block in enumerate(body.h):
-            scaling = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
+            scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
             if config.scale_attn_by_inverse_layer_idx:
                 scaling /= float(i + 1)
             attn, mlp = block.attn, block.mlp
             (attn_w, attn_b), (attn_proj_w, attn_proj_b), (fc_w, fc_b), (proj_w, proj_b) = (
-                _projection(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
-            self.layers.append(_Layer(_norm(block.ln_1), attn_w, attn_b, attn_proj_w, attn_proj_b, _norm(block.ln_2),
-                                      fc_w, fc_b, proj_w, proj_b, scaling))
-        self.tensors = [t for t in _flat((self.wte, self.wpe, self.ln_f, self.lm_head, self.score, self.layers))
-                        if t is not None]
+                _projection(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+            )
+            self.layers.append(
+                _Layer(
+                    _norm(block.ln_1),
+                    attn_w,
+                    attn_b,
+                    attn_proj_w,
+                    attn_proj_b,
+                    _norm(block.ln_2),
+                    fc_w,
+                    fc_b,
+                    proj_w,
+                    proj_b,
+                    scaling,
+                )
+            )
+        self.tensors = [
+            t for t in _flat((self.wte, self.wpe, self.ln_f, self.lm_head, self.score, self.layers)) if t is not None
+        ]
         """Every tensor the view reads (a LoRA projection's base and adapter weights too)."""
 
     @property
@@ -294,8 +323,16 @@ class GPT2View:
         """``ln_f(hidden)``: the last hidden state a Hugging Face GPT-2 returns."""
         return self._ln(hidden, self.ln_f)
 
-    def packed_forward(self, tokens: torch.Tensor, positions: torch.Tensor, gather: torch.Tensor, owner: torch.Tensor,
-                       rows: int, keep: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def packed_forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        gather: torch.Tensor,
+        owner: torch.Tensor,
+        rows: int,
+        keep: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Differentiable hidden states ``[N, D]`` (before ``ln_f``) of ``N`` packed tokens, or ``[K, D]`` of
         the ``K`` packed indices ``keep`` (in that order, repeats allowed).
 
@@ -326,7 +363,9 @@ class GPT2View:
         heads, hd = self.n_head, self.head_dim
         x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         last = len(self.layers) - 1
-        if attn_mask is not None:  # [rows, 1, W, W] -> [H * rows, W, W] in the grids' head-major order, once for all layers
+        if (
+            attn_mask is not None
+        ):  # [rows, 1, W, W] -> [H * rows, W, W] in the grids' head-major order, once for all layers
             attn_mask = attn_mask.transpose(0, 1).expand(heads, rows, width, width).reshape(heads * rows, width, width)
         for i, layer in enumerate(self.layers):
             qkv = _proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)
@@ -339,8 +378,9 @@ class GPT2View:
                 att = torch.bmm(scores.softmax(-1), v)
             else:
                 shape = (heads, rows, width, hd)  # SDPA's batch and head dimensions, here heads then rows
-                att = F.scaled_dot_product_attention(q.view(shape), k.view(shape), v.view(shape), is_causal=True,
-                                                     scale=layer.scaling)
+                att = F.scaled_dot_product_attention(
+                    q.view(shape), k.view(shape), v.view(shape), is_causal=True, scale=layer.scaling
+                )
             cells = owner
             if keep is not None and i == last:
                 cells, x = owner.index_select(0, keep), x.index_select(0, keep)
@@ -349,9 +389,17 @@ class GPT2View:
             x = _residual(self._mlp_out(x, layer), x)
         return x
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
-                cache: list[tuple[torch.Tensor, torch.Tensor]], start: int, first: int = 0) -> torch.Tensor:
-        """Run ``input_ids [B, L]`` at cache slots ``[start, start + L)``; return hidden states ``[B, L, D]`` (before ``ln_f``).
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attn_mask: torch.Tensor,
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        start: int,
+        first: int = 0,
+    ) -> torch.Tensor:
+        """Run ``input_ids [B, L]`` at cache slots ``[start, start + L)``; return hidden states ``[B, L, D]`` (before
+        ``ln_f``).
 
         The queries attend to cache slots ``[first, start + L)``: ``attn_mask [B, 1, L, start + L - first]``
         is additive over them (0 = may attend, the dtype's minimum = may not); slots before ``first``
@@ -369,8 +417,9 @@ class GPT2View:
             if length == 1:  # decoding: one query per row, where two small matmuls beat the flash kernel
                 att = _attention(q, keys[:, :, first:end], values[:, :, first:end], attn_mask, layer.scaling)
             else:
-                att = F.scaled_dot_product_attention(q, keys[:, :, first:end], values[:, :, first:end],
-                                                     attn_mask=attn_mask, scale=layer.scaling)
+                att = F.scaled_dot_product_attention(
+                    q, keys[:, :, first:end], values[:, :, first:end], attn_mask=attn_mask, scale=layer.scaling
+                )
             att = att.transpose(1, 2).reshape(batch * length, self.d_model)
             x = self._mlp(_proj(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
         return x.view(batch, length, self.d_model)
@@ -378,13 +427,22 @@ class GPT2View:
     def new_cache(self, batch: int, max_len: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer ``(keys, values)``, each ``[B, H, max_len, hd]`` in the model's dtype."""
         shape = (batch, self.n_head, max_len, self.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
-                for _ in self.layers]
+        return [
+            (torch.zeros(shape, dtype=self.dtype, device=device), torch.zeros(shape, dtype=self.dtype, device=device))
+            for _ in self.layers
+        ]
 
-    def packed_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
-                      wanted: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                      kv_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Teacher-forced hidden states ``[M, D]`` (before ``ln_f``) at the ``M`` positions where ``wanted [B, L]`` is True.
+    def packed_hidden(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        wanted: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        kv_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced hidden states ``[M, D]`` (before ``ln_f``) at the ``M`` positions where ``wanted [B, L]`` is
+        True.
 
         Row-major order; ``wanted`` must lie inside ``mask [B, L]``. Row ``b``'s real tokens
         (``mask[b]``) attend causally to each other and, with ``past = (kv, rows, past_mask)``, to
@@ -423,9 +481,14 @@ class GPT2View:
         q_col = layout.q_offset[b_new] + rank
         k_col = layout.k_offset[b_new] + layout.past[b_new] + rank
         h = np.arange(heads)
-        cells = np.stack([bases[0] + ((seg_row * heads)[:, None] + h) * q_width + q_col[:, None],
-                          bases[1] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None],
-                          bases[2] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None]], axis=1)
+        cells = np.stack(
+            [
+                bases[0] + ((seg_row * heads)[:, None] + h) * q_width + q_col[:, None],
+                bases[1] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None],
+                bases[2] + ((seg_row * heads)[:, None] + h) * width + k_col[:, None],
+            ],
+            axis=1,
+        )
         outputs = torch.from_numpy(cells[:, 0].reshape(-1)).to(device)
         attn_mask = additive_mask(torch.from_numpy(layout.allowed()).to(device), x.dtype)
         # Each layer's source rows (``hd`` wide): the new tokens' q, k, v heads, then the past keys and values,
@@ -442,11 +505,15 @@ class GPT2View:
             old_rank = ranks(old)[1]
             span = kv.shape[-2]
             k_old = layout.k_offset[b_old] + old_rank
-            # kv.view(-1, hd) row of (table row n, layer i, part c, head h, position p): (((n * layers + i) * 2 + c) * H + h) * span + p
-            source = (((table_rows[b_old] * len(self.layers))[:, None, None] * 2 + np.arange(2)[:, None]) * heads + h) * span
+            # kv.view(-1, hd) row of (table row n, layer i, part c, head h, position p):
+            # (((n * layers + i) * 2 + c) * H + h) * span + p
+            source = (
+                ((table_rows[b_old] * len(self.layers))[:, None, None] * 2 + np.arange(2)[:, None]) * heads + h
+            ) * span
             source = torch.from_numpy((source + p[:, None, None]).reshape(-1)).to(device)
-            target = np.stack([bases[c] + ((layout.row[b_old] * heads)[:, None] + h) * width + k_old[:, None] for c in (1, 2)],
-                              axis=1)
+            target = np.stack(
+                [bases[c] + ((layout.row[b_old] * heads)[:, None] + h) * width + k_old[:, None] for c in (1, 2)], axis=1
+            )
             grid[target.reshape(-1)] = n_new + np.arange(n_past)
             kv_rows = kv.reshape(-1, hd)
             layer_stride = 2 * heads * span
@@ -456,8 +523,9 @@ class GPT2View:
             table, out_rows = kv_out[0], kv_out[1].cpu().numpy()
             out_span = table.shape[-2]
             # table.view(-1, hd) row of (table row n, layer i, part c, head h, column j), as for the past above
-            out_index = (((out_rows[b_new] * len(self.layers))[:, None, None] * 2 + np.arange(2)[:, None]) * heads
-                         + h) * out_span + col.cpu().numpy()[:, None, None]
+            out_index = (
+                ((out_rows[b_new] * len(self.layers))[:, None, None] * 2 + np.arange(2)[:, None]) * heads + h
+            ) * out_span + col.cpu().numpy()[:, None, None]
             out_index = torch.from_numpy(out_index.reshape(-1)).to(device)
             out_flat = table.view(-1, hd)
         q_shape, kv_shape = (n_rows, heads, q_width, hd), (n_rows, heads, width, hd)
@@ -471,10 +539,16 @@ class GPT2View:
                 torch.addmm(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w, out=new_rows)
             torch.index_select(source_rows, 0, grid, out=buffer)
             if kv_out is not None:
-                out_flat.index_copy_(0, out_index + i * 2 * heads * out_span,
-                                     new_rows[:, self.d_model :].reshape(-1, hd))
-            att = _attention(buffer[: bases[1]].view(q_shape), buffer[bases[1] : bases[2]].view(kv_shape),
-                             buffer[bases[2] :].view(kv_shape), attn_mask, layer.scaling)
+                out_flat.index_copy_(
+                    0, out_index + i * 2 * heads * out_span, new_rows[:, self.d_model :].reshape(-1, hd)
+                )
+            att = _attention(
+                buffer[: bases[1]].view(q_shape),
+                buffer[bases[1] : bases[2]].view(kv_shape),
+                buffer[bases[2] :].view(kv_shape),
+                attn_mask,
+                layer.scaling,
+            )
             att = att.view(-1, hd).index_select(0, outputs).view(-1, self.d_model)
             x = self._mlp(_proj(layer.attn_proj_b, att, layer.attn_proj_w).add_(x), layer)
         return x.index_select(0, picked)

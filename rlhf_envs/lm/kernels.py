@@ -14,7 +14,8 @@ _GELU_CUBIC = 0.044715
 
 
 def _gelu_gate(x: torch.Tensor) -> torch.Tensor:
-    """``s = sigmoid(sqrt(8/pi) * (x + 0.044715 x^3))`` in three passes: ``(c + c * 0.044715 x^2) * x``, then the sigmoid."""
+    """``s = sigmoid(sqrt(8/pi) * (x + 0.044715 x^3))`` in three passes: ``(c + c * 0.044715 x^2) * x``, then the
+    sigmoid."""
     scale = torch.tensor(_SQRT_8_OVER_PI, dtype=x.dtype, device=x.device)
     return torch.addcmul(scale, x, x, value=_SQRT_8_OVER_PI * _GELU_CUBIC).mul_(x).sigmoid_()
 
@@ -29,7 +30,8 @@ def _gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
 
 
 class GeluTanh(torch.autograd.Function):
-    """Differentiable tanh-GELU as ``x * s`` with ``s = sigmoid(sqrt(8/pi) (x + 0.044715 x^3))`` (see :func:`_gelu_tanh_`).
+    """Differentiable tanh-GELU as ``x * s`` with ``s = sigmoid(sqrt(8/pi) (x + 0.044715 x^3))`` (see
+    :func:`_gelu_tanh_`).
 
     The backward pass reuses ``s``: ``d/dx = s + s (1 - s) sqrt(8/pi) (1 + 3 * 0.044715 x^2) x``. On
     CPU, forward and backward together run faster than torch's tanh-GELU and its backward kernel

@@ -18,7 +18,8 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def ranks(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For the True cells of ``mask [B, L]`` in row-major order: their row, and their rank among their row's True cells."""
+    """For the True cells of ``mask [B, L]`` in row-major order: their row, and their rank among their row's True
+    cells."""
     row, col = mask.nonzero()
     return row, (np.cumsum(mask, axis=1) - 1)[row, col]
 
