@@ -28,26 +28,16 @@ __rlhf_gym__ = True
 """Marks this package as rlhf-gym's (see :mod:`rlhf_envs.launcher`)."""
 
 _EXPORTS = {
-    "PPOConfig": "ppo",
-    "train_ppo": "ppo",
-    "PretrainConfig": "pretrain",
-    "train_pretrain": "pretrain",
-    "SFTConfig": "sft",
-    "train_sft": "sft",
-    "RewardModelConfig": "reward_model",
-    "train_reward_model": "reward_model",
-    "LMPPOConfig": "lm_ppo",
-    "train_lm_ppo": "lm_ppo",
-    "DPOConfig": "dpo",
-    "train_dpo": "dpo",
-    "DialoguePPOConfig": "dialogue_ppo",
-    "train_dialogue_ppo": "dialogue_ppo",
-    "GRPOConfig": "grpo",
-    "train_grpo": "grpo",
-    "EvalConfig": "evaluate",
-    "evaluate_models": "evaluate",
-    "PipelineConfig": "pipeline",
-    "run_pipeline": "pipeline",
+    "PPOConfig": "ppo", "train_ppo": "ppo",
+    "PretrainConfig": "pretrain", "train_pretrain": "pretrain",
+    "SFTConfig": "sft", "train_sft": "sft",
+    "RewardModelConfig": "reward_model", "train_reward_model": "reward_model",
+    "LMPPOConfig": "lm_ppo", "train_lm_ppo": "lm_ppo",
+    "DPOConfig": "dpo", "train_dpo": "dpo",
+    "DialoguePPOConfig": "dialogue_ppo", "train_dialogue_ppo": "dialogue_ppo",
+    "GRPOConfig": "grpo", "train_grpo": "grpo",
+    "EvalConfig": "evaluate", "evaluate_models": "evaluate",
+    "PipelineConfig": "pipeline", "run_pipeline": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

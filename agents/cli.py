@@ -24,21 +24,19 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         # argparse %-formats help strings (the subcommands' formatter appends the default itself)
-        help_text = f.metadata.get("help", "").replace("%", "%%")
+        help_text = f.metadata.get('help', '').replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         base = _base_type(kind)
         if f.metadata.get("nargs"):
             parser.add_argument(flag, dest=f.name, default=default, nargs=f.metadata["nargs"], help=help_text)
         elif base is bool:
-            parser.add_argument(
-                flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction, help=help_text
-            )
+            parser.add_argument(flag, dest=f.name, default=default, action=argparse.BooleanOptionalAction,
+                                help=help_text)
         elif base in (dict, list) or typing.get_origin(base) in (dict, list):
             parser.add_argument(flag, dest=f.name, default=default, type=json.loads, help=help_text + " (JSON)")
         elif base is not kind:  # X | None: "none" gives None
-            parser.add_argument(
-                flag, dest=f.name, default=default, type=_optional(base), help=help_text + " ('none': None)"
-            )
+            parser.add_argument(flag, dest=f.name, default=default, type=_optional(base),
+                                help=help_text + " ('none': None)")
         else:
             parser.add_argument(flag, dest=f.name, default=default, type=base, help=help_text)
     for old_name, new_name in getattr(config_cls, RENAMED_FIELDS, {}).items():
@@ -46,14 +44,8 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls, skip: tuple[str
             kind = hints[new_name]
             base = _base_type(kind)
             parse = None if base is bool else base if base is kind else _optional(base)
-            parser.add_argument(
-                "--" + old_name.replace("_", "-"),
-                dest=new_name,
-                help=argparse.SUPPRESS,
-                action=_RenamedOption,
-                type=parse,
-                new_flag="--" + new_name.replace("_", "-"),
-            )
+            parser.add_argument("--" + old_name.replace("_", "-"), dest=new_name, help=argparse.SUPPRESS,
+                                action=_RenamedOption, type=parse, new_flag="--" + new_name.replace("_", "-"))
 
 
 class _RenamedOption(argparse.Action):
@@ -64,10 +56,8 @@ class _RenamedOption(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(
-            f"{parser.prog}: warning: {option_string} was renamed to {self.new_flag}; use {self.new_flag}",
-            file=sys.stderr,
-        )
+        print(f"{parser.prog}: warning: {option_string} was renamed to {self.new_flag}; use {self.new_flag}",
+              file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
@@ -123,19 +113,10 @@ def _catgrid(args: argparse.Namespace) -> int:
 
     result = train_ppo(config, callback=evaluate)
     save_model_dir(out / "policy", model=result.agent, json_files={"config.json": dataclasses.asdict(config)})
-    plot_learning_curve(
-        out / "learning_curve.png",
-        fractions,
-        title=f"Our PPO on {config.env_id}",
-        ylabel="exact expected return / optimum",
-    )
-    summary = {
-        "env_id": config.env_id,
-        "optimal_return": optimum,
-        "final_fraction_of_optimum": fractions[-1][1],
-        "env_steps": result.global_step,
-        "wall_seconds": round(result.seconds, 3),
-    }
+    plot_learning_curve(out / "learning_curve.png", fractions, title=f"Our PPO on {config.env_id}",
+                        ylabel="exact expected return / optimum")
+    summary = {"env_id": config.env_id, "optimal_return": optimum, "final_fraction_of_optimum": fractions[-1][1],
+               "env_steps": result.global_step, "wall_seconds": round(result.seconds, 3)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"run folder: {out} (metrics.csv, learning_curve.png, policy/, summary.json)")
@@ -211,20 +192,9 @@ FAILED_TO_LEARN_EXIT = 3
 
 
 def _add_corpus_arg(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument(
-        "--corpus",
-        dest="corpus_paths",
-        nargs="+",
-        required=required,
-        default=None,
-        metavar="FILE",
-        help="plain-text (UTF-8) files"
-        + (
-            ""
-            if required
-            else ": pretrain on them and cut the demonstrations and prompts out of them (agents.text_corpus)"
-        ),
-    )
+    parser.add_argument("--corpus", dest="corpus_paths", nargs="+", required=required, default=None, metavar="FILE",
+                        help="plain-text (UTF-8) files" + ("" if required else ": pretrain on them and cut the "
+                             "demonstrations and prompts out of them (agents.text_corpus)"))
 
 
 def _task_pipeline(args: argparse.Namespace) -> int:
@@ -238,7 +208,7 @@ def _task_pipeline(args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[str, str] = {
     "pipeline": "SFT -> reward model -> PPO, and DPO beside it, on the embedded default or your own text (--corpus), "
-    "with a report",
+                "with a report",
     "pretrain": "pretrain a causal LM (and a BPE tokenizer) on plain-text files",
     "sft": "supervised fine-tuning on JSONL {prompt, completion}",
     "rm": "reward model (Bradley-Terry) on JSONL pairs {prompt, chosen, rejected} or rankings {prompt, responses}",
@@ -253,14 +223,12 @@ _COMMANDS: dict[str, str] = {
 """Every sub-command and its one-line help. Only the chosen one's options are built (its config module imports
 torch), so ``rlhf --help`` and a bad command answer without importing torch or transformers."""
 
-_TRAINERS = {
-    "pretrain": ("agents.pretrain:PretrainConfig", "agents.pretrain:train_pretrain"),
-    "sft": ("agents.sft:SFTConfig", "agents.sft:train_sft"),
-    "rm": ("agents.reward_model:RewardModelConfig", "agents.reward_model:train_reward_model"),
-    "dpo": ("agents.dpo:DPOConfig", "agents.dpo:train_dpo"),
-    "ppo": ("agents.lm_ppo:LMPPOConfig", "agents.lm_ppo:train_lm_ppo"),
-    "grpo": ("agents.grpo:GRPOConfig", "agents.grpo:train_grpo"),
-}
+_TRAINERS = {"pretrain": ("agents.pretrain:PretrainConfig", "agents.pretrain:train_pretrain"),
+             "sft": ("agents.sft:SFTConfig", "agents.sft:train_sft"),
+             "rm": ("agents.reward_model:RewardModelConfig", "agents.reward_model:train_reward_model"),
+             "dpo": ("agents.dpo:DPOConfig", "agents.dpo:train_dpo"),
+             "ppo": ("agents.lm_ppo:LMPPOConfig", "agents.lm_ppo:train_lm_ppo"),
+             "grpo": ("agents.grpo:GRPOConfig", "agents.grpo:train_grpo")}
 
 
 def _load(path: str):
@@ -271,12 +239,9 @@ def _load(path: str):
 
 
 def _add_run_folder_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a run folder that already holds a run (without it, a non-empty folder is refused "
-        "unless --resume)",
-    )
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run folder that already holds a run (without it, a non-empty folder is refused "
+                             "unless --resume)")
 
 
 def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
@@ -292,29 +257,20 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
         p.set_defaults(func=_task_pipeline)
     elif name in _TRAINERS:
         cls = _load(_TRAINERS[name][0])
-        add_config_args(
-            p,
-            cls,
-            skip={"ppo": ("prompts", "ptx_texts"), "grpo": ("prompts",), "pretrain": ("corpus_paths",)}.get(name, ()),
-        )
+        add_config_args(p, cls, skip={"ppo": ("prompts", "ptx_texts"), "grpo": ("prompts",),
+                                      "pretrain": ("corpus_paths",)}.get(name, ()))
         if name == "pretrain":
             _add_corpus_arg(p, required=True)
         if name in ("ppo", "grpo"):
-            p.add_argument(
-                "--prompts-path",
-                "--prompts-file",
-                dest="prompts_file",
-                default=None,
-                help="prompts: rows with a 'prompt' (a string or role/content turns) in JSONL, .jsonl.gz, "
-                "parquet or a datasets folder (default: corpus prompts)",
-            )
+            p.add_argument("--prompts-path", "--prompts-file", dest="prompts_file", default=None,
+                           help="prompts: rows with a 'prompt' (a string or role/content turns) in JSONL, .jsonl.gz, "
+                                "parquet or a datasets folder (default: corpus prompts)")
         _add_run_folder_args(p)
         p.set_defaults(func=_train(cls, _TRAINERS[name][1]))
     elif name in ("eval", "elo"):
         add_config_args(p, _load("agents.evaluate:EvalConfig"), skip=("models", "prompts"))
-        p.add_argument(
-            "--model", action="append", required=True, metavar="NAME=PATH", help="a model to evaluate (repeat)"
-        )
+        p.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help="a model to evaluate "
+                                                                                            "(repeat)")
         p.add_argument("--out", default=None, help="also write the full result as JSON here")
         p.set_defaults(func=_evaluate)
     else:
@@ -328,9 +284,8 @@ def _add_command_args(name: str, p: argparse.ArgumentParser) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``rlhf`` parser: every sub-command listed; the options of ``command`` only (all of them when None,
     none when ``""``)."""
-    parser = argparse.ArgumentParser(
-        prog="rlhf", description="RLHF as Gymnasium environments, and the agents that train on them."
-    )
+    parser = argparse.ArgumentParser(prog="rlhf",
+                                     description="RLHF as Gymnasium environments, and the agents that train on them.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, what in _COMMANDS.items():
         p = sub.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -372,16 +327,12 @@ def _check_run_folder(args: argparse.Namespace) -> None:
     if not folder.is_dir() or not any(folder.iterdir()) or getattr(args, "resume", False):
         return
     if not args.overwrite:
-        raise FileExistsError(
-            f"{option} {value!r} already holds a run; pass --resume to continue it, --overwrite to "
-            "replace it, or another folder"
-        )
+        raise FileExistsError(f"{option} {value!r} already holds a run; pass --resume to continue it, --overwrite to "
+                              "replace it, or another folder")
     markers = ("config.json", "pipeline_config.json", "metrics.jsonl", "metrics.csv")
     if not any((folder / m).is_file() for m in markers):
-        raise FileExistsError(
-            f"--overwrite refuses to empty {value!r}: it has none of {list(markers)}, so no rlhf "
-            "command wrote it; remove it yourself or give another folder"
-        )
+        raise FileExistsError(f"--overwrite refuses to empty {value!r}: it has none of {list(markers)}, so no rlhf "
+                              "command wrote it; remove it yourself or give another folder")
     shutil.rmtree(folder)
 
 

@@ -72,9 +72,8 @@ def _jsonl_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise DataError(
-                f"{path}:{number}: invalid UTF-8 at byte {err.start} of the line: save the file as UTF-8"
-            ) from err
+            raise DataError(f"{path}:{number}: invalid UTF-8 at byte {err.start} of the line: "
+                            "save the file as UTF-8") from err
         if not text.strip():
             continue
         try:
@@ -92,20 +91,16 @@ def _dataset_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     try:
         import datasets
     except ImportError as err:
-        raise DataError(
-            f"{path}: reading a datasets folder, a parquet or a .jsonl.gz file needs the datasets package: "
-            "pip install 'rlhf-gym[data]' (or pip install datasets), or give a plain JSONL file"
-        ) from err
+        raise DataError(f"{path}: reading a datasets folder, a parquet or a .jsonl.gz file needs the datasets package: "
+                        "pip install 'rlhf-gym[data]' (or pip install datasets), or give a plain JSONL file") from err
     datasets.disable_progress_bars()
     try:
         if path.is_dir():
             table = datasets.load_from_disk(str(path))
             if isinstance(table, datasets.DatasetDict):
                 if "train" not in table:
-                    raise DataError(
-                        f"{path}: a DatasetDict without a 'train' split (it has {sorted(table)}): "
-                        "save the split to train on alone with Dataset.save_to_disk"
-                    )
+                    raise DataError(f"{path}: a DatasetDict without a 'train' split (it has {sorted(table)}): "
+                                    "save the split to train on alone with Dataset.save_to_disk")
                 table = table["train"]
         elif path.name.endswith(".parquet"):
             table = datasets.Dataset.from_parquet(str(path))
@@ -132,10 +127,8 @@ def _check_text(where: str, name: str, value: Any) -> None:
     if isinstance(value, str):
         return
     if not isinstance(value, list):
-        raise DataError(
-            f"{where}: field {name!r} must be a str, got {type(value).__name__} "
-            "(or, in the conversational format, a list of role/content turns)"
-        )
+        raise DataError(f"{where}: field {name!r} must be a str, got {type(value).__name__} "
+                        "(or, in the conversational format, a list of role/content turns)")
     try:
         check_conversation(value, f"field {name!r}")
     except ValueError as err:
@@ -153,10 +146,8 @@ def _check_fields(where: str, record: dict[str, Any], fields: dict[str, Any]) ->
     if "prompt" in fields and isinstance(record["prompt"], str):
         for name in (n for n, kind in fields.items() if kind is TEXT and n != "prompt"):
             if not isinstance(record[name], str):
-                raise DataError(
-                    f"{where}: field {name!r} is a list of turns but the prompt is a plain string: "
-                    "make the prompt a list of turns too (TRL's conversational format), or both strings"
-                )
+                raise DataError(f"{where}: field {name!r} is a list of turns but the prompt is a plain string: "
+                                "make the prompt a list of turns too (TRL's conversational format), or both strings")
 
 
 def _require_records(path: str | Path, records: list, fields: str) -> None:
@@ -172,10 +163,8 @@ def read_sft(path: str | Path) -> list[dict[str, Any]]:
             _check_fields(where, record, {"messages": list})
             _check_text(where, "messages", record["messages"])
             if not any(turn["role"] == "assistant" for turn in record["messages"]):
-                raise DataError(
-                    f"{where}: 'messages' has no assistant turn, so nothing to train on: "
-                    "the loss covers the assistant turns only"
-                )
+                raise DataError(f"{where}: 'messages' has no assistant turn, so nothing to train on: "
+                                "the loss covers the assistant turns only")
             records.append({"messages": record["messages"]})
             continue
         _check_fields(where, record, _SFT)
@@ -273,9 +262,8 @@ def _encode(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
-def _prompt_response_ids(
-    tokenizer: Any, prompts: list, responses: list[list]
-) -> list[tuple[list[int], list[list[int]]]]:
+def _prompt_response_ids(tokenizer: Any, prompts: list, responses: list[list]
+                         ) -> list[tuple[list[int], list[list[int]]]]:
     """Per prompt, its token ids and its responses' (see the module's tokenisation rules), untruncated."""
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
@@ -287,10 +275,8 @@ def _prompt_response_ids(
     for i in (i for i, p in enumerate(prompts) if not isinstance(p, str)):
         texts = [prompt_and_response_text(tokenizer, prompts[i], r) for r in responses[i]]
         # every response shares the rendered prompt: it is the same conversation up to the generation prompt
-        out[i] = (
-            _encode(tokenizer, [texts[0][0]], special=False)[0],
-            _encode(tokenizer, [t[1] for t in texts], special=False),
-        )
+        out[i] = (_encode(tokenizer, [texts[0][0]], special=False)[0],
+                  _encode(tokenizer, [t[1] for t in texts], special=False))
     return out
 
 
@@ -316,11 +302,8 @@ def tokenize_prompt_responses(
 
 def _warn_truncated(truncated: int, total: int, max_length: int) -> None:
     if truncated:
-        warnings.warn(
-            f"{truncated} of {total} examples are longer than max_length={max_length} tokens and were "
-            "truncated (policy: agents.data); raise max_length to keep them whole",
-            stacklevel=3,
-        )
+        warnings.warn(f"{truncated} of {total} examples are longer than max_length={max_length} tokens and were "
+                      "truncated (policy: agents.data); raise max_length to keep them whole", stacklevel=3)
 
 
 def sft_examples(records: list[dict[str, Any]]) -> tuple[list, list, list[int]]:
@@ -358,9 +341,8 @@ def tokenize_pairs(tokenizer: Any, records: list[dict[str, Any]], max_length: in
     )
 
 
-def tokenize_texts(
-    tokenizer: Any, texts: list[str], max_length: int, special: bool = True
-) -> tuple[list[torch.Tensor], int]:
+def tokenize_texts(tokenizer: Any, texts: list[str], max_length: int, special: bool = True
+                   ) -> tuple[list[torch.Tensor], int]:
     """Whole texts (special tokens as the tokenizer adds them, unless ``special`` is False), keeping each one's
     last ``max_length`` tokens.
 

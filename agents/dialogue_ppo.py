@@ -49,15 +49,8 @@ from rlhf_envs.lm.sampling import SamplingConfig, generate
 from rlhf_envs.text_common import attention_mask_from_obs
 from rlhf_envs.validation import check_config_fields
 
-__all__ = [
-    "CREDIT",
-    "DialogueBatch",
-    "DialoguePPOConfig",
-    "DialoguePPOResult",
-    "collect_episodes",
-    "evaluate_dialogue",
-    "train_dialogue_ppo",
-]
+__all__ = ["CREDIT", "DialogueBatch", "DialoguePPOConfig", "DialoguePPOResult", "collect_episodes",
+           "evaluate_dialogue", "train_dialogue_ppo"]
 
 
 @dataclass
@@ -65,15 +58,12 @@ class DialoguePPOConfig:
     """Hyper-parameters of multi-turn RLHF PPO."""
 
     env_id: str = field(
-        default="TextDialogue-v0",
-        metadata={"help": "a TextDialogue env id (TextDialogue-v0: guess, TextDialogueTool-v0: calc)"},
-    )
+        default="TextDialogue-v0", metadata={"help": "a TextDialogue env id (TextDialogue-v0: guess, "
+            "TextDialogueTool-v0: calc)"})
     env_kwargs: dict = field(
-        default_factory=dict, metadata={"help": "extra env arguments, e.g. {'game_kwargs': {'tool': False}}"}
-    )
+        default_factory=dict, metadata={"help": "extra env arguments, e.g. {'game_kwargs': {'tool': False}}"})
     model_path: str | None = field(
-        default=None, metadata={"help": "policy initialisation and reference; None = the game's task model"}
-    )
+        default=None, metadata={"help": "policy initialisation and reference; None = the game's task model"})
     seed: int = field(default=0, metadata={"help": "seed of torch, the env and the sampler"})
     iterations: int = field(default=60, metadata={"help": "rollout-and-update iterations"})
     num_envs: int = field(default=64, metadata={"help": "episodes per iteration (the vector env's num_envs)"})
@@ -83,27 +73,20 @@ class DialoguePPOConfig:
     beta: float = field(default=0.01, metadata={"help": "KL coefficient (fixed) on the policy's tokens"})
     kl_estimator: str = field(default="k1", metadata={"help": "the env's KL estimator: k1, k3 or exact"})
     credit: str = field(
-        default="token",
-        metadata={
-            "help": "credit assignment: token (GAE over policy tokens), turn (GAE over turns), "
-            "episode or group (critic-free; group: GRPO's group baseline)"
-        },
-    )
+        default="token", metadata={"help": "credit assignment: token (GAE over policy tokens), turn (GAE over turns), "
+            "episode or group (critic-free; group: GRPO's group baseline)"})
     group_size: int = field(default=1, metadata={"help": "envs per group playing the same episode (credit='group')"})
     gamma: float = field(
-        default=1.0, metadata={"help": "discount per policy token (token credit) or per turn (turn credit)"}
-    )
+        default=1.0, metadata={"help": "discount per policy token (token credit) or per turn (turn credit)"})
     gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
     cliprange_value: float = field(default=0.2, metadata={"help": "value prediction clip"})
     vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient (unused by critic-free credit)"})
     whiten_advantages: bool = field(
-        default=True, metadata={"help": "whiten advantages over the rollout's policy tokens"}
-    )
+        default=True, metadata={"help": "whiten advantages over the rollout's policy tokens"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
     max_approx_kl: float | None = field(
-        default=0.05, metadata={"help": "stop an update once a minibatch's approx-KL exceeds this; None = never"}
-    )
+        default=0.05, metadata={"help": "stop an update once a minibatch's approx-KL exceeds this; None = never"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of each turn"})
     torch_threads: int | None = field(default=1, metadata={"help": "torch intra-op threads; None = torch's default"})
 
@@ -116,10 +99,8 @@ class DialoguePPOConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"DialoguePPOConfig.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.group_size < 1 or self.num_envs % self.group_size or (self.credit == "group" and self.group_size < 2):
-            raise ValueError(
-                f"DialoguePPOConfig.group_size must divide num_envs={self.num_envs} (and be >= 2 for "
-                f"credit='group'), got group_size={self.group_size!r} with credit={self.credit!r}"
-            )
+            raise ValueError(f"DialoguePPOConfig.group_size must divide num_envs={self.num_envs} (and be >= 2 for "
+                             f"credit='group'), got group_size={self.group_size!r} with credit={self.credit!r}")
         if self.num_envs % self.num_minibatches:
             raise ValueError(f"num_envs {self.num_envs} is not divisible by num_minibatches {self.num_minibatches}")
         for name in ("learning_rate", "cliprange", "cliprange_value", "max_grad_norm", "temperature"):
@@ -165,9 +146,8 @@ class DialogueBatch:
     beta: float
 
 
-def _episode_tensors(
-    contexts: list[np.ndarray], masks: list[np.ndarray], pad: int, fill: int
-) -> tuple[torch.Tensor, ...]:
+def _episode_tensors(contexts: list[np.ndarray], masks: list[np.ndarray], pad: int, fill: int
+                     ) -> tuple[torch.Tensor, ...]:
     """Split each finished context (real tokens) at its first policy token: opening ``[E, P]`` left-padded, rest
     ``[E, R]`` right-padded with one trailing ``fill`` slot.
 
@@ -181,17 +161,16 @@ def _episode_tensors(
     response_ids, response_mask = torch.full((E, R), pad), torch.zeros(E, R, dtype=torch.bool)
     loss_mask = torch.zeros(E, R, dtype=torch.bool)
     for i, (c, m, o) in enumerate(zip(contexts, masks, opens)):
-        prompt_ids[i, P - o :], prompt_mask[i, P - o :] = torch.as_tensor(c[:o]), True
+        prompt_ids[i, P - o:], prompt_mask[i, P - o:] = torch.as_tensor(c[:o]), True
         n = len(c) - o
         response_ids[i, :n], response_ids[i, n] = torch.as_tensor(c[o:]), fill
-        response_mask[i, : n + 1] = True
+        response_mask[i, :n + 1] = True
         loss_mask[i, :n] = torch.as_tensor(m[o:])
     return prompt_ids, prompt_mask, response_ids, response_mask, loss_mask
 
 
-def collect_episodes(
-    lm: nn.Module, envs: Any, sampling: SamplingConfig, generator: torch.Generator, seed: int
-) -> DialogueBatch:
+def collect_episodes(lm: nn.Module, envs: Any, sampling: SamplingConfig, generator: torch.Generator,
+                     seed: int) -> DialogueBatch:
     """Play one episode on every env of the vector TextDialogue ``envs`` with ``lm``; rows whose episode ended
     step on with a bare turn-end marker (ignored) until every row's first episode is over."""
     task, d = envs.unwrapped.task, envs.unwrapped.dialogues
@@ -203,43 +182,30 @@ def collect_episodes(
     while active.any():
         rows = np.flatnonzero(active)
         ids = torch.as_tensor(obs[rows])
-        gen = generate(
-            lm,
-            ids,
-            attention_mask_from_obs(ids, pad),
-            sampling,
-            eos_token_id=eot,
-            pad_token_id=pad,
-            generator=generator,
-        )
+        gen = generate(lm, ids, attention_mask_from_obs(ids, pad), sampling, eos_token_id=eot, pad_token_id=pad,
+                       generator=generator)
         actions = np.full((n, width), pad, dtype=np.int64)
         actions[:, 0] = eot
         logprobs = np.zeros((n, width), dtype=np.float32)
-        actions[rows, : gen.response_ids.shape[1]] = gen.response_ids.numpy()
-        logprobs[rows, : gen.logprobs.shape[1]] = gen.logprobs.numpy()
+        actions[rows, :gen.response_ids.shape[1]] = gen.response_ids.numpy()
+        logprobs[rows, :gen.logprobs.shape[1]] = gen.logprobs.numpy()
         envs.set_policy_logprobs(logprobs)
         obs, _, terminated, truncated, info = envs.step(actions)
         lengths = gen.response_mask.sum(-1).numpy()
         for j, i in enumerate(rows):
             r = record[i]
-            r["kl"].append(info["kl_per_token"][i, : lengths[j]])
+            r["kl"].append(info["kl_per_token"][i, :lengths[j]])
             r["reward"].append(float(info["turn_reward"][i] + info["score"][i]))
             r["lengths"].append(int(lengths[j]))
             if terminated[i] or truncated[i]:
                 active[i] = False
                 real = info["final_obs"][i] != pad
                 real = np.cumsum(real) > 0  # the leading pad run only
-                r.update(
-                    context=info["final_obs"][i][real],
-                    mask=info["final_policy_mask"][i][real],
-                    terminated=bool(terminated[i]),
-                    truncated=bool(truncated[i]),
-                    score=float(info["score"][i]),
-                    ret=float(sum(r["reward"]) - task.beta * sum(k.sum() for k in r["kl"])),
-                )
+                r.update(context=info["final_obs"][i][real], mask=info["final_policy_mask"][i][real],
+                         terminated=bool(terminated[i]), truncated=bool(truncated[i]), score=float(info["score"][i]),
+                         ret=float(sum(r["reward"]) - task.beta * sum(k.sum() for k in r["kl"])))
     prompt_ids, prompt_mask, response_ids, response_mask, loss_mask = _episode_tensors(
-        [r["context"] for r in record], [r["mask"] for r in record], pad, eot
-    )
+        [r["context"] for r in record], [r["mask"] for r in record], pad, eot)
     kl, turn_reward, turn_start = (torch.zeros(loss_mask.shape) for _ in range(3))
     for i, r in enumerate(record):
         at = loss_mask[i].nonzero().flatten()
@@ -248,22 +214,9 @@ def collect_episodes(
         turn_reward[i, at[ends]] = torch.as_tensor(r["reward"], dtype=torch.float32)
         turn_start[i, at[ends - np.array(r["lengths"]) + 1]] = 1.0
     column = {key: torch.tensor([r[key] for r in record]) for key in ("terminated", "truncated", "ret", "score")}
-    return DialogueBatch(
-        prompt_ids,
-        prompt_mask,
-        response_ids,
-        response_mask,
-        loss_mask,
-        kl,
-        turn_reward,
-        turn_start.bool(),
-        column["terminated"],
-        column["truncated"],
-        torch.tensor([len(r["lengths"]) for r in record]),
-        column["ret"],
-        column["score"],
-        task.beta,
-    )
+    return DialogueBatch(prompt_ids, prompt_mask, response_ids, response_mask, loss_mask, kl, turn_reward,
+                         turn_start.bool(), column["terminated"], column["truncated"],
+                         torch.tensor([len(r["lengths"]) for r in record]), column["ret"], column["score"], task.beta)
 
 
 def _dense(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,9 +234,8 @@ def _bootstrap(batch: DialogueBatch, values: torch.Tensor, gamma: float) -> torc
     return gamma * values[torch.arange(len(last)), last] * batch.truncated.float()
 
 
-def _token_credit(
-    batch: DialogueBatch, values: torch.Tensor, config: DialoguePPOConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_credit(batch: DialogueBatch, values: torch.Tensor, config: DialoguePPOConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over the policy's tokens of each episode, in order (env tokens skipped)."""
     m = batch.loss_mask
     rewards = batch.turn_reward - batch.beta * batch.kl
@@ -297,9 +249,8 @@ def _token_credit(
     return out_adv, out_ret
 
 
-def _turn_credit(
-    batch: DialogueBatch, values: torch.Tensor, config: DialoguePPOConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _turn_credit(batch: DialogueBatch, values: torch.Tensor, config: DialoguePPOConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over turns: a turn's reward is the step's env reward, its value the value at its first token."""
     m = batch.loss_mask
     turn_index = torch.cumsum(batch.turn_start.long(), -1) - 1  # each policy token's turn
@@ -313,9 +264,8 @@ def _turn_credit(
     return adv.gather(1, index) * m, ret.gather(1, index) * m
 
 
-def _episode_credit(
-    batch: DialogueBatch, values: torch.Tensor, config: DialoguePPOConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _episode_credit(batch: DialogueBatch, values: torch.Tensor, config: DialoguePPOConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Critic-free: ``(G - mean G) / std G`` over the batch on every policy token; returns are ``G``."""
     g = batch.returns
     adv = (g - g.mean()) / (g.std() + 1e-8)
@@ -323,9 +273,8 @@ def _episode_credit(
     return adv[:, None] * m, g[:, None] * m
 
 
-def _group_credit(
-    batch: DialogueBatch, values: torch.Tensor, config: DialoguePPOConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_credit(batch: DialogueBatch, values: torch.Tensor, config: DialoguePPOConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO: ``(G - mean_group G) / std_group G`` on every policy token; groups: ``group_size`` consecutive episodes."""
     g = batch.returns.view(-1, config.group_size)
     adv = ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True) + 1e-8)).flatten()
@@ -334,35 +283,24 @@ def _group_credit(
 
 
 CREDIT: dict[str, Callable[[DialogueBatch, torch.Tensor, DialoguePPOConfig], tuple[torch.Tensor, torch.Tensor]]] = {
-    "token": _token_credit,
-    "turn": _turn_credit,
-    "episode": _episode_credit,
-    "group": _group_credit,
-}
+    "token": _token_credit, "turn": _turn_credit, "episode": _episode_credit, "group": _group_credit}
 """Credit assignment: ``f(batch, old_values [E, R], config) -> (advantages [E, R], returns [E, R])``."""
 
 
-def _minibatch_loss(
-    model: PolicyWithValueHead, batch: dict[str, torch.Tensor], config: DialoguePPOConfig, sampling: SamplingConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
+def _minibatch_loss(model: PolicyWithValueHead, batch: dict[str, torch.Tensor], config: DialoguePPOConfig,
+                    sampling: SamplingConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO loss of a minibatch of episodes; every term is masked to the policy's tokens (``loss_mask``)."""
     m = batch["loss_mask"]
-    logprobs, values, entropy = model(
-        batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"], sampling
-    )
+    logprobs, values, entropy = model(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                      batch["response_mask"], sampling)
     pg, pg_stats = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], m, config.cliprange)
     loss = pg
     vf = torch.zeros(())
     if config.credit not in ("episode", "group"):
         vf, _ = value_loss(values, batch["old_values"], batch["returns"], m, config.cliprange_value)
         loss = loss + config.vf_coef * vf
-    return loss, {
-        "approxkl": float(pg_stats["approx_kl"]),
-        "pg_loss": pg.item(),
-        "vf_loss": vf.item(),
-        "clipfrac": float(pg_stats["clipfrac"]),
-        "entropy": float(masked_mean(entropy.detach(), m)),
-    }
+    return loss, {"approxkl": float(pg_stats["approx_kl"]), "pg_loss": pg.item(), "vf_loss": vf.item(),
+                  "clipfrac": float(pg_stats["clipfrac"]), "entropy": float(masked_mean(entropy.detach(), m))}
 
 
 @dataclass
@@ -379,23 +317,14 @@ def train_dialogue_ppo(config: DialoguePPOConfig) -> DialoguePPOResult:
         torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     model_kwargs = {"model": config.model_path} if config.model_path else {}
-    envs = gym.make_vec(
-        config.env_id,
-        num_envs=config.num_envs,
-        beta=config.beta,
-        kl_estimator=config.kl_estimator,
-        temperature=config.temperature,
-        group_size=config.group_size,
-        **model_kwargs,
-        **config.env_kwargs,
-    )
+    envs = gym.make_vec(config.env_id, num_envs=config.num_envs, beta=config.beta, kl_estimator=config.kl_estimator,
+                        temperature=config.temperature, group_size=config.group_size, **model_kwargs,
+                        **config.env_kwargs)
     task = envs.unwrapped.task
     positions = getattr(task.ref_model.config, "n_positions", None)
     if positions is not None and envs.unwrapped.dialogues.max_context_tokens >= positions:
-        raise ValueError(
-            f"max_context_tokens={envs.unwrapped.dialogues.max_context_tokens} leaves no position of the "
-            f"model's {positions} for the value after an episode (the truncation bootstrap); lower it"
-        )
+        raise ValueError(f"max_context_tokens={envs.unwrapped.dialogues.max_context_tokens} leaves no position of the "
+                         f"model's {positions} for the value after an episode (the truncation bootstrap); lower it")
     lm = copy.deepcopy(task.ref_model).requires_grad_(True)  # the reference is the SFT model the policy starts from
     model = PolicyWithValueHead(lm)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5)
@@ -404,13 +333,8 @@ def train_dialogue_ppo(config: DialoguePPOConfig) -> DialoguePPOResult:
     history, started = [], time.perf_counter()
     for iteration in range(config.iterations):
         batch = collect_episodes(model.lm, envs, sampling, generator, seed=config.seed * 100_003 + iteration)
-        fields = {
-            "prompt_ids": batch.prompt_ids,
-            "prompt_mask": batch.prompt_mask,
-            "response_ids": batch.response_ids,
-            "response_mask": batch.response_mask,
-            "loss_mask": batch.loss_mask,
-        }
+        fields = {"prompt_ids": batch.prompt_ids, "prompt_mask": batch.prompt_mask, "response_ids": batch.response_ids,
+                  "response_mask": batch.response_mask, "loss_mask": batch.loss_mask}
         with torch.no_grad():
             old_logprobs, old_values, _ = model(*(fields[k] for k in list(fields)[:4]), sampling)
         advantages, returns = CREDIT[config.credit](batch, old_values, config)
@@ -434,46 +358,27 @@ def train_dialogue_ppo(config: DialoguePPOConfig) -> DialoguePPOResult:
                     stats.setdefault(key, []).append(value)
             if stopped:
                 break
-        history.append(
-            {
-                "iteration": iteration + 1,
-                "episode/turns": float(batch.turns.float().mean()),
-                "episode/solved": float(batch.terminated.float().mean()),
-                "episode/return": float(batch.returns.mean()),
-                "episode/score": float(batch.score.mean()),
-                "objective/kl": float((batch.kl * batch.loss_mask).sum(-1).mean()),
-                "policy/early_stopped": stopped,
-                "policy/updates": len(stats.get("pg_loss", [])),
-                **{f"policy/{k}_avg": float(np.mean(v)) for k, v in stats.items()},
-            }
-        )
+        history.append({"iteration": iteration + 1, "episode/turns": float(batch.turns.float().mean()),
+                        "episode/solved": float(batch.terminated.float().mean()),
+                        "episode/return": float(batch.returns.mean()), "episode/score": float(batch.score.mean()),
+                        "objective/kl": float((batch.kl * batch.loss_mask).sum(-1).mean()),
+                        "policy/early_stopped": stopped, "policy/updates": len(stats.get("pg_loss", [])),
+                        **{f"policy/{k}_avg": float(np.mean(v)) for k, v in stats.items()}})
     envs.close()
     return DialoguePPOResult(model, task.tokenizer, history, time.perf_counter() - started)
 
 
-def evaluate_dialogue(
-    lm: nn.Module,
-    env_id: str = "TextDialogue-v0",
-    episodes: int = 256,
-    seed: int = 12345,
-    greedy: bool = False,
-    temperature: float = 1.0,
-    **env_kwargs: Any,
-) -> dict[str, float]:
+def evaluate_dialogue(lm: nn.Module, env_id: str = "TextDialogue-v0", episodes: int = 256, seed: int = 12345,
+                      greedy: bool = False, temperature: float = 1.0, **env_kwargs: Any) -> dict[str, float]:
     """Play ``episodes`` episodes with ``lm`` (sampling, or ``greedy``): mean turns (all episodes, and solved ones),
     fraction solved (terminated), mean score and return."""
     envs = gym.make_vec(env_id, num_envs=episodes, temperature=temperature, **env_kwargs)
-    sampling = SamplingConfig(
-        max_new_tokens=envs.unwrapped.dialogues.max_turn_tokens, temperature=temperature, greedy=greedy
-    )
+    sampling = SamplingConfig(max_new_tokens=envs.unwrapped.dialogues.max_turn_tokens, temperature=temperature,
+                              greedy=greedy)
     batch = collect_episodes(lm, envs, sampling, torch.Generator().manual_seed(seed), seed)
     envs.close()
     solved = batch.terminated
     turns = batch.turns.float()
-    return {
-        "turns": float(turns.mean()),
-        "turns_solved": float(turns[solved].mean()) if solved.any() else float("nan"),
-        "solved": float(solved.float().mean()),
-        "score": float(batch.score.mean()),
-        "return": float(batch.returns.mean()),
-    }
+    return {"turns": float(turns.mean()), "turns_solved": float(turns[solved].mean()) if solved.any() else float("nan"),
+            "solved": float(solved.float().mean()), "score": float(batch.score.mean()),
+            "return": float(batch.returns.mean())}

@@ -12,16 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = [
-    "LossModule",
-    "check_divides_among_processes",
-    "distributed",
-    "gather_tensors",
-    "is_main_process",
-    "join_process_group",
-    "refuse_distributed",
-    "shard",
-]
+__all__ = ["LossModule", "check_divides_among_processes", "distributed", "gather_tensors", "is_main_process",
+           "join_process_group", "refuse_distributed", "shard"]
 
 
 def join_process_group(device: torch.device) -> torch.device:
@@ -54,10 +46,9 @@ def is_main_process() -> bool:
 def refuse_distributed(what: str) -> None:
     """Raise if launched as several processes: ``what`` does not split its work among them yet."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
-            f"{what} does not run data parallel yet (WORLD_SIZE={os.environ['WORLD_SIZE']}): "
-            "launch it as one process; `rlhf sft`, `rlhf rm`, `rlhf dpo` and `rlhf ppo` run under torchrun"
-        )
+        raise ValueError(f"{what} does not run data parallel yet (WORLD_SIZE={os.environ['WORLD_SIZE']}): "
+                         "launch it as one process; `rlhf sft`, `rlhf rm`, `rlhf dpo` and `rlhf ppo` run under "
+                         "torchrun")
 
 
 def shard(indices: list[int], rank: int, world: int, weights: Sequence[float] | None = None) -> tuple[list[int], float]:
@@ -83,9 +74,8 @@ def shard(indices: list[int], rank: int, world: int, weights: Sequence[float] | 
 class LossModule(nn.Module):
     """``loss_fn(model, batch)`` as a module's forward, so that DDP sees the pass it synchronises."""
 
-    def __init__(
-        self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-    ):
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module,
+                                                            Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -98,9 +88,8 @@ def check_divides_among_processes(batch_size: int, name: str) -> None:
     """Raise unless ``batch_size`` responses divide among the ``WORLD_SIZE`` processes of a data-parallel run."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch_size % world:
-        raise ValueError(
-            f"{name} {batch_size} does not divide among {world} processes (WORLD_SIZE): make it a multiple of {world}"
-        )
+        raise ValueError(f"{name} {batch_size} does not divide among {world} processes (WORLD_SIZE): "
+                         f"make it a multiple of {world}")
 
 
 def gather_tensors(rollout: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:

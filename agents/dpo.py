@@ -73,30 +73,20 @@ DPO_LOSSES: dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
 class DPOConfig(LMTrainConfig):
     """Hyper-parameters of :func:`train_dpo`; shared fields are documented on :class:`LMTrainConfig`."""
 
-    output_dir: str = field(
-        default="runs/dpo",
-        metadata={"help": "the tuned policy (a Hugging Face directory), metrics.jsonl and checkpoints/ go here"},
-    )
+    output_dir: str = field(default="runs/dpo", metadata={"help": "the tuned policy (a Hugging Face directory), "
+                                                                  "metrics.jsonl and checkpoints/ go here"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak AdamW learning rate"})
     batch_size: int = field(default=32, metadata={"help": "preference pairs per optimizer step"})
-    beta: float = field(
-        default=0.1, metadata={"help": "strength of the implicit KL penalty to the reference (DPO's beta)"}
-    )
-    loss_type: str = field(
-        default="sigmoid",
-        metadata={"help": f"one of {sorted(DPO_LOSSES)}: sigmoid = DPO, cdpo = conservative DPO, ipo = IPO"},
-    )
-    label_smoothing: float = field(
-        default=0.0,
-        metadata={"help": "cdpo's epsilon: assumed probability that a preference label is flipped, in (0, 0.5)"},
-    )
-    ref_model_path: str | None = field(
-        default=None, metadata={"help": "reference model directory; None = the initial policy (model_path)"}
-    )
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "turn dropout off, so policy and reference log-probs are comparable"}
-    )
-
+    beta: float = field(default=0.1, metadata={"help": "strength of the implicit KL penalty to the reference (DPO's "
+                                                       "beta)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": f"one of {sorted(DPO_LOSSES)}: sigmoid = DPO, cdpo = "
+                                                                "conservative DPO, ipo = IPO"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cdpo's epsilon: assumed probability that a "
+                                                                  "preference label is flipped, in (0, 0.5)"})
+    ref_model_path: str | None = field(default=None, metadata={"help": "reference model directory; None = the initial "
+                                                                       "policy (model_path)"})
+    disable_dropout: bool = field(default=True, metadata={"help": "turn dropout off, so policy and reference "
+                                                                  "log-probs are comparable"})
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss_type not in DPO_LOSSES:
@@ -104,19 +94,15 @@ class DPOConfig(LMTrainConfig):
         if not self.beta > 0:
             raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta!r}")
         if self.loss_type == "cdpo" and not 0.0 < self.label_smoothing < 0.5:
-            raise ValueError(
-                f"DPOConfig.label_smoothing must be in (0, 0.5) for loss_type='cdpo', got {self.label_smoothing!r}"
-            )
+            raise ValueError("DPOConfig.label_smoothing must be in (0, 0.5) for loss_type='cdpo', got "
+                             f"{self.label_smoothing!r}")
         if self.lora_r and self.ref_model_path is not None:
-            raise ValueError(
-                "DPOConfig.lora_r > 0 uses the policy with its adapters off as the reference; "
-                "leave ref_model_path unset (None)"
-            )
+            raise ValueError("DPOConfig.lora_r > 0 uses the policy with its adapters off as the reference; "
+                             "leave ref_model_path unset (None)")
         if self.loss_type != "cdpo" and self.label_smoothing != 0.0:
             raise ValueError(
                 f"DPOConfig.label_smoothing={self.label_smoothing!r} only applies to conservative DPO: "
-                f"set loss_type='cdpo' or label_smoothing=0"
-            )
+                f"set loss_type='cdpo' or label_smoothing=0")
 
 
 def sequence_logps(
@@ -134,11 +120,8 @@ def sequence_logps(
 
 
 def dpo_metrics(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+    beta: float
 ) -> dict[str, torch.Tensor]:
     """TRL's logged quantities for ``[B]`` sequence log-probs (detached means)."""
     chosen = beta * (policy_chosen - ref_chosen).detach()
@@ -194,15 +177,8 @@ def _reference_order(data: Any, n: int, packed: bool) -> list[int]:
     return order
 
 
-def _reference_logps(
-    config: DPOConfig,
-    model: torch.nn.Module,
-    data: Any,
-    n: int,
-    pad_id: int,
-    device: torch.device,
-    autocast: torch.autocast,
-) -> torch.Tensor:
+def _reference_logps(config: DPOConfig, model: torch.nn.Module, data: Any, n: int, pad_id: int,
+                     device: torch.device, autocast: torch.autocast) -> torch.Tensor:
     """``[n, 2]`` the reference's summed (chosen, rejected) response log-probs, computed once before training.
 
     The reference is ``model`` itself (with its LoRA adapters off) or ``config.ref_model_path``.
@@ -255,9 +231,8 @@ def train_dpo(config: DPOConfig) -> TrainResult:
 
     packed = packed_view(model.train()) is not None
     split = None if packed else split_lm_head(model)
-    train_idx, eval_idx = held_out_split(
-        len(records), config.eval_fraction, config.seed, groups=[prompt_key(r["prompt"]) for r in records]
-    )
+    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed,
+                                         groups=[prompt_key(r["prompt"]) for r in records])
 
     def loss_and_metrics(model: torch.nn.Module, indices: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logps = _logps(model, split, _collate(data, indices, packed, pad_id, device))

@@ -46,25 +46,19 @@ from rlhf_envs.validation import check_config_fields
 class EvalConfig:
     """What to evaluate and how."""
 
-    models: dict = field(
-        default_factory=dict, metadata={"help": 'name -> local causal-LM directory, e.g. {"sft": "runs/p/sft"}'}
-    )
+    models: dict = field(default_factory=dict, metadata={"help": "name -> local causal-LM directory, e.g. {\"sft\": "
+                                                                 "\"runs/p/sft\"}"})
     reference: str = field(default="sft", metadata={"help": "name (in models) of the reference for KL and win rates"})
     gold_reward: str = field(default="sentiment", metadata={"help": "reward plugin that judges (the gold reward)"})
-    reward_model_path: str | None = field(
-        default=None, metadata={"help": "a learned reward model directory: reported as the proxy reward"}
-    )
-    prompts: list | None = field(
-        default=None, metadata={"help": "evaluation prompts; None = corpus prompts from prompt_seed"}
-    )
+    reward_model_path: str | None = field(default=None, metadata={"help": "a learned reward model directory: reported "
+                                                                          "as the proxy reward"})
+    prompts: list | None = field(default=None, metadata={"help": "evaluation prompts; None = corpus prompts from "
+                                                                 "prompt_seed"})
     n_prompts: int = field(default=256, metadata={"help": "how many distinct corpus prompts when prompts is None"})
-    prompt_seed: int = field(
-        default=12345,
-        metadata={
-            "help": "seed of the corpus prompts (the grammar has about 1,500 distinct openings, so another seed's "
-            "training prompts may include some; rlhf pipeline keeps its evaluation prompts out of training)"
-        },
-    )
+    prompt_seed: int = field(default=12345, metadata={"help": "seed of the corpus prompts (the grammar has about "
+                                                              "1,500 distinct openings, so another seed's training "
+                                                              "prompts may include some; rlhf pipeline keeps its "
+                                                              "evaluation prompts out of training)"})
     max_new_tokens: int = field(default=24, metadata={"help": "longest response"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of every model"})
     seed: int = field(default=0, metadata={"help": "sampling seed (each model samples with the same one)"})
@@ -108,24 +102,17 @@ def sample_and_score(task: TextTask, model, config: EvalConfig, proxy=None) -> M
         idx = np.arange(start, min(start + config.batch_size, n))
         prompt_ids, prompt_mask = task.prompt_ids[idx], task.prompt_mask[idx]
         with torch.inference_mode():
-            gen = generate(
-                model,
-                prompt_ids,
-                prompt_mask,
-                task.sampling,
-                eos_token_id=task.eos_token_id,
-                pad_token_id=task.pad_token_id,
-                generator=generator,
-            )
+            gen = generate(model, prompt_ids, prompt_mask, task.sampling, eos_token_id=task.eos_token_id,
+                           pad_token_id=task.pad_token_id, generator=generator)
         width = task.max_new_tokens
         tokens = torch.full((len(idx), width), task.pad_token_id, dtype=torch.long)
-        tokens[:, : gen.response_ids.shape[1]] = gen.response_ids
+        tokens[:, :gen.response_ids.shape[1]] = gen.response_ids
         logprobs = torch.zeros(len(idx), width)
-        logprobs[:, : gen.logprobs.shape[1]] = gen.logprobs
+        logprobs[:, :gen.logprobs.shape[1]] = gen.logprobs
         full = None
         if exact:
             full = torch.zeros(len(idx), width, task.vocab_size)
-            full[:, : gen.response_ids.shape[1]] = _full_logprobs(model, prompt_ids, prompt_mask, gen, task.sampling)
+            full[:, :gen.response_ids.shape[1]] = _full_logprobs(model, prompt_ids, prompt_mask, gen, task.sampling)
         _, info = score_responses(task, idx, tokens.numpy(), (logprobs, full))
         responses.extend(info["response"].tolist())
         gold.append(info["score"])
@@ -138,9 +125,8 @@ def sample_and_score(task: TextTask, model, config: EvalConfig, proxy=None) -> M
 
 
 @torch.inference_mode()
-def _full_logprobs(
-    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: Generation, cfg: SamplingConfig
-) -> torch.Tensor:
+def _full_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: Generation,
+                   cfg: SamplingConfig) -> torch.Tensor:
     """``[B, T, V]`` the model's processed next-token log-distributions along ``gen``'s responses (0 past them).
 
     A GPT-2 or Llama-family model runs its packed forward (no padding, the LM head only where a
@@ -148,13 +134,11 @@ def _full_logprobs(
     """
     view = packed_view(model)
     if view is None:
-        full = response_logprobs(
-            model, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask, cfg, return_full=True
-        )[1]
+        full = response_logprobs(model, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask, cfg,
+                                 return_full=True)[1]
         return full.masked_fill(~gen.response_mask[..., None], 0.0)
     hidden = (response_hidden if view.path == "gpt2" else packed_response_hidden)(
-        view, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask
-    )
+        view, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask)
     picked = processed_logprobs(view.logits(hidden).float(), cfg)
     full = picked.new_zeros(gen.response_mask.shape + picked.shape[-1:])
     full[gen.response_mask] = picked
@@ -179,15 +163,8 @@ def evaluate_models(config: EvalConfig) -> dict:
     from rlhf_envs.rewards import make_reward_model
 
     prompts = config.prompts or distinct_prompts(config.n_prompts, config.prompt_seed)
-    task = TextTask(
-        config.models[config.reference],
-        config.gold_reward,
-        prompts,
-        beta=0.0,
-        kl_estimator="exact",
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-    )
+    task = TextTask(config.models[config.reference], config.gold_reward, prompts, beta=0.0, kl_estimator="exact",
+                    max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     proxy = make_reward_model("learned", path=config.reward_model_path) if config.reward_model_path else None
     samples: dict[str, ModelSamples] = {}
     for name, path in tqdm(config.models.items(), desc="evaluate", disable=not config.progress):
@@ -199,23 +176,20 @@ def evaluate_models(config: EvalConfig) -> dict:
     for name, s in samples.items():
         kl, kl_stderr = _mean_and_stderr(s.kl)
         kl_k1, kl_k1_stderr = _mean_and_stderr(s.kl_k1)
-        rows.append(
-            {
-                "model": name,
-                "gold_reward": float(s.gold.mean()),
-                "proxy_reward": None if s.proxy is None else float(s.proxy.mean()),
-                f"kl_to_{config.reference}": kl,
-                f"kl_to_{config.reference}_stderr": kl_stderr,
-                f"kl_to_{config.reference}_k1": kl_k1,
-                f"kl_to_{config.reference}_k1_stderr": kl_k1_stderr,
-                f"win_rate_vs_{config.reference}": win_rate(s.gold, ref.gold),
-                "elo": elo[name],
-                "repetition": repetition_rate(s.responses),
-            }
-        )
-    examples = [
-        {"prompt": p, **{name: s.responses[i] for name, s in samples.items()}} for i, p in enumerate(prompts[:8])
-    ]
+        rows.append({
+            "model": name,
+            "gold_reward": float(s.gold.mean()),
+            "proxy_reward": None if s.proxy is None else float(s.proxy.mean()),
+            f"kl_to_{config.reference}": kl,
+            f"kl_to_{config.reference}_stderr": kl_stderr,
+            f"kl_to_{config.reference}_k1": kl_k1,
+            f"kl_to_{config.reference}_k1_stderr": kl_k1_stderr,
+            f"win_rate_vs_{config.reference}": win_rate(s.gold, ref.gold),
+            "elo": elo[name],
+            "repetition": repetition_rate(s.responses),
+        })
+    examples = [{"prompt": p, **{name: s.responses[i] for name, s in samples.items()}} for i,
+                p in enumerate(prompts[:8])]
     return {"rows": rows, "elo": elo, "examples": examples, "n_prompts": len(prompts), "reference": config.reference}
 
 

@@ -66,22 +66,15 @@ KL_PLACES = ("reward", "loss")
 class GRPOConfig:
     """Hyper-parameters of the critic-free group trainer (TRL's names where they exist)."""
 
-    model_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "policy initialisation, a local causal-LM directory (the SFT model); None = the env's default model"
-        },
-    )
-    ref_model_path: str | None = field(
-        default=None, metadata={"help": "frozen reference for the KL term; None = the same as model_path"}
-    )
-    env_id: str = field(
-        default="TextArithmetic-v0",
-        metadata={"help": "a registered text bandit env with group sampling (TextArithmetic-v0, TextBandit-v0)"},
-    )
-    env_kwargs: dict = field(
-        default_factory=dict, metadata={"help": 'extra arguments of the env (e.g. {"format_reward": 0.1})'}
-    )
+    model_path: str | None = field(default=None, metadata={"help": "policy initialisation, a local causal-LM "
+                                                                   "directory (the SFT model); None = the env's "
+                                                                   "default model"})
+    ref_model_path: str | None = field(default=None, metadata={"help": "frozen reference for the KL term; None = the "
+                                                                       "same as model_path"})
+    env_id: str = field(default="TextArithmetic-v0", metadata={"help": "a registered text bandit env with group "
+                                                                       "sampling (TextArithmetic-v0, TextBandit-v0)"})
+    env_kwargs: dict = field(default_factory=dict, metadata={"help": "extra arguments of the env (e.g. "
+                                                                     "{\"format_reward\": 0.1})"})
     prompts: list | None = field(default=None, metadata={"help": "training prompts; None = the env's default"})
     output_dir: str = field(default="runs/grpo", metadata={"help": "policy, metrics.jsonl and checkpoints go here"})
     seed: int = field(default=0, metadata={"help": "seed of torch, the env's prompt draws and the sampler"})
@@ -89,98 +82,62 @@ class GRPOConfig:
     batch_size: int = field(default=64, metadata={"help": "responses per rollout (the vector env's num_envs)"})
     group_size: int = field(default=8, metadata={"help": "responses per prompt (G); must divide batch_size"})
     num_minibatches: int = field(default=1, metadata={"help": "minibatches per pass over a rollout"})
-    ppo_epochs: int = field(
-        default=1, metadata={"help": "passes over each rollout (several: the clipped ratio matters)"}
-    )
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout (several: the clipped ratio "
+                                                         "matters)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
-    warmup_iterations: int = field(
-        default=0,
-        metadata={
-            "help": "linear learning-rate warm-up over this many iterations (Adam's first steps are full-size in "
-            "every direction, noise included)"
-        },
-    )
+    warmup_iterations: int = field(default=0, metadata={"help": "linear learning-rate warm-up over this many "
+                                                                "iterations (Adam's first steps are full-size in "
+                                                                "every direction, noise included)"})
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "Adam's (beta1, beta2)"})
     max_new_tokens: int = field(default=6, metadata={"help": "longest response, EOS included"})
-    temperature: float = field(
-        default=1.0, metadata={"help": "sampling temperature (the ratio and the KL use the same distribution)"}
-    )
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the ratio and the KL use the "
+                                                              "same distribution)"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling; 0 = off"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
-    advantage: str = field(
-        default="grpo",
-        metadata={
-            "help": "grpo (group mean, / std with scale_rewards), rloo (leave-one-out) or reinforce_pp "
-            "(batch-normalised)"
-        },
-    )
-    scale_rewards: bool = field(
-        default=True, metadata={"help": "divide grpo's and reinforce_pp's advantages by the std; dr_grpo turns it off"}
-    )
-    loss_type: str = field(
-        default="grpo",
-        metadata={
-            "help": "grpo (mean per sequence, then over sequences), dr_grpo (token sum / constant) or dapo "
-            "(token-level mean)"
-        },
-    )
+    advantage: str = field(default="grpo", metadata={"help": "grpo (group mean, / std with scale_rewards), rloo "
+                                                             "(leave-one-out) or reinforce_pp (batch-normalised)"})
+    scale_rewards: bool = field(default=True, metadata={"help": "divide grpo's and reinforce_pp's advantages by the "
+                                                                "std; dr_grpo turns it off"})
+    loss_type: str = field(default="grpo", metadata={"help": "grpo (mean per sequence, then over sequences), dr_grpo "
+                                                             "(token sum / constant) or dapo (token-level mean)"})
     cliprange: float = field(default=0.2, metadata={"help": "lower ratio clip: the ratio is kept above 1 - cliprange"})
-    cliprange_high: float | None = field(
-        default=None,
-        metadata={"help": "upper ratio clip (DAPO's clip-higher); None = 0.28 under dapo, cliprange otherwise"},
-    )
-    dynamic_sampling: bool | None = field(
-        default=None, metadata={"help": "drop zero-variance groups and sample more (DAPO); None = on under dapo"}
-    )
+    cliprange_high: float | None = field(default=None, metadata={"help": "upper ratio clip (DAPO's clip-higher); None "
+                                                                         "= 0.28 under dapo, cliprange otherwise"})
+    dynamic_sampling: bool | None = field(default=None, metadata={"help": "drop zero-variance groups and sample more "
+                                                                          "(DAPO); None = on under dapo"})
     max_refills: int = field(default=4, metadata={"help": "most extra rollouts dynamic sampling draws per iteration"})
-    overlong_buffer: int = field(
-        default=0, metadata={"help": "DAPO's soft overlong punishment over the last this many tokens (0 = off)"}
-    )
-    overlong_penalty: float = field(
-        default=1.0, metadata={"help": "reward lost by a response of max_new_tokens tokens or a truncated one"}
-    )
+    overlong_buffer: int = field(default=0, metadata={"help": "DAPO's soft overlong punishment over the last this "
+                                                              "many tokens (0 = off)"})
+    overlong_penalty: float = field(default=1.0, metadata={"help": "reward lost by a response of max_new_tokens "
+                                                                   "tokens or a truncated one"})
     beta: float = field(default=0.0, metadata={"help": "KL coefficient; 0 = no KL and no reference pass"})
-    kl_in: str = field(
-        default="loss", metadata={"help": "reward (k1 through the env, InstructGPT-style) or loss (kl_loss per token)"}
-    )
-    kl_loss: str = field(
-        default="k3",
-        metadata={
-            "help": "per-token KL in the loss: k3 (its gradient is the reverse KL's) or k2 (the KL's, per token)"
-        },
-    )
+    kl_in: str = field(default="loss", metadata={"help": "reward (k1 through the env, InstructGPT-style) or loss "
+                                                         "(kl_loss per token)"})
+    kl_loss: str = field(default="k3", metadata={"help": "per-token KL in the loss: k3 (its gradient is the reverse "
+                                                         "KL's) or k2 (the KL's, per token)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
-    save_every: int = field(
-        default=0, metadata={"help": "write a resumable checkpoint every this many iterations (0 = only at the end)"}
-    )
-    resume: bool = field(
-        default=False, metadata={"help": "continue from the newest output_dir/checkpoints/checkpoint-<iteration>"}
-    )
+    save_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every this many iterations (0 "
+                                                         "= only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest "
+                                                          "output_dir/checkpoints/checkpoint-<iteration>"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
         check_config_fields(self)
-        for name, choices in (
-            ("advantage", ADVANTAGES),
-            ("loss_type", AGGREGATIONS),
-            ("kl_in", KL_PLACES),
-            ("kl_loss", KL_LOSSES),
-        ):
+        for name, choices in (("advantage", ADVANTAGES), ("loss_type", AGGREGATIONS), ("kl_in", KL_PLACES),
+                              ("kl_loss", KL_LOSSES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"GRPOConfig.{name}={getattr(self, name)!r} is unknown; choose one of {list(choices)}")
         for name in ("total_episodes", "batch_size", "group_size", "num_minibatches", "ppo_epochs", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.batch_size % self.group_size:
-            raise ValueError(
-                f"GRPOConfig.group_size={self.group_size} does not divide batch_size={self.batch_size}; "
-                f"pick a divisor of {self.batch_size}"
-            )
+            raise ValueError(f"GRPOConfig.group_size={self.group_size} does not divide batch_size={self.batch_size}; "
+                             f"pick a divisor of {self.batch_size}")
         if self.batch_size % self.num_minibatches:
-            raise ValueError(
-                f"GRPOConfig.num_minibatches={self.num_minibatches} does not divide batch_size={self.batch_size}"
-            )
+            raise ValueError(f"GRPOConfig.num_minibatches={self.num_minibatches} does not divide "
+                             f"batch_size={self.batch_size}")
         for name in ("learning_rate", "cliprange", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"GRPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -192,20 +149,17 @@ class GRPOConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.overlong_buffer > self.max_new_tokens:
-            raise ValueError(
-                f"GRPOConfig.overlong_buffer={self.overlong_buffer} exceeds max_new_tokens={self.max_new_tokens}"
-            )
+            raise ValueError(f"GRPOConfig.overlong_buffer={self.overlong_buffer} exceeds max_new_tokens="
+                             f"{self.max_new_tokens}")
         if isinstance(self.prompts, str):
             raise TypeError("GRPOConfig.prompts must be a list of strings or None, got a single str; wrap it in a list")
-        SamplingConfig(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
-        )  # its checks now, before anything runs
+        SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p)  # its checks now, before anything runs
 
     @property
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
-        )
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p)
 
     @property
     def num_iterations(self) -> int:
@@ -258,18 +212,10 @@ def _make_env(config: GRPOConfig):
     if model is not None:
         kwargs["model"] = model
     kl_reward = config.kl_in == "reward"
-    return gym.make_vec(
-        config.env_id,
-        num_envs=config.batch_size,
-        group_size=config.group_size,
-        beta=config.beta if kl_reward else 0.0,
-        skip_reference=config.beta == 0,
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        **kwargs,
-    )
+    return gym.make_vec(config.env_id, num_envs=config.batch_size, group_size=config.group_size,
+                        beta=config.beta if kl_reward else 0.0, skip_reference=config.beta == 0,
+                        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+                        top_p=config.top_p, **kwargs)
 
 
 def _setup(config: GRPOConfig) -> _Run:
@@ -294,13 +240,10 @@ def _setup(config: GRPOConfig) -> _Run:
     fuse_gelu(lm)
     disable_dropout(lm)  # the ratio must be exactly 1 before the first step
     if task.vocab_size != lm.get_output_embeddings().weight.shape[0]:
-        raise ValueError(
-            f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
-            f"{task.vocab_size}: the policy and ref_model must share a tokenizer"
-        )
-    optimizer = torch.optim.Adam(
-        lm.parameters(), lr=config.learning_rate, betas=tuple(config.adam_betas), eps=1e-5, fused=CPU_FUSED_ADAM
-    )
+        raise ValueError(f"policy vocabulary {lm.get_output_embeddings().weight.shape[0]} != reference vocabulary "
+                         f"{task.vocab_size}: the policy and ref_model must share a tokenizer")
+    optimizer = torch.optim.Adam(lm.parameters(), lr=config.learning_rate, betas=tuple(config.adam_betas), eps=1e-5,
+                                 fused=CPU_FUSED_ADAM)
     run = _Run(config, lm, tokenizer, envs, optimizer)
     out = Path(config.output_dir)
     latest = latest_checkpoint(out / "checkpoints") if config.resume else None
@@ -326,24 +269,11 @@ def _rollout(run: _Run, seed: int) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         # the env hands out each prompt to G consecutive rows: the sampler runs each prompt once
         G = config.group_size
-        gen = generate(
-            run.lm,
-            prompt_ids[::G],
-            prompt_mask[::G],
-            config.sampling,
-            eos_token_id=task.eos_token_id,
-            pad_token_id=task.pad_token_id,
-            generator=generator,
-            repeats=G,
-        )
+        gen = generate(run.lm, prompt_ids[::G], prompt_mask[::G], config.sampling, eos_token_id=task.eos_token_id,
+                       pad_token_id=task.pad_token_id, generator=generator, repeats=G)
         # one on-policy step without a KL needs no old log-probs: the training pass's, detached, are the same numbers
-        old = (
-            gen.logprobs
-            if _single_on_policy_step(config)
-            else policy_forward(
-                run.lm, None, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask, config.sampling
-            )[0]
-        )
+        old = gen.logprobs if _single_on_policy_step(config) else policy_forward(
+            run.lm, None, prompt_ids, prompt_mask, gen.response_ids, gen.response_mask, config.sampling)[0]
     n, used = gen.response_ids.shape
     ids = torch.full((n, width), task.pad_token_id, dtype=torch.long)
     ids[:, :used] = gen.response_ids
@@ -355,17 +285,11 @@ def _rollout(run: _Run, seed: int) -> dict[str, torch.Tensor]:
         run.envs.set_policy_logprobs(old_logprobs.numpy())
     _, rewards, _, _, info = run.envs.step(ids.numpy())
     run.completions += n
-    return {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": prompt_mask,
-        "response_ids": ids,
-        "response_mask": mask,
-        "old_logprobs": old_logprobs,
-        "ref_logprobs": torch.as_tensor(info["ref_logprobs"]),
-        "rewards": torch.as_tensor(rewards, dtype=torch.float32),
-        "scores": torch.as_tensor(info["score"], dtype=torch.float32),
-        "kl": torch.as_tensor(info["kl"], dtype=torch.float32),
-    }
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": ids, "response_mask": mask,
+            "old_logprobs": old_logprobs, "ref_logprobs": torch.as_tensor(info["ref_logprobs"]),
+            "rewards": torch.as_tensor(rewards, dtype=torch.float32),
+            "scores": torch.as_tensor(info["score"], dtype=torch.float32),
+            "kl": torch.as_tensor(info["kl"], dtype=torch.float32)}
 
 
 def _single_on_policy_step(config: GRPOConfig) -> bool:
@@ -396,17 +320,12 @@ def _collect(run: _Run, iteration: int) -> tuple[dict[str, torch.Tensor], dict[s
         have += len(batch["scores"]) // G
         if have >= wanted:
             break
-    whole = {k: torch.cat([b[k] for b in kept])[: wanted * G] for k in kept[0]}
-    trained_zero = (
-        zero_variance_groups(whole["scores"], G).float().mean() if len(whole["scores"]) else torch.tensor(0.0)
-    )
-    stats = {
-        "objective/scores": float(torch.cat(sampled_scores).mean()),
-        "groups/zero_variance_frac": n_zero / n_groups,
-        "groups/trained": len(whole["scores"]) // G,
-        "groups/trained_zero_variance_frac": float(trained_zero),
-        "groups/rollouts": len(kept),
-    }
+    whole = {k: torch.cat([b[k] for b in kept])[:wanted * G] for k in kept[0]}
+    trained_zero = zero_variance_groups(whole["scores"], G).float().mean() if len(whole["scores"]) else torch.tensor(0.)
+    stats = {"objective/scores": float(torch.cat(sampled_scores).mean()),
+             "groups/zero_variance_frac": n_zero / n_groups,
+             "groups/trained": len(whole["scores"]) // G,
+             "groups/trained_zero_variance_frac": float(trained_zero), "groups/rollouts": len(kept)}
     return whole, stats
 
 
@@ -416,9 +335,8 @@ def _advantages(config: GRPOConfig, batch: dict[str, torch.Tensor], eos_token_id
     if config.overlong_buffer:
         mask = batch["response_mask"]
         truncated = ~((batch["response_ids"] == eos_token_id) & mask).any(-1)
-        rewards = rewards + overlong_penalty(
-            mask.sum(-1), truncated, config.max_new_tokens, config.overlong_buffer, config.overlong_penalty
-        )
+        rewards = rewards + overlong_penalty(mask.sum(-1), truncated, config.max_new_tokens, config.overlong_buffer,
+                                             config.overlong_penalty)
     scale = config.scale_rewards and config.loss_type != "dr_grpo"
     return ADVANTAGES[config.advantage](rewards, config.group_size, scale)
 
@@ -427,9 +345,8 @@ def _minibatch_loss(run: _Run, mb: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     """The aggregated clipped loss (+ ``beta`` x per-token KL when ``kl_in="loss"``) of one minibatch."""
     config = run.config
     m = mb["response_mask"]
-    logprobs, _, _ = policy_forward(
-        run.lm, None, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], m, config.sampling
-    )
+    logprobs, _, _ = policy_forward(run.lm, None, mb["prompt_ids"], mb["prompt_mask"], mb["response_ids"], m,
+                                    config.sampling)
     old = logprobs.detach() if _single_on_policy_step(config) else mb["old_logprobs"]
     token_loss, stats = clipped_token_loss(logprobs, old, mb["advantages"], m, config.cliprange, config.clip_high)
     if config.beta > 0 and config.kl_in == "loss":
@@ -464,24 +381,16 @@ def _update(run: _Run, batch: dict[str, torch.Tensor], iteration: int) -> dict[s
     return {key: float(np.mean(values)) for key, values in stats.items()}
 
 
-def _metrics_row(
-    iteration: int, run: _Run, batch: dict[str, torch.Tensor], groups: dict[str, float], stats: dict[str, float]
-) -> dict[str, Any]:
+def _metrics_row(iteration: int, run: _Run, batch: dict[str, torch.Tensor], groups: dict[str, float],
+                 stats: dict[str, float]) -> dict[str, Any]:
     """One ``metrics.jsonl`` row."""
-    row = {
-        "step": iteration + 1,
-        "episodes": (iteration + 1) * run.config.batch_size,
-        "completions": run.completions,
-        "objective/trained_scores": float(batch["scores"].mean()) if len(batch["scores"]) else float("nan"),
-        "objective/kl": float(batch["kl"].mean()) if len(batch["kl"]) else 0.0,
-        **groups,
-        "policy/clipfrac_avg": stats.get("clipfrac", 0.0),
-        "policy/ratio_avg": stats.get("ratio", 1.0),
-        "loss/policy_avg": stats.get("pg_loss", 0.0),
-        "tokens/response_length_mean": float(batch["response_mask"].sum(-1).float().mean())
-        if len(batch["scores"])
-        else 0.0,
-    }
+    row = {"step": iteration + 1, "episodes": (iteration + 1) * run.config.batch_size, "completions": run.completions,
+           "objective/trained_scores": float(batch["scores"].mean()) if len(batch["scores"]) else float("nan"),
+           "objective/kl": float(batch["kl"].mean()) if len(batch["kl"]) else 0.0, **groups,
+           "policy/clipfrac_avg": stats.get("clipfrac", 0.0), "policy/ratio_avg": stats.get("ratio", 1.0),
+           "loss/policy_avg": stats.get("pg_loss", 0.0),
+           "tokens/response_length_mean": float(batch["response_mask"].sum(-1).float().mean())
+           if len(batch["scores"]) else 0.0}
     if "kl_loss" in stats:
         row["loss/kl_avg"] = stats["kl_loss"]
     return row
@@ -493,12 +402,8 @@ def _save(run: _Run, done: int) -> None:
 
     config, out = run.config, Path(run.config.output_dir)
     if (config.save_every and done % config.save_every == 0) or done == config.num_iterations:
-        save_checkpoint(
-            out / "checkpoints" / f"checkpoint-{done:08d}",
-            model=run.lm,
-            optimizer=run.optimizer,
-            state={"iteration": done, "completions": run.completions},
-        )
+        save_checkpoint(out / "checkpoints" / f"checkpoint-{done:08d}", model=run.lm, optimizer=run.optimizer,
+                        state={"iteration": done, "completions": run.completions})
         prune_checkpoints(out / "checkpoints", keep=1)
 
 
@@ -513,14 +418,8 @@ def train_grpo(config: GRPOConfig) -> GRPOResult:
     run = _setup(config)
     history: list[dict] = []
     started = time.perf_counter()
-    bar = tqdm(
-        range(run.start_iter, config.num_iterations),
-        initial=run.start_iter,
-        total=config.num_iterations,
-        disable=not config.progress,
-        desc=f"GRPO ({config.loss_type})",
-        unit="iter",
-    )
+    bar = tqdm(range(run.start_iter, config.num_iterations), initial=run.start_iter, total=config.num_iterations,
+               disable=not config.progress, desc=f"GRPO ({config.loss_type})", unit="iter")
     for iteration in bar:
         batch, groups = _collect(run, iteration)
         stats: dict[str, float] = {}
@@ -536,16 +435,8 @@ def train_grpo(config: GRPOConfig) -> GRPOResult:
     run.metrics.close()
     out = Path(config.output_dir)
     save_model_dir(out / "policy", model=run.lm, tokenizer=run.tokenizer)
-    (out / "timing.json").write_text(
-        json.dumps(
-            {
-                "iterations": config.num_iterations - run.start_iter,
-                "train_seconds": seconds,
-                "completions": run.completions,
-                "completions_per_second": run.completions / seconds if seconds > 0 else 0.0,
-            }
-        )
-        + "\n"
-    )
+    (out / "timing.json").write_text(json.dumps({
+        "iterations": config.num_iterations - run.start_iter, "train_seconds": seconds, "completions": run.completions,
+        "completions_per_second": run.completions / seconds if seconds > 0 else 0.0}) + "\n")
     run.envs.close()
     return GRPOResult(str(out), config.num_iterations, history, seconds, run.completions)

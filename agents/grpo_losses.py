@@ -35,7 +35,8 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["ADVANTAGES", "AGGREGATIONS", "KL_LOSSES", "clipped_token_loss", "overlong_penalty", "zero_variance_groups"]
+__all__ = ["ADVANTAGES", "AGGREGATIONS", "KL_LOSSES", "clipped_token_loss", "overlong_penalty",
+           "zero_variance_groups"]
 
 EPS = 1e-4
 
@@ -74,10 +75,7 @@ def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, scale_reward
 
 
 ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {
-    "grpo": grpo_advantages,
-    "rloo": rloo_advantages,
-    "reinforce_pp": reinforce_pp_advantages,
-}
+    "grpo": grpo_advantages, "rloo": rloo_advantages, "reinforce_pp": reinforce_pp_advantages}
 
 
 def zero_variance_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -86,9 +84,8 @@ def zero_variance_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups == groups[:, :1]).all(-1)
 
 
-def overlong_penalty(
-    lengths: torch.Tensor, truncated: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float = 1.0
-) -> torch.Tensor:
+def overlong_penalty(lengths: torch.Tensor, truncated: torch.Tensor, max_new_tokens: int, buffer: int,
+                     penalty: float = 1.0) -> torch.Tensor:
     """DAPO's soft overlong punishment ``[B]``: 0 up to ``max_new_tokens - buffer`` tokens, then falling
     linearly to ``-penalty`` at ``max_new_tokens``; ``-penalty`` for a truncated response (no EOS)."""
     if buffer <= 0:
@@ -98,14 +95,8 @@ def overlong_penalty(
     return torch.where(truncated, torch.full_like(shaped, -penalty), shaped)
 
 
-def clipped_token_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-) -> tuple[torch.Tensor, dict]:
+def clipped_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                       mask: torch.Tensor, clip_low: float, clip_high: float) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate per token ``[B, T]`` (0 off ``mask``), ratio clipped to ``[1 - low, 1 + high]``;
     ``advantages [B]`` apply to every token of their response. Stats: ``ratio`` (mean), ``clipfrac``."""
     m = mask.to(logprobs.dtype)
@@ -137,10 +128,7 @@ def dapo_aggregate(token_loss: torch.Tensor, mask: torch.Tensor, max_new_tokens:
 
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
-    "grpo": grpo_aggregate,
-    "dr_grpo": dr_grpo_aggregate,
-    "dapo": dapo_aggregate,
-}
+    "grpo": grpo_aggregate, "dr_grpo": dr_grpo_aggregate, "dapo": dapo_aggregate}
 
 
 def k3_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

@@ -48,68 +48,45 @@ CPU_FUSED_ADAM = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 
 class LMTrainConfig:
     """Fields every LM trainer (SFT, reward model, DPO) shares; each algorithm's config adds its own."""
 
-    model_path: str | None = field(
-        default=None, metadata={"help": "local Hugging Face causal-LM directory; None = the embedded default model"}
-    )
-    data_path: str = field(
-        default="",
-        metadata={
-            "help": "training data: JSONL, .jsonl.gz, parquet or a datasets.save_to_disk folder (the fields depend on "
-            "the algorithm, agents.data)"
-        },
-    )
-    output_dir: str = field(
-        default="runs/out",
-        metadata={"help": "the final model (a Hugging Face directory), metrics.jsonl and checkpoints/ go here"},
-    )
-    seed: int = field(
-        default=0, metadata={"help": "seed of torch, numpy, random, the data order and the held-out split"}
-    )
+    model_path: str | None = field(default=None, metadata={"help": "local Hugging Face causal-LM directory; None = "
+                                                                   "the embedded default model"})
+    data_path: str = field(default="", metadata={"help": "training data: JSONL, .jsonl.gz, parquet or a "
+                                                         "datasets.save_to_disk folder (the fields depend on the "
+                                                         "algorithm, agents.data)"})
+    output_dir: str = field(default="runs/out", metadata={"help": "the final model (a Hugging Face directory), "
+                                                                  "metrics.jsonl and checkpoints/ go here"})
+    seed: int = field(default=0, metadata={"help": "seed of torch, numpy, random, the data order and the held-out "
+                                                   "split"})
     num_epochs: int = field(default=1, metadata={"help": "passes over the training data"})
-    max_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "total optimizer steps (the LR schedule is sized to it; overrides num_epochs); None = num_epochs "
-            "full passes"
-        },
-    )
+    max_steps: int | None = field(default=None, metadata={"help": "total optimizer steps (the LR schedule is sized to "
+                                                                  "it; overrides num_epochs); None = num_epochs full "
+                                                                  "passes"})
     batch_size: int = field(default=32, metadata={"help": "examples per optimizer step"})
-    max_length: int = field(
-        default=128,
-        metadata={"help": "longest tokenised sequence (prompt + response); longer ones are truncated, see agents.data"},
-    )
+    max_length: int = field(default=128, metadata={"help": "longest tokenised sequence (prompt + response); longer "
+                                                           "ones are truncated, see agents.data"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and norms)"})
     warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps with a linear LR warm-up from 0"})
-    lr_schedule: str = field(
-        default="linear", metadata={"help": "LR decay after warm-up: linear (to 0), cosine (to 0) or constant"}
-    )
-    max_grad_norm: float | None = field(
-        default=1.0, metadata={"help": "clip the global gradient norm to this; None = no clipping"}
-    )
-    eval_fraction: float = field(
-        default=0.05, metadata={"help": "fraction of the data held out for evaluation (0 = none)"}
-    )
+    lr_schedule: str = field(default="linear", metadata={"help": "LR decay after warm-up: linear (to 0), cosine (to "
+                                                                 "0) or constant"})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip the global gradient norm to this; None = "
+                                                                       "no clipping"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "fraction of the data held out for evaluation (0 = "
+                                                                 "none)"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps (0 = only at the end)"})
     log_every: int = field(default=10, metadata={"help": "write a metrics line every this many steps"})
-    checkpoint_every: int = field(
-        default=0, metadata={"help": "save a resumable checkpoint every this many steps (0 = never)"}
-    )
+    checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every this many steps (0 "
+                                                               "= never)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many of the newest checkpoints to keep"})
-    resume: bool = field(
-        default=False, metadata={"help": "continue from the newest complete checkpoint in output_dir/checkpoints"}
-    )
-    device: str = field(
-        default="auto", metadata={"help": "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."}
-    )
-    bf16: bool = field(
-        default=False,
-        metadata={
-            "help": "autocast the forward passes to bfloat16 (weights and optimizer stay float32); on a CPU with bf16 "
-            "instructions faster on long sequences, slower on short ones; on a CPU without them emulated and "
-            "about 15x slower, with a warning (README, Performance)"
-        },
-    )
+    resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in "
+                                                          "output_dir/checkpoints"})
+    device: str = field(default="auto", metadata={"help": "torch device: auto (cuda if available, else cpu), cpu, "
+                                                          "cuda, cuda:1, ..."})
+    bf16: bool = field(default=False, metadata={"help": "autocast the forward passes to bfloat16 (weights and "
+                                                        "optimizer stay float32); on a CPU with bf16 instructions "
+                                                        "faster on long sequences, slower on short ones; on a CPU "
+                                                        "without them emulated and about 15x slower, with a warning "
+                                                        "(README, Performance)"})
     torch_threads: int | None = field(default=None, metadata={"help": "torch intra-op threads; None = torch's default"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped inside model_path"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -137,9 +114,8 @@ class LMTrainConfig:
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"{name}.max_steps must be a positive integer or None, got {self.max_steps!r}")
         if self.max_length < 2:
-            raise ValueError(
-                f"{name}.max_length must be >= 2 (a prompt token and a response token), got {self.max_length}"
-            )
+            raise ValueError(f"{name}.max_length must be >= 2 (a prompt token and a response token), got "
+                             f"{self.max_length}")
         if not self.learning_rate > 0:
             raise ValueError(f"{name}.learning_rate must be > 0, got {self.learning_rate!r}")
         if self.weight_decay < 0:
@@ -158,9 +134,8 @@ class LMTrainConfig:
             try:
                 torch.device(self.device)
             except RuntimeError as err:
-                raise ValueError(
-                    f"{name}.device {self.device!r} is not a torch device: use auto, cpu or cuda[:N]"
-                ) from err
+                raise ValueError(f"{name}.device {self.device!r} is not a torch device: use auto, cpu or "
+                                 "cuda[:N]") from err
 
 
 @dataclass
@@ -217,7 +192,8 @@ def start_run(config: LMTrainConfig) -> torch.device:
         os.environ.setdefault(ONEDNN_CACHE_VARIABLE, "0")
         if cpu_has_bf16() is False:
             warnings.warn(
-                "bf16=True on a CPU without bfloat16 instructions (AVX512_BF16 or AMX): its bf16 matrix products "
+                "bf16=True on a CPU without bfloat16 instructions (AVX512_BF16 or AMX): its bf16 matrix "
+                "products "
                 "are emulated and training runs many times slower than in float32 (15x for DPO in "
                 "benchmarks/bench_breakdown.py on such a CPU); leave bf16 off on this machine",
                 stacklevel=2,
@@ -327,7 +303,8 @@ def held_out_split(
     if n - len(held) < 1:
         raise ValueError(
             f"{n} examples leave none for training after holding out {len(held)}"
-            f"{'' if groups is None else f' (whole groups of {len(keys)})'}: add data or lower eval_fraction"
+            f"{'' if groups is None else f' (whole groups of {len(keys)})'}: add data or lower "
+            "eval_fraction"
         )
     chosen = set(held)
     return [i for i in range(n) if i not in chosen], sorted(held)

@@ -124,8 +124,9 @@ class LMPPOConfig:
     max_approx_kl: float | None = field(
         default=0.03,
         metadata={
-            "help": "stop an update's epochs once a minibatch's approx-KL (old -> new policy) exceeds this; None = "
-            "never"
+            "help": "stop an update's epochs once a minibatch's "
+            "approx-KL (old -> new policy) exceeds this; "
+            "None = never"
         },
     )
     ptx_coef: float = field(

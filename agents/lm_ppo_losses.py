@@ -31,9 +31,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return whitened * mask.to(x.dtype)
 
 
-def token_rewards(
-    score: torch.Tensor, kl_per_token: torch.Tensor, beta: torch.Tensor | float, mask: torch.Tensor
-) -> torch.Tensor:
+def token_rewards(score: torch.Tensor, kl_per_token: torch.Tensor, beta: torch.Tensor | float,
+                  mask: torch.Tensor) -> torch.Tensor:
     """InstructGPT's per-token reward: ``-beta * kl_t`` on every token, plus the score on the last one.
 
     ``score [B]``, ``kl_per_token [B, T]``, ``beta`` a float or ``[B]``. Returns ``[B, T]``.
@@ -47,9 +46,8 @@ def token_rewards(
     return rewards
 
 
-def gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation per token; the episode ends after the last masked token.
 
     Returns ``(advantages, returns)``, both ``[B, T]`` and 0 where ``mask`` is False.
@@ -67,14 +65,8 @@ def gae(
     return advantages, (advantages + values) * m
 
 
-def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float,
-    truncated: bool = False,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float, truncated: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, averaged over response tokens; stats ``approx_kl`` and ``clipfrac``.
 
     ``approx_kl`` estimates KL(old || new) by k3, or by k1 when the sampler truncates (``truncated``):
@@ -84,16 +76,13 @@ def policy_loss(
     ratio = logratio.exp()
     loss = masked_mean(torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip)), mask)
     with torch.no_grad():
-        stats = {
-            "approx_kl": masked_mean(-logratio if truncated else (ratio - 1) - logratio, mask),
-            "clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask),
-        }
+        stats = {"approx_kl": masked_mean(-logratio if truncated else (ratio - 1) - logratio, mask),
+                 "clipfrac": masked_mean(((ratio - 1).abs() > clip).float(), mask)}
     return loss, stats
 
 
-def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss ``0.5 * max((v - R)^2, (clip(v, v_old +- clip) - R)^2)``, token-averaged."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)

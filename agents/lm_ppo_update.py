@@ -41,26 +41,19 @@ def ptx_loss(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 STAT_KEYS = ("approxkl", "pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "entropy", "ptx_loss")
 
 
-def minibatch_loss(
-    model: PolicyWithValueHead, batch: dict[str, Any], config: Any, cfg: SamplingConfig, truncated: bool = False
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def minibatch_loss(model: PolicyWithValueHead, batch: dict[str, Any], config: Any, cfg: SamplingConfig,
+                    truncated: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One minibatch (this process's share of it): the scaled PPO loss (+ PPO-ptx) and its stats, unscaled.
     ``truncated``: the sampler removes tokens (top-k/top-p), see :func:`agents.lm_ppo_losses.policy_loss`."""
     m = batch["response_mask"]
     logprobs, values, entropy = model(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], m, cfg)
-    pg, pg_stats = policy_loss(
-        logprobs, batch["old_logprobs"], batch["advantages"], m, config.cliprange, truncated=truncated
-    )
+    pg, pg_stats = policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], m, config.cliprange,
+                               truncated=truncated)
     vf, vf_stats = value_loss(values, batch["old_values"], batch["returns"], m, config.cliprange_value)
     loss = batch["scale"] * (pg + config.vf_coef * vf)
-    stats = {
-        "approxkl": pg_stats["approx_kl"],
-        "pg_loss": pg.detach(),
-        "vf_loss": vf.detach(),
-        "clipfrac": pg_stats["clipfrac"],
-        "vf_clipfrac": vf_stats["clipfrac"],
-        "entropy": masked_mean(entropy.detach(), m),
-    }
+    stats = {"approxkl": pg_stats["approx_kl"], "pg_loss": pg.detach(), "vf_loss": vf.detach(),
+             "clipfrac": pg_stats["clipfrac"], "vf_clipfrac": vf_stats["clipfrac"],
+             "entropy": masked_mean(entropy.detach(), m)}
     if "ptx_ids" in batch:
         ptx = ptx_loss(model.lm, batch["ptx_ids"], batch["ptx_mask"])
         loss = loss + config.ptx_coef * batch["ptx_scale"] * ptx
@@ -68,17 +61,9 @@ def minibatch_loss(
     return loss, stats
 
 
-def ppo_update(
-    step_loss: Any,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    rollout: dict[str, torch.Tensor],
-    config: Any,
-    generator: torch.Generator,
-    ptx: Any,
-    rank: int = 0,
-    world: int = 1,
-) -> tuple[dict[str, list[float]], bool]:
+def ppo_update(step_loss: Any, model: nn.Module, optimizer: torch.optim.Optimizer, rollout: dict[str, torch.Tensor],
+                config: Any, generator: torch.Generator, ptx: Any, rank: int = 0, world: int = 1
+                ) -> tuple[dict[str, list[float]], bool]:
     """``ppo_epochs`` passes of minibatches over the whole batch ``rollout``; returns the stats and whether
     the approx-KL stop ended it early.
 

@@ -18,12 +18,12 @@ from torch import nn
 
 LORA_HELP = {
     "lora_r": "LoRA rank (needs the peft package: pip install 'rlhf-gym[lora]'); 0 = full fine-tuning. With LoRA only "
-    "the adapters train, a reference (DPO, PPO) is the same weights with the adapters off, and the saved "
-    "model has them merged in (adapter/ holds them alone)",
+              "the adapters train, a reference (DPO, PPO) is the same weights with the adapters off, and the saved "
+              "model has them merged in (adapter/ holds them alone)",
     "lora_alpha": "LoRA scaling numerator (the update is lora_alpha / lora_r * B A)",
     "lora_dropout": "dropout on the LoRA adapters' input",
     "lora_target_modules": "comma-separated module names to adapt (e.g. c_attn,c_proj); None = peft's default for "
-    "the architecture",
+                           "the architecture",
 }
 """Help strings of the LoRA fields, shared by every trainer's config."""
 
@@ -47,21 +47,14 @@ def add_lora(model: nn.Module, config: Any, task_type: str = "CAUSAL_LM") -> nn.
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
-        raise ImportError(
-            f"{owner}.lora_r > 0 needs the peft package: pip install 'rlhf-gym[lora]' (or pip install peft)"
-        ) from err
+        raise ImportError(f"{owner}.lora_r > 0 needs the peft package: pip install 'rlhf-gym[lora]' "
+                          "(or pip install peft)") from err
     names = config.lora_target_modules
     targets = [t.strip() for t in names.split(",") if t.strip()] if names else None
     # GPT-2 keeps its projections in transformers' Conv1D ([in, out] weights): peft must be told.
     conv1d = getattr(model.config, "model_type", None) == "gpt2"
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=targets,
-        task_type=task_type,
-        fan_in_fan_out=conv1d,
-    )
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type=task_type, fan_in_fan_out=conv1d)
     try:
         return get_peft_model(model, lora)
     except ValueError as err:

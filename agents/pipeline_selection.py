@@ -20,11 +20,8 @@ def candidates(out: Path, sft: str, n_iterations: int) -> dict[str, dict[str, st
     policy's weights: left out, sampled once as "final"). DPO: its intermediate checkpoints and the
     final model (a checkpoint of the final step likewise left out).
     """
-    ppo = {
-        snap.name: str(snap)
-        for snap in sorted((out / "ppo" / "snapshots").glob("iter-*"))
-        if snap.name != f"iter-{n_iterations:05d}"
-    }
+    ppo = {snap.name: str(snap) for snap in sorted((out / "ppo" / "snapshots").glob("iter-*"))
+           if snap.name != f"iter-{n_iterations:05d}"}
     ppo["final"] = str(out / "ppo" / "policy")
     timing = out / "dpo" / "timing.json"
     final_step = json.loads(timing.read_text()).get("step") if timing.is_file() else None
@@ -33,9 +30,8 @@ def candidates(out: Path, sft: str, n_iterations: int) -> dict[str, dict[str, st
     return {"ppo": ppo, "dpo": dpo}
 
 
-def select_within_budget(
-    out: Path, sft: str, config: PipelineConfig, prompts: list[str], candidates: dict[str, dict[str, str]]
-) -> dict[str, dict]:
+def select_within_budget(out: Path, sft: str, config: PipelineConfig, prompts: list[str],
+                          candidates: dict[str, dict[str, str]]) -> dict[str, dict]:
     """The PPO and DPO models the evaluation reports, each chosen by KL alone on validation prompts (not the
     evaluation's).
 
@@ -55,16 +51,8 @@ def select_within_budget(
     if config.kl_budget is None:
         return {algorithm: {"selected": "final", "path": models["final"]} for algorithm, models in candidates.items()}
     named = {f"{algorithm}:{name}": path for algorithm, models in candidates.items() for name, path in models.items()}
-    result = evaluate_models(
-        EvalConfig(
-            models={"sft": sft, **named},
-            reference="sft",
-            prompts=prompts,
-            max_new_tokens=config.max_new_tokens,
-            seed=config.seed + 2,
-            progress=False,
-        )
-    )
+    result = evaluate_models(EvalConfig(models={"sft": sft, **named}, reference="sft", prompts=prompts,
+                                        max_new_tokens=config.max_new_tokens, seed=config.seed + 2, progress=False))
     rows = {row["model"]: row for row in result["rows"]}
     selections = {}
     for algorithm, models in candidates.items():
@@ -72,14 +60,9 @@ def select_within_budget(
         bound = {name: kl[name] + 2.0 * rows[f"{algorithm}:{name}"]["kl_to_sft_stderr"] for name in models}
         within = [name for name in models if bound[name] <= config.kl_budget]
         selected = within[-1] if within else min(bound, key=bound.get)
-        selections[algorithm] = {
-            "selected": selected,
-            "path": models[selected],
-            "kl_budget": config.kl_budget,
-            "kl_to_sft_on_validation": kl,
-            "kl_upper_bound_on_validation": bound,
-            "n_validation_prompts": len(prompts),
-        }
+        selections[algorithm] = {"selected": selected, "path": models[selected], "kl_budget": config.kl_budget,
+                                 "kl_to_sft_on_validation": kl, "kl_upper_bound_on_validation": bound,
+                                 "n_validation_prompts": len(prompts)}
         (out / f"{algorithm}_selection.json").write_text(json.dumps(selections[algorithm], indent=2) + "\n")
     return selections
 
@@ -116,16 +99,7 @@ def over_optimisation_curves(out: Path, sft: str, rm: str, config: PipelineConfi
     for name, (path, _) in dpo_checkpoint_dirs(out, sft).items():
         models[f"dpo@{name}"] = path
     models["dpo@final"] = str(out / "dpo")
-    result = evaluate_models(
-        EvalConfig(
-            models=models,
-            reference="sft",
-            reward_model_path=rm,
-            prompts=prompts,
-            gold_reward=config.gold_reward,
-            max_new_tokens=config.max_new_tokens,
-            seed=config.seed + 1,
-            progress=config.progress,
-        )
-    )
+    result = evaluate_models(EvalConfig(models=models, reference="sft", reward_model_path=rm, prompts=prompts,
+                                        gold_reward=config.gold_reward, max_new_tokens=config.max_new_tokens,
+                                        seed=config.seed + 1, progress=config.progress))
     return {"points": result["rows"]}

@@ -40,9 +40,8 @@ class PPOConfig:
     seed: int = field(default=1, metadata={"help": "seed of torch, numpy and the envs"})
     total_timesteps: int = field(default=50_000, metadata={"help": "env steps over all envs"})
     learning_rate: float = field(default=2.5e-3, metadata={"help": "Adam learning rate"})
-    num_envs: int = field(
-        default=64, metadata={"help": "parallel envs (one natively batched vector env where the env has one)"}
-    )
+    num_envs: int = field(default=64, metadata={"help": "parallel envs (one natively batched vector env where the env "
+                                                        "has one)"})
     num_steps: int = field(default=8, metadata={"help": "steps per env per rollout"})
     anneal_lr: bool = field(default=True, metadata={"help": "anneal the learning rate linearly to 0"})
     gamma: float = field(default=0.99, metadata={"help": "discount factor"})
@@ -52,46 +51,29 @@ class PPOConfig:
     norm_adv: bool = field(default=True, metadata={"help": "normalise advantages per minibatch"})
     clip_coef: float = field(default=0.2, metadata={"help": "surrogate clipping coefficient"})
     clip_vloss: bool = field(default=True, metadata={"help": "clip the value loss as in the PPO paper's code"})
-    ent_coef: float = field(
-        default=0.01, metadata={"help": "entropy bonus coefficient (the initial one with ent_coef_final)"}
-    )
-    ent_coef_final: float | None = field(
-        default=None,
-        metadata={
-            "help": "anneal the entropy coefficient linearly from ent_coef to this over the run; None = constant"
-        },
-    )
+    ent_coef: float = field(default=0.01, metadata={"help": "entropy bonus coefficient (the initial one with "
+                                                            "ent_coef_final)"})
+    ent_coef_final: float | None = field(default=None, metadata={"help": "anneal the entropy coefficient linearly "
+                                                                         "from ent_coef to this over the run; None = "
+                                                                         "constant"})
     vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient"})
     max_grad_norm: float = field(default=0.5, metadata={"help": "global gradient-norm clip"})
-    max_approx_kl: float | None = field(
-        default=None,
-        metadata={
-            "help": "stop the update when approx-KL exceeds this (checked per minibatch); SB3 and CleanRL call it "
-            "target_kl"
-        },
-    )
-    reward_scale: float = field(
-        default=1.0, metadata={"help": "rewards are multiplied by this before learning (returns are logged unscaled)"}
-    )
+    max_approx_kl: float | None = field(default=None, metadata={"help": "stop the update when approx-KL exceeds this "
+                                                                        "(checked per minibatch); SB3 and CleanRL "
+                                                                        "call it target_kl"})
+    reward_scale: float = field(default=1.0, metadata={"help": "rewards are multiplied by this before learning "
+                                                               "(returns are logged unscaled)"})
     hidden_size: int = field(default=64, metadata={"help": "width of the two hidden layers of actor and critic"})
     torch_threads: int = field(default=1, metadata={"help": "torch intra-op threads (1 is fastest for small nets)"})
-    log_dir: str | None = field(
-        default=None, metadata={"help": "write metrics.csv (and TensorBoard events if installed) here"}
-    )
+    log_dir: str | None = field(default=None, metadata={"help": "write metrics.csv (and TensorBoard events if "
+                                                                "installed) here"})
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard events to log_dir"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
         check_config_fields(self)
-        positive = [
-            "total_timesteps",
-            "num_envs",
-            "num_steps",
-            "num_minibatches",
-            "update_epochs",
-            "hidden_size",
-            "torch_threads",
-        ]
+        positive = ["total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_size",
+                    "torch_threads"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -99,8 +81,7 @@ class PPOConfig:
         if self.batch_size % self.num_minibatches:
             raise ValueError(
                 f"num_envs * num_steps = {self.batch_size} is not divisible by num_minibatches = "
-                f"{self.num_minibatches}: pick sizes that divide evenly"
-            )
+                f"{self.num_minibatches}: pick sizes that divide evenly")
         for name in ["gamma", "gae_lambda"]:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -221,13 +202,8 @@ def make_vector_env(env_id: str, num_envs: int, env_kwargs: dict | None = None) 
     spec = gym.spec(env_id)
     if spec.vector_entry_point is not None:
         return gym.make_vec(env_id, num_envs=num_envs, **(env_kwargs or {}))
-    return gym.make_vec(
-        env_id,
-        num_envs=num_envs,
-        vectorization_mode="sync",
-        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP},
-        **(env_kwargs or {}),
-    )
+    return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
+                        vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **(env_kwargs or {}))
 
 
 class _Logger:
@@ -243,9 +219,8 @@ class _Logger:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError as err:
-                    raise ImportError(
-                        "tensorboard=True needs the tensorboard package: pip install tensorboard"
-                    ) from err
+                    raise ImportError("tensorboard=True needs the tensorboard package: "
+                                      "pip install tensorboard") from err
                 self.writer = SummaryWriter(log_dir)
                 self.writer.add_text("hyperparameters", str(asdict(config)))
 

@@ -50,41 +50,24 @@ class PretrainConfig(LMTrainConfig):
     """Hyper-parameters of :func:`train_pretrain`; the shared fields are documented on :class:`LMTrainConfig`."""
 
     corpus_paths: list = field(default_factory=list, metadata={"help": "plain-text (UTF-8) files to pretrain on"})
-    data_path: str = field(
-        default="", init=False, metadata={"help": "the corpus files, for the record (set from corpus_paths)"}
-    )
-    output_dir: str = field(
-        default="runs/pretrain",
-        metadata={
-            "help": "the pretrained model and its tokenizer (a Hugging Face directory), metrics.jsonl and "
-            "checkpoints/ go here"
-        },
-    )
-    model_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "an existing causal-LM directory to go on pretraining (its tokenizer is kept); None = a new GPT-2 "
-            "of the size preset"
-        },
-    )
-    tokenizer_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "a tokenizer directory to keep; None = train a byte-level BPE on the corpus (or keep model_path's)"
-        },
-    )
+    data_path: str = field(default="", init=False, metadata={"help": "the corpus files, for the record (set from "
+                                                                     "corpus_paths)"})
+    output_dir: str = field(default="runs/pretrain", metadata={"help": "the pretrained model and its tokenizer (a "
+                                                                       "Hugging Face directory), metrics.jsonl and "
+                                                                       "checkpoints/ go here"})
+    model_path: str | None = field(default=None, metadata={"help": "an existing causal-LM directory to go on "
+                                                                   "pretraining (its tokenizer is kept); None = a "
+                                                                   "new GPT-2 of the size preset"})
+    tokenizer_path: str | None = field(default=None, metadata={"help": "a tokenizer directory to keep; None = train a "
+                                                                       "byte-level BPE on the corpus (or keep "
+                                                                       "model_path's)"})
     size: str = field(default="small", metadata={"help": f"size preset of a new GPT-2: {', '.join(SIZES)}"})
-    vocab_size: int = field(
-        default=1024, metadata={"help": "BPE vocabulary of a new tokenizer, special tokens included"}
-    )
-    max_chars: int = field(
-        default=400,
-        metadata={"help": "longest passage in characters (blocks between blank lines, longer ones cut at line ends)"},
-    )
-    max_steps: int | None = field(
-        default=600,
-        metadata={"help": "optimizer steps (the LR schedule is sized to it); None = num_epochs full passes"},
-    )
+    vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary of a new tokenizer, special tokens "
+                                                            "included"})
+    max_chars: int = field(default=400, metadata={"help": "longest passage in characters (blocks between blank lines, "
+                                                          "longer ones cut at line ends)"})
+    max_steps: int | None = field(default=600, metadata={"help": "optimizer steps (the LR schedule is sized to it); "
+                                                                 "None = num_epochs full passes"})
     batch_size: int = field(default=64, metadata={"help": "passages per optimizer step"})
     learning_rate: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (the embedded build's)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
@@ -100,28 +83,23 @@ class PretrainConfig(LMTrainConfig):
         if self.size not in SIZES:
             raise ValueError(f"PretrainConfig.size {self.size!r} is not a preset: choose one of {list(SIZES)}")
         if self.vocab_size < 260:
-            raise ValueError(
-                f"PretrainConfig.vocab_size={self.vocab_size}; need >= 260 (256 bytes, 2 special tokens, merges)"
-            )
+            raise ValueError(f"PretrainConfig.vocab_size={self.vocab_size}; need >= 260 (256 bytes, 2 special tokens, "
+                             "merges)")
         if self.max_chars < 20:
             raise ValueError(f"PretrainConfig.max_chars={self.max_chars}; a passage needs >= 20 characters")
         if self.model_path is None and self.max_length > SIZES[self.size]["n_positions"]:
-            raise ValueError(
-                f"PretrainConfig.max_length={self.max_length} exceeds the {self.size!r} preset's context of "
-                f"{SIZES[self.size]['n_positions']} tokens: lower max_length or pick a larger size"
-            )
+            raise ValueError(f"PretrainConfig.max_length={self.max_length} exceeds the {self.size!r} preset's context "
+                             "of "
+                             f"{SIZES[self.size]['n_positions']} tokens: lower max_length or pick a larger size")
         for name in ("model_path", "tokenizer_path"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_dir():
-                raise FileNotFoundError(
-                    f"PretrainConfig.{name} {value!r} is not a directory: give a Hugging Face directory, or None"
-                )
+                raise FileNotFoundError(f"PretrainConfig.{name} {value!r} is not a directory: give a Hugging Face "
+                                        "directory, or None")
         n = len(corpus_passages(self.corpus_paths, self.max_chars))
         if self.eval_fraction > 0 and n < 2:
-            raise ValueError(
-                f"the corpus {self.corpus_paths} has {n} passage(s): a held-out loss needs >= 2 "
-                "(give more text, or eval_fraction=0)"
-            )
+            raise ValueError(f"the corpus {self.corpus_paths} has {n} passage(s): a held-out loss needs >= 2 "
+                             "(give more text, or eval_fraction=0)")
 
 
 def read_corpus(paths: list[str]) -> list[str]:
@@ -134,16 +112,13 @@ def read_corpus(paths: list[str]) -> list[str]:
         raw = path.read_bytes()
         nul = raw.find(b"\x00", 0, 1 << 20)
         if nul >= 0:
-            raise ValueError(
-                f"corpus file {str(path)!r} is binary (a NUL byte at offset {nul}): give plain text (UTF-8)"
-            )
+            raise ValueError(f"corpus file {str(path)!r} is binary (a NUL byte at offset {nul}): give plain text "
+                             "(UTF-8)")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(
-                f"corpus file {str(path)!r} is not UTF-8 text (byte {err.start} of {len(raw)}): "
-                "convert it to UTF-8 plain text"
-            ) from err
+            raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text (byte {err.start} of {len(raw)}): "
+                             "convert it to UTF-8 plain text") from err
         if not text.strip():
             raise ValueError(f"corpus file {str(path)!r} is empty ({len(raw)} bytes, no text): give a file with text")
         texts.append(text)
@@ -177,10 +152,8 @@ def _tokenizer_and_model(config: PretrainConfig, train_texts: list[str]):
         if config.tokenizer_path is not None:
             tokenizer = load_tokenizer(config.tokenizer_path, trust_remote_code=config.trust_remote_code)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            raise ValueError(
-                f"the tokenizer has {len(tokenizer)} tokens but {config.model_path!r} embeds "
-                f"{model.get_input_embeddings().num_embeddings}: keep the model's own tokenizer"
-            )
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {config.model_path!r} embeds "
+                             f"{model.get_input_embeddings().num_embeddings}: keep the model's own tokenizer")
         return tokenizer, model.train()
     if config.tokenizer_path is not None:
         tokenizer = load_tokenizer(config.tokenizer_path, trust_remote_code=config.trust_remote_code)
@@ -205,20 +178,12 @@ def train_pretrain(config: PretrainConfig) -> TrainResult:
     tokenizer, model = _tokenizer_and_model(config, [passages[i] for i in train_idx])
     data = encode_passages(passages, tokenizer, config.max_length)
     result = fit_sequences(config, "pretrain", model, tokenizer, data, train_idx, eval_idx, device)
-    info = {
-        "passages": len(passages),
-        "train_passages": len(train_idx),
-        "eval_passages": len(eval_idx),
-        "tokens": int(sum(len(x) for x in data.input_ids)),
-        "truncated_passages": data.num_truncated,
-        "vocab_size": len(tokenizer),
-        "n_parameters": sum(p.numel() for p in model.parameters()),
-        "model": config.model_path or f"new GPT-2 ({config.size}: {SIZES[config.size]})",
-        "eval_loss": result.metrics.get("eval/loss"),
-        "eval_unigram_loss": result.metrics.get("eval/unigram_loss"),
-        "steps": result.global_step,
-        "train_seconds": round(result.train_seconds, 1),
-    }
+    info = {"passages": len(passages), "train_passages": len(train_idx), "eval_passages": len(eval_idx),
+            "tokens": int(sum(len(x) for x in data.input_ids)), "truncated_passages": data.num_truncated,
+            "vocab_size": len(tokenizer), "n_parameters": sum(p.numel() for p in model.parameters()),
+            "model": config.model_path or f"new GPT-2 ({config.size}: {SIZES[config.size]})",
+            "eval_loss": result.metrics.get("eval/loss"), "eval_unigram_loss": result.metrics.get("eval/unigram_loss"),
+            "steps": result.global_step, "train_seconds": round(result.train_seconds, 1)}
     if is_main_process():
         (Path(config.output_dir) / "pretrain_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return result

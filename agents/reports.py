@@ -27,6 +27,8 @@ def plot_learning_curve(path: Path, points: list[tuple[int, float]], title: str,
     return path
 
 
+
+
 def _plot_panels(path: Path, steps: list, panels: list[tuple[list, str]], xlabel: str) -> Path:
     """One row of line plots sharing an x axis: ``panels`` are ``(values, title)``."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
@@ -42,14 +44,9 @@ def _plot_panels(path: Path, steps: list, panels: list[tuple[list, str]], xlabel
 
 def plot_ppo_training(path: Path, metrics: list[dict]) -> Path:
     """Proxy reward, KL to the reference and beta over PPO iterations."""
-    panels = [
-        ([m[key] for m in metrics], title)
-        for key, title in [
-            ("objective/scores", "proxy reward (reward model)"),
-            ("objective/kl", "KL to SFT (nats / response)"),
-            ("objective/kl_coef", "beta (KL coefficient)"),
-        ]
-    ]
+    panels = [([m[key] for m in metrics], title) for key, title in [
+        ("objective/scores", "proxy reward (reward model)"), ("objective/kl", "KL to SFT (nats / response)"),
+        ("objective/kl_coef", "beta (KL coefficient)")]]
     return _plot_panels(path, [m["step"] for m in metrics], panels, "PPO iteration")
 
 
@@ -60,9 +57,8 @@ def plot_dpo_training(path: Path, metrics: list[dict]) -> Path:
     return _plot_panels(path, [m["step"] for m in rows], panels, "DPO step")
 
 
-def plot_gold_vs_kl(
-    path: Path, points: list[dict], kl_budget: float | None = None, selected: dict[str, str] | None = None
-) -> Path:
+def plot_gold_vs_kl(path: Path, points: list[dict], kl_budget: float | None = None,
+                    selected: dict[str, str] | None = None) -> Path:
     """Gold and proxy reward against KL to SFT for PPO and DPO checkpoints (reward over-optimisation).
 
     With ``kl_budget`` a dotted line marks the KL budget; ``selected`` (``{"ppo": "iter-00056", "dpo":
@@ -74,39 +70,19 @@ def plot_gold_vs_kl(
         series = [sft] + [p for p in points if p["model"].startswith(family + "@")]
         series.sort(key=lambda p: p["kl_to_sft"])
         kl = [p["kl_to_sft"] for p in series]
-        ax.plot(
-            kl, [p["gold_reward"] for p in series], marker="o", color=colour, label=f"{family.upper()}: gold reward"
-        )
+        ax.plot(kl, [p["gold_reward"] for p in series], marker="o", color=colour, label=f"{family.upper()}: gold "
+                                                                                        "reward")
         if all(p["proxy_reward"] is not None for p in series):
-            ax.plot(
-                kl,
-                [p["proxy_reward"] for p in series],
-                marker="x",
-                ls="--",
-                color=colour,
-                alpha=0.6,
-                label=f"{family.upper()}: proxy (reward model)",
-            )
+            ax.plot(kl, [p["proxy_reward"] for p in series], marker="x", ls="--", color=colour, alpha=0.6,
+                    label=f"{family.upper()}: proxy (reward model)")
         chosen = [p for p in series if selected and p["model"] == f"{family}@{selected.get(family)}"]
         for p in chosen:
-            ax.plot(
-                [p["kl_to_sft"]],
-                [p["gold_reward"]],
-                marker="o",
-                ms=13,
-                mfc="none",
-                mec=colour,
-                mew=2,
-                ls="",
-                label=f"{family.upper()}: reported model",
-            )
+            ax.plot([p["kl_to_sft"]], [p["gold_reward"]], marker="o", ms=13, mfc="none", mec=colour, mew=2, ls="",
+                    label=f"{family.upper()}: reported model")
     if kl_budget is not None:
         ax.axvline(kl_budget, color="grey", ls=":", lw=1.5, label=f"KL budget ({kl_budget:g})")
-    ax.set(
-        xlabel="KL to SFT (nats per response)",
-        ylabel="mean reward on held-out prompts",
-        title="Gold vs proxy reward as the policy moves away from SFT",
-    )
+    ax.set(xlabel="KL to SFT (nats per response)", ylabel="mean reward on held-out prompts",
+           title="Gold vs proxy reward as the policy moves away from SFT")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -134,21 +110,11 @@ def write_report(out: Path, config, evaluation: dict, curves: dict, summary: dic
     plot_dpo_training(out / "dpo_training.png", read_jsonl(out / "dpo" / "metrics.jsonl"))
     selected = {family: summary.get(f"{family}_selected", "final") for family in ("ppo", "dpo")}
     plot_gold_vs_kl(out / "gold_vs_kl.png", curves["points"], config.kl_budget, selected)
-    columns = [
-        "model",
-        "gold_reward",
-        "proxy_reward",
-        "kl_to_sft",
-        "kl_to_sft_stderr",
-        "kl_to_sft_k1",
-        "win_rate_vs_sft",
-        "elo",
-        "repetition",
-    ]
+    columns = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "kl_to_sft_k1",
+               "win_rate_vs_sft", "elo", "repetition"]
     examples = "\n".join(
         f"- **{e['prompt']}**\n" + "\n".join(f"  - {name}: {e[name]!r}" for name in ("base", "sft", "ppo", "dpo"))
-        for e in evaluation["examples"][:4]
-    )
+        for e in evaluation["examples"][:4])
     text = f"""# rlhf pipeline report
 
 {warnings_block(summary)}Base model `{_base_name(config)}`, seed {config.seed},
@@ -223,7 +189,8 @@ def stages_table(summary: dict) -> str:
 def write_stopped_report(out: Path, config, summary: dict) -> Path:
     """``report.md`` of a run that stopped after preferences (nothing for a reward model to train on)."""
     text = (
-        f"# rlhf pipeline report\n\n{warnings_block(summary)}Base model `{_base_name(config)}`, seed {config.seed}. "
+        f"# rlhf pipeline report\n\n{warnings_block(summary)}Base model `{_base_name(config)}`, seed "
+        f"{config.seed}. "
         f"Gold reward: {_gold_name(config)}.\n\n{stages_table(summary)}\n"
     )
     tmp = out / "report.md.tmp"

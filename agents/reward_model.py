@@ -53,20 +53,14 @@ NORMALIZATION_FILE = "reward_normalization.json"
 class RewardModelConfig(LMTrainConfig):
     """Hyper-parameters of :func:`train_reward_model`; shared fields are documented on :class:`LMTrainConfig`."""
 
-    output_dir: str = field(
-        default="runs/rm",
-        metadata={
-            "help": "the reward model (a Hugging Face sequence-classification directory), metrics.jsonl and "
-            "checkpoints/ go here"
-        },
-    )
+    output_dir: str = field(default="runs/rm", metadata={"help": "the reward model (a Hugging Face "
+                                                                 "sequence-classification directory), metrics.jsonl "
+                                                                 "and checkpoints/ go here"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
-    batch_size: int = field(
-        default=32, metadata={"help": "prompts per optimizer step (each with its K ranked responses)"}
-    )
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "turn dropout off, so both sides of a pair are scored by the same function"}
-    )
+    batch_size: int = field(default=32, metadata={"help": "prompts per optimizer step (each with its K ranked "
+                                                          "responses)"})
+    disable_dropout: bool = field(default=True, metadata={"help": "turn dropout off, so both sides of a pair are "
+                                                                  "scored by the same function"})
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -113,8 +107,7 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     check_remote_code(path, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, local_files_only=True, trust_remote_code=config.trust_remote_code
-    )
+        path, num_labels=1, local_files_only=True, trust_remote_code=config.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     fuse_gelu(model)
     if config.disable_dropout:
@@ -124,9 +117,8 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
     groups = tokenize_rankings(tokenizer, records, config.max_length)
     texts = [text for group in groups for text in group]
     # held out by prompt: the accuracy on held-out rankings is on prompts the model never trained on
-    train_idx, eval_idx = held_out_split(
-        len(records), config.eval_fraction, config.seed, groups=[prompt_key(r["prompt"]) for r in records]
-    )
+    train_idx, eval_idx = held_out_split(len(records), config.eval_fraction, config.seed,
+                                         groups=[prompt_key(r["prompt"]) for r in records])
     pad_id, side = tokenizer.pad_token_id, tokenizer.padding_side
 
     # GPT-2 and Llama-family models without active dropout take a packed forward (rlhf_envs.lm.views): the
@@ -162,9 +154,8 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
         scores, better, worse, weight = rewards(model, batch)
         return ranking_loss(scores, better, worse, weight), scores[better] - scores[worse]
 
-    def loss_fn(
-        model: torch.nn.Module, batch: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_fn(model: torch.nn.Module,
+                batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, margins = scores_and_loss(model, batch)
         margins = margins.detach()
         return loss, {"accuracy": (margins > 0).float().mean(), "margin": margins.mean()}
@@ -177,12 +168,9 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
             losses.append(float(loss) * len(indices))
             margins.append(margin)
         margin = torch.cat(margins)
-        return {
-            "loss": sum(losses) / len(eval_idx),
-            "accuracy": float((margin > 0).float().mean()),
-            "margin": float(margin.mean()),
-            "pairs": float(len(margin)),
-        }
+        return {"loss": sum(losses) / len(eval_idx), "accuracy": float((margin > 0).float().mean()),
+                "margin": float(margin.mean()),
+                "pairs": float(len(margin))}
 
     result = run_training(
         config,
@@ -207,17 +195,8 @@ def train_reward_model(config: RewardModelConfig) -> TrainResult:
             seqs = texts[start : start + 256]
             input_ids, mask = pad(seqs, pad_id, side), pad([torch.ones_like(t) for t in seqs], 0, side)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            scores.append(
-                model(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
-                    use_cache=False,
-                )
-                .logits[:, 0]
-                .float()
-                .cpu()
-            )
+            scores.append(model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                position_ids=positions.to(device), use_cache=False).logits[:, 0].float().cpu())
     scores = torch.cat(scores)
     normalization = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6)), "n": len(scores)}
     (Path(config.output_dir) / NORMALIZATION_FILE).write_text(json.dumps(normalization) + "\n")

@@ -26,23 +26,12 @@ def sb3_ppo_from_config(config: PPOConfig, verbose: int = 0) -> PPO:
     envs = make_vec_env(config.env_id, n_envs=config.num_envs, seed=config.seed, env_kwargs=config.env_kwargs)
     lr = config.learning_rate
     return PPO(
-        "MlpPolicy",
-        envs,
-        seed=config.seed,
-        verbose=verbose,
-        device="cpu",
+        "MlpPolicy", envs, seed=config.seed, verbose=verbose, device="cpu",
         learning_rate=(lambda progress: progress * lr) if config.anneal_lr else lr,
-        n_steps=config.num_steps,
-        batch_size=config.minibatch_size,
-        n_epochs=config.update_epochs,
-        gamma=config.gamma,
-        gae_lambda=config.gae_lambda,
-        clip_range=config.clip_coef,
-        clip_range_vf=config.clip_coef if config.clip_vloss else None,
-        normalize_advantage=config.norm_adv,
-        ent_coef=config.ent_coef,
-        vf_coef=config.vf_coef,
-        max_grad_norm=config.max_grad_norm,
+        n_steps=config.num_steps, batch_size=config.minibatch_size, n_epochs=config.update_epochs,
+        gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_coef,
+        clip_range_vf=config.clip_coef if config.clip_vloss else None, normalize_advantage=config.norm_adv,
+        ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
         target_kl=config.max_approx_kl,
         policy_kwargs={"net_arch": [config.hidden_size, config.hidden_size], "activation_fn": torch.nn.Tanh},
     )
@@ -50,17 +39,9 @@ def sb3_ppo_from_config(config: PPOConfig, verbose: int = 0) -> PPO:
 
 def sb3_dqn(env_id: str, seed: int = 0, verbose: int = 0, **kwargs) -> DQN:
     """An SB3 ``DQN`` on a Gymnasium id, with settings that suit small gridworlds (override any)."""
-    params = dict(
-        learning_rate=1e-3,
-        buffer_size=20_000,
-        learning_starts=500,
-        batch_size=64,
-        train_freq=1,
-        target_update_interval=250,
-        exploration_fraction=0.3,
-        exploration_final_eps=0.02,
-        gamma=0.99,
-    )
+    params = dict(learning_rate=1e-3, buffer_size=20_000, learning_starts=500, batch_size=64,
+                  train_freq=1, target_update_interval=250, exploration_fraction=0.3,
+                  exploration_final_eps=0.02, gamma=0.99)
     params.update(kwargs)
     return DQN("MlpPolicy", env_id, seed=seed, verbose=verbose, device="cpu", **params)
 

@@ -51,18 +51,8 @@ class LMActorCriticPolicy(ActorCriticPolicy):
     :class:`~rlhf_envs.lm.sampling.SamplingConfig`, ``env.unwrapped.task.sampling``) and ``channel``.
     """
 
-    def __init__(
-        self,
-        observation_space,
-        action_space,
-        lr_schedule,
-        *,
-        lm: torch.nn.Module,
-        pad_token_id: int,
-        sampling: SamplingConfig,
-        channel: LogprobChannel | None = None,
-        **kwargs: Any,
-    ):
+    def __init__(self, observation_space, action_space, lr_schedule, *, lm: torch.nn.Module, pad_token_id: int,
+                 sampling: SamplingConfig, channel: LogprobChannel | None = None, **kwargs: Any):
         self._lm_parts = (lm, pad_token_id, sampling, channel)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -73,20 +63,15 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             raise ValueError(
                 f"{len(frozen)} of the LM's {len(list(lm.parameters()))} parameter tensors have requires_grad=False "
                 f"(e.g. {frozen[0]!r}; a copy of the env's frozen ref_model is), so PPO would train only the value "
-                "head; pass lm=copy.deepcopy(ref).requires_grad_(True), or use sb3_text_ppo(...)"
-            )
+                "head; pass lm=copy.deepcopy(ref).requires_grad_(True), or use sb3_text_ppo(...)")
         if not isinstance(self.action_space, spaces.Discrete):
-            raise ValueError(
-                f"the LM policy acts one token at a time (a Discrete action space, TextToken-v0); "
-                f"got {self.action_space}"
-            )
+            raise ValueError(f"the LM policy acts one token at a time (a Discrete action space, TextToken-v0); "
+                             f"got {self.action_space}")
         self.lm = lm
         vocab = int(lm.get_output_embeddings().weight.shape[0])
         if vocab != self.action_space.n:
-            raise ValueError(
-                f"the LM has {vocab} output tokens but the action space has {self.action_space.n}; "
-                "use the env's model family"
-            )
+            raise ValueError(f"the LM has {vocab} output tokens but the action space has {self.action_space.n}; "
+                             "use the env's model family")
         hidden = int(lm.get_output_embeddings().weight.shape[1])
         self.value_net = torch.nn.Linear(hidden, 1)
         torch.nn.init.orthogonal_(self.value_net.weight, gain=1.0)
@@ -98,9 +83,8 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         """``(processed log-distribution [N, V], value [N, 1])`` for observations ``[N, L]``."""
         ids = obs.long()
         mask = attention_mask_from_obs(ids, self.pad_token_id)
-        out = self.lm(
-            input_ids=ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask), output_hidden_states=True
-        )
+        out = self.lm(input_ids=ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask),
+                      output_hidden_states=True)
         logprobs = processed_logprobs(out.logits[:, -1], self.sampling)
         return logprobs, self.value_net(out.hidden_states[-1][:, -1].float())
 
@@ -163,16 +147,8 @@ class HandOverLogprobs(VecEnvWrapper):
         return self.venv.step_wait()
 
 
-def sb3_text_ppo(
-    env_id: str = "TextToken-v0",
-    model: Any = None,
-    *,
-    n_envs: int = 4,
-    env_kwargs: dict | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    **ppo_kwargs: Any,
-):
+def sb3_text_ppo(env_id: str = "TextToken-v0", model: Any = None, *, n_envs: int = 4, env_kwargs: dict | None = None,
+                 seed: int = 0, device: str = "cpu", **ppo_kwargs: Any):
     """SB3 ``PPO`` training a causal LM on ``env_id`` (a token-level text env such as ``TextToken-v0``).
 
     ``model`` is the env's reference: ``None`` (embedded default), a local HF causal-LM directory
@@ -195,10 +171,8 @@ def sb3_text_ppo(
     channel = LogprobChannel()
     venv = HandOverLogprobs(make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=kwargs), channel)
     if not isinstance(venv.action_space, spaces.Discrete):
-        raise ValueError(
-            f"sb3_text_ppo needs a token-level env (Discrete actions, e.g. TextToken-v0); {env_id!r} has "
-            f"{venv.action_space}"
-        )
+        raise ValueError(f"sb3_text_ppo needs a token-level env (Discrete actions, e.g. TextToken-v0); {env_id!r} has "
+                         f"{venv.action_space}")
     task = venv.get_attr("task")[0]
     policy_lm = copy.deepcopy(lm).requires_grad_(True).train()
     for module in policy_lm.modules():  # as in agents.lm_ppo: without dropout the ratio is 1 before the first step

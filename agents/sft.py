@@ -30,10 +30,8 @@ from rlhf_envs.lm.views import packed_view
 class SFTConfig(LMTrainConfig):
     """Hyper-parameters of :func:`train_sft`; the shared fields are documented on :class:`LMTrainConfig`."""
 
-    output_dir: str = field(
-        default="runs/sft",
-        metadata={"help": "the fine-tuned model (a Hugging Face directory), metrics.jsonl and checkpoints/ go here"},
-    )
+    output_dir: str = field(default="runs/sft", metadata={"help": "the fine-tuned model (a Hugging Face directory), "
+                                                                  "metrics.jsonl and checkpoints/ go here"})
     learning_rate: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate"})
 
 
@@ -50,9 +48,8 @@ def train_sft(config: SFTConfig) -> TrainResult:
     model = with_lora(model, config)
     data = tokenize_sft(tokenizer, records, config.max_length)
     # a conversation gives one example per assistant turn: held out together, by conversation
-    train_idx, eval_idx = held_out_split(
-        len(data.input_ids), config.eval_fraction, config.seed, groups=data.record_index
-    )
+    train_idx, eval_idx = held_out_split(len(data.input_ids), config.eval_fraction, config.seed,
+                                         groups=data.record_index)
     return fit_sequences(config, "sft", model, tokenizer, data, train_idx, eval_idx, device)
 
 
@@ -68,16 +65,8 @@ def unigram_loss(train_targets: list[torch.Tensor], eval_targets: list[torch.Ten
     return float(-log_p[torch.cat(eval_targets)].mean())
 
 
-def fit_sequences(
-    config: LMTrainConfig,
-    algorithm: str,
-    model: torch.nn.Module,
-    tokenizer,
-    data: TokenizedSequences,
-    train_idx: list[int],
-    eval_idx: list[int],
-    device: torch.device,
-) -> TrainResult:
+def fit_sequences(config: LMTrainConfig, algorithm: str, model: torch.nn.Module, tokenizer, data: TokenizedSequences,
+                  train_idx: list[int], eval_idx: list[int], device: torch.device) -> TrainResult:
     """Train ``model`` on the tokens after each sequence's prompt (SFT; pretraining with a prompt of BOS alone).
 
     The shared loop of :mod:`agents.lm_common` runs it; held out (``eval_idx``) it logs ``eval/loss``,
@@ -87,16 +76,9 @@ def fit_sequences(
     fuse_gelu(model)
     model.to(device)
     pad_id = tokenizer.pad_token_id
-    completion = [ids[max(int(n), 1) :] for ids, n in zip(data.input_ids, data.prompt_lengths)]
-    baseline = (
-        unigram_loss(
-            [completion[i] for i in train_idx],
-            [completion[i] for i in eval_idx],
-            max(model.get_input_embeddings().num_embeddings, len(tokenizer)),
-        )
-        if eval_idx
-        else None
-    )
+    completion = [ids[max(int(n), 1):] for ids, n in zip(data.input_ids, data.prompt_lengths)]
+    baseline = unigram_loss([completion[i] for i in train_idx], [completion[i] for i in eval_idx],
+                            max(model.get_input_embeddings().num_embeddings, len(tokenizer))) if eval_idx else None
 
     # GPT-2 and Llama-family models without active dropout take a packed forward (no padding,
     # rlhf_envs.lm.views); other models take Hugging Face's forward on right-padded batches.
@@ -105,9 +87,8 @@ def fit_sequences(
 
     def collate(indices: list[int]) -> tuple:
         if packed:
-            batch = pack_sequences(
-                [data.input_ids[i] for i in indices], drop_last=True
-            )  # the last token predicts nothing
+            batch = pack_sequences([data.input_ids[i] for i in indices],
+                                   drop_last=True)  # the last token predicts nothing
             predictor, targets, _ = batch.targets(data.prompt_lengths[indices].tolist())
             return batch.to(device), predictor.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         return batch_sequences([data.input_ids[i] for i in indices], data.prompt_lengths[indices], pad_id, device)

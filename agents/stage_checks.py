@@ -27,12 +27,8 @@ import sys
 Z = 2.0
 MAX_TIED_SHARE = 0.5
 DEPENDS: dict[str, tuple[str, ...]] = {
-    "pretrain": (),
-    "sft": ("pretrain",),
-    "preferences": ("sft",),
-    "rm": ("preferences",),
-    "ppo": ("sft", "rm"),
-    "dpo": ("sft", "preferences"),
+    "pretrain": (), "sft": ("pretrain",), "preferences": ("sft",), "rm": ("preferences",),
+    "ppo": ("sft", "rm"), "dpo": ("sft", "preferences"),
 }
 """Which stages' output each stage trains on or from."""
 
@@ -46,13 +42,8 @@ def _loss_finding(stage: str, info: dict, fix: str) -> dict:
     figure = f"held-out loss {loss:.3f} nats/token, unigram model {unigram:.3f}"
     if loss < unigram:
         return {"status": OK, "figure": figure}
-    return {
-        "status": FAILED,
-        "figure": figure,
-        "message": f"{stage}: the held-out loss is no better than a unigram "
-        f"model's ({figure}): the model learned nothing a table of token frequencies does not know",
-        "fix": fix,
-    }
+    return {"status": FAILED, "figure": figure, "message": f"{stage}: the held-out loss is no better than a unigram "
+            f"model's ({figure}): the model learned nothing a table of token frequencies does not know", "fix": fix}
 
 
 def check_pretrain(info: dict) -> dict:
@@ -60,12 +51,8 @@ def check_pretrain(info: dict) -> dict:
 
 
 def check_sft(info: dict) -> dict:
-    return _loss_finding(
-        "sft",
-        info,
-        "give more demonstrations or SFT epochs, a higher --sft-learning-rate, or a base "
-        "model that knows this text (--corpus pretrains one on it)",
-    )
+    return _loss_finding("sft", info, "give more demonstrations or SFT epochs, a higher --sft-learning-rate, or a base "
+                                      "model that knows this text (--corpus pretrains one on it)")
 
 
 def check_preferences(info: dict) -> dict:
@@ -74,13 +61,11 @@ def check_preferences(info: dict) -> dict:
     figure = f"the gold reward tied all K answers on {tied} of {prompts} prompts ({tied / max(prompts, 1):.0%})"
     if tied <= MAX_TIED_SHARE * prompts and kept >= 2:
         return {"status": OK, "figure": figure}
-    return {
-        "status": FAILED,
-        "figure": figure,
-        "message": f"preferences: {figure}, leaving {kept} rankings: the gold reward cannot tell most answers apart",
-        "fix": "use a gold reward that separates these answers (--gold-reward), longer answers (--max-new-tokens) "
-        "or more answers per prompt (--k-responses)",
-    }
+    return {"status": FAILED, "figure": figure,
+            "message": f"preferences: {figure}, leaving {kept} rankings: the gold reward cannot tell most answers "
+                       "apart",
+            "fix": "use a gold reward that separates these answers (--gold-reward), longer answers (--max-new-tokens) "
+                   "or more answers per prompt (--k-responses)"}
 
 
 def check_rm(info: dict) -> dict:
@@ -91,14 +76,11 @@ def check_rm(info: dict) -> dict:
     figure = f"held-out accuracy {accuracy:.3f} on {int(pairs)} pairs (chance 0.5, standard error {stderr:.3f})"
     if accuracy - 0.5 >= Z * stderr:
         return {"status": OK, "figure": figure}
-    return {
-        "status": FAILED,
-        "figure": figure,
-        "message": f"rm: {figure}: within {Z:g} standard errors of chance, the reward model ranks answers no "
-        "better than a coin",
-        "fix": "give more preference prompts (--n-preference-prompts), more --rm-epochs or a higher "
-        "--rm-learning-rate, and check that the gold reward ranks the answers (preferences' ties)",
-    }
+    return {"status": FAILED, "figure": figure,
+            "message": f"rm: {figure}: within {Z:g} standard errors of chance, the reward model ranks answers no "
+                       "better than a coin",
+            "fix": "give more preference prompts (--n-preference-prompts), more --rm-epochs or a higher "
+                   "--rm-learning-rate, and check that the gold reward ranks the answers (preferences' ties)"}
 
 
 CHECKS = {"pretrain": check_pretrain, "sft": check_sft, "preferences": check_preferences, "rm": check_rm}
@@ -109,14 +91,9 @@ def stage_status(stage: str, info: dict | None, statuses: dict[str, dict]) -> di
     if info is None:
         return {"status": NOT_RUN}
     finding = CHECKS[stage](info) if stage in CHECKS else {"status": OK}
-    against = sorted(
-        {
-            name
-            for dep in DEPENDS[stage]
-            if dep in statuses
-            for name in ([dep] if statuses[dep]["status"] == FAILED else statuses[dep].get("ran_against", []))
-        }
-    )
+    against = sorted({name for dep in DEPENDS[stage] if dep in statuses
+                      for name in ([dep] if statuses[dep]["status"] == FAILED else statuses[dep].get("ran_against",
+                                                                                                     []))})
     if against:
         finding["ran_against"] = against
         if finding["status"] == OK:
@@ -131,10 +108,8 @@ def warnings_of(statuses: dict[str, dict]) -> list[str]:
         if s["status"] == FAILED:
             lines.append(f"{s['message']}. To change: {s['fix']}.")
         elif s["status"] == RAN_AGAINST:
-            lines.append(
-                f"{stage}: ran against {', '.join(s['ran_against'])}, which did not learn: read its figures "
-                "as those of a run that learned nothing there."
-            )
+            lines.append(f"{stage}: ran against {', '.join(s['ran_against'])}, which did not learn: read its figures "
+                         "as those of a run that learned nothing there.")
     return lines
 
 

@@ -37,9 +37,8 @@ class TaskPipelineConfig:
     task: str = field(default="arithmetic", metadata={"help": "the verifiable task: arithmetic (TextArithmetic-v0)"})
     output_dir: str = field(default="runs/task_pipeline", metadata={"help": "run folder"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
-    n_demonstrations: int = field(
-        default=4000, metadata={"help": "SFT demonstrations (training-split problems and answers)"}
-    )
+    n_demonstrations: int = field(default=4000, metadata={"help": "SFT demonstrations (training-split problems and "
+                                                                  "answers)"})
     sft_epochs: int = field(default=1, metadata={"help": "SFT passes over the demonstrations"})
     sft_learning_rate: float = field(default=1e-4, metadata={"help": "SFT peak learning rate"})
     n_train_prompts: int = field(default=4000, metadata={"help": "training-split problems GRPO and PPO draw from"})
@@ -54,9 +53,8 @@ class TaskPipelineConfig:
     loss_type: str = field(default="dapo", metadata={"help": "GRPO loss aggregation: grpo, dr_grpo or dapo"})
     advantage: str = field(default="grpo", metadata={"help": "GRPO advantage: grpo, rloo or reinforce_pp"})
     beta: float = field(default=0.0, metadata={"help": "GRPO KL coefficient (0: no reference pass)"})
-    run_ppo: bool = field(
-        default=True, metadata={"help": "also train RLHF PPO from SFT on the same prompts and reward"}
-    )
+    run_ppo: bool = field(default=True,
+                          metadata={"help": "also train RLHF PPO from SFT on the same prompts and reward"})
     ppo_learning_rate: float = field(default=3e-5, metadata={"help": "PPO learning rate"})
     ppo_beta: float = field(default=0.0, metadata={"help": "PPO KL coefficient"})
     torch_threads: int | None = field(default=1, metadata={"help": "torch threads (1 is robust on a shared machine)"})
@@ -66,17 +64,8 @@ class TaskPipelineConfig:
         check_config_fields(self)
         if self.task not in TASKS:
             raise ValueError(f"TaskPipelineConfig.task={self.task!r} is unknown; choose one of {list(TASKS)}")
-        for name in (
-            "n_demonstrations",
-            "sft_epochs",
-            "n_train_prompts",
-            "n_eval_prompts",
-            "eval_k",
-            "rl_episodes",
-            "batch_size",
-            "group_size",
-            "max_new_tokens",
-        ):
+        for name in ("n_demonstrations", "sft_epochs", "n_train_prompts", "n_eval_prompts", "eval_k", "rl_episodes",
+                     "batch_size", "group_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TaskPipelineConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         self.grpo_config("unused")  # GRPO's own checks (loss_type, group_size, ...) before anything runs
@@ -85,23 +74,13 @@ class TaskPipelineConfig:
         from agents.grpo import GRPOConfig
 
         env_kwargs = {"n_prompts": self.n_train_prompts, "prompt_seed": self.seed}
-        return GRPOConfig(
-            model_path=model_path,
-            env_kwargs=env_kwargs,
-            output_dir=str(Path(self.output_dir) / "grpo"),
-            seed=self.seed,
-            total_episodes=self.rl_episodes,
-            batch_size=self.batch_size,
-            group_size=self.group_size,
-            learning_rate=self.grpo_learning_rate,
-            warmup_iterations=self.warmup_iterations,
-            max_new_tokens=self.max_new_tokens,
-            loss_type=self.loss_type,
-            advantage=self.advantage,
-            beta=self.beta,
-            torch_threads=self.torch_threads,
-            progress=self.progress,
-        )
+        return GRPOConfig(model_path=model_path, env_kwargs=env_kwargs,
+                          output_dir=str(Path(self.output_dir) / "grpo"), seed=self.seed,
+                          total_episodes=self.rl_episodes, batch_size=self.batch_size, group_size=self.group_size,
+                          learning_rate=self.grpo_learning_rate, warmup_iterations=self.warmup_iterations,
+                          max_new_tokens=self.max_new_tokens,
+                          loss_type=self.loss_type, advantage=self.advantage, beta=self.beta,
+                          torch_threads=self.torch_threads, progress=self.progress)
 
 
 def _sft_stage(config: TaskPipelineConfig, out: Path, base: str) -> dict:
@@ -111,21 +90,10 @@ def _sft_stage(config: TaskPipelineConfig, out: Path, base: str) -> dict:
 
     # demonstrations use another draw than the RL prompts (seed + 1); both are training-split problems
     write_jsonl(out / "data" / "sft.jsonl", demonstrations(config.n_demonstrations, config.seed + 1))
-    result = train_sft(
-        SFTConfig(
-            model_path=base,
-            data_path=str(out / "data" / "sft.jsonl"),
-            output_dir=str(out / "sft"),
-            seed=config.seed,
-            num_epochs=config.sft_epochs,
-            learning_rate=config.sft_learning_rate,
-            batch_size=64,
-            max_length=32,
-            eval_fraction=0.0,
-            torch_threads=config.torch_threads,
-            progress=config.progress,
-        )
-    )
+    result = train_sft(SFTConfig(model_path=base, data_path=str(out / "data" / "sft.jsonl"),
+                                 output_dir=str(out / "sft"), seed=config.seed, num_epochs=config.sft_epochs,
+                                 learning_rate=config.sft_learning_rate, batch_size=64, max_length=32,
+                                 eval_fraction=0.0, torch_threads=config.torch_threads, progress=config.progress))
     return {"seconds": result.train_seconds}
 
 
@@ -133,28 +101,14 @@ def _ppo_stage(config: TaskPipelineConfig, out: Path, sft: str) -> dict:
     from agents.lm_ppo import LMPPOConfig, train_lm_ppo
     from rlhf_envs.text_arithmetic import make_problems
 
-    result = train_lm_ppo(
-        LMPPOConfig(
-            model_path=sft,
-            reward_model="verifier",
-            prompts=make_problems(config.n_train_prompts, config.seed, "train"),
-            output_dir=str(out / "ppo"),
-            seed=config.seed,
-            total_episodes=config.rl_episodes,
-            batch_size=config.batch_size,
-            num_minibatches=1,
-            ppo_epochs=1,
-            learning_rate=config.ppo_learning_rate,
-            max_new_tokens=config.max_new_tokens,
-            beta=config.ppo_beta,
-            torch_threads=config.torch_threads,
-            progress=config.progress,
-        )
-    )
-    return {
-        "seconds": result.seconds,
-        "history": [{"samples": h["episodes"], "accuracy": h["objective/scores"]} for h in result.history],
-    }
+    result = train_lm_ppo(LMPPOConfig(
+        model_path=sft, reward_model="verifier", prompts=make_problems(config.n_train_prompts, config.seed, "train"),
+        output_dir=str(out / "ppo"), seed=config.seed, total_episodes=config.rl_episodes,
+        batch_size=config.batch_size, num_minibatches=1, ppo_epochs=1, learning_rate=config.ppo_learning_rate,
+        max_new_tokens=config.max_new_tokens, beta=config.ppo_beta, torch_threads=config.torch_threads,
+        progress=config.progress))
+    return {"seconds": result.seconds, "history": [{"samples": h["episodes"], "accuracy": h["objective/scores"]}
+                                                   for h in result.history]}
 
 
 def _evaluate(config: TaskPipelineConfig, models: dict[str, str], sft: str) -> dict[str, dict]:
@@ -169,16 +123,8 @@ def _evaluate(config: TaskPipelineConfig, models: dict[str, str], sft: str) -> d
     rows = {}
     for name, path in models.items():
         model, tokenizer = load_causal_lm(path)
-        rows[name] = evaluate_verifiable(
-            model,
-            tokenizer,
-            problems,
-            reward,
-            k=config.eval_k,
-            max_new_tokens=config.max_new_tokens,
-            seed=config.seed,
-            ref_model=ref,
-        )
+        rows[name] = evaluate_verifiable(model, tokenizer, problems, reward, k=config.eval_k,
+                                         max_new_tokens=config.max_new_tokens, seed=config.seed, ref_model=ref)
     return rows
 
 
@@ -203,26 +149,14 @@ def _plot(path: Path, curves: dict[str, list[dict]]) -> Path:
 
 def _report(out: Path, rows: dict[str, dict], summary: dict) -> Path:
     k = next(iter(rows.values()))["k"]
-    lines = [
-        "# Task pipeline: arithmetic",
-        "",
-        f"Held-out problems: {next(iter(rows.values()))['n_prompts']}, {k} samples each at temperature 1.",
-        "",
-        f"| model | pass@1 | pass@{k} | greedy | mean length | KL to SFT |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = ["# Task pipeline: arithmetic", "", f"Held-out problems: {next(iter(rows.values()))['n_prompts']}, "
+             f"{k} samples each at temperature 1.", "",
+             f"| model | pass@1 | pass@{k} | greedy | mean length | KL to SFT |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['pass@1']:.3f} | {r[f'pass@{k}']:.3f} | {r['greedy_accuracy']:.3f} | "
-            f"{r['response_length']:.2f} | {r.get('kl', 0.0):.3f} |"
-        )
-    lines += [
-        "",
-        f"Stage seconds: {json.dumps(summary['seconds'])}; total {summary['total_seconds']:.0f} s.",
-        "",
-        "![accuracy against samples](accuracy_vs_samples.png)",
-        "",
-    ]
+        lines.append(f"| {name} | {r['pass@1']:.3f} | {r[f'pass@{k}']:.3f} | {r['greedy_accuracy']:.3f} | "
+                     f"{r['response_length']:.2f} | {r.get('kl', 0.0):.3f} |")
+    lines += ["", f"Stage seconds: {json.dumps(summary['seconds'])}; total {summary['total_seconds']:.0f} s.", "",
+              "![accuracy against samples](accuracy_vs_samples.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 
@@ -243,11 +177,8 @@ def run_task_pipeline(config: TaskPipelineConfig) -> dict:
     t0 = time.perf_counter()
     grpo = train_grpo(config.grpo_config(sft))
     seconds["grpo"] = time.perf_counter() - t0
-    curves = {
-        f"GRPO ({config.loss_type})": [
-            {"samples": h["completions"], "accuracy": h["objective/scores"]} for h in grpo.history
-        ]
-    }
+    curves = {f"GRPO ({config.loss_type})": [{"samples": h["completions"], "accuracy": h["objective/scores"]}
+                                             for h in grpo.history]}
     models = {"base": base, "sft": sft, "grpo": str(out / "grpo" / "policy")}
     if config.run_ppo:
         t0 = time.perf_counter()
@@ -258,13 +189,9 @@ def run_task_pipeline(config: TaskPipelineConfig) -> dict:
     rows = _evaluate(config, models, sft)
     seconds["evaluation"] = time.perf_counter() - t0
     _plot(out / "accuracy_vs_samples.png", curves)
-    summary = {
-        "evaluation": rows,
-        "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "curves": curves,
-        "grpo_gain_pass@1": rows["grpo"]["pass@1"] - rows["sft"]["pass@1"],
-    }
+    summary = {"evaluation": rows, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+               "total_seconds": round(time.perf_counter() - started, 1), "curves": curves,
+               "grpo_gain_pass@1": rows["grpo"]["pass@1"] - rows["sft"]["pass@1"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _report(out, rows, summary)
     return summary

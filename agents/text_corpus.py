@@ -77,9 +77,7 @@ def cut_examples(passages: list[str], seed: int) -> list[dict[str, str]]:
             continue
         k = int(rng.integers(PROMPT_WORDS[0], min(PROMPT_WORDS[1], len(words) - 2) + 1))
         last = words[min(len(words), k + COMPLETION_WORDS) - 1]
-        examples.append(
-            {"prompt": passage[: words[k - 1].end()], "completion": passage[words[k - 1].end() : last.end()]}
-        )
+        examples.append({"prompt": passage[:words[k - 1].end()], "completion": passage[words[k - 1].end():last.end()]})
     return examples
 
 
@@ -110,44 +108,32 @@ def check_corpus(config, prompt_splits: Callable) -> None:
     if isinstance(config.corpus_paths, str) or not config.corpus_paths:
         raise TypeError(f"PipelineConfig.corpus_paths must be a non-empty list of files, got {config.corpus_paths!r}")
     if config.demonstrations_path is not None or config.prompts_path is not None:
-        raise ValueError(
-            "corpus_paths derives the demonstrations and prompts from the text: drop demonstrations_path "
-            "and prompts_path, or corpus_paths"
-        )
+        raise ValueError("corpus_paths derives the demonstrations and prompts from the text: drop demonstrations_path "
+                         "and prompts_path, or corpus_paths")
     config.corpus_paths = [str(p) for p in config.corpus_paths]
     if config.corpus_recipe:
         apply_corpus_recipe(config)
     # a missing, empty, binary or non-UTF-8 file fails here, and so do bad pretraining settings
-    PretrainConfig(
-        corpus_paths=config.corpus_paths,
-        model_path=config.model_path,
-        size=config.pretrain_size,
-        max_steps=config.pretrain_steps,
-    )
+    PretrainConfig(corpus_paths=config.corpus_paths, model_path=config.model_path, size=config.pretrain_size,
+                   max_steps=config.pretrain_steps)
     demonstrations, prompts = corpus_examples(config.corpus_paths, config.seed)
     n_examples = len(demonstrations) + len(prompts)
     try:
         pref, _, validation, evaluation = prompt_splits(config)
     except ValueError as err:
-        raise ValueError(
-            f"the corpus {config.corpus_paths} gives {n_examples} examples (passages of >= {MIN_WORDS} "
-            f"words), {len(prompts)} of them prompts: {err}"
-        ) from err
+        raise ValueError(f"the corpus {config.corpus_paths} gives {n_examples} examples (passages of >= {MIN_WORDS} "
+                         f"words), {len(prompts)} of them prompts: {err}") from err
     held_out = set(validation) | set(evaluation)
     n_demos = sum(d["prompt"] not in held_out for d in demonstrations)
     short = []
     if n_demos < config.n_demonstrations:
         short.append(f"{n_demos} demonstrations for n_demonstrations={config.n_demonstrations}")
     if len(evaluation) < config.n_eval_prompts:
-        short.append(
-            f"{len(evaluation)} evaluation prompts for n_eval_prompts={config.n_eval_prompts} (the evaluation "
-            "takes at most a quarter of the distinct prompts)"
-        )
+        short.append(f"{len(evaluation)} evaluation prompts for n_eval_prompts={config.n_eval_prompts} (the evaluation "
+                     "takes at most a quarter of the distinct prompts)")
     if len(pref) < config.n_preference_prompts:
         short.append(f"{len(pref)} preference prompts for n_preference_prompts={config.n_preference_prompts}")
     if short:
-        raise ValueError(
-            f"the corpus {config.corpus_paths} is too small for the splits asked for: its {n_examples} "
-            f"examples (passages of >= {MIN_WORDS} words, half demonstrations, half prompts) give "
-            f"{'; '.join(short)}. Give more text, or lower those settings"
-        )
+        raise ValueError(f"the corpus {config.corpus_paths} is too small for the splits asked for: its {n_examples} "
+                         f"examples (passages of >= {MIN_WORDS} words, half demonstrations, half prompts) give "
+                         f"{'; '.join(short)}. Give more text, or lower those settings")

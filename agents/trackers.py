@@ -26,10 +26,8 @@ from typing import Any, Protocol
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
 """The accepted names of ``report_to``."""
 
-REPORT_TO_HELP = (
-    "where metrics go besides metrics.jsonl: none, or one or more of tensorboard "
-    "(<output_dir>/tensorboard), wandb (offline without a network), trackio (a local database)"
-)
+REPORT_TO_HELP = ("where metrics go besides metrics.jsonl: none, or one or more of tensorboard "
+                  "(<output_dir>/tensorboard), wandb (offline without a network), trackio (a local database)")
 
 _PROJECT = "rlhf-gym"
 
@@ -56,10 +54,8 @@ def _require(package: str, tracker: str) -> Any:
     try:
         return importlib.import_module(package)
     except ImportError as err:
-        raise ImportError(
-            f"report_to={tracker!r} needs the {package} package: pip install {package} "
-            f"(or pip install 'rlhf-gym[{tracker}]'), or leave {tracker} out of report_to"
-        ) from err
+        raise ImportError(f"report_to={tracker!r} needs the {package} package: pip install {package} "
+                          f"(or pip install 'rlhf-gym[{tracker}]'), or leave {tracker} out of report_to") from err
 
 
 def _online(host: str, port: int = 443, timeout_s: float = 1.0) -> bool:
@@ -95,14 +91,8 @@ class WandbTracker:
     def __init__(self, output_dir: Path, run_name: str, config: dict[str, Any]):
         wandb = _require("wandb", "wandb")
         mode = os.environ.get("WANDB_MODE") or ("online" if _online("api.wandb.ai") else "offline")
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", _PROJECT),
-            name=run_name,
-            dir=str(output_dir),
-            config=config,
-            mode=mode,
-            reinit="create_new",
-        )
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", _PROJECT), name=run_name, dir=str(output_dir),
+                              config=config, mode=mode, reinit="create_new")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -143,15 +133,11 @@ def open_trackers(report_to: list[str], output_dir: Path, config: dict[str, Any]
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
     """The run settings a tracker records: scalars, and short lists of them (not e.g. a list of prompts)."""
-
     def plain(value: Any) -> bool:
         return value is None or isinstance(value, (str, int, float, bool))
 
-    return {
-        k: v
-        for k, v in config.items()
-        if plain(v) or (isinstance(v, (list, tuple)) and len(v) <= 16 and all(plain(x) for x in v))
-    }
+    return {k: v for k, v in config.items()
+            if plain(v) or (isinstance(v, (list, tuple)) and len(v) <= 16 and all(plain(x) for x in v))}
 
 
 def scalars(record: dict[str, Any]) -> tuple[int | None, dict[str, float]]:

@@ -33,24 +33,15 @@ def _encode(tokenizer: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = True
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = True
     return ids, mask
 
 
 @torch.no_grad()
-def evaluate_verifiable(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    reward: Any,
-    k: int = 8,
-    max_new_tokens: int = 6,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 512,
-    ref_model: Any = None,
-) -> dict[str, float]:
+def evaluate_verifiable(model: Any, tokenizer: Any, prompts: Sequence[str], reward: Any, k: int = 8,
+                        max_new_tokens: int = 6, temperature: float = 1.0, seed: int = 0, batch_size: int = 512,
+                        ref_model: Any = None) -> dict[str, float]:
     """``pass@1`` and ``pass@k`` (``k`` samples per prompt at ``temperature``), ``greedy_accuracy``,
     ``response_length`` (mean tokens, EOS included) and, with ``ref_model``, ``kl`` (mean sequence k1 KL
     ``log pi - log pi_ref`` over the samples, nats). A response is right when ``reward.score`` gives it >= 1.
@@ -63,7 +54,7 @@ def evaluate_verifiable(
     right, greedy_right, lengths, kls = [], [], [], []
     per_batch = max(1, batch_size // k)
     for start in range(0, len(prompts), per_batch):
-        batch = list(prompts[start : start + per_batch])
+        batch = list(prompts[start:start + per_batch])
         ids, mask = _encode(tokenizer, batch)
         rep_ids, rep_mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
         gen = generate(model, rep_ids, rep_mask, cfg, eos_token_id=eos, pad_token_id=pad, generator=generator)
@@ -79,14 +70,10 @@ def evaluate_verifiable(
         greedy_right.append(np.asarray(reward.score(batch, greedy_texts)) >= 1)
     right = np.concatenate(right)
     counts = right.sum(-1)
-    out = {
-        "pass@1": float(np.mean([pass_at_k(k, int(c), 1) for c in counts])),
-        f"pass@{k}": float(np.mean([pass_at_k(k, int(c), k) for c in counts])),
-        "greedy_accuracy": float(np.concatenate(greedy_right).mean()),
-        "response_length": float(np.concatenate(lengths).mean()),
-        "n_prompts": len(prompts),
-        "k": k,
-    }
+    out = {"pass@1": float(np.mean([pass_at_k(k, int(c), 1) for c in counts])),
+           f"pass@{k}": float(np.mean([pass_at_k(k, int(c), k) for c in counts])),
+           "greedy_accuracy": float(np.concatenate(greedy_right).mean()),
+           "response_length": float(np.concatenate(lengths).mean()), "n_prompts": len(prompts), "k": k}
     if kls:
         out["kl"] = float(np.concatenate(kls).mean())
     return out

@@ -26,77 +26,26 @@ SCRIPTS = {
     "catgrid": ["benchmarks.bench_catgrid"],
     "frontier": ["benchmarks.bench_frontier"],
     "sampling": ["benchmarks.bench_sampling", "--repeats", "9", "--threads", "1"],
-    "sampling_2threads": [
-        "benchmarks.bench_sampling",
-        "--repeats",
-        "9",
-        "--threads",
-        "2",
-        "--out",
-        str(RESULTS_DIR / "sampling_2threads.json"),
-    ],
+    "sampling_2threads": ["benchmarks.bench_sampling", "--repeats", "9", "--threads", "2",
+                          "--out", str(RESULTS_DIR / "sampling_2threads.json")],
     "ppo_iteration": ["benchmarks.bench_ppo_iteration", "--threads", "1"],
     "breakdown": ["benchmarks.bench_breakdown", "--threads", "1"],
     "trainers": ["benchmarks.bench_trainers"],
-    "trainers_2threads": [
-        "benchmarks.bench_trainers",
-        "--threads",
-        "2",
-        "--out",
-        str(RESULTS_DIR / "trainers_2threads.json"),
-    ],
+    "trainers_2threads": ["benchmarks.bench_trainers", "--threads", "2", "--out",
+                          str(RESULTS_DIR / "trainers_2threads.json")],
     "trainers_shakespeare": ["benchmarks.bench_trainers", "--data", "shakespeare"],
-    "trainers_shakespeare_bf16": [
-        "benchmarks.bench_trainers",
-        "--data",
-        "shakespeare",
-        "--algorithms",
-        "dpo",
-        "--bf16",
-    ],
+    "trainers_shakespeare_bf16": ["benchmarks.bench_trainers", "--data", "shakespeare", "--algorithms", "dpo",
+                                  "--bf16"],
     "lora": ["benchmarks.bench_lora"],
     "data_parallel": ["benchmarks.bench_data_parallel"],
-    "trainers_llama": [
-        "benchmarks.bench_trainers",
-        "--model",
-        "embedded-llama",
-        "--no-shipped",
-        "--out",
-        str(RESULTS_DIR / "trainers_llama.json"),
-    ],
-    "trainers_10m": [
-        "benchmarks.bench_trainers",
-        "--size",
-        "10m",
-        "--steps",
-        "6",
-        "--no-shipped",
-        "--out",
-        str(RESULTS_DIR / "trainers_10m.json"),
-    ],
-    "trainers_10m_llama": [
-        "benchmarks.bench_trainers",
-        "--model",
-        "embedded-llama",
-        "--size",
-        "10m",
-        "--steps",
-        "6",
-        "--no-shipped",
-        "--out",
-        str(RESULTS_DIR / "trainers_10m_llama.json"),
-    ],
-    "sampling_llama": [
-        "benchmarks.bench_sampling",
-        "--model",
-        "embedded-llama",
-        "--threads",
-        "1",
-        "--repeats",
-        "7",
-        "--out",
-        str(RESULTS_DIR / "sampling_llama.json"),
-    ],
+    "trainers_llama": ["benchmarks.bench_trainers", "--model", "embedded-llama", "--no-shipped",
+                       "--out", str(RESULTS_DIR / "trainers_llama.json")],
+    "trainers_10m": ["benchmarks.bench_trainers", "--size", "10m", "--steps", "6", "--no-shipped",
+                     "--out", str(RESULTS_DIR / "trainers_10m.json")],
+    "trainers_10m_llama": ["benchmarks.bench_trainers", "--model", "embedded-llama", "--size", "10m", "--steps", "6",
+                           "--no-shipped", "--out", str(RESULTS_DIR / "trainers_10m_llama.json")],
+    "sampling_llama": ["benchmarks.bench_sampling", "--model", "embedded-llama", "--threads", "1", "--repeats", "7",
+                       "--out", str(RESULTS_DIR / "sampling_llama.json")],
     "reliability": ["benchmarks.bench_reliability"],
     "dialogue": ["benchmarks.bench_dialogue"],
     "pipeline": ["benchmarks.bench_pipeline", "--threads", "1"],
@@ -129,72 +78,52 @@ def sections() -> dict[str, str]:
     """Every generated table, by name, from the results files: ``speed`` (all rows), ``pipeline``, ``shakespeare``,
     ``reliability``; ``speed_headline`` is the one-thread subset the README shows."""
     out: dict[str, str] = {}
-    perf = [
-        "| comparison (same machine, same run) | ours | peer | ratio | measured on | script |",
-        "|---|---|---|---|---|---|",
-    ]
+    perf = ["| comparison (same machine, same run) | ours | peer | ratio | measured on | script |",
+            "|---|---|---|---|---|---|"]
     if (d := _load("catgrid")) is not None:
         for row in d["step_throughput"]:
-            perf.append(
-                f"| `{row['ours']}` env steps/s vs Gymnasium `{row['peer']}` | {_f(row['ours_steps_per_s'], 0)} | "
-                f"{_f(row['peer_steps_per_s'], 0)} | {_f(row['ratio'])}x | {_when(d)} | bench_catgrid |"
-            )
+            perf.append(f"| `{row['ours']}` env steps/s vs Gymnasium `{row['peer']}` | "
+                        f"{_f(row['ours_steps_per_s'], 0)} | "
+                        f"{_f(row['peer_steps_per_s'], 0)} | {_f(row['ratio'])}x | {_when(d)} | bench_catgrid |")
         for row in d["vector_throughput"]:
-            perf.append(
-                f"| `{row['env']}` vector env, {row['num_envs']} envs, steps/s | {_f(row['steps_per_s'], 0)} | | | "
-                f"{_when(d)} | bench_catgrid |"
-            )
+            perf.append(f"| `{row['env']}` vector env, {row['num_envs']} envs, steps/s | {_f(row['steps_per_s'], 0)} "
+                        f"| | | {_when(d)} | bench_catgrid |")
         for row in d["ppo_summary"]:
-            perf.append(
-                f"| PPO wall time to 95% of optimum on `{row['env']}` (median of {row['seeds']} seeds; "
-                f"reached {row['seeds_reached_ours']}/{row['seeds']} vs {row['seeds_reached_sb3']}/{row['seeds']}) vs "
-                "SB3 PPO, same hyper-parameters | "
-                f"{_f(row['ours_median_s'])} s | {_f(row['sb3_median_s'])} s | {_f(row['wall_ratio_ours_over_sb3'])}x "
-                f"the time | {_when(d)} | bench_catgrid |"
-            )
+            perf.append(f"| PPO wall time to 95% of optimum on `{row['env']}` (median of {row['seeds']} seeds; "
+                        f"reached {row['seeds_reached_ours']}/{row['seeds']} vs "
+                        f"{row['seeds_reached_sb3']}/{row['seeds']}) vs SB3 PPO, same hyper-parameters | "
+                        f"{_f(row['ours_median_s'])} s | {_f(row['sb3_median_s'])} s | "
+                        f"{_f(row['wall_ratio_ours_over_sb3'])}x the time | {_when(d)} | bench_catgrid |")
     for name in ("sampling", "sampling_2threads", "sampling_llama"):
         if (d := _load(name)) is None:
             continue
         s, threads = d["samplers"], f"{d['torch_threads']} thread{'s' if d['torch_threads'] > 1 else ''}"
         if "llama" in str(d.get("model", "")):
             threads += "; Llama twin"
-        perf.append(
-            f"| sampler tokens/s vs HF `generate` (batch {d['batch']}, {d['max_new_tokens']} new tokens, "
-            f"T={d['sampling']['temperature']}, "
-            f"top-k {d['sampling']['top_k']}, top-p {d['sampling']['top_p']}; {threads}) | "
-            f"{_f(s['rlhf_envs.generate']['tokens_per_s'], 0)} | "
-            f"{_f(s['hf.generate']['tokens_per_s'], 0)} | {_f(d['speedup_vs_hf'])}x | {_when(d)} | bench_sampling |"
-        )
+        perf.append(f"| sampler tokens/s vs HF `generate` (batch {d['batch']}, {d['max_new_tokens']} new tokens, "
+                    f"T={d['sampling']['temperature']}, "
+                    f"top-k {d['sampling']['top_k']}, top-p {d['sampling']['top_p']}; {threads}) | "
+                    f"{_f(s['rlhf_envs.generate']['tokens_per_s'], 0)} | "
+                    f"{_f(s['hf.generate']['tokens_per_s'], 0)} | {_f(d['speedup_vs_hf'])}x | {_when(d)} | "
+                    "bench_sampling |")
         b = d["bandit_step"]
-        perf.append(
-            f"| `TextBandit` scoring step (reference pass + reward) vs sampling the {b['num_envs']} responses, "
-            "prompts the reference "
-            f"has seen before ({threads}) | {_f(b['step_median_s'] * 1000, 1)} ms | "
-            f"{_f(b['sample_median_s'] * 1000, 1)} ms | "
-            f"{_f(b['step_over_sample'], 3)} of it | {_when(d)} | bench_sampling |"
-        )
+        perf.append(f"| `TextBandit` scoring step (reference pass + reward) vs sampling the {b['num_envs']} "
+                    "responses, prompts the reference "
+                    f"has seen before ({threads}) | {_f(b['step_median_s'] * 1000, 1)} ms | "
+                    f"{_f(b['sample_median_s'] * 1000, 1)} ms | "
+                    f"{_f(b['step_over_sample'], 3)} of it | {_when(d)} | bench_sampling |")
         if "first_sight_step_median_s" in b:
-            perf.append(
-                f"| the same step on prompts the reference meets for the first time ({threads}) | "
-                f"{_f(b['first_sight_step_median_s'] * 1000, 1)} ms | {_f(b['sample_median_s'] * 1000, 1)} ms | "
-                f"{_f(b['first_sight_step_over_sample'], 3)} of it | {_when(d)} | bench_sampling |"
-            )
+            perf.append(f"| the same step on prompts the reference meets for the first time ({threads}) | "
+                        f"{_f(b['first_sight_step_median_s'] * 1000, 1)} ms | {_f(b['sample_median_s'] * 1000, 1)} ms "
+                        "| "
+                        f"{_f(b['first_sight_step_over_sample'], 3)} of it | {_when(d)} | bench_sampling |")
         if (t := d.get("token_step")) is not None:
-            perf.append(
-                f"| `TextToken` vector step, {t['num_envs']} envs: reference on our lean GPT-2 forward vs Hugging "
-                "Face's forward "
-                f"({threads}) | {_f(t['lean_median_s'] * 1000)} ms | {_f(t['hf_median_s'] * 1000)} ms | "
-                f"{_f(t['speedup'])}x | {_when(d)} | bench_sampling |"
-            )
-    for file in (
-        "trainers",
-        "trainers_2threads",
-        "trainers_shakespeare",
-        "trainers_shakespeare_bf16",
-        "trainers_llama",
-        "trainers_10m",
-        "trainers_10m_llama",
-    ):
+            perf.append(f"| `TextToken` vector step, {t['num_envs']} envs: reference on our lean GPT-2 forward vs "
+                        "Hugging Face's forward "
+                        f"({threads}) | {_f(t['lean_median_s'] * 1000)} ms | {_f(t['hf_median_s'] * 1000)} ms | "
+                        f"{_f(t['speedup'])}x | {_when(d)} | bench_sampling |")
+    for file in ("trainers", "trainers_2threads", "trainers_shakespeare", "trainers_shakespeare_bf16", "trainers_llama",
+                 "trainers_10m", "trainers_10m_llama"):
         if (d := _load(file)) is None:
             continue
         for name, r in d["results"].items():
@@ -209,65 +138,56 @@ def sections() -> dict[str, str]:
                 if key not in r["median"]:
                     continue
                 ours, peer = r["median"]["ours"], r["median"][key]
-                perf.append(
-                    f"| {name.upper()} {r['unit']} vs TRL `{r['trl_trainer']}` ({variant}; {threads}); peak RSS MiB | "
-                    f"{_f(ours['per_second'], 1)}; {_f(ours['peak_rss_mib'], 0)} | {_f(peer['per_second'], 1)}; "
-                    f"{_f(peer['peak_rss_mib'], 0)} | "
-                    f"{_f(ours['per_second'] / peer['per_second'])}x | {_when(d)} | bench_trainers |"
-                )
+                perf.append(f"| {name.upper()} {r['unit']} vs TRL `{r['trl_trainer']}` ({variant}; {threads}); peak "
+                            "RSS MiB | "
+                            f"{_f(ours['per_second'], 1)}; {_f(ours['peak_rss_mib'], 0)} | "
+                            f"{_f(peer['per_second'], 1)}; {_f(peer['peak_rss_mib'], 0)} | "
+                            f"{_f(ours['per_second'] / peer['per_second'])}x | {_when(d)} | bench_trainers |")
     if (d := _load("ppo_iteration")) is not None:
         phases = ", ".join(f"{p['phase']} {_f(p['median_seconds'])} s ({p['share']:.0%})" for p in d["phases"])
-        perf.append(
-            f"| one RLHF PPO iteration, batch {d['settings']['batch_size']} (embedded model) | {phases} | | | "
-            f"{_when(d)} | bench_ppo_iteration |"
-        )
+        perf.append(f"| one RLHF PPO iteration, batch {d['settings']['batch_size']} (embedded model) | {phases} | | | "
+                    f"{_when(d)} | bench_ppo_iteration |")
     if (d := _load("lora")) is not None:
         runs = d["runs"]
         lora, full = runs[f"LoRA r={d['rank']}"], runs["full fine-tuning"]
-        perf.append(
-            f"| DPO peak RSS MiB, LoRA r={d['rank']} vs full fine-tuning ({d['n_parameters'] / 1e6:.0f}M-param GPT-2, "
-            f"batch {d['batch_size']}); pairs/s | {_f(lora['peak_rss_mib'], 0)}; {_f(lora['pairs_per_second'])} | "
-            f"{_f(full['peak_rss_mib'], 0)}; {_f(full['pairs_per_second'])} | "
-            f"{_f(d['peak_memory_ratio_lora_over_full'])}x the memory | {_when(d)} | bench_lora |"
-        )
+        perf.append(f"| DPO peak RSS MiB, LoRA r={d['rank']} vs full fine-tuning "
+                    f"({d['n_parameters'] / 1e6:.0f}M-param GPT-2, "
+                    f"batch {d['batch_size']}); pairs/s | {_f(lora['peak_rss_mib'], 0)}; "
+                    f"{_f(lora['pairs_per_second'])} | "
+                    f"{_f(full['peak_rss_mib'], 0)}; {_f(full['pairs_per_second'])} | "
+                    f"{_f(d['peak_memory_ratio_lora_over_full'])}x the memory | {_when(d)} | bench_lora |")
     if (d := _load("data_parallel")) is not None:
         for name, r in d["results"].items():
             m = r["median_per_second"]
-            perf.append(
-                f"| {name.upper()} {r['unit']}, data parallel: 2 processes x 1 thread (torchrun, DDP) vs 1 process x "
-                "1 thread; "
-                f"vs 1 process x 2 threads ({_f(m['1 process x 2 threads'], 1)}, "
-                f"{_f(r['two_processes_over_two_threads'])}x) | "
-                f"{_f(m['2 processes x 1 thread'], 1)} | {_f(m['1 process x 1 thread'], 1)} | "
-                f"{_f(r['two_processes_over_one_thread'])}x | {_when(d)} | bench_data_parallel |"
-            )
+            perf.append(f"| {name.upper()} {r['unit']}, data parallel: 2 processes x 1 thread (torchrun, DDP) vs 1 "
+                        "process x 1 thread; "
+                        f"vs 1 process x 2 threads ({_f(m['1 process x 2 threads'], 1)}, "
+                        f"{_f(r['two_processes_over_two_threads'])}x) | "
+                        f"{_f(m['2 processes x 1 thread'], 1)} | {_f(m['1 process x 1 thread'], 1)} | "
+                        f"{_f(r['two_processes_over_one_thread'])}x | {_when(d)} | bench_data_parallel |")
     out["speed"] = "\n".join(perf)
     out["speed_headline"] = "\n".join(perf[:2] + [r for r in perf[2:] if _headline(r)])
 
     if (d := _load("pipeline")) is not None:
-        rows = [
-            "| seed | RM held-out accuracy | PPO model | PPO win rate vs SFT | PPO KL to SFT (target) | DPO model | "
-            "DPO win rate vs SFT | DPO KL to SFT | Elo SFT / PPO / DPO | wall |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        rows = ["| seed | RM held-out accuracy | PPO model | PPO win rate vs SFT | PPO KL to SFT (target) | DPO model "
+                "| DPO win rate vs SFT | DPO KL to SFT | Elo SFT / PPO / DPO | wall |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in d["runs"]:
-            rows.append(
-                f"| {r['seed']} | {_f(r['rm_heldout_accuracy'])} | {r.get('ppo_selected') or 'final'} | "
-                f"{_f(r['ppo_win_rate_vs_sft'])} | {_f(r['ppo_kl_to_sft'])} "
-                f"({r.get('kl_budget', r.get('target_kl'))}) | "
-                f"{r.get('dpo_selected') or 'final'} | {_f(r['dpo_win_rate_vs_sft'])} | {_f(r['dpo_kl_to_sft'])} | "
-                f"{_f(r['elo_sft'], 0)} / {_f(r['elo_ppo'], 0)} / {_f(r['elo_dpo'], 0)} | "
-                f"{_f(r['wall_seconds'], 0)} s |"
-            )
+            rows.append(f"| {r['seed']} | {_f(r['rm_heldout_accuracy'])} | {r.get('ppo_selected') or 'final'} | "
+                        f"{_f(r['ppo_win_rate_vs_sft'])} | {_f(r['ppo_kl_to_sft'])} "
+                        f"({r.get('kl_budget', r.get('target_kl'))}) | "
+                        f"{r.get('dpo_selected') or 'final'} | {_f(r['dpo_win_rate_vs_sft'])} | "
+                        f"{_f(r['dpo_kl_to_sft'])} | {_f(r['elo_sft'], 0)} / {_f(r['elo_ppo'], 0)} / "
+                        f"{_f(r['elo_dpo'], 0)} | "
+                        f"{_f(r['wall_seconds'], 0)} s |")
         out["pipeline"] = "\n".join(rows)
     if (d := _load("shakespeare")) is not None and "rows" in d:
         cols = ["model", "gold_reward", "proxy_reward", "kl_to_sft", "kl_to_sft_stderr", "win_rate_vs_sft", "elo"]
         cols += ["repetition"] if all("repetition" in r for r in d["rows"]) else []
         rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in d["rows"]:
-            rows.append(
-                "| " + " | ".join(_f(r[c], 3) if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |"
-            )
+            rows.append("| " + " | ".join(_f(r[c], 3) if isinstance(r.get(c),
+                                                                    float) else str(r.get(c)) for c in cols) + " |")
         out["shakespeare"] = "\n".join(rows)
     if (d := _load("frontier")) is not None:
         out["frontier"] = _frontier_table(d)
@@ -281,21 +201,17 @@ def sections() -> dict[str, str]:
     if (d := _load("dialogue")) is not None:
         out["dialogue"] = _dialogue_table(d)
     if (d := _load("reliability")) is not None:
-        out["reliability"] = "\n".join(
-            [
-                "| figure | value |",
-                "|---|---|",
-                "| bad inputs (one parametrised table) rejected with a clear error and no state change | "
-                f"{d['bad_inputs_rejected_correctly']} / {d['bad_inputs_tried']} |",
-                "| Hypothesis examples (random maps, seeds, actions, hand-overs through every env) | "
-                f"{d['hypothesis_examples']} in {d['hypothesis_tests']} properties |",
-                "| SIGKILL crash points survived (resumed run equal to an uninterrupted one) | "
-                f"{d['crash_points_survived']} |",
-                f"| runs compared bit for bit | {d['runs_compared_bit_for_bit']} |",
-                f"| reliability suite wall time | {_f(d['wall_seconds'], 0)} s ({d['pytest_summary']}) |",
-                *_kl_and_startup_rows(d),
-            ]
-        )
+        out["reliability"] = "\n".join([
+            "| figure | value |", "|---|---|",
+            "| bad inputs (one parametrised table) rejected with a clear error and no state change | "
+            f"{d['bad_inputs_rejected_correctly']} / {d['bad_inputs_tried']} |",
+            "| Hypothesis examples (random maps, seeds, actions, hand-overs through every env) | "
+            f"{d['hypothesis_examples']} in {d['hypothesis_tests']} properties |",
+            "| SIGKILL crash points survived (resumed run equal to an uninterrupted one) | "
+            f"{d['crash_points_survived']} |",
+            f"| runs compared bit for bit | {d['runs_compared_bit_for_bit']} |",
+            f"| reliability suite wall time | {_f(d['wall_seconds'], 0)} s ({d['pytest_summary']}) |",
+            *_kl_and_startup_rows(d)])
         if "kl" in d:
             out["kl_estimators"] = _kl_table(d["kl"])
     return out
@@ -307,34 +223,28 @@ def _kl_and_startup_rows(d: dict) -> list[str]:
     if (kl := d.get("kl")) is not None:
         offered = [r for r in kl["rows"] if r.get("status") == "ok"]
         worst = max(abs(r["z"]) for r in offered)
-        rows.append(
-            f"| KL estimators `k1`, `k3` against the exact KL under {kl['settings']} sampling settings (temperature, "
-            f"top-k, top-p, alone and combined), {kl['responses_per_setting']} responses each | "
-            f"{'all' if kl['all_within_3_se_or_refused'] else 'not all'} within 3 standard errors "
-            f"(largest \\|z\\| {worst:.2f}); `k2` refused as an env estimator |"
-        )
+        rows.append(f"| KL estimators `k1`, `k3` against the exact KL under {kl['settings']} sampling settings "
+                    "(temperature, "
+                    f"top-k, top-p, alone and combined), {kl['responses_per_setting']} responses each | "
+                    f"{'all' if kl['all_within_3_se_or_refused'] else 'not all'} within 3 standard errors "
+                    f"(largest \\|z\\| {worst:.2f}); `k2` refused as an env estimator |")
     if (t := d.get("cli_timing")) is not None:
-        rows.append(
-            f"| `rlhf --help` / a bad top-level option (median of 5, fresh process) | "
-            f"{_f(t['rlhf --help']['median_s'])} s / {_f(t['rlhf --no-such-option']['median_s'])} s |"
-        )
+        rows.append(f"| `rlhf --help` / a bad top-level option (median of 5, fresh process) | "
+                    f"{_f(t['rlhf --help']['median_s'])} s / {_f(t['rlhf --no-such-option']['median_s'])} s |")
     return rows
 
 
 def _frontier_table(d: dict) -> str:
     """Each algorithm on TextBanditExact-v0: the fraction of the achievable gain it closed and its KL to pi*."""
     names = {"rlhf_ppo": "RLHF PPO", "dpo": "DPO", "sft_best_of_16": "SFT on best-of-16"}
-    rows = [
-        "| algorithm | beta | gain closed, min / median of seeds | KL(pi \\|\\| pi*) median | seeds at 0.95 | "
-        "measured on |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = ["| algorithm | beta | gain closed, min / median of seeds | KL(pi \\|\\| pi*) median | seeds at 0.95 | "
+            "measured on |",
+            "|---|---|---|---|---|---|"]
     for r in d["summary"]:
-        rows.append(
-            f"| {names.get(r['algorithm'], r['algorithm'])} | {r['beta']:g} | {r['gain_closed_min']:.3f} / "
-            f"{r['gain_closed_median']:.3f} | {r['kl_to_optimum_median']:.3f} | {r['seeds_at_0.95']}/{r['seeds']} | "
-            f"{_when(d)} |"
-        )
+        rows.append(f"| {names.get(r['algorithm'], r['algorithm'])} | {r['beta']:g} | {r['gain_closed_min']:.3f} / "
+                    f"{r['gain_closed_median']:.3f} | {r['kl_to_optimum_median']:.3f} | "
+                    f"{r['seeds_at_0.95']}/{r['seeds']} | "
+                    f"{_when(d)} |")
     for beta in d["betas"]:
         curve = [c for c in d["dpo_pairs_curve"] if c["beta"] == beta]
         below = d["dpo_n_below_0_1_nats"].get(str(float(beta)))
@@ -346,10 +256,9 @@ def _frontier_table(d: dict) -> str:
 
 def _catgrid_8x8_table(d: dict) -> str:
     """Per 8x8 map: steps to 95% of the exact optimum on each seed, ours and SB3's PPO with one budget."""
-    rows = [
-        "| map | our PPO: steps to 95% of optimum, per seed (wall) | SB3 PPO, same settings | budget | measured on |",
-        "|---|---|---|---|---|",
-    ]
+    rows = ["| map | our PPO: steps to 95% of optimum, per seed (wall) | SB3 PPO, same settings | budget | measured "
+            "on |",
+            "|---|---|---|---|---|"]
     for env in dict.fromkeys(r["env"] for r in d["ppo_8x8_runs"]):
         runs = [r for r in d["ppo_8x8_runs"] if r["env"] == env]
         cell = {
@@ -376,7 +285,8 @@ def _corpus_table(runs: list[dict]) -> str:
         f, p = d["figures"], d["pretrain"]
         rows.append(
             f"| {', '.join(d['corpus'])} | {p['eval_loss']:.2f} / {p['eval_unigram_loss']:.2f} | "
-            f"{f['rm_heldout_accuracy']:.3f} | {f['ppo_win_rate_vs_sft']:.3f} | {f['dpo_win_rate_vs_sft']:.3f} | "
+            f"{f['rm_heldout_accuracy']:.3f} | {f['ppo_win_rate_vs_sft']:.3f} | "
+            f"{f['dpo_win_rate_vs_sft']:.3f} | "
             f"{d['total_wall_seconds']:.0f} s ({d['machine_load']['load_1min_mean']:.1f}) | {_when(d)} |"
         )
     return "\n".join(rows)
@@ -386,7 +296,8 @@ def _grpo_table(d: dict, trl: dict | None) -> str:
     """Per seed: the task pipeline's held-out pass@1 (SFT, GRPO, PPO) and ours against TRL's GRPOTrainer."""
     versus = {r["seed"]: r for r in (trl or d)["versus_trl"]}
     rows = [
-        "| seed | pass@1 SFT / GRPO / PPO (GRPO gain) | pass@8 SFT / GRPO | task pipeline wall | completions/s ours / "
+        "| seed | pass@1 SFT / GRPO / PPO (GRPO gain) | pass@8 SFT / GRPO | task pipeline wall | completions/s "
+        "ours / "
         f"TRL {d['trl_version']} `GRPOTrainer` (pass@1 ours / TRL) | ratio |",
         "|---|---|---|---|---|---|",
     ]
@@ -396,7 +307,8 @@ def _grpo_table(d: dict, trl: dict | None) -> str:
             f"| {r['seed']} | {r['sft_pass@1']:.3f} / {r['grpo_pass@1']:.3f} / {r['ppo_pass@1']:.3f} "
             f"({r['gain_points']:+.1f} points) | {r['sft_pass@8']:.3f} / {r['grpo_pass@8']:.3f} | "
             f"{r['total_seconds']:.0f} s | {v.get('ours_completions_per_s', 0):,.0f} / "
-            f"{v.get('trl_completions_per_s', 0):,.0f} ({v.get('ours_pass@1', 0):.3f} / {v.get('trl_pass@1', 0):.3f}) "
+            f"{v.get('trl_completions_per_s', 0):,.0f} ({v.get('ours_pass@1', 0):.3f} / "
+            f"{v.get('trl_pass@1', 0):.3f}) "
             f"| {v.get('speedup', 0):.2f}x |"
         )
     return "\n".join(rows)

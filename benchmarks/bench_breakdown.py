@@ -38,9 +38,8 @@ FAMILIES = {
     # an operator's family is decided by its name and the names of the events it ran inside; GELU counts
     # the training forward's and backward's (the reference pass's in-place GELU is plain element-wise ops)
     "matrix multiplies (projections, LM head)": lambda name, within: name in ("aten::addmm", "aten::mm"),
-    "attention (batched products, softmax or SDPA; forward and backward)": lambda name, within: (
-        name in ATTENTION or "scaled_dot_product" in name
-    ),
+    "attention (batched products, softmax or SDPA; forward and backward)":
+        lambda name, within: name in ATTENTION or "scaled_dot_product" in name,
     "GELU (forward and backward)": lambda name, within: "gelu" in name or any("GeluTanh" in w for w in within),
     "optimizer (fused AdamW)": lambda name, within: "adamw" in name,
 }
@@ -58,10 +57,8 @@ def _shares(prof, families: dict) -> dict[str, float]:
     """Each family's share of the profiled ``aten::`` operators' self CPU time."""
     events = [(e.name, _within(e), e.self_cpu_time_total) for e in prof.events() if e.name.startswith("aten::")]
     total = sum(t for _, _, t in events)
-    return {
-        family: sum(t for name, within, t in events if match(name, within)) / total
-        for family, match in families.items()
-    }
+    return {family: sum(t for name, within, t in events if match(name, within)) / total for family,
+            match in families.items()}
 
 
 def scoring_parts(repeats: int) -> dict:
@@ -75,31 +72,16 @@ def scoring_parts(repeats: int) -> dict:
 
     model, tokenizer = load_causal_lm(None)
     model.eval()
-    envs = gym.make_vec(
-        "TextBandit-v0",
-        num_envs=64,
-        model=(model, tokenizer),
-        prompts=make_prompts(64, seed=0),
-        max_new_tokens=48,
-        temperature=0.9,
-        top_k=50,
-        top_p=0.95,
-    )
+    envs = gym.make_vec("TextBandit-v0", num_envs=64, model=(model, tokenizer), prompts=make_prompts(64, seed=0),
+                        max_new_tokens=48, temperature=0.9, top_k=50, top_p=0.95)
     task = envs.task
     obs, _ = envs.reset(seed=0)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     batches = []
     for seed in range(12):
         prompt_ids = torch.as_tensor(obs)
-        gen = generate(
-            model,
-            prompt_ids,
-            prompt_ids != pad,
-            task.sampling,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        gen = generate(model, prompt_ids, prompt_ids != pad, task.sampling, eos_token_id=eos, pad_token_id=pad,
+                       generator=torch.Generator().manual_seed(seed))
         actions = np.full((64, 48), pad, dtype=np.int64)
         logprobs = np.zeros((64, 48), dtype=np.float32)
         actions[:, : gen.response_ids.shape[1]] = gen.response_ids.numpy()
@@ -108,10 +90,8 @@ def scoring_parts(repeats: int) -> dict:
         envs.set_policy_logprobs(logprobs)
         obs, *_ = envs.step(actions)  # warms the prompt cache for these prompts
 
-    times: dict[str, list[float]] = {
-        k: []
-        for k in ("whole step", "reference hidden states", "LM head + log-softmax", "decoding", "reward call (VADER)")
-    }
+    times: dict[str, list[float]] = {k: [] for k in ("whole step", "reference hidden states", "LM head + log-softmax",
+                                                     "decoding", "reward call (VADER)")}
 
     def timed(name: str, fn):
         start = time.perf_counter()
@@ -130,17 +110,13 @@ def scoring_parts(repeats: int) -> dict:
             width = int(mask.sum(1).max())
             view = task.reference_view()
             with torch.no_grad():
-                hidden = timed(
-                    "reference hidden states",
-                    lambda: task._ref_hidden(view, torch.as_tensor(prompt_index), ids[:, :width], mask[:, :width]),
-                )
+                hidden = timed("reference hidden states",
+                               lambda: task._ref_hidden(view, torch.as_tensor(prompt_index), ids[:, :width],
+                                                        mask[:, :width]))
                 picked = ids[:, :width][mask[:, :width]].unsqueeze(-1)
-                timed(
-                    "LM head + log-softmax",
-                    lambda: processed_logprobs(view.logits(hidden), task.ref_sampling, overwrite=True).gather(
-                        -1, picked
-                    ),
-                )
+                timed("LM head + log-softmax",
+                      lambda: processed_logprobs(view.logits(hidden), task.ref_sampling, overwrite=True).gather(-1,
+                                                                                                                picked))
             texts = timed("decoding", lambda: task.decode(ids, mask))
             timed("reward call (VADER)", lambda: task.score(prompt_index.tolist(), texts))
     medians = {k: statistics.median(v) for k, v in times.items()}
@@ -152,13 +128,8 @@ def scoring_parts(repeats: int) -> dict:
     share = _shares(prof, {"matrix multiplies": lambda name, within: name in MATMUL})["matrix multiplies"]
     step = medians["whole step"]
     rows = [{"part": k, "median_ms": v * 1e3, "share_of_step": v / step} for k, v in medians.items()]
-    return {
-        "num_envs": 64,
-        "batches": len(batches),
-        "repeats": repeats,
-        "parts": rows,
-        "matmul_share_of_operator_time": share,
-    }
+    return {"num_envs": 64, "batches": len(batches), "repeats": repeats, "parts": rows,
+            "matmul_share_of_operator_time": share}
 
 
 def dpo_profile(repeats: int, threads: int) -> dict:
@@ -180,18 +151,13 @@ def dpo_profile(repeats: int, threads: int) -> dict:
                 out = workdir / f"{name.split()[0]}-{repeat}"
                 run = train_ours("dpo", workdir, out, settings, bf16=name != "float32")
                 if not math.isfinite(run.metrics["loss"]):
-                    raise RuntimeError(
-                        f"DPO in {name} ended with loss {run.metrics['loss']!r}; its speed is not a figure"
-                    )
+                    raise RuntimeError(f"DPO in {name} ended with loss {run.metrics['loss']!r}; its speed is not a "
+                                       "figure")
                 speed[name].append(settings.steps * settings.batch_size / run.train_seconds)
-    return {
-        "steps": settings.steps,
-        "batch_size": settings.batch_size,
-        "operator_shares": shares,
-        "reference_pass_share_of_run": reference_share,
-        "pairs_per_second": {k: statistics.median(v) for k, v in speed.items()},
-        "pairs_per_second_runs": speed,
-    }
+    return {"steps": settings.steps, "batch_size": settings.batch_size, "operator_shares": shares,
+            "reference_pass_share_of_run": reference_share,
+            "pairs_per_second": {k: statistics.median(v) for k, v in speed.items()},
+            "pairs_per_second_runs": speed}
 
 
 def matmul_rates() -> dict[str, float]:
@@ -212,34 +178,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     scoring = scoring_parts(args.repeats)
-    print_table(
-        f"TextBandit scoring step, 64 envs ({args.threads} thread(s)); matrix multiplies "
-        f"{scoring['matmul_share_of_operator_time']:.0%} of operator time",
-        [
-            {**r, "median_ms": round(r["median_ms"], 2), "share_of_step": f"{r['share_of_step']:.0%}"}
-            for r in scoring["parts"]
-        ],
-    )
+    print_table(f"TextBandit scoring step, 64 envs ({args.threads} thread(s)); matrix multiplies "
+                f"{scoring['matmul_share_of_operator_time']:.0%} of operator time",
+                [{**r, "median_ms": round(r["median_ms"], 2), "share_of_step": f"{r['share_of_step']:.0%}"}
+                 for r in scoring["parts"]])
     dpo = dpo_profile(args.repeats, args.threads)
-    print_table(
-        f"DPO run ({dpo['steps']} steps of {dpo['batch_size']} pairs): operator shares; reference pass "
-        f"{dpo['reference_pass_share_of_run']:.0%} of the run",
-        [{"family": k, "share": f"{v:.0%}"} for k, v in dpo["operator_shares"].items()],
-    )
-    print_table(
-        "DPO pairs/s", [{"precision": k, "pairs_per_s": round(v, 1)} for k, v in dpo["pairs_per_second"].items()]
-    )
+    print_table(f"DPO run ({dpo['steps']} steps of {dpo['batch_size']} pairs): operator shares; reference pass "
+                f"{dpo['reference_pass_share_of_run']:.0%} of the run",
+                [{"family": k, "share": f"{v:.0%}"} for k, v in dpo["operator_shares"].items()])
+    print_table("DPO pairs/s", [{"precision": k, "pairs_per_s": round(v, 1)} for k,
+                                v in dpo["pairs_per_second"].items()])
     peak = matmul_rates()
     print_table("float32 matrix multiply rate", [{"shape": k, "gflop_per_s": round(v, 1)} for k, v in peak.items()])
-    write_json(
-        "breakdown",
-        {
-            "command": f"python -m benchmarks.bench_breakdown --threads {args.threads} --repeats {args.repeats}",
-            "matmul_gflop_per_s": peak,
-            "scoring_step": scoring,
-            "dpo": dpo,
-        },
-    )
+    write_json("breakdown", {"command": f"python -m benchmarks.bench_breakdown --threads {args.threads} --repeats "
+                                        f"{args.repeats}",
+                             "matmul_gflop_per_s": peak, "scoring_step": scoring, "dpo": dpo})
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ from benchmarks.common import print_table, write_json
 from rlhf_envs.catgrid_solver import policy_return, solve
 
 TARGET = 0.95
-EIGHT_BY_EIGHT = dict(
-    num_envs=1024, num_steps=32, num_minibatches=8, learning_rate=1e-3, ent_coef=0.1, ent_coef_final=0.0
-)
+EIGHT_BY_EIGHT = dict(num_envs=1024, num_steps=32, num_minibatches=8, learning_rate=1e-3, ent_coef=0.1,
+                      ent_coef_final=0.0)
 """PPO settings for the 8x8 maps: wide exploration first (many envs, a high entropy bonus), then annealed."""
 
 
@@ -136,25 +135,17 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"target_fraction_of_optimum": TARGET}
 
     # 1. Step throughput, interleaved and repeated so both sides see the same machine state.
-    pairs = [
-        ("CatGrid-v0", "FrozenLake-v1", {"is_slippery": False}),
-        ("CatGridDrunk-v0", "FrozenLake-v1", {"is_slippery": True}),
-    ]
+    pairs = [("CatGrid-v0", "FrozenLake-v1", {"is_slippery": False}),
+             ("CatGridDrunk-v0", "FrozenLake-v1", {"is_slippery": True})]
     rows = []
     for ours_id, theirs_id, theirs_kwargs in pairs:
         ours, theirs = [], []
         for rep in range(5):
             ours.append(step_throughput(ours_id, args.steps, seed=rep))
             theirs.append(step_throughput(theirs_id, args.steps, seed=rep, **theirs_kwargs))
-        rows.append(
-            {
-                "ours": ours_id,
-                "peer": f"{theirs_id} {theirs_kwargs}",
-                "ours_steps_per_s": statistics.median(ours),
-                "peer_steps_per_s": statistics.median(theirs),
-                "ratio": statistics.median(ours) / statistics.median(theirs),
-            }
-        )
+        rows.append({"ours": ours_id, "peer": f"{theirs_id} {theirs_kwargs}",
+                     "ours_steps_per_s": statistics.median(ours), "peer_steps_per_s": statistics.median(theirs),
+                     "ratio": statistics.median(ours) / statistics.median(theirs)})
     print_table("Single-env step throughput (gym.make, median of 5)", rows)
     results["step_throughput"] = rows
 
@@ -177,19 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
         runs = [r for r in ppo_rows if r["env"] == env_id]
         ours = statistics.median(r["ours_seconds"] for r in runs)
         sb3 = statistics.median(r["sb3_seconds"] for r in runs)
-        summary.append(
-            {
-                "env": env_id,
-                "seeds_reached_ours": sum(r["ours_steps"] is not None for r in runs),
-                "seeds_reached_sb3": sum(r["sb3_steps"] is not None for r in runs),
-                "seeds": len(runs),
-                "ours_median_s": ours,
-                "sb3_median_s": sb3,
-                "ours_median_steps": statistics.median(r["ours_steps"] or args.budget for r in runs),
-                "sb3_median_steps": statistics.median(r["sb3_steps"] or args.budget for r in runs),
-                "wall_ratio_ours_over_sb3": ours / sb3,
-            }
-        )
+        summary.append({"env": env_id, "seeds_reached_ours": sum(r["ours_steps"] is not None for r in runs),
+                        "seeds_reached_sb3": sum(r["sb3_steps"] is not None for r in runs),
+                        "seeds": len(runs), "ours_median_s": ours, "sb3_median_s": sb3,
+                        "ours_median_steps": statistics.median(r["ours_steps"] or args.budget for r in runs),
+                        "sb3_median_steps": statistics.median(r["sb3_steps"] or args.budget for r in runs),
+                        "wall_ratio_ours_over_sb3": ours / sb3})
     print_table("PPO summary (median over seeds)", summary)
     results["ppo_runs"], results["ppo_summary"] = ppo_rows, summary
     results["ppo_config"] = {k: v for k, v in vars(PPOConfig()).items() if k not in ("env_kwargs", "log_dir")}
@@ -201,22 +185,16 @@ def main(argv: list[str] | None = None) -> dict:
     stop = StopWhen(lambda m, s: exact_fraction(env, sb3_action_probs(m, states), optimum) >= TARGET, every=500)
     start = time.perf_counter()
     dqn.learn(total_timesteps=args.budget // 4, callback=stop)
-    results["sb3_dqn"] = {
-        "env": "CatGrid-v0",
-        "reached_at_step": stop.reached_at,
-        "seconds": time.perf_counter() - start,
-    }
+    results["sb3_dqn"] = {"env": "CatGrid-v0", "reached_at_step": stop.reached_at,
+                          "seconds": time.perf_counter() - start}
     print_table("SB3 DQN on CatGrid-v0 (greedy policy)", [results["sb3_dqn"]])
     # 4. The 8x8 maps: one timed run per seed (a run takes seconds to minutes, not a fraction of one).
     big_rows = []
     for env_id in ["CatGrid8x8-v0", "CatGrid8x8Drunk-v0"]:
         for seed in args.seeds:
             big_rows.append(time_to_target(env_id, seed, EIGHT_BY_EIGHT, args.budget_8x8, repeats=1))
-    print_table(
-        f"PPO on the 8x8 maps: env steps and wall time to {TARGET:.0%} of the optimum "
-        f"(budget {args.budget_8x8:,} steps)",
-        big_rows,
-    )
+    print_table(f"PPO on the 8x8 maps: env steps and wall time to {TARGET:.0%} of the optimum "
+                f"(budget {args.budget_8x8:,} steps)", big_rows)
     results["ppo_8x8_runs"], results["ppo_8x8_config"] = big_rows, EIGHT_BY_EIGHT
     results["ppo_8x8_budget"] = args.budget_8x8
     write_json("catgrid", results)

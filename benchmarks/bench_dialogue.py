@@ -51,32 +51,16 @@ def _guess(iterations: int, episodes: int, seeds: list[int]) -> dict:
         for name, lm in (("sft", sft), ("ppo", result.model.lm)):
             for greedy in (False, True):
                 m = evaluate_dialogue(lm, episodes=episodes, seed=10_000 + seed, greedy=greedy)
-                rows.append(
-                    {
-                        "seed": seed,
-                        "policy": name,
-                        "decoding": "greedy" if greedy else "sample",
-                        "turns_solved": m["turns_solved"],
-                        "ratio": m["turns_solved"] / optimum,
-                        "turns_all": m["turns"],
-                        "ratio_all": m["turns"] / optimum,
-                        "solved": m["solved"],
-                        "train_s": result.seconds if name == "ppo" else None,
-                    }
-                )
+                rows.append({"seed": seed, "policy": name, "decoding": "greedy" if greedy else "sample",
+                             "turns_solved": m["turns_solved"], "ratio": m["turns_solved"] / optimum,
+                             "turns_all": m["turns"], "ratio_all": m["turns"] / optimum, "solved": m["solved"],
+                             "train_s": result.seconds if name == "ppo" else None})
     print_table(f"Guess 1..16: mean turns vs the exact optimum {optimum} (binary search)", rows)
     trained = [r for r in rows if r["policy"] == "ppo" and r["decoding"] == "sample"]
     met = [r["ratio"] <= 1.25 and r["solved"] >= 0.9 for r in trained]
-    return {
-        "optimum_turns": optimum,
-        "iterations": iterations,
-        "episodes_per_iteration": 64,
-        "eval_episodes": episodes,
-        "rows": rows,
-        "target": "ratio <= 1.25 and solved >= 0.9 (ppo, sample)",
-        "seeds_meeting_target": int(sum(met)),
-        "met": all(met),
-    }
+    return {"optimum_turns": optimum, "iterations": iterations, "episodes_per_iteration": 64,
+            "eval_episodes": episodes, "rows": rows, "target": "ratio <= 1.25 and solved >= 0.9 (ppo, sample)",
+            "seeds_meeting_target": int(sum(met)), "met": all(met)}
 
 
 def _calc(iterations: int, episodes: int, seeds: list[int]) -> dict:
@@ -85,32 +69,16 @@ def _calc(iterations: int, episodes: int, seeds: list[int]) -> dict:
     for seed in seeds:
         result = train_dialogue_ppo(DialoguePPOConfig(env_id="TextDialogueTool-v0", iterations=iterations, seed=seed))
         for name, lm in (("sft", sft), ("ppo", result.model.lm)):
-            acc = {
-                tool: evaluate_dialogue(
-                    lm, "TextDialogueTool-v0", episodes=episodes, seed=20_000 + seed, game_kwargs={"tool": tool}
-                )
-                for tool in (True, False)
-            }
-            rows.append(
-                {
-                    "seed": seed,
-                    "policy": name,
-                    "accuracy_tool": acc[True]["score"],
-                    "accuracy_no_tool": acc[False]["score"],
-                    "gap_points": 100 * (acc[True]["score"] - acc[False]["score"]),
-                    "turns_tool": acc[True]["turns"],
-                    "train_s": result.seconds if name == "ppo" else None,
-                }
-            )
+            acc = {tool: evaluate_dialogue(lm, "TextDialogueTool-v0", episodes=episodes, seed=20_000 + seed,
+                                           game_kwargs={"tool": tool}) for tool in (True, False)}
+            rows.append({"seed": seed, "policy": name, "accuracy_tool": acc[True]["score"],
+                         "accuracy_no_tool": acc[False]["score"],
+                         "gap_points": 100 * (acc[True]["score"] - acc[False]["score"]),
+                         "turns_tool": acc[True]["turns"], "train_s": result.seconds if name == "ppo" else None})
     print_table("Calculator a*b: accuracy with the tool and without it (same model)", rows)
     met = [r["gap_points"] >= 20 for r in rows if r["policy"] == "ppo"]
-    return {
-        "iterations": iterations,
-        "eval_episodes": episodes,
-        "rows": rows,
-        "target": "ppo accuracy_tool - accuracy_no_tool >= 20 points",
-        "met": all(met),
-    }
+    return {"iterations": iterations, "eval_episodes": episodes, "rows": rows,
+            "target": "ppo accuracy_tool - accuracy_no_tool >= 20 points", "met": all(met)}
 
 
 def _mid_episode_dialogue() -> tuple[object, np.ndarray, dict]:
@@ -123,14 +91,8 @@ def _mid_episode_dialogue() -> tuple[object, np.ndarray, dict]:
         envs.set_policy_logprobs(np.full((64, 2), -1.0, dtype=np.float32))
         envs.step(turn)
     d = envs.unwrapped.dialogues
-    state = {
-        "buf": d.buf.copy(),
-        "wrote": d.wrote.copy(),
-        "length": d.length.copy(),
-        "turn": d.turn.copy(),
-        "games": copy.deepcopy(d.games),
-        "cached": d.reference_kv.cached.copy(),
-    }
+    state = {"buf": d.buf.copy(), "wrote": d.wrote.copy(), "length": d.length.copy(), "turn": d.turn.copy(),
+             "games": copy.deepcopy(d.games), "cached": d.reference_kv.cached.copy()}
     return envs, turn, state
 
 
@@ -170,9 +132,8 @@ def _step_cost(repeats: int) -> dict:
         return np.zeros(len(responses), dtype=np.float32)
 
     def bandit(cached: bool):
-        bandit_envs = gym.make_vec(
-            "TextBandit-v0", num_envs=64, model=model, prompts=prompts, reward_model=no_reward, max_new_tokens=2
-        )
+        bandit_envs = gym.make_vec("TextBandit-v0", num_envs=64, model=model, prompts=prompts, reward_model=no_reward,
+                                   max_new_tokens=2)
         assert bandit_envs.unwrapped.task.prompt_mask.sum(-1).tolist() == [13] * 64, "prompts re-encode to 13 tokens"
         bandit_envs.reset(seed=0)
         if cached:
@@ -197,23 +158,13 @@ def _step_cost(repeats: int) -> dict:
     finally:
         text_common.PROMPT_CACHE_BYTES = saved
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    rows = [
-        {"step (64 envs, 13 + 2 tokens each)": k, "ms": v, "vs bandit cached": v / ms["bandit_cached"]}
-        for k, v in ms.items()
-    ]
+    rows = [{"step (64 envs, 13 + 2 tokens each)": k, "ms": v, "vs bandit cached": v / ms["bandit_cached"]}
+            for k, v in ms.items()]
     print_table("One vector step: TextDialogue vs TextBandit, same tokens", rows)
     ratio = ms["dialogue"] / ms["bandit_cached"]
-    return {
-        "context_tokens": sorted(lengths),
-        "turn_tokens": 2,
-        "num_envs": 64,
-        "repeats": repeats,
-        "ms": ms,
-        "ratio_vs_bandit_cached": ratio,
-        "ratio_vs_bandit_uncached": ms["dialogue"] / ms["bandit_uncached"],
-        "target": "ratio_vs_bandit_cached <= 1.5",
-        "met": ratio <= 1.5,
-    }
+    return {"context_tokens": sorted(lengths), "turn_tokens": 2, "num_envs": 64, "repeats": repeats, "ms": ms,
+            "ratio_vs_bandit_cached": ratio, "ratio_vs_bandit_uncached": ms["dialogue"] / ms["bandit_uncached"],
+            "target": "ratio_vs_bandit_cached <= 1.5", "met": ratio <= 1.5}
 
 
 def main() -> None:
@@ -232,18 +183,9 @@ def main() -> None:
         step_cost = _step_cost(args.repeats)
     guess = _guess(args.iterations, args.eval_episodes, args.seeds)
     calc = _calc(args.calc_iterations, args.eval_episodes, args.seeds)
-    write_json(
-        "dialogue",
-        {
-            "torch_threads": 1,
-            "loadavg_before": list(load_before),
-            "loadavg_after": list(os.getloadavg()),
-            "seconds": time.perf_counter() - started,
-            "guess": guess,
-            "calc": calc,
-            "step_cost": step_cost,
-        },
-    )
+    write_json("dialogue", {"torch_threads": 1, "loadavg_before": list(load_before),
+                            "loadavg_after": list(os.getloadavg()), "seconds": time.perf_counter() - started,
+                            "guess": guess, "calc": calc, "step_cost": step_cost})
 
 
 if __name__ == "__main__":

@@ -83,23 +83,10 @@ def train_ppo(enum: Enumeration, beta: float, seed: int, workdir: Path) -> torch
     """
     from agents.lm_ppo import LMPPOConfig, train_lm_ppo
 
-    config = LMPPOConfig(
-        model_path=str(REFERENCE_DIR),
-        reward_model=true_score,
-        prompts=PROMPTS,
-        max_new_tokens=MAX_NEW_TOKENS,
-        beta=beta,
-        output_dir=str(workdir),
-        seed=seed,
-        total_episodes=512 * 120,
-        batch_size=512,
-        learning_rate=4e-3,
-        anneal_lr=True,
-        gae_lambda=1.0,
-        max_approx_kl=None,
-        progress=False,
-        torch_threads=1,
-    )
+    config = LMPPOConfig(model_path=str(REFERENCE_DIR), reward_model=true_score, prompts=PROMPTS,
+                         max_new_tokens=MAX_NEW_TOKENS, beta=beta, output_dir=str(workdir), seed=seed,
+                         total_episodes=512 * 120, batch_size=512, learning_rate=4e-3, anneal_lr=True,
+                         gae_lambda=1.0, max_approx_kl=None, progress=False, torch_threads=1)
     train_lm_ppo(config)
     return _load(workdir / "policy")
 
@@ -115,15 +102,12 @@ def write_dpo_pairs(enum: Enumeration, n_pairs: int, seed: int, path: Path) -> N
             for a, b in zip(first[x], second[x]):
                 p_first = 1.0 / (1.0 + np.exp(enum.rewards[x, b] - enum.rewards[x, a]))
                 chosen, rejected = (a, b) if rng.random() < p_first else (b, a)
-                f.write(
-                    json.dumps({"prompt": prompt, "chosen": enum.texts[chosen], "rejected": enum.texts[rejected]})
-                    + "\n"
-                )
+                f.write(json.dumps({"prompt": prompt, "chosen": enum.texts[chosen],
+                                    "rejected": enum.texts[rejected]}) + "\n")
 
 
-def train_dpo(
-    enum: Enumeration, beta: float, seed: int, workdir: Path, n_pairs: int = DPO_POINT_PAIRS
-) -> torch.nn.Module:
+def train_dpo(enum: Enumeration, beta: float, seed: int, workdir: Path, n_pairs: int = DPO_POINT_PAIRS
+              ) -> torch.nn.Module:
     """DPO (DPO's beta = ``beta``) on ``n_pairs`` Bradley-Terry-labelled reference pairs."""
     from agents.dpo import DPOConfig
     from agents.dpo import train_dpo as run_dpo
@@ -132,29 +116,14 @@ def train_dpo(
     data = workdir / "pairs.jsonl"
     write_dpo_pairs(enum, n_pairs, seed, data)
     steps = max(200, 2 * n_pairs // 64)  # two epochs: more steps barely move KL(pi || pi*) (0.64 -> 0.59 at N = 16000)
-    run_dpo(
-        DPOConfig(
-            model_path=str(REFERENCE_DIR),
-            data_path=str(data),
-            output_dir=str(workdir / "model"),
-            beta=beta,
-            learning_rate=1e-3,
-            batch_size=64,
-            max_steps=steps,
-            max_length=16,
-            eval_fraction=0.0,
-            seed=seed,
-            progress=False,
-            torch_threads=1,
-            log_every=50,
-        )
-    )
+    run_dpo(DPOConfig(model_path=str(REFERENCE_DIR), data_path=str(data), output_dir=str(workdir / "model"),
+                      beta=beta, learning_rate=1e-3, batch_size=64, max_steps=steps, max_length=16,
+                      eval_fraction=0.0, seed=seed, progress=False, torch_threads=1, log_every=50))
     return _load(workdir / "model")
 
 
-def train_sft_best_of_n(
-    enum: Enumeration, beta: float, seed: int, workdir: Path, n: int = BEST_OF_N
-) -> torch.nn.Module:
+def train_sft_best_of_n(enum: Enumeration, beta: float, seed: int, workdir: Path, n: int = BEST_OF_N
+                        ) -> torch.nn.Module:
     """SFT on the best (true reward) of ``n`` reference samples, 1024 examples per prompt; ``beta`` unused."""
     from agents.sft import SFTConfig, train_sft
 
@@ -167,22 +136,9 @@ def train_sft_best_of_n(
             for row in draws:
                 best = row[np.argmax(enum.rewards[x, row])]
                 f.write(json.dumps({"prompt": prompt, "completion": enum.texts[best]}) + "\n")
-    train_sft(
-        SFTConfig(
-            model_path=str(REFERENCE_DIR),
-            data_path=str(data),
-            output_dir=str(workdir / "model"),
-            learning_rate=1e-3,
-            batch_size=64,
-            num_epochs=3,
-            max_length=16,
-            eval_fraction=0.0,
-            seed=seed,
-            progress=False,
-            torch_threads=1,
-            log_every=50,
-        )
-    )
+    train_sft(SFTConfig(model_path=str(REFERENCE_DIR), data_path=str(data), output_dir=str(workdir / "model"),
+                        learning_rate=1e-3, batch_size=64, num_epochs=3, max_length=16, eval_fraction=0.0,
+                        seed=seed, progress=False, torch_threads=1, log_every=50))
     return _load(workdir / "model")
 
 
@@ -194,7 +150,8 @@ TRAINERS: dict[str, Callable[[Enumeration, float, int, Path], torch.nn.Module]] 
 """Algorithm name -> ``train(enum, beta, seed, workdir)`` returning the trained policy LM."""
 
 
-def estimator_loss_gradients(enum: Enumeration, policy: torch.nn.Module, reference: torch.nn.Module) -> list[dict]:
+def estimator_loss_gradients(enum: Enumeration, policy: torch.nn.Module, reference: torch.nn.Module
+                             ) -> list[dict]:
     """Each estimator put in the loss, exactly: cosine and norm ratio of its gradient against ``grad KL(pi || pi_ref)``.
 
     The loss is ``sum_y pi(y) sum_t k_t(y)`` with ``pi(y)`` detached (the responses are samples of the
@@ -204,55 +161,34 @@ def estimator_loss_gradients(enum: Enumeration, policy: torch.nn.Module, referen
     from rlhf_envs.text_solver import token_logprobs
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    losses: dict[str, torch.Tensor] = {
-        "true": torch.zeros(()),
-        "k1": torch.zeros(()),
-        "k2": torch.zeros(()),
-        "k3": torch.zeros(()),
-    }
+    losses: dict[str, torch.Tensor] = {"true": torch.zeros(()), "k1": torch.zeros(()), "k2": torch.zeros(()),
+                                       "k3": torch.zeros(())}
     tokens, mask = enum.tokens, enum.mask
     for ids in enum.prompt_ids:
         ref = token_logprobs(reference, ids, tokens, enum.sampling).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         prompt = torch.tensor(ids).expand(len(tokens), len(ids))
         inputs = torch.cat([prompt, tokens[:, :-1]], dim=1)
         logits = policy(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
-        logp = torch.log_softmax(logits[:, len(ids) - 1 :].float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        logp = torch.log_softmax(logits[:, len(ids) - 1:].float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         logp, ref = logp.masked_fill(~mask, 0.0), ref.masked_fill(~mask, 0.0)
         seq = logp.sum(-1)
         weight = seq.detach().exp()
         losses["true"] = losses["true"] + (seq.exp() * (seq - ref.sum(-1))).sum()
         for name, estimator in (("k1", kl_k1), ("k2", kl_k2), ("k3", kl_k3)):
             losses[name] = losses[name] + (weight * estimator(logp, ref).masked_fill(~mask, 0.0).sum(-1)).sum()
-    grads = {
-        name: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
-        for name, loss in losses.items()
-    }
+    grads = {name: torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+             for name, loss in losses.items()}
     true = grads.pop("true")
-    return [
-        {
-            "estimator": name,
-            "cosine_to_true_gradient": float(torch.nn.functional.cosine_similarity(g, true, 0)),
-            "norm_ratio": float(g.norm() / true.norm()),
-        }
-        for name, g in grads.items()
-    ]
+    return [{"estimator": name, "cosine_to_true_gradient": float(torch.nn.functional.cosine_similarity(g, true, 0)),
+             "norm_ratio": float(g.norm() / true.norm())} for name, g in grads.items()]
 
 
 def frontier_point(enum: Enumeration, algorithm: str, policy: Any, beta: float, seed: int, seconds: float) -> dict:
     """One trained policy scored exactly at ``beta``: a row of the results table."""
     obj = objective(enum, policy, beta)
-    return {
-        "algorithm": algorithm,
-        "beta": beta,
-        "seed": seed,
-        "reward": obj.expected_reward,
-        "kl": obj.kl_ref,
-        "value": obj.value,
-        "optimal_value": obj.optimal_value,
-        "kl_to_optimum": obj.kl_to_optimum,
-        "gain_closed": obj.gain_closed,
-        "train_seconds": seconds,
-    }
+    return {"algorithm": algorithm, "beta": beta, "seed": seed, "reward": obj.expected_reward, "kl": obj.kl_ref,
+            "value": obj.value, "optimal_value": obj.optimal_value, "kl_to_optimum": obj.kl_to_optimum,
+            "gain_closed": obj.gain_closed, "train_seconds": seconds}
 
 
 def _summary(points: list[dict]) -> list[dict]:
@@ -261,18 +197,12 @@ def _summary(points: list[dict]) -> list[dict]:
         for beta in dict.fromkeys(p["beta"] for p in points):
             runs = [p for p in points if p["algorithm"] == algorithm and p["beta"] == beta]
             if runs:
-                rows.append(
-                    {
-                        "algorithm": algorithm,
-                        "beta": beta,
-                        "seeds": len(runs),
-                        "gain_closed_min": min(r["gain_closed"] for r in runs),
-                        "gain_closed_median": statistics.median(r["gain_closed"] for r in runs),
-                        "kl_to_optimum_median": statistics.median(r["kl_to_optimum"] for r in runs),
-                        f"seeds_at_{TARGET}": sum(r["gain_closed"] >= TARGET for r in runs),
-                        "median_train_s": statistics.median(r["train_seconds"] for r in runs),
-                    }
-                )
+                rows.append({"algorithm": algorithm, "beta": beta, "seeds": len(runs),
+                             "gain_closed_min": min(r["gain_closed"] for r in runs),
+                             "gain_closed_median": statistics.median(r["gain_closed"] for r in runs),
+                             "kl_to_optimum_median": statistics.median(r["kl_to_optimum"] for r in runs),
+                             f"seeds_at_{TARGET}": sum(r["gain_closed"] >= TARGET for r in runs),
+                             "median_train_s": statistics.median(r["train_seconds"] for r in runs)})
     return rows
 
 
@@ -291,15 +221,8 @@ def plot(curve: list[dict], points: list[dict], dpo_curve: list[dict], path: Pat
         left.plot(star["kl"], star["reward"], "*", color=color, markersize=14)
         for algorithm, marker in markers.items():
             mine = [p for p in points if p["beta"] == beta and p["algorithm"] == algorithm]
-            left.plot(
-                [p["kl"] for p in mine],
-                [p["reward"] for p in mine],
-                marker,
-                color=color,
-                alpha=0.8,
-                label=f"{algorithm}, beta={beta}",
-                linestyle="none",
-            )
+            left.plot([p["kl"] for p in mine], [p["reward"] for p in mine], marker, color=color, alpha=0.8,
+                      label=f"{algorithm}, beta={beta}", linestyle="none")
     left.set_xlabel("KL(pi || pi_ref) (nats, exact)")
     left.set_ylabel("E[r] (exact)")
     left.set_title("TextBanditExact-v0: trained policies against the optimum")
@@ -323,9 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--algorithms", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
     parser.add_argument("--dpo-pairs", type=int, nargs="+", default=list(DPO_PAIRS))
-    parser.add_argument(
-        "--quick", action="store_true", help="one beta, one seed, small N (a smoke run, not for the README)"
-    )
+    parser.add_argument("--quick", action="store_true", help="one beta, one seed, small N (a smoke run, not for the "
+                                                             "README)")
     args = parser.parse_args(argv)
     if args.quick:
         args.betas, args.seeds, args.dpo_pairs = args.betas[:1], args.seeds[:1], args.dpo_pairs[:2]
@@ -333,28 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
     enum = enumerate_env(TextBanditExactEnv())
     curve = frontier(enum, list(np.geomspace(0.15, 8.0, 40)) + args.betas)
     curve.sort(key=lambda c: c["kl"])
-    results: dict = {
-        "env": "TextBanditExact-v0",
-        "responses_per_prompt": len(enum.texts),
-        "prompts": enum.prompts,
-        "target_gain_closed": TARGET,
-        "betas": args.betas,
-        "seeds": args.seeds,
-        "frontier": curve,
-    }
-    print_table(
-        "Exact optimum at the benchmarked betas",
-        [
-            {
-                "beta": b,
-                "J*": (s := solve(enum, b)).optimal_value,
-                "J(pi_ref)": s.reference_value,
-                "E*[r]": s.expected_reward,
-                "KL(pi*||ref)": s.kl_ref,
-            }
-            for b in args.betas
-        ],
-    )
+    results: dict = {"env": "TextBanditExact-v0", "responses_per_prompt": len(enum.texts), "prompts": enum.prompts,
+                     "target_gain_closed": TARGET, "betas": args.betas, "seeds": args.seeds, "frontier": curve}
+    print_table("Exact optimum at the benchmarked betas", [
+        {"beta": b, "J*": (s := solve(enum, b)).optimal_value, "J(pi_ref)": s.reference_value,
+         "E*[r]": s.expected_reward, "KL(pi*||ref)": s.kl_ref} for b in args.betas])
 
     points, moments, gradients, dpo_curve = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench_frontier_") as tmp:
@@ -367,26 +272,16 @@ def main(argv: list[str] | None = None) -> dict:
                     print_table("", [points[-1]])
                     if name == "rlhf_ppo" and seed == args.seeds[0]:
                         env = TextBanditExactEnv(beta=beta)
-                        moments += [
-                            {"policy": f"rlhf_ppo beta={beta}", "estimator": k, **v}
-                            for k, v in estimator_moments(env, policy).items()
-                        ]
-                        gradients += [
-                            {"policy": f"rlhf_ppo beta={beta}", **row}
-                            for row in estimator_loss_gradients(enum, policy, env.unwrapped.task.ref_model)
-                        ]
+                        moments += [{"policy": f"rlhf_ppo beta={beta}", "estimator": k, **v}
+                                    for k, v in estimator_moments(env, policy).items()]
+                        gradients += [{"policy": f"rlhf_ppo beta={beta}", **row} for row in
+                                      estimator_loss_gradients(enum, policy, env.unwrapped.task.ref_model)]
             if "dpo" in args.algorithms:
                 for n_pairs in args.dpo_pairs:
                     policy = train_dpo(enum, beta, args.seeds[0], Path(tmp) / f"dpo_n{n_pairs}_{beta}", n_pairs)
                     obj = objective(enum, policy, beta)
-                    dpo_curve.append(
-                        {
-                            "beta": beta,
-                            "n_pairs": n_pairs,
-                            "kl_to_optimum": obj.kl_to_optimum,
-                            "gain_closed": obj.gain_closed,
-                        }
-                    )
+                    dpo_curve.append({"beta": beta, "n_pairs": n_pairs, "kl_to_optimum": obj.kl_to_optimum,
+                                      "gain_closed": obj.gain_closed})
     summary = _summary(points)
     print_table("Fraction of the achievable gain closed, (J - J_ref) / (J* - J_ref)", summary)
     print_table(f"DPO: KL(pi || pi*) against preference pairs N (seed {args.seeds[0]})", dpo_curve)
@@ -396,14 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     for beta in dict.fromkeys(d["beta"] for d in dpo_curve):
         hits = [d["n_pairs"] for d in dpo_curve if d["beta"] == beta and d["kl_to_optimum"] < 0.1]
         below[str(beta)] = min(hits) if hits else None
-    results.update(
-        points=points,
-        summary=summary,
-        dpo_pairs_curve=dpo_curve,
-        dpo_n_below_0_1_nats=below,
-        kl_estimators_in_reward=moments,
-        kl_estimators_in_loss=gradients,
-    )
+    results.update(points=points, summary=summary, dpo_pairs_curve=dpo_curve, dpo_n_below_0_1_nats=below,
+                   kl_estimators_in_reward=moments, kl_estimators_in_loss=gradients)
     png = RESULTS_DIR / ("frontier_quick.png" if args.quick else "frontier.png")
     plot(curve, points, dpo_curve, png)
     results["figure"] = str(png.relative_to(RESULTS_DIR.parent.parent))

@@ -42,23 +42,15 @@ SECTIONS = ("pipeline", "trl", "bias")
 def _pipeline(seed: int, out: Path, episodes: int, lr: float) -> dict:
     from agents.task_pipeline import TaskPipelineConfig, run_task_pipeline
 
-    config = TaskPipelineConfig(
-        output_dir=str(out / f"pipeline-{seed}"), seed=seed, rl_episodes=episodes, grpo_learning_rate=lr
-    )
+    config = TaskPipelineConfig(output_dir=str(out / f"pipeline-{seed}"), seed=seed, rl_episodes=episodes,
+                                grpo_learning_rate=lr)
     summary = run_task_pipeline(config)
     ev = summary["evaluation"]
-    return {
-        "seed": seed,
-        "sft_pass@1": ev["sft"]["pass@1"],
-        "grpo_pass@1": ev["grpo"]["pass@1"],
-        "ppo_pass@1": ev.get("ppo", {}).get("pass@1"),
-        "gain_points": 100 * summary["grpo_gain_pass@1"],
-        "sft_pass@8": ev["sft"]["pass@8"],
-        "grpo_pass@8": ev["grpo"]["pass@8"],
-        "grpo_kl_to_sft": ev["grpo"].get("kl"),
-        "total_seconds": summary["total_seconds"],
-        "stage_seconds": summary["seconds"],
-    }
+    return {"seed": seed, "sft_pass@1": ev["sft"]["pass@1"], "grpo_pass@1": ev["grpo"]["pass@1"],
+            "ppo_pass@1": ev.get("ppo", {}).get("pass@1"), "gain_points": 100 * summary["grpo_gain_pass@1"],
+            "sft_pass@8": ev["sft"]["pass@8"], "grpo_pass@8": ev["grpo"]["pass@8"],
+            "grpo_kl_to_sft": ev["grpo"].get("kl"), "total_seconds": summary["total_seconds"],
+            "stage_seconds": summary["seconds"]}
 
 
 def _held_out(path: str, seed: int, n: int = 400) -> dict:
@@ -68,29 +60,19 @@ def _held_out(path: str, seed: int, n: int = 400) -> dict:
     from rlhf_envs.text_arithmetic import make_problems
 
     model, tokenizer = load_causal_lm(path)
-    return evaluate_verifiable(
-        model, tokenizer, make_problems(n, seed + 1000, "test"), make_reward_model("verifier"), k=8, seed=seed
-    )
+    return evaluate_verifiable(model, tokenizer, make_problems(n, seed + 1000, "test"), make_reward_model("verifier"),
+                               k=8, seed=seed)
 
 
 def _ours(sft: str, out: Path, seed: int, settings: dict, **overrides) -> tuple[float, int, list[dict]]:
     from agents.grpo import GRPOConfig, train_grpo
 
-    config = GRPOConfig(
-        model_path=sft,
-        env_kwargs={"n_prompts": settings["n_prompts"], "prompt_seed": seed},
-        output_dir=str(out),
-        seed=seed,
-        total_episodes=settings["steps"] * settings["batch"],
-        batch_size=settings["batch"],
-        group_size=settings["group"],
-        learning_rate=settings["lr"],
-        warmup_iterations=settings["warmup"],
-        max_new_tokens=settings["max_new_tokens"],
-        progress=False,
-        torch_threads=1,
-        **{"loss_type": "dapo", "dynamic_sampling": False, "cliprange_high": 0.28, **overrides},
-    )
+    config = GRPOConfig(model_path=sft, env_kwargs={"n_prompts": settings["n_prompts"], "prompt_seed": seed},
+                        output_dir=str(out), seed=seed, total_episodes=settings["steps"] * settings["batch"],
+                        batch_size=settings["batch"], group_size=settings["group"], learning_rate=settings["lr"],
+                        warmup_iterations=settings["warmup"],
+                        max_new_tokens=settings["max_new_tokens"], progress=False, torch_threads=1,
+                        **{"loss_type": "dapo", "dynamic_sampling": False, "cliprange_high": 0.28, **overrides})
     result = train_grpo(config)  # result.seconds: the training loop, its set-up (env, model) excluded
     return result.seconds, result.completions, result.history
 
@@ -111,39 +93,17 @@ def _trl(sft: str, out: Path, seed: int, settings: dict) -> tuple[float, int]:
         return verifier.score(list(prompts), list(completions)).tolist()
 
     prompts = make_problems(settings["n_prompts"], seed, "train")
-    args = TRLConfig(
-        output_dir=str(out),
-        seed=seed,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=settings["batch"],
-        num_generations=settings["group"],
-        generation_batch_size=settings["batch"],
-        max_completion_length=settings["max_new_tokens"],
-        max_steps=settings["steps"],
-        learning_rate=settings["lr"],
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=settings["warmup"],
-        loss_type="dapo",
-        epsilon=0.2,
-        epsilon_high=0.28,
-        beta=0.0,
-        num_iterations=1,
-        temperature=1.0,
-        logging_steps=10_000,
-        save_strategy="no",
-        report_to="none",
-        disable_dropout=True,
-        dataloader_num_workers=0,
-    )
-    trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(sft),
-        reward_funcs=reward,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=load_tokenizer(sft),
-    )
+    args = TRLConfig(output_dir=str(out), seed=seed, use_cpu=True, bf16=False, gradient_checkpointing=False,
+                     per_device_train_batch_size=settings["batch"], num_generations=settings["group"],
+                     generation_batch_size=settings["batch"], max_completion_length=settings["max_new_tokens"],
+                     max_steps=settings["steps"], learning_rate=settings["lr"],
+                     lr_scheduler_type="constant_with_warmup",
+                     warmup_steps=settings["warmup"],
+                     loss_type="dapo", epsilon=0.2, epsilon_high=0.28, beta=0.0, num_iterations=1,
+                     temperature=1.0, logging_steps=10_000, save_strategy="no", report_to="none",
+                     disable_dropout=True, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(sft), reward_funcs=reward, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=load_tokenizer(sft))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -177,23 +137,15 @@ def _length_bias(seed: int, sft: str, out: Path, settings: dict) -> list[dict]:
         overrides = {"loss_type": loss_type, "dynamic_sampling": None, "cliprange_high": None}
         seconds, completions, history = _ours(sft, out / f"{loss_type}-{seed}", seed, settings, **overrides)
         ev = _held_out(str(out / f"{loss_type}-{seed}" / "policy"), seed)
-        rows.append(
-            {
-                "seed": seed,
-                "loss_type": loss_type,
-                "pass@1": ev["pass@1"],
-                "response_length": ev["response_length"],
-                "train_length_first": history[0]["tokens/response_length_mean"],
-                "train_length_last": history[-1]["tokens/response_length_mean"],
-                "zero_variance_frac_mean": float(np.mean([h["groups/zero_variance_frac"] for h in history])),
-                "zero_variance_frac_curve": [h["groups/zero_variance_frac"] for h in history],
-                "trained_zero_variance_frac_mean": float(
-                    np.mean([h["groups/trained_zero_variance_frac"] for h in history])
-                ),
-                "completions_sampled": completions,
-                "seconds": seconds,
-            }
-        )
+        rows.append({"seed": seed, "loss_type": loss_type, "pass@1": ev["pass@1"],
+                     "response_length": ev["response_length"],
+                     "train_length_first": history[0]["tokens/response_length_mean"],
+                     "train_length_last": history[-1]["tokens/response_length_mean"],
+                     "zero_variance_frac_mean": float(np.mean([h["groups/zero_variance_frac"] for h in history])),
+                     "zero_variance_frac_curve": [h["groups/zero_variance_frac"] for h in history],
+                     "trained_zero_variance_frac_mean": float(np.mean(
+                         [h["groups/trained_zero_variance_frac"] for h in history])),
+                     "completions_sampled": completions, "seconds": seconds})
     return rows
 
 
@@ -204,34 +156,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-5)
-    parser.add_argument(
-        "--warmup", type=int, default=20, help="learning-rate warm-up iterations (ours; TRL: warmup_steps)"
-    )
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="learning-rate warm-up iterations (ours; TRL: warmup_steps)")
     parser.add_argument("--trl-steps", type=int, default=40, help="steps of the TRL comparison (both sides)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_grpo"))
     parser.add_argument("--name", default="grpo")
-    parser.add_argument(
-        "--sections",
-        nargs="+",
-        default=list(SECTIONS),
-        choices=SECTIONS,
-        help="what to run; without 'pipeline' the SFT models of an earlier run in --out are reused",
-    )
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="what to run; without 'pipeline' the SFT models of an earlier run in --out are reused")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     # imported before any timed region: neither side pays it
     import transformers  # noqa: F401
     import trl
 
-    settings = {
-        "steps": args.steps,
-        "batch": args.batch,
-        "group": args.group,
-        "lr": args.lr,
-        "max_new_tokens": 6,
-        "n_prompts": 4000,
-        "warmup": args.warmup,
-    }
+    settings = {"steps": args.steps, "batch": args.batch, "group": args.group, "lr": args.lr, "max_new_tokens": 6,
+                "n_prompts": 4000, "warmup": args.warmup}
     trl_settings = {**settings, "steps": args.trl_steps, "warmup": min(args.warmup, args.trl_steps // 2)}
     pipeline, versus, bias = [], [], []
     for seed in args.seeds:
@@ -245,49 +184,16 @@ def main(argv: list[str] | None = None) -> None:
             versus.append(_versus_trl(seed, sft, args.out / "trl", trl_settings))
         if "bias" in args.sections:
             bias.extend(_length_bias(seed, sft, args.out / "bias", settings))
-    print_table(
-        "Task pipeline (held-out pass@1, 8 samples at T=1)",
-        [
-            {k: r[k] for k in ("seed", "sft_pass@1", "grpo_pass@1", "ppo_pass@1", "gain_points", "total_seconds")}
-            for r in pipeline
-        ],
-    )
-    print_table(
-        "Ours vs TRL GRPOTrainer (same settings, interleaved)",
-        [
-            {
-                k: r[k]
-                for k in (
-                    "seed",
-                    "ours_completions_per_s",
-                    "trl_completions_per_s",
-                    "speedup",
-                    "ours_pass@1",
-                    "trl_pass@1",
-                )
-            }
-            for r in versus
-        ],
-    )
-    print_table(
-        "Length bias (held-out)",
-        [
-            {
-                k: r[k]
-                for k in (
-                    "seed",
-                    "loss_type",
-                    "pass@1",
-                    "response_length",
-                    "train_length_first",
-                    "train_length_last",
-                    "zero_variance_frac_mean",
-                    "trained_zero_variance_frac_mean",
-                )
-            }
-            for r in bias
-        ],
-    )
+    print_table("Task pipeline (held-out pass@1, 8 samples at T=1)", [
+        {k: r[k] for k in ("seed", "sft_pass@1", "grpo_pass@1", "ppo_pass@1", "gain_points", "total_seconds")}
+        for r in pipeline])
+    print_table("Ours vs TRL GRPOTrainer (same settings, interleaved)", [
+        {k: r[k] for k in ("seed", "ours_completions_per_s", "trl_completions_per_s", "speedup", "ours_pass@1",
+                           "trl_pass@1")} for r in versus])
+    print_table("Length bias (held-out)", [{k: r[k] for k in ("seed", "loss_type", "pass@1", "response_length",
+                                                             "train_length_first", "train_length_last",
+                                                             "zero_variance_frac_mean",
+                                                             "trained_zero_variance_frac_mean")} for r in bias])
     targets = {"of_seeds": len(args.seeds)}
     if pipeline:
         targets["gain_at_least_15_points"] = sum(r["gain_points"] >= 15 for r in pipeline)
@@ -296,22 +202,13 @@ def main(argv: list[str] | None = None) -> None:
         targets["speedup_at_least_3x"] = sum(r["speedup"] >= 3 for r in versus)
         targets["accuracy_equal_or_better_than_trl"] = sum(r["ours_pass@1"] >= r["trl_pass@1"] for r in versus)
     if bias:
-        targets["dapo_trained_zero_variance_frac"] = max(
-            r["trained_zero_variance_frac_mean"] for r in bias if r["loss_type"] == "dapo"
-        )
+        targets["dapo_trained_zero_variance_frac"] = max(r["trained_zero_variance_frac_mean"] for r in bias
+                                                         if r["loss_type"] == "dapo")
     print_table("Targets (seeds meeting each)", [targets])
-    write_json(
-        args.name,
-        {
-            "settings": {**settings, "trl_steps": args.trl_steps, "seeds": args.seeds, "sections": args.sections},
-            "trl_version": trl.__version__,
-            "pipeline": pipeline,
-            "versus_trl": versus,
-            "length_bias": bias,
-            "targets": targets,
-            "loadavg_end": os.getloadavg(),
-        },
-    )
+    write_json(args.name, {"settings": {**settings, "trl_steps": args.trl_steps, "seeds": args.seeds,
+                                        "sections": args.sections},
+                           "trl_version": trl.__version__, "pipeline": pipeline, "versus_trl": versus,
+                           "length_bias": bias, "targets": targets, "loadavg_end": os.getloadavg()})
 
 
 if __name__ == "__main__":

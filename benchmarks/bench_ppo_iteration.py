@@ -30,35 +30,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as out:
-        result = train_lm_ppo(
-            LMPPOConfig(
-                output_dir=out,
-                total_episodes=args.batch_size * args.iterations,
-                batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
-                torch_threads=args.threads,
-                progress=False,
-            )
-        )
+        result = train_lm_ppo(LMPPOConfig(output_dir=out, total_episodes=args.batch_size * args.iterations,
+                                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                          torch_threads=args.threads, progress=False))
     rows = result.history[1:]  # the first iteration includes one-off warm-up
     medians = {phase: statistics.median(r[phase] for r in rows) for phase in PHASES}
     total = sum(medians.values())
-    table = [
-        {"phase": p.removeprefix("time/").removesuffix("_s"), "median_seconds": medians[p], "share": medians[p] / total}
-        for p in PHASES
-    ]
-    print_table(
-        f"RLHF PPO iteration on the embedded model (batch {args.batch_size}, "
-        f"{args.max_new_tokens} new tokens, sentiment reward, median of {len(rows)} iterations)",
-        table,
-    )
-    data = {
-        "settings": vars(args),
-        "phases": table,
-        "iteration_seconds": total,
-        "responses_per_second": args.batch_size / total,
-        "mean_response_tokens": statistics.mean(r["tokens/response_length_mean"] for r in rows),
-    }
+    table = [{"phase": p.removeprefix("time/").removesuffix("_s"), "median_seconds": medians[p],
+              "share": medians[p] / total}
+             for p in PHASES]
+    print_table(f"RLHF PPO iteration on the embedded model (batch {args.batch_size}, "
+                f"{args.max_new_tokens} new tokens, sentiment reward, median of {len(rows)} iterations)", table)
+    data = {"settings": vars(args), "phases": table, "iteration_seconds": total,
+            "responses_per_second": args.batch_size / total,
+            "mean_response_tokens": statistics.mean(r["tokens/response_length_mean"] for r in rows)}
     write_json("ppo_iteration", data)
     return data
 

@@ -54,20 +54,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = [
-    "tests/test_bad_input.py",
-    "tests/test_properties.py",
-    "tests/test_text_properties.py",
-    "tests/test_safe_loading.py",
-    "tests/test_crash_resume.py",
-    "tests/test_cli.py",
-    "tests/test_settings.py",
-]
+SUITE = ["tests/test_bad_input.py", "tests/test_properties.py", "tests/test_text_properties.py",
+         "tests/test_safe_loading.py", "tests/test_crash_resume.py", "tests/test_cli.py", "tests/test_settings.py"]
 PIPELINE_DETERMINISM = "tests/test_pipeline.py::test_pipeline_twice_same_seed_identical_metrics"
-DETERMINISM_TESTS = (
-    "test_crash_resume.py::test_sigkill_at_random_points_then_resume_matches_uninterrupted",
-    "test_pipeline.py::test_pipeline_twice_same_seed_identical_metrics",
-)
+DETERMINISM_TESTS = ("test_crash_resume.py::test_sigkill_at_random_points_then_resume_matches_uninterrupted",
+                     "test_pipeline.py::test_pipeline_twice_same_seed_identical_metrics")
 COUNTS_ENV = "RLHF_RELIABILITY_COUNTS"
 
 # ---- the pytest plugin (loaded into the subprocess with ``-p benchmarks.bench_reliability``) ----------
@@ -101,7 +92,6 @@ def pytest_sessionfinish(session) -> None:
 
 # ---- the benchmark ---------------------------------------------------------------------------------
 
-
 def _testcases(junit: Path) -> dict[str, str]:
     """``{"file.py::name[param]": "passed" | "failed" | "skipped"}`` from a JUnit XML report."""
     outcomes = {}
@@ -128,33 +118,18 @@ def run_suite(extra: list[str]) -> dict:
     targets = SUITE + ([PIPELINE_DETERMINISM] if (ROOT / "tests" / "test_pipeline.py").is_file() else [])
     with tempfile.TemporaryDirectory() as tmp:
         junit, counts = Path(tmp) / "junit.xml", Path(tmp) / "counts.json"
-        command = [
-            sys.executable,
-            "-m",
-            "pytest",
-            *targets,
-            "-m",
-            "slow or not slow",
-            "-p",
-            "benchmarks.bench_reliability",
-            "-p",
-            "no:cacheprovider",
-            "--hypothesis-show-statistics",
-            f"--junitxml={junit}",
-            "-q",
-            *extra,
-        ]
+        command = [sys.executable, "-m", "pytest", *targets, "-m", "slow or not slow", "-p",
+                   "benchmarks.bench_reliability",
+                   "-p", "no:cacheprovider", "--hypothesis-show-statistics", f"--junitxml={junit}", "-q", *extra]
         start = time.perf_counter()
-        proc = subprocess.run(
-            command, cwd=ROOT, env={**os.environ, COUNTS_ENV: str(counts)}, capture_output=True, text=True
-        )
+        proc = subprocess.run(command, cwd=ROOT, env={**os.environ, COUNTS_ENV: str(counts)}, capture_output=True,
+                              text=True)
         seconds = time.perf_counter() - start
         outcomes = _testcases(junit)
         kills = json.loads(counts.read_text())["sigkills"] if counts.is_file() else {}
     output = proc.stdout + proc.stderr
-    summary = next(
-        (line.strip("= ") for line in reversed(output.splitlines()) if re.search(r"\d+ (passed|failed)", line)), ""
-    )
+    summary = next((line.strip("= ") for line in reversed(output.splitlines()) if re.search(r"\d+ (passed|failed)",
+                                                                                            line)), "")
     bad_rows = {k: v for k, v in outcomes.items() if "::test_bad_input[" in k}
     hypothesis_tests, examples = _hypothesis_examples(output)
     survived = sum(n for test, n in kills.items() if outcomes.get(test.rsplit("/", 1)[-1]) == "passed")
@@ -185,15 +160,10 @@ def run_suite(extra: list[str]) -> dict:
 # ---- KL under every sampling setting ----------------------------------------------------------------------
 
 KL_SETTINGS: list[tuple[str, dict]] = [
-    ("noisy", {}),
-    ("noisy", {"temperature": 0.7}),
-    ("noisy", {"temperature": 1.3}),
-    ("noisy", {"top_k": 20}),
-    ("noisy", {"top_p": 0.9}),
-    ("noisy", {"temperature": 0.9, "top_p": 0.95}),
+    ("noisy", {}), ("noisy", {"temperature": 0.7}), ("noisy", {"temperature": 1.3}), ("noisy", {"top_k": 20}),
+    ("noisy", {"top_p": 0.9}), ("noisy", {"temperature": 0.9, "top_p": 0.95}),
     ("noisy", {"temperature": 1.2, "top_k": 40}),
-    ("noisy", {"temperature": 0.8, "top_k": 50, "top_p": 0.9}),
-    ("reference", {"top_k": 50, "top_p": 0.9}),
+    ("noisy", {"temperature": 0.8, "top_k": 50, "top_p": 0.9}), ("reference", {"top_k": 50, "top_p": 0.9}),
 ]
 """(policy, sampling) pairs: ``noisy`` is the embedded model with fixed noise on its weights, ``reference`` its
 weights."""
@@ -217,19 +187,11 @@ def _kl_rows(policy, envs: dict, sampling: dict, batches: int, batch: int, max_n
         obs = [env.reset(seed=b)[0] for env in envs.values()][0]
         ids = torch.as_tensor(obs)
         mask = attention_mask_from_obs(ids, task.pad_token_id)
-        gen = generate(
-            policy,
-            ids,
-            mask,
-            task.sampling,
-            eos_token_id=task.eos_token_id,
-            pad_token_id=task.pad_token_id,
-            generator=torch.Generator().manual_seed(1000 + b),
-        )
+        gen = generate(policy, ids, mask, task.sampling, eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
+                       generator=torch.Generator().manual_seed(1000 + b))
         with torch.no_grad():
-            lp, full = response_logprobs(
-                policy, ids, mask, gen.response_ids, gen.response_mask, task.sampling, return_full=True
-            )
+            lp, full = response_logprobs(policy, ids, mask, gen.response_ids, gen.response_mask, task.sampling,
+                                         return_full=True)
         width = gen.response_ids.shape[1]
         actions = np.full((batch, max_new_tokens), task.pad_token_id)
         actions[:, :width] = gen.response_ids.numpy()
@@ -275,16 +237,9 @@ def kl_section(batches: int = 8, batch: int = 64, max_new_tokens: int = 16, nois
         envs, refused = {}, {}
         for name in KL_ESTIMATORS_TRIED:
             try:
-                envs[name] = gym.make_vec(
-                    "TextBandit-v0",
-                    num_envs=batch,
-                    model=(reference, tokenizer),
-                    kl_estimator=name,
-                    max_new_tokens=max_new_tokens,
-                    reward_model=lambda p, r: [0.0] * len(r),
-                    beta=0.0,
-                    **sampling,
-                )
+                envs[name] = gym.make_vec("TextBandit-v0", num_envs=batch, model=(reference, tokenizer),
+                                          kl_estimator=name, max_new_tokens=max_new_tokens,
+                                          reward_model=lambda p, r: [0.0] * len(r), beta=0.0, **sampling)
             except ValueError as err:
                 refused[name] = str(err)
         values = {k: np.asarray(v) for k, v in _kl_rows(policy, envs, sampling, batches, batch, max_new_tokens).items()}
@@ -295,41 +250,18 @@ def kl_section(batches: int = 8, batch: int = 64, max_new_tokens: int = 16, nois
             bias = float(diff.mean())
             z = bias / (se + KL_ROUNDING / 3) if name != "exact" else 0.0
             label = ", ".join(f"{k}={v}" for k, v in sampling.items()) or "plain"
-            rows.append(
-                {
-                    "policy": policy_name,
-                    "sampling": label,
-                    "estimator": name,
-                    "mean": float(v.mean()),
-                    "stderr": float(v.std(ddof=1) / np.sqrt(len(v))),
-                    "exact": float(exact.mean()),
-                    "bias": bias,
-                    "bias_stderr": se,
-                    "z": z,
-                    "status": _status(name, z, refused),
-                }
-            )
-        rows.extend(
-            {
-                "policy": policy_name,
-                "sampling": rows[-1]["sampling"],
-                "estimator": name,
-                "status": "refused",
-                "message": message,
-            }
-            for name, message in refused.items()
-        )
+            rows.append({"policy": policy_name, "sampling": label,
+                         "estimator": name, "mean": float(v.mean()), "stderr": float(v.std(ddof=1) / np.sqrt(len(v))),
+                         "exact": float(exact.mean()), "bias": bias, "bias_stderr": se, "z": z,
+                         "status": _status(name, z, refused)})
+        rows.extend({"policy": policy_name, "sampling": rows[-1]["sampling"], "estimator": name, "status": "refused",
+                     "message": message} for name, message in refused.items())
         for env in envs.values():
             env.close()
     env_rows = [r for r in rows if "(direct)" not in r["estimator"]]
-    return {
-        "settings": len(KL_SETTINGS),
-        "responses_per_setting": batches * batch,
-        "max_new_tokens": max_new_tokens,
-        "policy_noise": noise,
-        "rows": rows,
-        "all_within_3_se_or_refused": all(r["status"] in ("ok", "refused", "reference") for r in env_rows),
-    }
+    return {"settings": len(KL_SETTINGS), "responses_per_setting": batches * batch, "max_new_tokens": max_new_tokens,
+            "policy_noise": noise, "rows": rows,
+            "all_within_3_se_or_refused": all(r["status"] in ("ok", "refused", "reference") for r in env_rows)}
 
 
 def _status(name: str, z: float, refused: dict) -> str:
@@ -342,18 +274,14 @@ def _status(name: str, z: float, refused: dict) -> str:
 
 # ---- rlhf --help timing ------------------------------------------------------------------------------------
 
-
 def cli_timing(repeats: int = 5) -> dict:
     """Median wall seconds of ``python -m agents.cli ARGS`` in fresh processes (target: under 1 s)."""
     import statistics
 
     result = {}
-    for label, args in [
-        ("rlhf --help", ["--help"]),
-        ("rlhf --no-such-option", ["--no-such-option"]),
-        ("rlhf no-such-command", ["no-such-command"]),
-        ("rlhf ppo --help (imports torch)", ["ppo", "--help"]),
-    ]:
+    for label, args in [("rlhf --help", ["--help"]), ("rlhf --no-such-option", ["--no-such-option"]),
+                        ("rlhf no-such-command", ["no-such-command"]),
+                        ("rlhf ppo --help (imports torch)", ["ppo", "--help"])]:
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -373,45 +301,25 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_suite(args.pytest_args.split())
     result["cli_timing"] = cli_timing()
     result["kl"] = kl_section(args.kl_batches)
-    print_table(
-        "Reliability suite (one pytest run, slow tests included)",
-        [
-            {
-                "measure": "bad inputs tried (table rows)",
-                "count": result["bad_inputs_tried"],
-                "ok": result["bad_inputs_rejected_correctly"],
-            },
-            {
-                "measure": "hypothesis examples run",
-                "count": result["hypothesis_examples"],
-                "ok": f"{result['hypothesis_tests']} property tests",
-            },
-            {
-                "measure": "crash points survived (SIGKILL, resume)",
-                "count": result["crash_points_survived"],
-                "ok": f"{result['sigkills_sent']} SIGKILLs sent",
-            },
-            {
-                "measure": "runs compared bit for bit",
-                "count": result["runs_compared_bit_for_bit"],
-                "ok": f"{len(result['determinism_tests_passed'])} determinism tests",
-            },
-            {"measure": "wall seconds", "count": result["wall_seconds"], "ok": result["pytest_summary"]},
-        ],
-    )
+    print_table("Reliability suite (one pytest run, slow tests included)", [
+        {"measure": "bad inputs tried (table rows)", "count": result["bad_inputs_tried"],
+         "ok": result["bad_inputs_rejected_correctly"]},
+        {"measure": "hypothesis examples run", "count": result["hypothesis_examples"],
+         "ok": f"{result['hypothesis_tests']} property tests"},
+        {"measure": "crash points survived (SIGKILL, resume)", "count": result["crash_points_survived"],
+         "ok": f"{result['sigkills_sent']} SIGKILLs sent"},
+        {"measure": "runs compared bit for bit", "count": result["runs_compared_bit_for_bit"],
+         "ok": f"{len(result['determinism_tests_passed'])} determinism tests"},
+        {"measure": "wall seconds", "count": result["wall_seconds"], "ok": result["pytest_summary"]},
+    ])
     print_table("Per file", [{"file": name, **counts} for name, counts in result["tests"].items()])
-    print_table(
-        "KL per response against the exact KL (same responses; bias = mean paired difference)",
-        [
-            {k: r.get(k) for k in ("policy", "sampling", "estimator", "mean", "exact", "bias", "bias_stderr", "status")}
-            for r in result["kl"]["rows"]
-        ],
-    )
+    print_table("KL per response against the exact KL (same responses; bias = mean paired difference)",
+                [{k: r.get(k) for k in ("policy", "sampling", "estimator", "mean", "exact", "bias", "bias_stderr",
+                                        "status")}
+                 for r in result["kl"]["rows"]])
     print(f"every offered estimator within 3 SE of exact, or refused: {result['kl']['all_within_3_se_or_refused']}")
-    print_table(
-        "rlhf command start-up (fresh process, median of 5)",
-        [{"command": k, **v} for k, v in result["cli_timing"].items()],
-    )
+    print_table("rlhf command start-up (fresh process, median of 5)",
+                [{"command": k, **v} for k, v in result["cli_timing"].items()])
     if result["failed"]:
         print("\nFAILED:", *result["failed"], sep="\n  ")
     write_json("reliability", result)

@@ -33,10 +33,8 @@ def find_data(path: Path | None) -> Path:
     """The tinyshakespeare text: ``path`` or ``<repo>/../shared/data/tinyshakespeare.txt``."""
     path = Path(path) if path is not None else DEFAULT_DATA
     if not path.is_file():
-        raise FileNotFoundError(
-            f"tinyshakespeare not found at {path}: this benchmark reads the real text from "
-            f"{DEFAULT_DATA} (never from the repository); put it there or pass --data PATH."
-        )
+        raise FileNotFoundError(f"tinyshakespeare not found at {path}: this benchmark reads the real text from "
+                                f"{DEFAULT_DATA} (never from the repository); put it there or pass --data PATH.")
     return path
 
 
@@ -46,24 +44,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, default=None, help=f"tinyshakespeare.txt (default {DEFAULT_DATA})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the run folder (not the repo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's, as the product)"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, as the "
+                                                                  "product)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run, not for the README")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads {args.threads}; expected a positive integer.")
     out = args.out.resolve()
-    return run(
-        [find_data(args.data)],
-        "shakespeare_quick" if args.quick else "shakespeare",
-        out,
-        seed=args.seed,
-        threads=args.threads,
-        quick=args.quick,
-        progress=args.progress,
-    )
+    return run([find_data(args.data)], "shakespeare_quick" if args.quick else "shakespeare", out, seed=args.seed,
+               threads=args.threads, quick=args.quick, progress=args.progress)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ TIMED = {
     "sft": "forward, loss on completion tokens, backward, clip, AdamW step, per batch",
     "rm": "forward of chosen and rejected texts, Bradley-Terry loss, backward, clip, AdamW step, per batch",
     "dpo": "ours: one no-grad reference pass over all pairs before the loop, then policy forward/backward/step "
-    "per batch; TRL, both variants (default precompute_ref_log_probs=False): reference forward and policy "
-    "forward/backward/step per batch",
+           "per batch; TRL, both variants (default precompute_ref_log_probs=False): reference forward and policy "
+           "forward/backward/step per batch",
 }
 
 
@@ -122,32 +122,18 @@ def build_model(path: Path, device: str, seed: int = 0, model: str = "gpt2", siz
     from rlhf_envs.lm.loading import load_causal_lm, load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(None)
-    special = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     if model == "embedded-llama" and size == "small":
         built = load_causal_lm(resolve_model_path("embedded-llama"))[0]
     elif model == "embedded-llama":
-        built = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=384,
-                intermediate_size=1024,
-                num_hidden_layers=6,
-                num_attention_heads=6,
-                num_key_value_heads=2,
-                max_position_embeddings=128,
-                tie_word_embeddings=True,
-                **special,
-            )
-        )
+        built = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1024,
+                                             num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                                             max_position_embeddings=128, tie_word_embeddings=True, **special))
     else:
-        shape = (
-            dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
-            if device == "cuda"
-            else dict(n_layer=4, n_embd=128, n_head=4, vocab_size=len(tokenizer), n_positions=128)
-        )
+        shape = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024) if device == "cuda" else \
+            dict(n_layer=4, n_embd=128, n_head=4, vocab_size=len(tokenizer), n_positions=128)
         if size == "10m":
             shape = dict(n_layer=6, n_embd=384, n_head=6, vocab_size=len(tokenizer), n_positions=128)
         built = GPT2LMHeadModel(GPT2Config(**shape, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special))
@@ -218,18 +204,13 @@ def shakespeare_data(n: int, seed: int, path: Path = SHAKESPEARE) -> tuple[list[
         for _ in range(n):
             own, other = rng.sample(speeches, 2)
             prompt = "\n".join(own[:2])
-            answers = [
-                " " + _cut("\n".join(own[2:]), rng.randint(100, 400)),
-                " " + _cut("\n".join(other[1:]), rng.randint(100, 400)),
-            ]
+            answers = [" " + _cut("\n".join(own[2:]), rng.randint(100, 400)),
+                       " " + _cut("\n".join(other[1:]), rng.randint(100, 400))]
             demos.append({"prompt": prompt, "completion": answers[0]})
             candidates.append((prompt, answers))
         scores = gold.score([p for p, a in candidates for _ in a], [x for _, a in candidates for x in a]).reshape(-1, 2)
-        pairs += [
-            {"prompt": p, "chosen": a[int(s[1] > s[0])], "rejected": a[int(s[1] <= s[0])]}
-            for (p, a), s in zip(candidates, scores)
-            if s[0] != s[1]
-        ]
+        pairs += [{"prompt": p, "chosen": a[int(s[1] > s[0])], "rejected": a[int(s[1] <= s[0])]}
+                  for (p, a), s in zip(candidates, scores) if s[0] != s[1]]
     return demos[:n], pairs[:n]
 
 
@@ -242,11 +223,8 @@ def write_inputs(workdir: Path, settings: Settings, data: str = "reviews") -> di
 
     n = settings.steps * settings.batch_size
     n_params = build_model(workdir / "model", settings.device, settings.seed, settings.model, settings.size)
-    demos, pairs = (
-        shakespeare_data(n, settings.seed)
-        if data == "shakespeare"
-        else (make_demonstrations(n, settings.seed), preference_pairs(n, settings.seed))
-    )
+    demos, pairs = shakespeare_data(n, settings.seed) if data == "shakespeare" else \
+        (make_demonstrations(n, settings.seed), preference_pairs(n, settings.seed))
     for name, rows in (("sft", demos), ("pairs", pairs)):
         (workdir / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return {"n_parameters": n_params, "examples": n, "data": data, **token_lengths(workdir, settings.max_length)}
@@ -261,11 +239,8 @@ def token_lengths(workdir: Path, max_length: int) -> dict:
     lengths = {}
     for name, answers in (("sft", ("completion",)), ("pairs", ("chosen", "rejected"))):
         rows = [json.loads(line) for line in (workdir / f"{name}.jsonl").read_text().splitlines()]
-        counts = [
-            len(tokenizer(row["prompt"] + row[a], truncation=True, max_length=max_length)["input_ids"])
-            for row in rows
-            for a in answers
-        ]
+        counts = [len(tokenizer(row["prompt"] + row[a], truncation=True,
+                                max_length=max_length)["input_ids"]) for row in rows for a in answers]
         lengths[f"mean_tokens_per_sequence_{name}"] = sum(counts) / len(counts)
     return lengths
 
@@ -280,9 +255,8 @@ def run_ours(algorithm: str, workdir: Path, out: Path, s: Settings) -> float:
     loss is not finite is an error, not a figure."""
     result = train_ours(algorithm, workdir, out, s)
     if not math.isfinite(result.metrics.get("loss", math.nan)):
-        raise RuntimeError(
-            f"{algorithm}: our run ended with loss {result.metrics.get('loss')!r}; its speed is not a figure"
-        )
+        raise RuntimeError(f"{algorithm}: our run ended with loss {result.metrics.get('loss')!r}; its speed is not a "
+                           "figure")
     return result.train_seconds
 
 
@@ -298,28 +272,12 @@ def train_ours(algorithm: str, workdir: Path, out: Path, s: Settings, **override
         "dpo": (DPOConfig, train_dpo, "pairs.jsonl"),
     }[algorithm]
     extra = {"beta": s.beta} if algorithm == "dpo" else {}
-    config = config_cls(
-        model_path=str(workdir / "model"),
-        data_path=str(workdir / data),
-        output_dir=str(out),
-        seed=s.seed,
-        max_steps=s.steps,
-        batch_size=s.batch_size,
-        max_length=s.max_length,
-        learning_rate=s.learning_rate,
-        lr_schedule="linear",
-        warmup_ratio=0.0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        eval_fraction=0.0,
-        log_every=s.steps,
-        checkpoint_every=0,
-        device=s.device,
-        torch_threads=s.threads,
-        progress=False,
-        **extra,
-        **{"bf16": s.bf16, **overrides},
-    )
+    config = config_cls(model_path=str(workdir / "model"), data_path=str(workdir / data), output_dir=str(out),
+                        seed=s.seed, max_steps=s.steps, batch_size=s.batch_size, max_length=s.max_length,
+                        learning_rate=s.learning_rate, lr_schedule="linear", warmup_ratio=0.0, weight_decay=0.0,
+                        max_grad_norm=1.0, eval_fraction=0.0, log_every=s.steps, checkpoint_every=0,
+                        device=s.device, torch_threads=s.threads, progress=False, **extra, **{"bf16": s.bf16,
+                                                                                              **overrides})
     return train(config)
 
 
@@ -333,31 +291,13 @@ def trl_config(algorithm: str, side: str, out: Path, s: Settings) -> TrainingArg
     """
     from trl import DPOConfig, RewardConfig, SFTConfig
 
-    experiment = dict(
-        output_dir=str(out),
-        seed=s.seed,
-        max_steps=s.steps,
-        per_device_train_batch_size=s.batch_size,
-        max_length=s.max_length,
-        learning_rate=s.learning_rate,
-        use_cpu=s.device == "cpu",
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-    )
-    matched = dict(
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        gradient_checkpointing=False,
-        bf16=s.bf16,
-        fp16=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=s.device == "cuda",
-    )
+    experiment = dict(output_dir=str(out), seed=s.seed, max_steps=s.steps, per_device_train_batch_size=s.batch_size,
+                      max_length=s.max_length, learning_rate=s.learning_rate, use_cpu=s.device == "cpu",
+                      eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
+                      disable_tqdm=True)
+    matched = dict(lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                   gradient_checkpointing=False, bf16=s.bf16, fp16=False, dataloader_num_workers=0,
+                   dataloader_pin_memory=s.device == "cuda")
     config_cls, algorithm_matched = {
         "sft": (SFTConfig, dict(completion_only_loss=True)),
         "rm": (RewardConfig, {}),
@@ -375,11 +315,8 @@ def shipped_differences(algorithm: str, s: Settings) -> dict[str, dict]:
         warnings.simplefilter("ignore")
         matched = trl_config(algorithm, "trl", Path(out), s).to_dict()
         shipped = trl_config(algorithm, "trl_shipped", Path(out), s).to_dict()
-    return {
-        key: {"matched": matched[key], "shipped": shipped.get(key)}
-        for key in matched
-        if matched[key] != shipped.get(key)
-    }
+    return {key: {"matched": matched[key],
+                  "shipped": shipped.get(key)} for key in matched if matched[key] != shipped.get(key)}
 
 
 def run_trl(algorithm: str, side: str, workdir: Path, out: Path, s: Settings) -> float:
@@ -406,13 +343,8 @@ def run_trl(algorithm: str, side: str, workdir: Path, out: Path, s: Settings) ->
     rows = [json.loads(line) for line in (workdir / data).read_text().splitlines()]
     dataset = Dataset.from_list(rows)
     trainer_cls = {"sft": SFTTrainer, "rm": RewardTrainer, "dpo": DPOTrainer}[algorithm]
-    trainer = trainer_cls(
-        model,
-        args=trl_config(algorithm, side, out, s),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        callbacks=[Timer()],
-    )
+    trainer = trainer_cls(model, args=trl_config(algorithm, side, out, s), train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
     return Timer.end - Timer.start
 
@@ -443,41 +375,25 @@ def worker(algorithm: str, side: str, workdir: Path, s: Settings) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss_start = rss_mib("VmRSS")
     with tempfile.TemporaryDirectory(dir=workdir) as out:
-        seconds = (
-            run_ours(algorithm, workdir, Path(out), s)
-            if side == "ours"
-            else run_trl(algorithm, side, workdir, Path(out), s)
-        )
-    result = {
-        "seconds": seconds,
-        "per_second": s.steps * s.batch_size / seconds,
-        "peak_rss_mib": rss_mib("VmHWM"),
-        "rss_after_imports_mib": rss_start,
-    }
+        seconds = run_ours(algorithm, workdir, Path(out), s) if side == "ours" else \
+            run_trl(algorithm, side, workdir, Path(out), s)
+    result = {"seconds": seconds, "per_second": s.steps * s.batch_size / seconds,
+              "peak_rss_mib": rss_mib("VmHWM"),
+              "rss_after_imports_mib": rss_start}
     if s.device == "cuda":
         result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
 def _spawn(algorithm: str, side: str, workdir: Path, s: Settings) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.bench_trainers",
-        "--worker",
-        algorithm,
-        side,
-        "--workdir",
-        str(workdir),
-        "--settings",
-        json.dumps(asdict(s)),
-    ]
+    cmd = [sys.executable, "-m", "benchmarks.bench_trainers", "--worker", algorithm, side, "--workdir", str(workdir),
+           "--settings", json.dumps(asdict(s))]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(s.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{side} {algorithm} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main() -> None:
@@ -486,48 +402,26 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 40, --quick 10)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per side (default 3, --quick 1)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch threads on both sides (default 1: on a shared 2-core machine, 2 threads oversubscribe)",
-    )
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on both sides (default 1: on a shared 2-core machine, 2 threads "
+                             "oversubscribe)")
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
-    parser.add_argument(
-        "--data",
-        choices=("reviews", "shakespeare"),
-        default="reviews",
-        help="reviews: the project's corpus (about 14 tokens a sequence); shakespeare: speeches from "
-        "../shared/data/tinyshakespeare.txt (about 94, near max length 128)",
-    )
-    parser.add_argument(
-        "--bf16",
-        action="store_true",
-        help="bf16 autocast on ours and on TRL matched (as TRL ships; weights and optimizer stay float32)",
-    )
-    parser.add_argument(
-        "--model",
-        choices=("gpt2", "embedded-llama"),
-        default="gpt2",
-        help="gpt2: a random GPT-2 of the embedded model's shape; embedded-llama: the Llama twin",
-    )
-    parser.add_argument(
-        "--size",
-        choices=("small", "10m"),
-        default="small",
-        help="small: the embedded model's size; 10m: a random model of about 10M parameters",
-    )
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="results file (default benchmarks/results/trainers.json, trainers_cuda.json with --device cuda; "
-        "_llama and _10m added for --model embedded-llama and --size 10m)",
-    )
-    parser.add_argument(
-        "--no-shipped",
-        action="store_true",
-        help="leave out TRL as shipped (the targets are against TRL matched): a third less time",
-    )
+    parser.add_argument("--data", choices=("reviews", "shakespeare"), default="reviews",
+                        help="reviews: the project's corpus (about 14 tokens a sequence); shakespeare: speeches from "
+                             "../shared/data/tinyshakespeare.txt (about 94, near max length 128)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast on ours and on TRL matched (as TRL ships; weights and optimizer stay "
+                             "float32)")
+    parser.add_argument("--model", choices=("gpt2", "embedded-llama"), default="gpt2",
+                        help="gpt2: a random GPT-2 of the embedded model's shape; embedded-llama: the Llama twin")
+    parser.add_argument("--size", choices=("small", "10m"), default="small",
+                        help="small: the embedded model's size; 10m: a random model of about 10M parameters")
+    parser.add_argument("--out", default=None,
+                        help="results file (default benchmarks/results/trainers.json, trainers_cuda.json with "
+                             "--device cuda; "
+                             "_llama and _10m added for --model embedded-llama and --size 10m)")
+    parser.add_argument("--no-shipped", action="store_true",
+                        help="leave out TRL as shipped (the targets are against TRL matched): a third less time")
     parser.add_argument("--worker", nargs=2, metavar=("ALGORITHM", "SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
@@ -540,9 +434,8 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device is visible to torch; run on a GPU machine or use --device cpu")
     steps = args.steps or (10 if args.quick else 40)
     repeats = args.repeats or (1 if args.quick else 3)
-    settings = Settings(
-        steps=steps, threads=args.threads, device=args.device, bf16=args.bf16, model=args.model, size=args.size
-    )
+    settings = Settings(steps=steps, threads=args.threads, device=args.device, bf16=args.bf16, model=args.model,
+                        size=args.size)
     memory_key = "cuda_max_allocated_mib" if args.device == "cuda" else "peak_rss_mib"
     sides = SIDES[:2] if args.no_shipped else SIDES
     targets = {a: MODEL_TARGETS.get((args.model, args.size), TARGETS[a]) for a in ALGORITHMS}
@@ -553,16 +446,12 @@ def main() -> None:
         for algorithm in args.algorithms:
             runs: dict[str, list[dict]] = {side: [] for side in sides}
             for repeat in range(repeats):
-                for side in sides[repeat % len(sides) :] + sides[: repeat % len(sides)]:
+                for side in sides[repeat % len(sides):] + sides[:repeat % len(sides)]:
                     runs[side].append(_spawn(algorithm, side, workdir, settings))
-                    print(
-                        f"{algorithm} {side} run {repeat + 1}/{repeats}: {runs[side][-1]['per_second']:.1f} "
-                        f"{UNITS[algorithm]}, {runs[side][-1][memory_key]:.0f} MiB",
-                        flush=True,
-                    )
-            median = {
-                side: {key: statistics.median(r[key] for r in runs[side]) for key in runs[side][0]} for side in sides
-            }
+                    print(f"{algorithm} {side} run {repeat + 1}/{repeats}: {runs[side][-1]['per_second']:.1f} "
+                          f"{UNITS[algorithm]}, {runs[side][-1][memory_key]:.0f} MiB", flush=True)
+            median = {side: {key: statistics.median(r[key] for r in runs[side]) for key in runs[side][0]}
+                      for side in sides}
             best = {side: max(r["per_second"] for r in runs[side]) for side in sides}
             versus = {}
             for peer, label in ((peer, label) for peer, label in TRL_VARIANTS.items() if peer in sides):
@@ -617,7 +506,8 @@ def main() -> None:
     import trl
 
     print_table(
-        f"Training throughput, ours vs TRL {trl.__version__} ({args.model} {args.size}, {args.device}, {args.data} data"
+        f"Training throughput, ours vs TRL {trl.__version__} ({args.model} {args.size}, {args.device}, "
+        f"{args.data} data"
         f"{', bf16 autocast' if args.bf16 else ''}, {steps} steps of "
         f"{settings.batch_size}, median of {repeats})",
         rows,
@@ -642,8 +532,8 @@ def main() -> None:
             "memory": "CUDA max allocated (MiB)"
             if args.device == "cuda"
             else "peak resident set size of the run's own process (VmHWM, MiB), its imports included",
-            "excluded_from_timing": "process start, imports, model load, tokenisation, trainer construction, final "
-            "save",
+            "excluded_from_timing": "process start, imports, model load, tokenisation, trainer construction, "
+                                    "final save",
             "sides": {
                 "ours": "our trainer",
                 "trl": "TRL with every setting matched to ours",

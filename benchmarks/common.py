@@ -36,11 +36,9 @@ def cpu_info() -> dict:
     except OSError:
         return {}
     flags = set(fields.get("flags", "").split())
-    return {
-        "cpu_model": f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model "
-        f"{fields.get('model', '?')})",
-        "cpu_features": [f for f in _CPU_FEATURES if f in flags],
-    }
+    return {"cpu_model": f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model "
+                         f"{fields.get('model', '?')})",
+            "cpu_features": [f for f in _CPU_FEATURES if f in flags]}
 
 
 def machine_info() -> dict:

@@ -27,69 +27,29 @@ _CATGRID = "rlhf_envs.catgrid:CatGridEnv"
 _CATGRID_VEC = "rlhf_envs.catgrid_vector:CatGridVectorEnv"
 
 _ENVS: list[dict] = [
-    dict(
-        id="CatGrid-v0",
-        entry_point=_CATGRID,
-        vector_entry_point=_CATGRID_VEC,
-        max_episode_steps=100,
-        kwargs={"map_name": "4x4", "slip": 0.0},
-    ),
-    dict(
-        id="CatGridDrunk-v0",
-        entry_point=_CATGRID,
-        vector_entry_point=_CATGRID_VEC,
-        max_episode_steps=100,
-        kwargs={"map_name": "4x4", "slip": 0.2},
-    ),
-    dict(
-        id="CatGrid8x8-v0",
-        entry_point=_CATGRID,
-        vector_entry_point=_CATGRID_VEC,
-        max_episode_steps=200,
-        kwargs={"map_name": "8x8", "slip": 0.0},
-    ),
-    dict(
-        id="CatGrid8x8Drunk-v0",
-        entry_point=_CATGRID,
-        vector_entry_point=_CATGRID_VEC,
-        max_episode_steps=200,
-        kwargs={"map_name": "8x8", "slip": 0.2},
-    ),
+    dict(id="CatGrid-v0", entry_point=_CATGRID, vector_entry_point=_CATGRID_VEC,
+         max_episode_steps=100, kwargs={"map_name": "4x4", "slip": 0.0}),
+    dict(id="CatGridDrunk-v0", entry_point=_CATGRID, vector_entry_point=_CATGRID_VEC,
+         max_episode_steps=100, kwargs={"map_name": "4x4", "slip": 0.2}),
+    dict(id="CatGrid8x8-v0", entry_point=_CATGRID, vector_entry_point=_CATGRID_VEC,
+         max_episode_steps=200, kwargs={"map_name": "8x8", "slip": 0.0}),
+    dict(id="CatGrid8x8Drunk-v0", entry_point=_CATGRID, vector_entry_point=_CATGRID_VEC,
+         max_episode_steps=200, kwargs={"map_name": "8x8", "slip": 0.2}),
 ]
 
 _TEXT_ENVS: list[dict] = [
-    dict(
-        id="TextBandit-v0",
-        entry_point="rlhf_envs.text_bandit:TextBanditEnv",
-        vector_entry_point="rlhf_envs.text_bandit:TextBanditVectorEnv",
-    ),
-    dict(
-        id="TextBanditExact-v0",
-        entry_point="rlhf_envs.text_bandit_exact:TextBanditExactEnv",
-        vector_entry_point="rlhf_envs.text_bandit_exact:TextBanditExactVectorEnv",
-    ),
-    dict(
-        id="TextArithmetic-v0",
-        entry_point="rlhf_envs.text_arithmetic:TextArithmeticEnv",
-        vector_entry_point="rlhf_envs.text_arithmetic:TextArithmeticVectorEnv",
-    ),
-    dict(
-        id="TextToken-v0",
-        entry_point="rlhf_envs.text_token:TextTokenEnv",
-        vector_entry_point="rlhf_envs.text_token:TextTokenVectorEnv",
-    ),
-    dict(
-        id="TextDialogue-v0",
-        entry_point="rlhf_envs.text_dialogue:TextDialogueEnv",
-        vector_entry_point="rlhf_envs.text_dialogue:TextDialogueVectorEnv",
-        kwargs={"game": "guess"},
-    ),
-    dict(
-        id="TextDialogueTool-v0",
-        entry_point="rlhf_envs.text_dialogue:TextDialogueEnv",
-        vector_entry_point="rlhf_envs.text_dialogue:TextDialogueVectorEnv",
-        kwargs={"game": "calc"},
-    ),
+    dict(id="TextBandit-v0", entry_point="rlhf_envs.text_bandit:TextBanditEnv",
+         vector_entry_point="rlhf_envs.text_bandit:TextBanditVectorEnv"),
+    dict(id="TextBanditExact-v0", entry_point="rlhf_envs.text_bandit_exact:TextBanditExactEnv",
+         vector_entry_point="rlhf_envs.text_bandit_exact:TextBanditExactVectorEnv"),
+    dict(id="TextArithmetic-v0", entry_point="rlhf_envs.text_arithmetic:TextArithmeticEnv",
+         vector_entry_point="rlhf_envs.text_arithmetic:TextArithmeticVectorEnv"),
+    dict(id="TextToken-v0", entry_point="rlhf_envs.text_token:TextTokenEnv",
+         vector_entry_point="rlhf_envs.text_token:TextTokenVectorEnv"),
+    dict(id="TextDialogue-v0", entry_point="rlhf_envs.text_dialogue:TextDialogueEnv",
+         vector_entry_point="rlhf_envs.text_dialogue:TextDialogueVectorEnv", kwargs={"game": "guess"}),
+    dict(id="TextDialogueTool-v0", entry_point="rlhf_envs.text_dialogue:TextDialogueEnv",
+         vector_entry_point="rlhf_envs.text_dialogue:TextDialogueVectorEnv", kwargs={"game": "calc"}),
 ]
 
 

@@ -127,12 +127,9 @@ def _warn_if_meat_unreachable(rows: tuple[str, ...], next_state: np.ndarray, ter
                     frontier.append(nxt)
     flat = "".join(rows)
     if not any(flat[s] == "M" for s in seen):
-        warnings.warn(
-            "the meat 'M' cannot be reached from the start 'C' on this map (walls, edges or bathtubs in the "
-            "way, or no meat): the optimal return is at most 0; open a path to the meat",
-            UserWarning,
-            stacklevel=3,
-        )
+        warnings.warn("the meat 'M' cannot be reached from the start 'C' on this map (walls, edges or bathtubs in the "
+                      "way, or no meat): the optimal return is at most 0; open a path to the meat",
+                      UserWarning, stacklevel=3)
 
 
 def check_slip(slip: float) -> float:
@@ -282,18 +279,15 @@ def render_rgb(model: GridModel, cat_cell: int) -> np.ndarray:
     yy, xx = np.mgrid[0:_CELL_PX, 0:_CELL_PX]
     for r, line in enumerate(model.desc):
         for c, ch in enumerate(line):
-            tile = img[r * _CELL_PX : (r + 1) * _CELL_PX, c * _CELL_PX : (c + 1) * _CELL_PX]
+            tile = img[r * _CELL_PX:(r + 1) * _CELL_PX, c * _CELL_PX:(c + 1) * _CELL_PX]
             tile[:] = _COLOURS[ch]
             tile[[0, -1], :] = tile[:, [0, -1]] = (120, 120, 120)
             if ch == "B":  # a broom: a handle and a brush
                 tile[4:20, 15:17] = (90, 60, 30)
                 tile[20:28, 9:23] = (220, 190, 90)
             elif ch == "T":  # a tub: a white rim
-                tile[
-                    (np.abs(yy - 16) <= 10)
-                    & (np.abs(xx - 16) <= 12)
-                    & ((np.abs(yy - 16) >= 9) | (np.abs(xx - 16) >= 11))
-                ] = (250, 250, 250)
+                rim = (np.abs(yy - 16) >= 9) | (np.abs(xx - 16) >= 11)
+                tile[(np.abs(yy - 16) <= 10) & (np.abs(xx - 16) <= 12) & rim] = (250, 250, 250)
             elif ch == "M":  # a bone
                 tile[14:18, 8:24] = (250, 240, 230)
     r, c = divmod(int(cat_cell), ncol)

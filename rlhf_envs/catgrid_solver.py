@@ -96,9 +96,8 @@ def solve(env_or_model, slip: float | None = None, horizon: int | None = None, g
     return Solution(float(v[model.start]), v, q, policy, int(horizon), gamma)
 
 
-def policy_return(
-    env_or_model, policy: np.ndarray, slip: float | None = None, horizon: int | None = None, gamma: float = 1.0
-) -> float:
+def policy_return(env_or_model, policy: np.ndarray, slip: float | None = None,
+                  horizon: int | None = None, gamma: float = 1.0) -> float:
     """Exact expected return from the start of a stationary policy.
 
     ``policy`` is ``[n_states]`` actions (deterministic) or ``[n_states, 4]`` action
@@ -113,10 +112,8 @@ def policy_return(
         if (probs < 0).any() or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-5):
             raise ValueError("a stochastic policy needs non-negative action probabilities summing to 1 per cell")
     else:
-        raise ValueError(
-            f"policy must be shape ({model.n_states},) actions or ({model.n_states}, 4) probabilities, got "
-            f"{policy.shape}"
-        )
+        raise ValueError(f"policy must be shape ({model.n_states},) actions or ({model.n_states}, 4) probabilities, "
+                         f"got {policy.shape}")
     P = transition_matrix(model, slip)
     v = np.zeros(model.n_states)
     for _ in range(int(horizon)):

@@ -38,9 +38,8 @@ class CatGridVectorEnv(VectorEnv):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         if render_mode is not None:
-            raise ValueError(
-                "CatGridVectorEnv does not render; use gym.make('CatGrid-v0', render_mode=...) for pictures"
-            )
+            raise ValueError("CatGridVectorEnv does not render; use gym.make('CatGrid-v0', render_mode=...) for "
+                             "pictures")
         if max_episode_steps is not None and max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be a positive integer or None, got {max_episode_steps!r}")
         self.model = resolve_map(desc, map_name)
@@ -75,12 +74,10 @@ class CatGridVectorEnv(VectorEnv):
         if a.shape != (self.num_envs,) or not np.issubdtype(a.dtype, np.integer):
             raise InvalidAction(
                 f"actions must be {self.num_envs} integers in [0, 3] (shape ({self.num_envs},)), "
-                f"got shape {a.shape} dtype {a.dtype}"
-            )
+                f"got shape {a.shape} dtype {a.dtype}")
         if a.min() < 0 or a.max() > 3:
-            raise InvalidAction(
-                f"actions out of range: got values {sorted(set(a[(a < 0) | (a > 3)].tolist()))}, expected 0..3"
-            )
+            raise InvalidAction(f"actions out of range: got values {sorted(set(a[(a < 0) | (a > 3)].tolist()))}, "
+                                "expected 0..3")
         if self.slip > 0.0:
             slipped = self.np_random.random(self.num_envs) < self.slip
             turn = self.np_random.integers(1, 4, self.num_envs)
@@ -101,3 +98,4 @@ class CatGridVectorEnv(VectorEnv):
             self._elapsed[done] = 0
         self._state = s
         return s.copy(), reward, terminated, truncated, info
+

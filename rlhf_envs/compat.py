@@ -33,13 +33,10 @@ def renamed_fields(**renames: str) -> Callable[[type[T]], type[T]]:
                 if old not in kwargs:
                     continue
                 if new in kwargs:
-                    raise TypeError(
-                        f"{cls.__name__}: got both {old!r} and {new!r}; {old!r} is the old name of "
-                        f"{new!r}: pass {new!r} only"
-                    )
-                warnings.warn(
-                    f"{cls.__name__}.{old} was renamed to {new!r}: pass {new}= instead", FutureWarning, stacklevel=2
-                )
+                    raise TypeError(f"{cls.__name__}: got both {old!r} and {new!r}; {old!r} is the old name of "
+                                    f"{new!r}: pass {new!r} only")
+                warnings.warn(f"{cls.__name__}.{old} was renamed to {new!r}: pass {new}= instead", FutureWarning,
+                              stacklevel=2)
                 kwargs[new] = kwargs.pop(old)
             init(self, *args, **kwargs)
 

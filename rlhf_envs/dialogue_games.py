@@ -25,15 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = [
-    "ASSETS",
-    "ArithmeticChecker",
-    "CalculatorGame",
-    "GuessNumberGame",
-    "evaluate_expression",
-    "make_word_tokenizer",
-    "optimal_guess_turns",
-]
+__all__ = ["ASSETS", "ArithmeticChecker", "CalculatorGame", "GuessNumberGame", "evaluate_expression",
+           "make_word_tokenizer", "optimal_guess_turns"]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EOT, PAD, UNK = "<eot>", "<pad>", "<unk>"
@@ -54,9 +47,8 @@ def make_word_tokenizer(words: Sequence[str]) -> Any:
     pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=EOT, pad_token=PAD, unk_token=UNK, padding_side="left"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT, pad_token=PAD, unk_token=UNK,
+                                   padding_side="left")
 
 
 def optimal_guess_turns(high: int) -> Fraction:

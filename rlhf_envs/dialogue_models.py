@@ -86,20 +86,12 @@ def _encode(tokenizer: Any, episodes: list[Segments]) -> tuple[torch.Tensor, tor
     out = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, (ids, label) in enumerate(zip(rows, labels)):
-        out[i, : len(ids)], lab[i, : len(label)] = torch.tensor(ids), torch.tensor(label)
+        out[i, :len(ids)], lab[i, :len(label)] = torch.tensor(ids), torch.tensor(label)
     return out, lab
 
 
-def _train(
-    tokenizer: Any,
-    episodes: list[Segments],
-    n_positions: int,
-    seed: int,
-    steps: int,
-    out_dir: Path,
-    n_embd: int = 64,
-    n_layer: int = 2,
-) -> tuple[Any, Any]:
+def _train(tokenizer: Any, episodes: list[Segments], n_positions: int, seed: int, steps: int,
+           out_dir: Path, n_embd: int = 64, n_layer: int = 2) -> tuple[Any, Any]:
     """Fit a GPT-2 on ``episodes`` (loss on the policy's tokens), seeded on one thread; save it with its tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -111,19 +103,9 @@ def _train(
             raise ValueError(f"demonstrations of {ids.shape[1]} tokens exceed n_positions={n_positions}")
         torch.manual_seed(seed)
         eot, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=n_positions,
-            n_embd=n_embd,
-            n_layer=n_layer,
-            n_head=4,
-            bos_token_id=eot,
-            eos_token_id=eot,
-            pad_token_id=pad,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                            n_head=4, bos_token_id=eot, eos_token_id=eot, pad_token_id=pad, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)
         model = GPT2LMHeadModel(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -147,34 +129,20 @@ def _train(
     return model, tokenizer
 
 
-def build_guess_model(
-    out_dir: str | Path = GuessNumberGame.model_dir, seed: int = 0, steps: int = 1500
-) -> tuple[Any, Any]:
+def build_guess_model(out_dir: str | Path = GuessNumberGame.model_dir, seed: int = 0,
+                      steps: int = 1500) -> tuple[Any, Any]:
     """The guess game's task model from 20,000 noisy-guesser episodes; returns ``(model, tokenizer)``."""
     episodes = guess_demonstrations(np.random.default_rng(seed), 20000)
-    return _train(
-        make_word_tokenizer(GuessNumberGame.words()),
-        episodes,
-        GuessNumberGame.max_context_tokens + 1,
-        seed,
-        steps,
-        Path(out_dir),
-    )
+    return _train(make_word_tokenizer(GuessNumberGame.words()), episodes, GuessNumberGame.max_context_tokens + 1,
+                  seed, steps, Path(out_dir))
 
 
-def build_calc_model(
-    out_dir: str | Path = CalculatorGame.model_dir, seed: int = 0, steps: int = 1500
-) -> tuple[Any, Any]:
+def build_calc_model(out_dir: str | Path = CalculatorGame.model_dir, seed: int = 0,
+                     steps: int = 1500) -> tuple[Any, Any]:
     """The calculator game's task model from 20,000 demonstrations; returns ``(model, tokenizer)``."""
     episodes = calc_demonstrations(np.random.default_rng(seed), 20000)
-    return _train(
-        make_word_tokenizer(CalculatorGame.words()),
-        episodes,
-        CalculatorGame.max_context_tokens + 1,
-        seed,
-        steps,
-        Path(out_dir),
-    )
+    return _train(make_word_tokenizer(CalculatorGame.words()), episodes, CalculatorGame.max_context_tokens + 1,
+                  seed, steps, Path(out_dir))
 
 
 BUILDERS: dict[str, Callable[..., tuple[Any, Any]]] = {"guess": build_guess_model, "calc": build_calc_model}

@@ -25,26 +25,22 @@ class ReferenceKV:
     """
 
     def __init__(self, view: Any, num_envs: int, width: int):
-        self.kv = torch.zeros(
-            num_envs, len(view.layers), 2, view.n_head, width, view.head_dim, dtype=view.dtype, device=view.wte.device
-        )
+        self.kv = torch.zeros(num_envs, len(view.layers), 2, view.n_head, width, view.head_dim, dtype=view.dtype,
+                              device=view.wte.device)
         self.cached = np.zeros(num_envs, dtype=np.int64)
         self._pending: np.ndarray | None = None
 
     @classmethod
     def make(cls, task: TextTask, num_envs: int, width: int) -> ReferenceKV | None:
         view = None if task.adapters_off else task.reference_view()
-        if (
-            view is None
-            or num_envs * 2 * len(view.layers) * width * view.d_model * view.wte.element_size() > PROMPT_CACHE_BYTES
-        ):
+        if view is None or num_envs * 2 * len(view.layers) * width * view.d_model * view.wte.element_size() > \
+                PROMPT_CACHE_BYTES:
             return None
         return cls(view, num_envs, width)
 
     @torch.no_grad()
-    def logprobs(
-        self, task: TextTask, buf: np.ndarray, length: np.ndarray, ids: torch.Tensor, mask: torch.Tensor, full: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def logprobs(self, task: TextTask, buf: np.ndarray, length: np.ndarray, ids: torch.Tensor, mask: torch.Tensor,
+                 full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:func:`ref_turn_logprobs` for turns ``ids [N, T]`` written in ``buf`` after the contexts
         ``buf[:, :length]``; the new tokens' keys and values go into the cache (counted once :meth:`commit` runs)."""
         view = task.reference_view()
@@ -58,14 +54,9 @@ class ReferenceKV:
         device = self.kv.device
         rows = torch.arange(n, device=device)
         as_t = functools.partial(torch.as_tensor, device=device)
-        hidden = view.packed_hidden(
-            as_t(buf),
-            as_t(feed),
-            as_t(np.broadcast_to(cols, (n, width)).copy()),
-            as_t(wanted),
-            past=(self.kv, rows, as_t(cols < self.cached[:, None])),
-            kv_out=(self.kv, rows),
-        )
+        hidden = view.packed_hidden(as_t(buf), as_t(feed), as_t(np.broadcast_to(cols, (n, width)).copy()),
+                                    as_t(wanted), past=(self.kv, rows, as_t(cols < self.cached[:, None])),
+                                    kv_out=(self.kv, rows))
         self._pending = end
         picked = processed_logprobs(view.logits(hidden).float(), task.ref_sampling, overwrite=True)
         ref = torch.zeros(mask.shape, device=ids.device)
@@ -83,9 +74,8 @@ class ReferenceKV:
 
 
 @torch.no_grad()
-def ref_turn_logprobs(
-    task: TextTask, context: torch.Tensor, context_mask: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, full: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def ref_turn_logprobs(task: TextTask, context: torch.Tensor, context_mask: torch.Tensor, ids: torch.Tensor,
+                       mask: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference log-probs ``[N, T]`` (and ``[N, T, V]`` with ``full``) of turns ``ids`` after left-padded contexts.
 
     :meth:`rlhf_envs.text_common.TextTask.ref_logprobs` with a context per row in place of a prompt index
@@ -98,20 +88,13 @@ def ref_turn_logprobs(
         view = task.reference_view()
         if view is None:
             both = torch.cat([context_mask, keep], dim=1)
-            logits = task.ref_model(
-                input_ids=torch.cat([context, ids], dim=1),
-                attention_mask=both.long(),
-                position_ids=positions_from_mask(both),
-                use_cache=False,
-                logits_to_keep=width + 1,
-            ).logits[:, :-1]
+            logits = task.ref_model(input_ids=torch.cat([context, ids], dim=1), attention_mask=both.long(),
+                                    position_ids=positions_from_mask(both), use_cache=False,
+                                    logits_to_keep=width + 1).logits[:, :-1]
             ref_full = processed_logprobs(logits, task.ref_sampling).masked_fill_(~keep[..., None], 0.0)
         else:
-            picked = processed_logprobs(
-                view.logits(response_hidden(view, context, context_mask, ids, keep)).float(),
-                task.ref_sampling,
-                overwrite=True,
-            )
+            picked = processed_logprobs(view.logits(response_hidden(view, context, context_mask, ids, keep)).float(),
+                                        task.ref_sampling, overwrite=True)
             ref_full = picked.new_zeros(keep.shape + picked.shape[-1:])
             ref_full[keep] = picked
     ref[:, :width] = ref_full.gather(-1, ids.unsqueeze(-1)).squeeze(-1).masked_fill(~keep, 0.0)

@@ -61,13 +61,11 @@ class DialogueStrings(gym.Wrapper):
             raise TypeError(f"DialogueStrings.step takes the turn as a str, got {type(action).__name__}")
         ids = self._tokenizer(action, add_special_tokens=False)["input_ids"] if action else []
         if len(ids) > d.max_turn_tokens - 1:
-            raise ValueError(
-                f"the turn {action[:40]!r} is {len(ids)} tokens; at most max_turn_tokens - 1 = "
-                f"{d.max_turn_tokens - 1} fit before the turn-end marker; shorten it or raise "
-                "max_turn_tokens"
-            )
+            raise ValueError(f"the turn {action[:40]!r} is {len(ids)} tokens; at most max_turn_tokens - 1 = "
+                             f"{d.max_turn_tokens - 1} fit before the turn-end marker; shorten it or raise "
+                             "max_turn_tokens")
         tokens = np.full(d.max_turn_tokens, task.pad_token_id, dtype=np.int64)
-        tokens[: len(ids) + 1] = [*ids, task.eos_token_id]
+        tokens[:len(ids) + 1] = [*ids, task.eos_token_id]
         obs, reward, terminated, truncated, info = self.env.step(tokens)
         return str(info["reply"]), reward, terminated, truncated, {**info, "context": self._context(obs)}
 
@@ -80,10 +78,8 @@ class UserGame:
     def __init__(self, inner: Any):
         for method in ("reset", "step"):
             if not callable(getattr(inner, method, None)):
-                raise TypeError(
-                    f"{type(inner).__name__} has no {method}(); a user game needs reset() -> str and "
-                    "step(text) -> (reply, reward, done)"
-                )
+                raise TypeError(f"{type(inner).__name__} has no {method}(); a user game needs reset() -> str and "
+                                "step(text) -> (reply, reward, done)")
         self.inner = inner
         self._seeded = "seed" in inspect.signature(inner.reset).parameters
 
@@ -96,18 +92,15 @@ class UserGame:
         out = self.inner.reset(seed=int(rng.integers(2**31 - 1))) if self._seeded else self.inner.reset()
         text = out[0] if isinstance(out, tuple) else out
         if not isinstance(text, str):
-            raise TypeError(
-                f"{type(self.inner).__name__}.reset() must return the opening text, got {type(text).__name__}"
-            )
+            raise TypeError(f"{type(self.inner).__name__}.reset() must return the opening text, "
+                            f"got {type(text).__name__}")
         return text
 
     def reply(self, text: str) -> tuple[str, float, bool, bool]:
         out = self.inner.step(text)
         if not isinstance(out, tuple) or len(out) not in (3, 4, 5):
-            raise TypeError(
-                f"{type(self.inner).__name__}.step(text) must return (reply, reward, done), "
-                f"(reply, reward, terminated, truncated) or a Gymnasium 5-tuple, got {out!r:.80}"
-            )
+            raise TypeError(f"{type(self.inner).__name__}.step(text) must return (reply, reward, done), "
+                            f"(reply, reward, terminated, truncated) or a Gymnasium 5-tuple, got {out!r:.80}")
         reply, reward = out[0], out[1]
         if not isinstance(reply, str):
             raise TypeError(f"{type(self.inner).__name__}.step(text) must reply with a str, got {type(reply).__name__}")
@@ -125,9 +118,8 @@ class _Factory:
         return self.adapter(self.user_class(**self.kwargs))
 
 
-def register_dialogue_env(
-    env_id: str, user_class: Callable[..., Any], *, game_kwargs: dict | None = None, **env_kwargs: Any
-) -> None:
+def register_dialogue_env(env_id: str, user_class: Callable[..., Any], *, game_kwargs: dict | None = None,
+                          **env_kwargs: Any) -> None:
     """Register ``env_id`` as a TextDialogue env (``gym.make`` and the batched ``gym.make_vec``) over ``user_class``.
 
     ``game_kwargs`` go to ``user_class`` (one instance per env); ``env_kwargs`` to
@@ -136,9 +128,6 @@ def register_dialogue_env(
     """
     if not callable(user_class):
         raise TypeError(f"user_class must be a class (or factory) with reset() and step(text), got {user_class!r}")
-    register(
-        id=env_id,
-        entry_point="rlhf_envs.text_dialogue:TextDialogueEnv",
-        vector_entry_point="rlhf_envs.text_dialogue:TextDialogueVectorEnv",
-        kwargs={"game": UserGame.factory(user_class, **(game_kwargs or {})), **env_kwargs},
-    )
+    register(id=env_id, entry_point="rlhf_envs.text_dialogue:TextDialogueEnv",
+             vector_entry_point="rlhf_envs.text_dialogue:TextDialogueVectorEnv",
+             kwargs={"game": UserGame.factory(user_class, **(game_kwargs or {})), **env_kwargs})

@@ -57,32 +57,20 @@ EXACT_ROUNDING = 1e-3
 """Most negative exact KL per position (nats) taken for float rounding and clamped to 0."""
 
 
-def kl_k1(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    full_logprobs: torch.Tensor | None = None,
-    full_ref_logprobs: torch.Tensor | None = None,
-) -> torch.Tensor:
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+          full_logprobs: torch.Tensor | None = None, full_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """``logp - ref_logp`` per token."""
     return logprobs - ref_logprobs
 
 
-def kl_k2(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    full_logprobs: torch.Tensor | None = None,
-    full_ref_logprobs: torch.Tensor | None = None,
-) -> torch.Tensor:
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+          full_logprobs: torch.Tensor | None = None, full_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """``0.5 * (logp - ref_logp) ** 2`` per token."""
     return 0.5 * (logprobs - ref_logprobs) ** 2
 
 
-def kl_k3(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    full_logprobs: torch.Tensor | None = None,
-    full_ref_logprobs: torch.Tensor | None = None,
-) -> torch.Tensor:
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+          full_logprobs: torch.Tensor | None = None, full_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """``(r - 1) - log r`` with ``r = exp(ref_logp - logp)`` per token (Schulman's estimator).
 
     With the full distributions ``[..., V]`` it is ``(r - Z) - log r``, ``Z`` the reference's mass
@@ -98,18 +86,13 @@ def kl_k3(
     return k3 + removed_ref_mass
 
 
-def kl_exact(
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    full_logprobs: torch.Tensor | None = None,
-    full_ref_logprobs: torch.Tensor | None = None,
-) -> torch.Tensor:
+def kl_exact(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+             full_logprobs: torch.Tensor | None = None, full_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_v p (log p - log q)`` per position from ``full_logprobs`` and ``full_ref_logprobs`` ``[..., V]``."""
     if full_logprobs is None or full_ref_logprobs is None:
         raise ValueError(
             "the 'exact' KL estimator needs the full log-distributions [..., V] of the policy and the reference; "
-            "hand them over (full_logprobs=...) or pick kl_estimator='k1', 'k2' or 'k3'"
-        )
+            "hand them over (full_logprobs=...) or pick kl_estimator='k1', 'k2' or 'k3'")
     p = full_logprobs.exp()
     terms = torch.where(p > 0, p * (full_logprobs - full_ref_logprobs), torch.zeros_like(p))
     kl = terms.sum(-1)
@@ -122,8 +105,7 @@ def check_exact_kl(kl: torch.Tensor) -> None:
     if kl.numel() and kl.min() < -EXACT_ROUNDING:
         raise ValueError(
             f"the exact KL reads {kl.min().item():.4g} nats at a position, below 0 beyond float rounding: the "
-            "log-distributions are not normalised (each must have logsumexp 0 over the vocabulary)"
-        )
+            "log-distributions are not normalised (each must have logsumexp 0 over the vocabulary)")
 
 
 KLEstimator = Callable[..., torch.Tensor]
@@ -145,8 +127,7 @@ def check_env_estimator(name: str) -> KLEstimator:
         raise ValueError(
             "kl_estimator='k2' (0.5 * log-ratio ** 2) does not estimate the KL: its expectation is E[(log r)^2] / 2, "
             "equal to the KL only to second order, so the reward and the logged KL would be off by an unknown "
-            "amount. It is a loss (its on-policy gradient is the KL's). Pick 'k1', 'k3' or 'exact'"
-        )
+            "amount. It is a loss (its on-policy gradient is the KL's). Pick 'k1', 'k3' or 'exact'")
     return get_kl_estimator(name)
 
 

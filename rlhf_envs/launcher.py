@@ -20,21 +20,17 @@ def foreign_agents_message(module) -> str | None:
     if getattr(module, MARKER, False):
         return None
     where = getattr(module, "__file__", None) or list(getattr(module, "__path__", []))
-    return (
-        f"rlhf: the Python package 'agents' at {where} is not rlhf-gym's (another distribution, often "
-        "openai-agents, installs a top-level 'agents' package too). Uninstall it (`pip uninstall openai-agents`) "
-        "or install rlhf-gym into a virtual environment of its own, then run rlhf again."
-    )
+    return (f"rlhf: the Python package 'agents' at {where} is not rlhf-gym's (another distribution, often "
+            "openai-agents, installs a top-level 'agents' package too). Uninstall it (`pip uninstall openai-agents`) "
+            "or install rlhf-gym into a virtual environment of its own, then run rlhf again.")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         agents = importlib.import_module("agents")
     except ImportError as error:  # a broken foreign package may fail to import at all
-        print(
-            f"rlhf: cannot import the 'agents' package ({error}); reinstall rlhf-gym with `pip install -e .`.",
-            file=sys.stderr,
-        )
+        print(f"rlhf: cannot import the 'agents' package ({error}); reinstall rlhf-gym with `pip install -e .`.",
+              file=sys.stderr)
         return 2
     message = foreign_agents_message(agents)
     if message:

@@ -85,15 +85,9 @@ class LearnedReward:
     with it) is refused unless ``trust_remote_code=True``.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        device: str = "cpu",
-        batch_size: int = 64,
-        max_length: int | None = None,
-        normalize: bool = True,
-        trust_remote_code: bool = False,
-    ):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", batch_size: int = 64,
+                 max_length: int | None = None,
+                 normalize: bool = True, trust_remote_code: bool = False):
         import json
 
         import torch
@@ -102,8 +96,7 @@ class LearnedReward:
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"learned reward model: {str(path)!r} is not a directory; pass path= a checkpoint saved with "
-                "save_pretrained (e.g. by `rlhf rm`)"
-            )
+                "save_pretrained (e.g. by `rlhf rm`)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         from rlhf_envs.lm.loading import check_remote_code
@@ -113,18 +106,12 @@ class LearnedReward:
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = (
-            AutoModelForSequenceClassification.from_pretrained(
-                path, local_files_only=True, trust_remote_code=trust_remote_code
-            )
-            .to(device)
-            .eval()
-        )
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code).to(device).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"learned reward model at {str(path)!r} has num_labels={self.model.config.num_labels}; "
-                "a reward model needs exactly one output (train it with num_labels=1)"
-            )
+                "a reward model needs exactly one output (train it with num_labels=1)")
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         # ``rlhf rm`` writes the mean and spread of its scores over its training responses; with
@@ -147,12 +134,8 @@ class LearnedReward:
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 batch = self.tokenizer(
-                    texts[start : start + self.batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=self.max_length is not None,
-                    max_length=self.max_length,
-                    add_special_tokens=special,
+                    texts[start : start + self.batch_size], return_tensors="pt", padding=True,
+                    truncation=self.max_length is not None, max_length=self.max_length, add_special_tokens=special,
                 ).to(self.device)
                 mask = batch["attention_mask"]
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -185,13 +168,9 @@ class VerifierReward:
     pass your own to check another task: ``make_reward_model("verifier", answer=..., extract=...)``.
     """
 
-    def __init__(
-        self,
-        format_reward: float = 0.0,
-        answer: Callable[[str], str] | None = None,
-        extract: Callable[[str], str | None] | None = None,
-        well_formed: Callable[[str], bool] | None = None,
-    ):
+    def __init__(self, format_reward: float = 0.0, answer: Callable[[str], str] | None = None,
+                 extract: Callable[[str], str | None] | None = None,
+                 well_formed: Callable[[str], bool] | None = None):
         from rlhf_envs import text_arithmetic
         from rlhf_envs.validation import check_number
 
@@ -201,15 +180,11 @@ class VerifierReward:
         self.well_formed = well_formed or text_arithmetic.is_well_formed
 
     def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
-        scores = np.fromiter(
-            (self.extract(r) == self.answer(p) for p, r in zip(prompts, responses)),
-            dtype=np.float32,
-            count=len(responses),
-        )
+        scores = np.fromiter((self.extract(r) == self.answer(p) for p, r in zip(prompts, responses)),
+                             dtype=np.float32, count=len(responses))
         if self.format_reward:
-            scores += self.format_reward * np.fromiter(
-                map(self.well_formed, responses), dtype=np.float32, count=len(responses)
-            )
+            scores += self.format_reward * np.fromiter(map(self.well_formed, responses), dtype=np.float32,
+                                                       count=len(responses))
         return scores
 
 
@@ -223,11 +198,8 @@ class _CallableReward:
         return self.fn(prompts, responses)
 
 
-_BUILTINS: dict[str, Callable[..., Any]] = {
-    "sentiment": SentimentReward,
-    "learned": LearnedReward,
-    "verifier": VerifierReward,
-}
+_BUILTINS: dict[str, Callable[..., Any]] = {"sentiment": SentimentReward, "learned": LearnedReward,
+                                            "verifier": VerifierReward}
 _REGISTERED: dict[str, Callable[..., Any]] = {}
 
 
@@ -271,15 +243,13 @@ def _factory(name: str) -> Callable[..., Any]:
             # asked for by name: say that it failed to load, and why, rather than that it is unknown
             raise ValueError(
                 f"reward model plugin {name!r} ({entry_point.value}) failed to load: {type(exc).__name__}: {exc}; "
-                "fix or reinstall the plugin, or pick another reward model"
-            ) from exc
+                "fix or reinstall the plugin, or pick another reward model") from exc
         _REGISTERED[name] = factory
         return factory
     raise ValueError(
         f"unknown reward model {name!r}; known: {available_reward_models()}. Register one with "
         f"rlhf_envs.rewards.register(name, factory) or the entry point group {ENTRY_POINT_GROUP!r}, "
-        "or pass a callable f(prompts, responses)"
-    )
+        "or pass a callable f(prompts, responses)")
 
 
 class ValidatedRewardModel:
@@ -313,34 +283,29 @@ class ValidatedRewardModel:
         except concurrent.futures.TimeoutError:
             raise RewardModelError(
                 f"reward model {self.name!r} took longer than timeout_s={self.timeout_s} s for {len(prompts)} "
-                "responses; raise timeout_s or make it faster"
-            ) from None
+                "responses; raise timeout_s or make it faster") from None
         except Exception as exc:
             raise RewardModelError(f"reward model {self.name!r} raised {type(exc).__name__}: {exc}") from exc
         try:
             scores = np.asarray(raw, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise RewardModelError(
-                f"reward model {self.name!r} returned {type(raw).__name__}, not numbers: {exc}"
-            ) from exc
+                f"reward model {self.name!r} returned {type(raw).__name__}, not numbers: {exc}") from exc
         if scores.shape != (len(prompts),):
             raise RewardModelError(
                 f"reward model {self.name!r} returned shape {scores.shape} for {len(prompts)} responses; "
-                f"expected one score per response, shape ({len(prompts)},)"
-            )
+                f"expected one score per response, shape ({len(prompts)},)")
         bad = ~np.isfinite(scores)
         if bad.any():
             rows = np.flatnonzero(bad)[:5].tolist()
             raise RewardModelError(
                 f"reward model {self.name!r} returned non-finite scores (NaN/inf) at rows {rows} "
-                f"(values {scores[rows].tolist()}); scores must be finite"
-            )
+                f"(values {scores[rows].tolist()}); scores must be finite")
         return scores
 
 
-def make_reward_model(
-    spec: str | Callable[..., Any] | RewardModel, *, timeout_s: float | None = None, **kwargs: Any
-) -> ValidatedRewardModel:
+def make_reward_model(spec: str | Callable[..., Any] | RewardModel, *, timeout_s: float | None = None,
+                      **kwargs: Any) -> ValidatedRewardModel:
     """A validated reward model from a registered name, a scoring callable or an object with ``.score``.
 
     ``kwargs`` go to the factory of a named model (e.g. ``make_reward_model("learned", path=...)``).
@@ -358,7 +323,6 @@ def make_reward_model(
         if not callable(inner):
             raise TypeError(
                 f"reward model {name!r} is a {type(inner).__name__}: expected an object with "
-                ".score(prompts, responses) or a callable f(prompts, responses)"
-            )
+                ".score(prompts, responses) or a callable f(prompts, responses)")
         inner = _CallableReward(inner)
     return ValidatedRewardModel(inner, name, timeout_s)

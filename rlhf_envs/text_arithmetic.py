@@ -24,19 +24,8 @@ from rlhf_envs.rewards import VerifierReward
 from rlhf_envs.text_bandit import TextBanditEnv, TextBanditVectorEnv
 from rlhf_envs.text_common import check_group_size
 
-__all__ = [
-    "ASSET_DIR",
-    "OPERATIONS",
-    "SPLITS",
-    "TextArithmeticEnv",
-    "TextArithmeticVectorEnv",
-    "demonstrations",
-    "extract_answer",
-    "is_well_formed",
-    "make_arithmetic_tokenizer",
-    "make_problems",
-    "solve",
-]
+__all__ = ["ASSET_DIR", "OPERATIONS", "SPLITS", "TextArithmeticEnv", "TextArithmeticVectorEnv",
+           "demonstrations", "extract_answer", "is_well_formed", "make_arithmetic_tokenizer", "make_problems", "solve"]
 
 ASSET_DIR: Path = Path(__file__).resolve().parent / "assets" / "arithmetic"
 BOS_EOS = "<|endoftext|>"
@@ -129,29 +118,18 @@ def make_arithmetic_tokenizer() -> Any:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     backend.decoder = decoders.Fuse()
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_EOS} $A", pair=f"{BOS_EOS} $A $B", special_tokens=[(BOS_EOS, 0)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=BOS_EOS, eos_token=BOS_EOS, pad_token=PAD, padding_side="left"
-    )
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS_EOS} $A", pair=f"{BOS_EOS} $A $B",
+                                                           special_tokens=[(BOS_EOS, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS_EOS, eos_token=BOS_EOS, pad_token=PAD,
+                                   padding_side="left")
 
 
-def _task_kwargs(
-    split: str,
-    n_prompts: int,
-    prompt_seed: int,
-    format_reward: float,
-    prompts: Sequence[str] | None,
-    model: Any,
-    **kwargs: Any,
-) -> dict:
+def _task_kwargs(split: str, n_prompts: int, prompt_seed: int, format_reward: float, prompts: Sequence[str] | None,
+                 model: Any, **kwargs: Any) -> dict:
     if model is None:
         if not ASSET_DIR.is_dir():
-            raise FileNotFoundError(
-                f"the arithmetic model {ASSET_DIR} is missing: rebuild it with "
-                "`python -m rlhf_envs.lm.build_arithmetic`"
-            )
+            raise FileNotFoundError(f"the arithmetic model {ASSET_DIR} is missing: rebuild it with "
+                                    "`python -m rlhf_envs.lm.build_arithmetic`")
         model = str(ASSET_DIR)
     if prompts is None:
         prompts = make_problems(n_prompts, prompt_seed, split)
@@ -194,80 +172,27 @@ class TextArithmeticEnv(TextBanditEnv):
     - v0: initial version.
     """
 
-    def __init__(
-        self,
-        split: str = "train",
-        n_prompts: int = 2000,
-        prompt_seed: int = 0,
-        format_reward: float = 0.0,
-        prompts: Sequence[str] | None = None,
-        model: Any = None,
-        beta: float = 0.0,
-        kl_estimator: str = "k1",
-        kl_setpoint: float | None = None,
-        max_new_tokens: int = 6,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        device: str = "cpu",
-        skip_reference: bool = False,
-        render_mode: str | None = None,
-    ):
-        super().__init__(
-            **_task_kwargs(
-                split,
-                n_prompts,
-                prompt_seed,
-                format_reward,
-                prompts,
-                model,
-                beta=beta,
-                kl_estimator=kl_estimator,
-                kl_setpoint=kl_setpoint,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                device=device,
-                skip_reference=skip_reference,
-            ),
-            render_mode=render_mode,
-        )
+    def __init__(self, split: str = "train", n_prompts: int = 2000, prompt_seed: int = 0, format_reward: float = 0.0,
+                 prompts: Sequence[str] | None = None, model: Any = None, beta: float = 0.0, kl_estimator: str = "k1",
+                 kl_setpoint: float | None = None, max_new_tokens: int = 6, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, device: str = "cpu", skip_reference: bool = False,
+                 render_mode: str | None = None):
+        super().__init__(**_task_kwargs(split, n_prompts, prompt_seed, format_reward, prompts, model, beta=beta,
+                                        kl_estimator=kl_estimator, kl_setpoint=kl_setpoint,
+                                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, device=device, skip_reference=skip_reference),
+                         render_mode=render_mode)
 
 
 class TextArithmeticVectorEnv(TextBanditVectorEnv):
     """``num_envs`` TextArithmetic episodes as one batch (:class:`rlhf_envs.text_bandit.TextBanditVectorEnv`),
     group sampling included (``group_size``)."""
 
-    def __init__(
-        self,
-        num_envs: int = 1,
-        render_mode: str | None = None,
-        group_size: int = 1,
-        split: str = "train",
-        n_prompts: int = 2000,
-        prompt_seed: int = 0,
-        format_reward: float = 0.0,
-        prompts: Sequence[str] | None = None,
-        model: Any = None,
-        beta: float = 0.0,
-        max_new_tokens: int = 6,
-        **kwargs: Any,
-    ):
+    def __init__(self, num_envs: int = 1, render_mode: str | None = None, group_size: int = 1, split: str = "train",
+                 n_prompts: int = 2000, prompt_seed: int = 0, format_reward: float = 0.0,
+                 prompts: Sequence[str] | None = None, model: Any = None, beta: float = 0.0,
+                 max_new_tokens: int = 6, **kwargs: Any):
         check_group_size(group_size, num_envs)  # before the model loads
-        super().__init__(
-            num_envs,
-            render_mode,
-            group_size,
-            **_task_kwargs(
-                split,
-                n_prompts,
-                prompt_seed,
-                format_reward,
-                prompts,
-                model,
-                beta=beta,
-                max_new_tokens=max_new_tokens,
-                **kwargs,
-            ),
-        )
+        super().__init__(num_envs, render_mode, group_size,
+                         **_task_kwargs(split, n_prompts, prompt_seed, format_reward, prompts, model, beta=beta,
+                                        max_new_tokens=max_new_tokens, **kwargs))

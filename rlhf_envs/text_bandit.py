@@ -85,50 +85,17 @@ class TextBanditEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
-    def __init__(
-        self,
-        model: Any = None,
-        reward_model: Any = "sentiment",
-        prompts: list[str] | None = None,
-        beta: float = 0.05,
-        kl_estimator: str = "k1",
-        kl_setpoint: float | None = None,
-        kl_horizon: float = 10000.0,
-        max_prompt_tokens: int | None = None,
-        max_new_tokens: int = 24,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        device: str = "cpu",
-        reward_kwargs: dict | None = None,
-        reward_timeout_s: float | None = None,
-        n_prompts: int = 512,
-        prompt_seed: int = 0,
-        skip_reference: bool = False,
-        render_mode: str | None = None,
-    ):
+    def __init__(self, model: Any = None, reward_model: Any = "sentiment", prompts: list[str] | None = None,
+                 beta: float = 0.05, kl_estimator: str = "k1", kl_setpoint: float | None = None,
+                 kl_horizon: float = 10000.0, max_prompt_tokens: int | None = None, max_new_tokens: int = 24,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, device: str = "cpu",
+                 reward_kwargs: dict | None = None, reward_timeout_s: float | None = None, n_prompts: int = 512,
+                 prompt_seed: int = 0, skip_reference: bool = False, render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
-        self.task = TextTask(
-            model,
-            reward_model,
-            prompts,
-            beta,
-            kl_estimator,
-            kl_setpoint,
-            kl_horizon,
-            max_prompt_tokens,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            device,
-            reward_kwargs,
-            reward_timeout_s,
-            n_prompts,
-            prompt_seed,
-            skip_reference,
-        )
+        self.task = TextTask(model, reward_model, prompts, beta, kl_estimator, kl_setpoint, kl_horizon,
+                             max_prompt_tokens, max_new_tokens, temperature, top_k, top_p, device, reward_kwargs,
+                             reward_timeout_s, n_prompts, prompt_seed, skip_reference)
         self.render_mode = render_mode
         self.observation_space = spaces.Box(0, self.task.vocab_size - 1, (self.task.max_prompt_tokens,), np.int64)
         self.action_space = spaces.MultiDiscrete([self.task.vocab_size] * max_new_tokens)
@@ -190,9 +157,8 @@ class TextBanditVectorEnv(VectorEnv):
         self.num_envs = int(num_envs)
         self._group = np.arange(self.num_envs) // self.group_size
         self.render_mode = None
-        self.single_observation_space = spaces.Box(
-            0, self.task.vocab_size - 1, (self.task.max_prompt_tokens,), np.int64
-        )
+        self.single_observation_space = spaces.Box(0, self.task.vocab_size - 1, (self.task.max_prompt_tokens,),
+                                                   np.int64)
         self.single_action_space = spaces.MultiDiscrete([self.task.vocab_size] * self.task.max_new_tokens)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
@@ -210,8 +176,8 @@ class TextBanditVectorEnv(VectorEnv):
         self._prompt_index = self._draw_prompts()
         self._handed = None
         return self.task.prompt_obs[self._prompt_index].copy(), vector_info(
-            {"prompt": object_array([self.task.prompts[i] for i in self._prompt_index]), "group": self._group.copy()}
-        )
+            {"prompt": object_array([self.task.prompts[i] for i in self._prompt_index]),
+             "group": self._group.copy()})
 
     def _draw_prompts(self) -> np.ndarray:
         """``[N]`` prompt indices: ``N / G`` uniform draws, each repeated for its ``G`` envs."""
@@ -232,9 +198,8 @@ class TextBanditVectorEnv(VectorEnv):
         return self.task.prompt_obs[self._prompt_index].copy(), rewards, terminated, truncated, vector_info(info)
 
 
-def check_handed(
-    task: TextTask, logprobs: Any, full_logprobs: Any, batch: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def check_handed(task: TextTask, logprobs: Any, full_logprobs: Any,
+                  batch: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The handed-over ``logprobs [*batch, T]`` (and ``full_logprobs [*batch, T, V]``) as checked tensors."""
     steps = (task.max_new_tokens,)
     lp = task.check_logprobs(logprobs, batch + steps, "logprobs")
@@ -243,26 +208,17 @@ def check_handed(
         full = task.check_logprobs(full_logprobs, batch + steps + (task.vocab_size,), "full_logprobs")
     elif task.needs_full_logprobs:
         s = task.sampling
-        why = (
-            "the exact KL sums over them"
-            if task.kl_estimator == "exact"
-            else f"under top_k={s.top_k}, top_p={s.top_p} k3 needs the reference's mass on the tokens the policy kept, "
-            "else it reads too low"
-        )
-        raise ValueError(
-            f"kl_estimator={task.kl_estimator!r} needs full_logprobs [..., T, V] too ({why}): "
-            "set_policy_logprobs(logprobs, full_logprobs=...), or pick kl_estimator='k1'"
-        )
+        why = ("the exact KL sums over them" if task.kl_estimator == "exact" else
+               f"under top_k={s.top_k}, top_p={s.top_p} k3 needs the reference's mass on the tokens the policy kept, "
+               "else it reads too low")
+        raise ValueError(f"kl_estimator={task.kl_estimator!r} needs full_logprobs [..., T, V] too ({why}): "
+                         "set_policy_logprobs(logprobs, full_logprobs=...), or pick kl_estimator='k1'")
     return lp, full
 
 
-def handed_logprobs(
-    task: TextTask,
-    response_ids: torch.Tensor,
-    mask: torch.Tensor,
-    handed: tuple[torch.Tensor, torch.Tensor | None] | None,
-    where: str = "response",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def handed_logprobs(task: TextTask, response_ids: torch.Tensor, mask: torch.Tensor,
+                    handed: tuple[torch.Tensor, torch.Tensor | None] | None, where: str = "response"
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The policy's log-probs ``[N, T]`` (0 outside ``mask``) and, where the estimator needs them, ``[N, T, V]``:
     those handed over (checked), else a uniform policy's (what ``action_space.sample()`` draws from)."""
     if task.skip_reference:
@@ -273,31 +229,24 @@ def handed_logprobs(
         task.warn_uniform()
         logprobs = torch.full(mask.shape, task.uniform_logprob(), device=task.device)
         # a uniform policy keeps every token, so k3 needs no correction: only the exact KL needs the full vectors
-        full = (
-            torch.full(mask.shape + (task.vocab_size,), task.uniform_logprob(), device=task.device)
-            if task.kl_estimator == "exact"
-            else None
-        )
+        full = (torch.full(mask.shape + (task.vocab_size,), task.uniform_logprob(), device=task.device)
+                if task.kl_estimator == "exact" else None)
     else:
         logprobs, full = handed
         if torch.isinf(logprobs[mask]).any():
             rows = torch.isinf(logprobs).logical_and(mask).any(-1).nonzero().flatten().tolist()
             raise ValueError(
                 f"handed-over logprobs are -inf inside the {where} (rows {rows[:5]}): the action was not sampled "
-                "from the distribution they describe; hand over the log-probs of the tokens you sampled"
-            )
+                "from the distribution they describe; hand over the log-probs of the tokens you sampled")
         if full is not None:
             task.check_log_distributions(full, mask, "full_logprobs", logprobs, response_ids)
             full = full if task.needs_full_logprobs else None
     return logprobs.masked_fill(~mask, 0.0), full
 
 
-def score_responses(
-    task: TextTask,
-    prompt_index: np.ndarray,
-    tokens: np.ndarray,
-    handed: tuple[torch.Tensor, torch.Tensor | None] | None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def score_responses(task: TextTask, prompt_index: np.ndarray, tokens: np.ndarray,
+                    handed: tuple[torch.Tensor, torch.Tensor | None] | None
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Score ``N`` responses ``tokens [N, T]`` to prompts ``prompt_index [N]``: rewards ``[N]`` and info arrays.
 
     One batched reference forward, one batched reward call. Validates everything before any state

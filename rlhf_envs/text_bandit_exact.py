@@ -22,19 +22,9 @@ import torch
 
 from rlhf_envs.text_bandit import TextBanditEnv, TextBanditVectorEnv
 
-__all__ = [
-    "MAX_NEW_TOKENS",
-    "PROMPTS",
-    "REFERENCE_DIR",
-    "SYMBOLS",
-    "BradleyTerryRewardModel",
-    "TextBanditExactEnv",
-    "TextBanditExactVectorEnv",
-    "build_reference",
-    "make_symbol_tokenizer",
-    "target",
-    "true_score",
-]
+__all__ = ["MAX_NEW_TOKENS", "PROMPTS", "REFERENCE_DIR", "SYMBOLS", "BradleyTerryRewardModel",
+           "TextBanditExactEnv", "TextBanditExactVectorEnv", "build_reference", "make_symbol_tokenizer",
+           "target", "true_score"]
 
 SYMBOLS = "abcdef"
 EOS = "<eos>"
@@ -114,19 +104,9 @@ def build_reference(out_dir: str | Path = REFERENCE_DIR, seed: int = 0, steps: i
         tokenizer = make_symbol_tokenizer()
         eos = tokenizer.eos_token_id
         torch.manual_seed(seed)
-        config = GPT2Config(
-            vocab_size=len(SYMBOLS) + 1,
-            n_positions=16,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
+        config = GPT2Config(vocab_size=len(SYMBOLS) + 1, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                            bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0)
         model = GPT2LMHeadModel(config)
         rng = np.random.default_rng(seed)
         prompt_index, responses = _synthetic_responses(rng, 8192)
@@ -137,8 +117,8 @@ def build_reference(out_dir: str | Path = REFERENCE_DIR, seed: int = 0, steps: i
             p = tokenizer(PROMPTS[i])["input_ids"]
             r = tokenizer(response)["input_ids"][:MAX_NEW_TOKENS]
             r = r + [eos] if len(r) < MAX_NEW_TOKENS else r
-            ids[row, : len(p) + len(r)] = torch.tensor(p + r)
-            labels[row, len(p) : len(p) + len(r)] = torch.tensor(r)
+            ids[row, :len(p) + len(r)] = torch.tensor(p + r)
+            labels[row, len(p):len(p) + len(r)] = torch.tensor(r)
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         generator = torch.Generator().manual_seed(seed)
         model.train()
@@ -199,9 +179,8 @@ def learned_reward_model(n_pairs: int = 2000, seed: int = 0) -> BradleyTerryRewa
     """The :class:`BradleyTerryRewardModel` on ``n_pairs`` reference pairs per prompt (seeded, cached)."""
     from rlhf_envs.text_solver import enumerate_env
 
-    enum = enumerate_env(
-        TextBanditEnv(model=str(REFERENCE_DIR), reward_model=true_score, prompts=PROMPTS, max_new_tokens=MAX_NEW_TOKENS)
-    )
+    enum = enumerate_env(TextBanditEnv(model=str(REFERENCE_DIR), reward_model=true_score, prompts=PROMPTS,
+                                       max_new_tokens=MAX_NEW_TOKENS))
     rng = np.random.default_rng(seed)
     probs = np.exp(enum.ref_logprobs)
     probs /= probs.sum(1, keepdims=True)
@@ -222,7 +201,7 @@ def learned_reward_model(n_pairs: int = 2000, seed: int = 0) -> BradleyTerryRewa
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.softplus(-sign * (features @ w)).mean() + 1e-3 * (w**2).sum()
+        loss = torch.nn.functional.softplus(-sign * (features @ w)).mean() + 1e-3 * (w ** 2).sum()
         loss.backward()
         return loss
 
@@ -246,16 +225,10 @@ def _reward(reward: str, n_preference_pairs: int, preference_seed: int) -> Any:
 
 def _task_kwargs(reward: str, n_preference_pairs: int, preference_seed: int, **kwargs: Any) -> dict:
     if not REFERENCE_DIR.is_dir():
-        raise FileNotFoundError(
-            f"the reference model {REFERENCE_DIR} is missing: rebuild it with `python -m rlhf_envs.text_bandit_exact`"
-        )
-    return dict(
-        model=str(REFERENCE_DIR),
-        reward_model=_reward(reward, n_preference_pairs, preference_seed),
-        prompts=PROMPTS,
-        max_new_tokens=MAX_NEW_TOKENS,
-        **kwargs,
-    )
+        raise FileNotFoundError(f"the reference model {REFERENCE_DIR} is missing: rebuild it with "
+                                "`python -m rlhf_envs.text_bandit_exact`")
+    return dict(model=str(REFERENCE_DIR), reward_model=_reward(reward, n_preference_pairs, preference_seed),
+                prompts=PROMPTS, max_new_tokens=MAX_NEW_TOKENS, **kwargs)
 
 
 class TextBanditExactEnv(TextBanditEnv):
@@ -293,47 +266,20 @@ class TextBanditExactEnv(TextBanditEnv):
     - v0: initial version.
     """
 
-    def __init__(
-        self,
-        reward: str = "true",
-        beta: float = 0.5,
-        kl_estimator: str = "k1",
-        kl_setpoint: float | None = None,
-        kl_horizon: float = 10000.0,
-        temperature: float = 1.0,
-        n_preference_pairs: int = 2000,
-        preference_seed: int = 0,
-        device: str = "cpu",
-        render_mode: str | None = None,
-    ):
-        super().__init__(
-            **_task_kwargs(
-                reward,
-                n_preference_pairs,
-                preference_seed,
-                beta=beta,
-                kl_estimator=kl_estimator,
-                kl_setpoint=kl_setpoint,
-                kl_horizon=kl_horizon,
-                temperature=temperature,
-                device=device,
-            ),
-            render_mode=render_mode,
-        )
+    def __init__(self, reward: str = "true", beta: float = 0.5, kl_estimator: str = "k1",
+                 kl_setpoint: float | None = None, kl_horizon: float = 10000.0, temperature: float = 1.0,
+                 n_preference_pairs: int = 2000, preference_seed: int = 0, device: str = "cpu",
+                 render_mode: str | None = None):
+        super().__init__(**_task_kwargs(reward, n_preference_pairs, preference_seed, beta=beta,
+                                        kl_estimator=kl_estimator, kl_setpoint=kl_setpoint, kl_horizon=kl_horizon,
+                                        temperature=temperature, device=device), render_mode=render_mode)
 
 
 class TextBanditExactVectorEnv(TextBanditVectorEnv):
     """``num_envs`` TextBanditExact episodes as one batch (:class:`rlhf_envs.text_bandit.TextBanditVectorEnv`)."""
 
-    def __init__(
-        self,
-        num_envs: int = 1,
-        render_mode: str | None = None,
-        reward: str = "true",
-        n_preference_pairs: int = 2000,
-        preference_seed: int = 0,
-        **kwargs: Any,
-    ):
+    def __init__(self, num_envs: int = 1, render_mode: str | None = None, reward: str = "true",
+                 n_preference_pairs: int = 2000, preference_seed: int = 0, **kwargs: Any):
         super().__init__(num_envs, render_mode, **_task_kwargs(reward, n_preference_pairs, preference_seed, **kwargs))
 
 

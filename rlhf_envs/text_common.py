@@ -31,18 +31,8 @@ from rlhf_envs.lm.views import response_hidden as packed_response_hidden
 from rlhf_envs.rewards import make_reward_model
 from rlhf_envs.validation import check_number
 
-__all__ = [
-    "PROMPT_CACHE_BYTES",
-    "AdaptersOff",
-    "TextTask",
-    "attention_mask_from_obs",
-    "check_group_size",
-    "context_length",
-    "object_array",
-    "pick_prompt",
-    "vector_info",
-    "vector_task",
-]
+__all__ = ["PROMPT_CACHE_BYTES", "AdaptersOff", "TextTask", "attention_mask_from_obs", "check_group_size",
+           "context_length", "object_array", "pick_prompt", "vector_info", "vector_task"]
 
 PROMPT_CACHE_BYTES = 256 * 2**20
 """Largest reference prompt cache (keys/values of every prompt) kept in memory; beyond it prompts are re-run."""
@@ -95,9 +85,8 @@ def _reference_pass(method: Callable) -> Callable:
 def _load_reference(model: ModelSpec) -> tuple[Any, Any]:
     if isinstance(model, AdaptersOff):
         if not hasattr(model.model, "disable_adapter"):
-            raise TypeError(
-                f"AdaptersOff needs a peft model (with disable_adapter()), got {type(model.model).__name__}"
-            )
+            raise TypeError("AdaptersOff needs a peft model (with disable_adapter()), got "
+                            f"{type(model.model).__name__}")
         return model.model, model.tokenizer
     if isinstance(model, tuple):
         if len(model) != 2:
@@ -109,8 +98,7 @@ def _load_reference(model: ModelSpec) -> tuple[Any, Any]:
         return load_causal_lm(model)
     raise TypeError(
         f"model must be None (the embedded default), a path to an HF causal LM directory or a (model, tokenizer) "
-        f"pair, got {type(model).__name__}"
-    )
+        f"pair, got {type(model).__name__}")
 
 
 class TextTask:
@@ -151,17 +139,13 @@ class TextTask:
         n_prompts = check_number(n_prompts, "n_prompts", int)
         prompt_seed = check_number(prompt_seed, "prompt_seed", int)
         if isinstance(prompts, (str, bytes)):
-            raise TypeError(
-                f"prompts must be a list of strings, got a single {type(prompts).__name__} "
-                f"{prompts[:40]!r}; wrap it in a list: prompts=[{prompts[:40]!r}]"
-            )
+            raise TypeError(f"prompts must be a list of strings, got a single {type(prompts).__name__} "
+                            f"{prompts[:40]!r}; wrap it in a list: prompts=[{prompts[:40]!r}]")
         if not isinstance(skip_reference, bool):
             raise TypeError(f"skip_reference must be a bool, got {type(skip_reference).__name__} {skip_reference!r}")
         if skip_reference and (beta != 0 or kl_setpoint is not None):
-            raise ValueError(
-                f"skip_reference=True drops the KL term, so it needs beta=0 and no kl_setpoint "
-                f"(got beta={beta}, kl_setpoint={kl_setpoint}); set beta=0 or keep the reference pass"
-            )
+            raise ValueError(f"skip_reference=True drops the KL term, so it needs beta=0 and no kl_setpoint "
+                             f"(got beta={beta}, kl_setpoint={kl_setpoint}); set beta=0 or keep the reference pass")
         self.skip_reference = skip_reference
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         max_new_tokens = self.sampling.max_new_tokens
@@ -177,9 +161,8 @@ class TextTask:
         self.eos_token_id = self.tokenizer.eos_token_id
         if self.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token; set one (responses end at EOS)")
-        self.pad_token_id = (
-            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_id
-        )
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.eos_token_id
         self.reward_model = make_reward_model(reward_model, timeout_s=reward_timeout_s, **(reward_kwargs or {}))
         if prompts is None:
             from rlhf_envs.corpus import make_prompts

@@ -35,26 +35,20 @@ def _resolve_game(game: Any, game_kwargs: dict | None) -> tuple[Callable[[], Any
     """``(factory, probe)``: a zero-argument callable making one game per env, and one instance to read limits from."""
     if isinstance(game, str):
         if game not in GAMES:
-            raise ValueError(
-                f"unknown game {game!r}; built in: {sorted(GAMES)}, or pass a factory returning an object "
-                "with reset(rng) -> str and reply(text) -> (reply, reward, terminated)"
-            )
+            raise ValueError(f"unknown game {game!r}; built in: {sorted(GAMES)}, or pass a factory returning an object "
+                             "with reset(rng) -> str and reply(text) -> (reply, reward, terminated)")
         cls = GAMES[game][0]
         factory = lambda: cls(**(game_kwargs or {}))  # noqa: E731
     elif callable(game):
         factory = (lambda: game(**game_kwargs)) if game_kwargs else game
     else:
-        raise TypeError(
-            f"game must be a built-in name {sorted(GAMES)} or a factory (a class or callable), "
-            f"got {type(game).__name__}"
-        )
+        raise TypeError(f"game must be a built-in name {sorted(GAMES)} or a factory (a class or callable), "
+                        f"got {type(game).__name__}")
     probe = factory()
     for method in ("reset", "reply"):
         if not callable(getattr(probe, method, None)):
-            raise TypeError(
-                f"game {type(probe).__name__} has no {method}(); a game needs reset(rng) -> str and "
-                "reply(text) -> (reply, reward, terminated[, truncated])"
-            )
+            raise TypeError(f"game {type(probe).__name__} has no {method}(); a game needs reset(rng) -> str and "
+                            "reply(text) -> (reply, reward, terminated[, truncated])")
     return factory, probe
 
 
@@ -65,36 +59,19 @@ class _Dialogues:
     the policy's tokens; :meth:`observations` left-pads them to the observation layout.
     """
 
-    def __init__(
-        self,
-        num_envs: int,
-        game: Any,
-        game_kwargs: dict | None,
-        model: Any,
-        reward_model: Any,
-        max_turns: int | None,
-        max_turn_tokens: int | None,
-        max_context_tokens: int | None,
-        **task_kwargs: Any,
-    ):
+    def __init__(self, num_envs: int, game: Any, game_kwargs: dict | None, model: Any, reward_model: Any,
+                 max_turns: int | None, max_turn_tokens: int | None, max_context_tokens: int | None,
+                 **task_kwargs: Any):
         self.factory, probe = _resolve_game(game, game_kwargs)
-        limits = {
-            name: check_number(value, name, int, optional=True)
-            for name, value in (
-                ("max_turns", max_turns),
-                ("max_turn_tokens", max_turn_tokens),
-                ("max_context_tokens", max_context_tokens),
-            )
-        }
+        limits = {name: check_number(value, name, int, optional=True) for name, value in
+                  (("max_turns", max_turns), ("max_turn_tokens", max_turn_tokens),
+                   ("max_context_tokens", max_context_tokens))}
         for name, value in limits.items():
             limits[name] = value if value is not None else getattr(probe, name, _TURN_DEFAULTS[name])
             if limits[name] < 1:
                 raise ValueError(f"{name} must be >= 1, got {limits[name]!r}")
         self.max_turns, self.max_turn_tokens, self.max_context_tokens = (
-            limits["max_turns"],
-            limits["max_turn_tokens"],
-            limits["max_context_tokens"],
-        )
+            limits["max_turns"], limits["max_turn_tokens"], limits["max_context_tokens"])
         if model is None:
             model = str(probe.model_dir) if getattr(probe, "model_dir", None) is not None else None
         if reward_model is None:
@@ -104,19 +81,14 @@ class _Dialogues:
         # TextTask's checks then hold for every context: the reference's positions cover max_context_tokens
         room = self.max_context_tokens - self.max_turn_tokens
         if room < 1:
-            raise ValueError(
-                f"max_context_tokens={self.max_context_tokens} leaves no room before a turn of "
-                f"max_turn_tokens={self.max_turn_tokens}; raise max_context_tokens"
-            )
-        self.task = TextTask(
-            model, reward_model, [opening], max_prompt_tokens=None, max_new_tokens=self.max_turn_tokens, **task_kwargs
-        )
+            raise ValueError(f"max_context_tokens={self.max_context_tokens} leaves no room before a turn of "
+                             f"max_turn_tokens={self.max_turn_tokens}; raise max_context_tokens")
+        self.task = TextTask(model, reward_model, [opening], max_prompt_tokens=None,
+                             max_new_tokens=self.max_turn_tokens, **task_kwargs)
         context = context_length(self.task.ref_model)
         if context is not None and self.max_context_tokens > context:
-            raise ValueError(
-                f"max_context_tokens={self.max_context_tokens} exceeds the model's context of {context} "
-                "tokens; lower max_context_tokens"
-            )
+            raise ValueError(f"max_context_tokens={self.max_context_tokens} exceeds the model's context of {context} "
+                             "tokens; lower max_context_tokens")
         self.n = num_envs
         self.games = [self.factory() for _ in range(num_envs)]
         self.buf = np.full((num_envs, self.max_context_tokens), self.task.pad_token_id, dtype=np.int64)
@@ -146,7 +118,7 @@ class _Dialogues:
             width = self.max_turn_tokens
             ids = torch.full((len(missing), width), self.task.pad_token_id, dtype=torch.long)
             for j, key in enumerate(missing):
-                ids[j, : len(key)] = torch.as_tensor(key)
+                ids[j, :len(key)] = torch.as_tensor(key)
             mask = torch.arange(width)[None, :] < torch.tensor([len(key) for key in missing])[:, None]
             if len(self._decoded) > 65536:
                 self._decoded.clear()
@@ -164,12 +136,10 @@ class _Dialogues:
                 raise TypeError(f"game reset() must return the opening text (str), got {type(text).__name__}")
             ids = self.encode(text)
             if not 1 <= len(ids) <= room:
-                raise ValueError(
-                    f"the game's opening {text[:40]!r} is {len(ids)} tokens; it must be 1..{room} "
-                    f"(max_context_tokens - max_turn_tokens); raise max_context_tokens"
-                )
+                raise ValueError(f"the game's opening {text[:40]!r} is {len(ids)} tokens; it must be 1..{room} "
+                                 f"(max_context_tokens - max_turn_tokens); raise max_context_tokens")
             self.buf[i] = self.task.pad_token_id
-            self.buf[i, : len(ids)] = ids
+            self.buf[i, :len(ids)] = ids
             self.wrote[i] = False
             if self.reference_kv is not None:
                 self.reference_kv.cached[i] = 0
@@ -208,9 +178,8 @@ class _Dialogues:
         else:
             obs, _ = self.observations()
             context = torch.as_tensor(obs, device=task.device)
-            context_mask = torch.as_tensor(
-                np.arange(obs.shape[1])[None, :] >= obs.shape[1] - self.length[:, None], device=task.device
-            )
+            context_mask = torch.as_tensor(np.arange(obs.shape[1])[None, :] >= obs.shape[1] - self.length[:, None],
+                                           device=task.device)
             ref, ref_full = ref_turn_logprobs(task, context, context_mask, ids, mask, full is not None)
         kl_per_token = task.kl_per_token(logprobs, ref, mask, full, ref_full)
         kl = kl_per_token.sum(-1).cpu().numpy().astype(np.float32)
@@ -224,7 +193,7 @@ class _Dialogues:
             reply_ids = self.encode(out[0])
             start = self.length[i] + n_tokens[i]
             kept = min(len(reply_ids), self.max_context_tokens - start)
-            self.buf[i, start : start + kept], self.wrote[i, start : start + kept] = reply_ids[:kept], False
+            self.buf[i, start:start + kept], self.wrote[i, start:start + kept] = reply_ids[:kept], False
             self.length[i] = start + kept
             cut[i] = (len(out) > 3 and bool(out[3])) or kept < len(reply_ids)
             replies.append(out[0])
@@ -242,24 +211,15 @@ class _Dialogues:
             self.reference_kv.commit()
         obs, policy_mask = self.observations()
         return {
-            "obs": obs,
-            "reward": (turn_reward + score - beta * kl).astype(np.float32),
-            "terminated": terminated,
-            "truncated": truncated,
-            "info": {
-                "turn": self.turn.copy(),
-                "turn_reward": turn_reward,
-                "score": score,
-                "kl": kl,
-                "kl_per_token": kl_per_token.cpu().numpy().astype(np.float32),
-                "logprobs": logprobs.cpu().numpy().astype(np.float32),
-                "ref_logprobs": ref.cpu().numpy().astype(np.float32),
-                "beta": np.full(self.n, beta, dtype=np.float32),
-                "policy_mask": policy_mask,
-                "turn_text": object_array(texts),
-                "reply": object_array(replies),
-                "prompt": object_array(list(self.openings)),
-            },
+            "obs": obs, "reward": (turn_reward + score - beta * kl).astype(np.float32),
+            "terminated": terminated, "truncated": truncated,
+            "info": {"turn": self.turn.copy(), "turn_reward": turn_reward, "score": score, "kl": kl,
+                     "kl_per_token": kl_per_token.cpu().numpy().astype(np.float32),
+                     "logprobs": logprobs.cpu().numpy().astype(np.float32),
+                     "ref_logprobs": ref.cpu().numpy().astype(np.float32),
+                     "beta": np.full(self.n, beta, dtype=np.float32), "policy_mask": policy_mask,
+                     "turn_text": object_array(texts), "reply": object_array(replies),
+                     "prompt": object_array(list(self.openings))},
         }
 
 
@@ -280,8 +240,7 @@ _DOC_ARGS = """
 
 
 class TextDialogueEnv(gym.Env):
-    (
-        """A multi-turn conversation: the policy speaks a whole turn, the env (a game) replies, until the episode ends.
+    """A multi-turn conversation: the policy speaks a whole turn, the env (a game) replies, until the episode ends.
 
     ## Action Space
     ``MultiDiscrete([V] * T)``: one turn's token ids. The turn runs up to and including the first
@@ -308,9 +267,7 @@ class TextDialogueEnv(gym.Env):
     ``terminated`` when the game says so (guess: the right number; calc: an answer). ``truncated`` after
     ``max_turns`` turns, or when the context is full: the env's reply does not fit, or what is left
     is less than a whole turn (``C - length < T``); the reply is cut to fit, the context never overflows.
-    """
-        + _DOC_ARGS
-        + """
+    """ + _DOC_ARGS + """
     ## Info
     ``turn`` (turns taken), ``policy_mask [C]``, ``turn_reward``, ``score``, ``kl``, ``kl_per_token [T]``,
     ``logprobs [T]``, ``ref_logprobs [T]``, ``beta``, ``turn_text``, ``reply`` and ``prompt`` (the opening).
@@ -318,28 +275,17 @@ class TextDialogueEnv(gym.Env):
     ## Version History
     - v0: initial version.
     """
-    )
 
     metadata = {"render_modes": ["ansi"], "render_fps": 1}
 
-    def __init__(
-        self,
-        game: Any = "guess",
-        game_kwargs: dict | None = None,
-        model: Any = None,
-        reward_model: Any = None,
-        max_turns: int | None = None,
-        max_turn_tokens: int | None = None,
-        max_context_tokens: int | None = None,
-        render_mode: str | None = None,
-        **task_kwargs: Any,
-    ):
+    def __init__(self, game: Any = "guess", game_kwargs: dict | None = None, model: Any = None,
+                 reward_model: Any = None, max_turns: int | None = None, max_turn_tokens: int | None = None,
+                 max_context_tokens: int | None = None, render_mode: str | None = None, **task_kwargs: Any):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         self.render_mode = render_mode
-        self.dialogues = _Dialogues(
-            1, game, game_kwargs, model, reward_model, max_turns, max_turn_tokens, max_context_tokens, **task_kwargs
-        )
+        self.dialogues = _Dialogues(1, game, game_kwargs, model, reward_model, max_turns, max_turn_tokens,
+                                    max_context_tokens, **task_kwargs)
         self.task = self.dialogues.task
         d = self.dialogues
         self.observation_space = spaces.Box(0, self.task.vocab_size - 1, (d.max_context_tokens,), np.int64)
@@ -374,7 +320,7 @@ class TextDialogueEnv(gym.Env):
         if self.render_mode != "ansi":
             return None
         d = self.dialogues
-        return self.task.tokenizer.decode(d.buf[0, : d.length[0]].tolist()) + "\n"
+        return self.task.tokenizer.decode(d.buf[0, :d.length[0]].tolist()) + "\n"
 
 
 class TextDialogueVectorEnv(VectorEnv):
@@ -391,20 +337,10 @@ class TextDialogueVectorEnv(VectorEnv):
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.SAME_STEP}
 
-    def __init__(
-        self,
-        num_envs: int = 1,
-        render_mode: str | None = None,
-        game: Any = "guess",
-        game_kwargs: dict | None = None,
-        model: Any = None,
-        reward_model: Any = None,
-        max_turns: int | None = None,
-        max_turn_tokens: int | None = None,
-        max_context_tokens: int | None = None,
-        group_size: int = 1,
-        **task_kwargs: Any,
-    ):
+    def __init__(self, num_envs: int = 1, render_mode: str | None = None, game: Any = "guess",
+                 game_kwargs: dict | None = None, model: Any = None, reward_model: Any = None,
+                 max_turns: int | None = None, max_turn_tokens: int | None = None,
+                 max_context_tokens: int | None = None, group_size: int = 1, **task_kwargs: Any):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         group_size = check_number(group_size, "group_size", int)
@@ -412,21 +348,11 @@ class TextDialogueVectorEnv(VectorEnv):
             raise ValueError(f"group_size must be a positive divisor of num_envs={num_envs}, got {group_size!r}")
         self.group_size = group_size
         if render_mode is not None:
-            raise ValueError(
-                "the vector TextDialogue does not render; use gym.make('TextDialogue-v0', render_mode='ansi')"
-            )
+            raise ValueError("the vector TextDialogue does not render; "
+                             "use gym.make('TextDialogue-v0', render_mode='ansi')")
         self.num_envs = int(num_envs)
-        self.dialogues = _Dialogues(
-            self.num_envs,
-            game,
-            game_kwargs,
-            model,
-            reward_model,
-            max_turns,
-            max_turn_tokens,
-            max_context_tokens,
-            **task_kwargs,
-        )
+        self.dialogues = _Dialogues(self.num_envs, game, game_kwargs, model, reward_model, max_turns, max_turn_tokens,
+                                    max_context_tokens, **task_kwargs)
         self.task = self.dialogues.task
         self.render_mode = None
         d = self.dialogues
@@ -448,13 +374,8 @@ class TextDialogueVectorEnv(VectorEnv):
         self.dialogues.start(np.arange(self.num_envs), self.np_random, self.group_size)
         self._handed, self._running = None, True
         obs, mask = self.dialogues.observations()
-        return obs, vector_info(
-            {
-                "turn": self.dialogues.turn.copy(),
-                "policy_mask": mask,
-                "prompt": object_array(list(self.dialogues.openings)),
-            }
-        )
+        return obs, vector_info({"turn": self.dialogues.turn.copy(), "policy_mask": mask,
+                                 "prompt": object_array(list(self.dialogues.openings))})
 
     def step(self, actions):
         if not self._running:

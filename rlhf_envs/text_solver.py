@@ -50,9 +50,8 @@ MAX_SEQUENCES = 200_000
 """Most responses per prompt :func:`enumerate_env` accepts (beyond it, teacher-forcing them all is slow)."""
 
 
-def enumerate_responses(
-    alphabet: Sequence[int], eos_token_id: int, max_new_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def enumerate_responses(alphabet: Sequence[int], eos_token_id: int, max_new_tokens: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every response of up to ``max_new_tokens`` tokens: ``(tokens [M, T] int64, mask [M, T] bool)``.
 
     Rows are ordered by length: ``k`` symbols then EOS for ``k = 0 .. T-1``, then ``T`` symbols without
@@ -70,9 +69,8 @@ def enumerate_responses(
 
 
 @torch.no_grad()
-def token_logprobs(
-    model: Any, prompt_ids: Sequence[int], tokens: torch.Tensor, sampling: SamplingConfig, batch_size: int = 4096
-) -> torch.Tensor:
+def token_logprobs(model: Any, prompt_ids: Sequence[int], tokens: torch.Tensor, sampling: SamplingConfig,
+                   batch_size: int = 4096) -> torch.Tensor:
     """Full next-token log-distributions ``[M, T, V]`` (float32) at each response position, teacher-forced.
 
     One prompt for all ``M`` rows, so no padding is needed: the rows are ``prompt + tokens`` with
@@ -84,12 +82,11 @@ def token_logprobs(
     P, T = len(prompt), tokens.shape[1]
     out = []
     for start in range(0, len(tokens), batch_size):
-        chunk = tokens[start : start + batch_size].to(device)
+        chunk = tokens[start:start + batch_size].to(device)
         ids = torch.cat([prompt.expand(len(chunk), P), chunk[:, :-1]], dim=1)
         positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
-        logits = model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions, use_cache=False
-        ).logits[:, P - 1 : P - 1 + T]
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions,
+                       use_cache=False).logits[:, P - 1:P - 1 + T]
         out.append(processed_logprobs(logits.float(), sampling).cpu())
     return torch.cat(out)
 
@@ -145,8 +142,7 @@ def enumerate_env(env: Any, batch_size: int = 4096, max_sequences: int = MAX_SEQ
     if count > max_sequences:
         raise ValueError(
             f"{count} responses per prompt (vocabulary {task.vocab_size}, max_new_tokens={T}) is more than "
-            f"max_sequences={max_sequences}: use a smaller vocabulary or shorter responses (TextBanditExact-v0)"
-        )
+            f"max_sequences={max_sequences}: use a smaller vocabulary or shorter responses (TextBanditExact-v0)")
     tokens, mask = enumerate_responses(alphabet, task.eos_token_id, T)
     texts = task.decode(tokens, mask)
     prompt_ids = [task.prompt_ids[i][task.prompt_mask[i]].tolist() for i in range(len(task.prompts))]
@@ -155,9 +151,8 @@ def enumerate_env(env: Any, batch_size: int = 4096, max_sequences: int = MAX_SEQ
         full = token_logprobs(task.ref_model, ids, tokens, task.ref_sampling, batch_size)
         ref.append(sequence_logprobs(full, tokens, mask).numpy())
         rewards.append(np.asarray(task.score([i] * len(texts), texts), dtype=np.float64))
-    return Enumeration(
-        list(task.prompts), prompt_ids, tokens, mask, texts, np.stack(ref), np.stack(rewards), task.sampling
-    )
+    return Enumeration(list(task.prompts), prompt_ids, tokens, mask, texts, np.stack(ref), np.stack(rewards),
+                       task.sampling)
 
 
 @dataclass
@@ -191,15 +186,8 @@ def solve(env: Any, beta: float) -> TextSolution:
     reward = (pi_star * enum.rewards).sum(1)
     kl = (pi_star * (log_star - enum.ref_logprobs)).sum(1)
     reference = (np.exp(enum.ref_logprobs) * enum.rewards).sum(1)
-    return TextSolution(
-        beta,
-        pi_star,
-        log_z,
-        float(np.mean(beta * log_z)),
-        float(reward.mean()),
-        float(kl.mean()),
-        float(reference.mean()),
-    )
+    return TextSolution(beta, pi_star, log_z, float(np.mean(beta * log_z)), float(reward.mean()), float(kl.mean()),
+                        float(reference.mean()))
 
 
 @dataclass
@@ -234,10 +222,8 @@ def policy_logprobs(env: Any, policy: Any, batch_size: int = 4096) -> np.ndarray
         return np.stack(rows)
     probs = np.asarray(policy, dtype=np.float64)
     if probs.shape != enum.ref_logprobs.shape:
-        raise ValueError(
-            f"a tabular policy must be probabilities of shape {enum.ref_logprobs.shape} [prompts, "
-            f"responses], got {probs.shape}; or pass a causal LM"
-        )
+        raise ValueError(f"a tabular policy must be probabilities of shape {enum.ref_logprobs.shape} [prompts, "
+                         f"responses], got {probs.shape}; or pass a causal LM")
     with np.errstate(divide="ignore"):
         return np.log(probs)
 
@@ -259,16 +245,9 @@ def objective(env: Any, policy: Any, beta: float, batch_size: int = 4096) -> Pol
     kl_star = (p * (safe - log_star)).sum(1).mean()
     value = reward - beta * kl_ref
     gain = sol.optimal_value - sol.reference_value
-    return PolicyObjective(
-        beta,
-        float(reward),
-        float(kl_ref),
-        float(value),
-        sol.optimal_value,
-        float(kl_star),
-        float((value - sol.reference_value) / gain) if gain > 0 else float("nan"),
-        float(p.sum(1).mean()),
-    )
+    return PolicyObjective(beta, float(reward), float(kl_ref), float(value), sol.optimal_value, float(kl_star),
+                           float((value - sol.reference_value) / gain) if gain > 0 else float("nan"),
+                           float(p.sum(1).mean()))
 
 
 def frontier(env: Any, betas: Sequence[float]) -> list[dict[str, float]]:

@@ -34,10 +34,9 @@ class _TokenEpisodes:
 
     def __init__(self, task: TextTask, num_envs: int):
         if task.adapters_off:
-            raise ValueError(
-                "TextToken-v0 does not take an AdaptersOff reference (its per-token passes run the reference "
-                "model directly): pass a model path or a (model, tokenizer) pair, or use TextBandit-v0"
-            )
+            raise ValueError("TextToken-v0 does not take an AdaptersOff reference (its per-token passes run the "
+                             "reference "
+                             "model directly): pass a model path or a (model, tokenizer) pair, or use TextBandit-v0")
         self.task = task
         self.n = num_envs
         self.width = task.max_prompt_tokens + task.max_new_tokens
@@ -131,8 +130,7 @@ class _TokenEpisodes:
             bad = torch.isinf(logprob).nonzero().flatten().tolist()
             raise ValueError(
                 f"the handed-over log-distribution gives -inf to the chosen token in rows {bad[:5]}: the action was "
-                "not sampled from it; hand over the distribution you sampled from"
-            )
+                "not sampled from it; hand over the distribution you sampled from")
         ref = self.ref_next[rows, tokens]
         ones = torch.ones_like(logprob, dtype=torch.bool)
         kl = task.kl_per_token(logprob, ref, ones, full, self.ref_next).cpu().numpy().astype(np.float32)
@@ -160,23 +158,17 @@ class _TokenEpisodes:
         if view is not None:  # writes slot `length` of the same buffers in place
             # every row's live keys lie in the last `width` slots (see the class docstring): attend to those only
             first = max(0, length + 1 - self.width)
-            hidden = view.forward(
-                tokens[:, None],
-                self.next_position[:, None],
-                additive_mask(self.keep[:, None, None, first : length + 1], view.dtype),
-                [(layer.keys, layer.values) for layer in layers],
-                length,
-                first,
-            )
+            hidden = view.forward(tokens[:, None], self.next_position[:, None],
+                                  additive_mask(self.keep[:, None, None, first : length + 1], view.dtype),
+                                  [(layer.keys, layer.values) for layer in layers], length, first)
             for layer in layers:
                 layer.length = length + 1
             logits = view.logits(hidden[:, -1])
         else:
             logits = self.task.ref_model(
                 input_ids=tokens[:, None],
-                attention_mask=additive_mask(
-                    self.keep[:, None, None, : length + 1], next(self.task.ref_model.parameters()).dtype
-                ),
+                attention_mask=additive_mask(self.keep[:, None, None, : length + 1],
+                                             next(self.task.ref_model.parameters()).dtype),
                 position_ids=self.next_position[:, None],
                 **{cache_keyword(self.task.ref_model): self.cache},
                 use_cache=True,
@@ -281,48 +273,17 @@ class TextTokenEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
-    def __init__(
-        self,
-        model: Any = None,
-        reward_model: Any = "sentiment",
-        prompts: list[str] | None = None,
-        beta: float = 0.05,
-        kl_estimator: str = "k1",
-        kl_setpoint: float | None = None,
-        kl_horizon: float = 10000.0,
-        max_prompt_tokens: int | None = None,
-        max_new_tokens: int = 24,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        device: str = "cpu",
-        reward_kwargs: dict | None = None,
-        reward_timeout_s: float | None = None,
-        n_prompts: int = 512,
-        prompt_seed: int = 0,
-        render_mode: str | None = None,
-    ):
+    def __init__(self, model: Any = None, reward_model: Any = "sentiment", prompts: list[str] | None = None,
+                 beta: float = 0.05, kl_estimator: str = "k1", kl_setpoint: float | None = None,
+                 kl_horizon: float = 10000.0, max_prompt_tokens: int | None = None, max_new_tokens: int = 24,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, device: str = "cpu",
+                 reward_kwargs: dict | None = None, reward_timeout_s: float | None = None, n_prompts: int = 512,
+                 prompt_seed: int = 0, render_mode: str | None = None):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
-        self.task = TextTask(
-            model,
-            reward_model,
-            prompts,
-            beta,
-            kl_estimator,
-            kl_setpoint,
-            kl_horizon,
-            max_prompt_tokens,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            device,
-            reward_kwargs,
-            reward_timeout_s,
-            n_prompts,
-            prompt_seed,
-        )
+        self.task = TextTask(model, reward_model, prompts, beta, kl_estimator, kl_setpoint, kl_horizon,
+                             max_prompt_tokens, max_new_tokens, temperature, top_k, top_p, device, reward_kwargs,
+                             reward_timeout_s, n_prompts, prompt_seed)
         self.render_mode = render_mode
         self._episodes = _TokenEpisodes(self.task, 1)
         width = self._episodes.width
@@ -408,7 +369,8 @@ class TextTokenVectorEnv(VectorEnv):
         self._episodes.start(np.arange(self.num_envs), index)
         self._started = True
         self._handed = None
-        return self._episodes.obs.copy(), vector_info({"prompt": object_array([self.task.prompts[i] for i in index])})
+        return self._episodes.obs.copy(), vector_info(
+            {"prompt": object_array([self.task.prompts[i] for i in index])})
 
     def step(self, actions):
         if not self._started:

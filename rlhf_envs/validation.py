@@ -68,8 +68,6 @@ def check_config_fields(config: Any) -> None:
             if kind is bool and type(value).__name__ == "bool_":  # numpy.bool_
                 value = bool(value)
             else:
-                raise TypeError(
-                    f"{name} must be {kind.__name__}{' or None' if optional else ''}, "
-                    f"got {type(value).__name__} {value!r}"
-                )
+                raise TypeError(f"{name} must be {kind.__name__}{' or None' if optional else ''}, "
+                                f"got {type(value).__name__} {value!r}")
         object.__setattr__(config, f.name, value)  # frozen dataclasses too

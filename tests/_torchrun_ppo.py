@@ -38,16 +38,10 @@ def fixed_rollout(batch: int = 12, prompt_len: int = 5, width: int = 7):
     with torch.no_grad():
         old_logprobs, old_values, _ = model(prompt_ids, prompt_mask, response_ids, response_mask, cfg)
     m = response_mask.float()
-    rollout = {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": prompt_mask,
-        "response_ids": response_ids,
-        "response_mask": response_mask,
-        "old_logprobs": old_logprobs,
-        "old_values": old_values,
-        "advantages": torch.randn(batch, width, generator=g) * m,
-        "returns": torch.randn(batch, width, generator=g) * m,
-    }
+    rollout = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+               "response_mask": response_mask, "old_logprobs": old_logprobs, "old_values": old_values,
+               "advantages": torch.randn(batch, width, generator=g) * m, "returns": torch.randn(batch, width,
+                                                                                                generator=g) * m}
     return model, rollout, cfg
 
 
@@ -61,16 +55,8 @@ def run_update(rank: int, world: int, ptx: bool = True):
     from agents.lm_ppo_update import minibatch_loss, ppo_update
 
     model, rollout, cfg = fixed_rollout()
-    config = LMPPOConfig(
-        batch_size=12,
-        num_minibatches=3,
-        ppo_epochs=2,
-        learning_rate=0.5,
-        max_approx_kl=None,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        ptx_coef=0.5 if ptx else 0.0,
-    )
+    config = LMPPOConfig(batch_size=12, num_minibatches=3, ppo_epochs=2, learning_rate=0.5, max_approx_kl=None,
+                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, ptx_coef=0.5 if ptx else 0.0)
     texts = torch.randint(0, 256, (8, 6), generator=torch.Generator().manual_seed(9))
     masks = (torch.arange(6) < torch.tensor([[6], [4], [5], [2], [6], [3], [6], [5]])).long()
 
@@ -83,17 +69,8 @@ def run_update(rank: int, world: int, ptx: bool = True):
     optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
     loss_fn = functools.partial(minibatch_loss, config=config, cfg=cfg)
     step_loss = DistributedDataParallel(LossModule(model, loss_fn)) if world > 1 else functools.partial(loss_fn, model)
-    stats, stopped = ppo_update(
-        step_loss,
-        model,
-        optimizer,
-        rollout,
-        config,
-        torch.Generator().manual_seed(3),
-        ptx_batches() if ptx else None,
-        rank,
-        world,
-    )
+    stats, stopped = ppo_update(step_loss, model, optimizer, rollout, config, torch.Generator().manual_seed(3),
+                                 ptx_batches() if ptx else None, rank, world)
     return model, stats, stopped
 
 

@@ -16,10 +16,8 @@ def test_shakespeare_pairs_are_long_ranked_and_reproducible():
     assert shakespeare_data(64, seed=3) == (demos, pairs)
     gold = SentimentReward()
     prompts = [p["prompt"] for p in pairs]
-    chosen, rejected = (
-        gold.score(prompts, [p["chosen"] for p in pairs]),
-        gold.score(prompts, [p["rejected"] for p in pairs]),
-    )
+    chosen, rejected = gold.score(prompts, [p["chosen"] for p in pairs]), gold.score(prompts,
+                                                                                     [p["rejected"] for p in pairs])
     assert (chosen > rejected).all()
     for row in demos:  # the prompt is a speaker's name and the first line; the completion goes on
         assert row["prompt"].split("\n")[0].endswith(":") and row["completion"].strip()

@@ -66,12 +66,10 @@ def test_time_limit_truncates():
 
 # --- The exact solver, against values computed by hand ---------------------------------------
 
-
 def test_solver_hand_computed_horizons():
     model = parse_map(["CBM"])
-    assert solve(model, slip=0.0, horizon=1).optimal_return == pytest.approx(
-        0.0
-    )  # stay put rather than step on the broom
+    assert solve(model, slip=0.0,
+                 horizon=1).optimal_return == pytest.approx(0.0)   # stay put rather than step on the broom
     assert solve(model, slip=0.0, horizon=2).optimal_return == pytest.approx(99.0)  # broom then meat
 
 
@@ -80,7 +78,7 @@ def test_solver_hand_computed_slip():
     model = parse_map(["CM"])
     s = 0.3
     assert solve(model, slip=s, horizon=1).optimal_return == pytest.approx(100 * (1 - s))
-    assert solve(model, slip=s, horizon=2).optimal_return == pytest.approx(100 * (1 - s**2))
+    assert solve(model, slip=s, horizon=2).optimal_return == pytest.approx(100 * (1 - s ** 2))
     # A bathtub beside the start: going right risks slipping left into it (prob s/3, -10).
     model = parse_map(["TCM"])
     assert solve(model, slip=s, horizon=1).optimal_return == pytest.approx(100 * (1 - s) - 10 * s / 3)
@@ -111,7 +109,6 @@ def test_solver_optimum_matches_monte_carlo_on_the_drunk_map():
 
 
 # --- Seeding and the drunk cat ------------------------------------------------------------------
-
 
 def _trajectory(env_id: str, seed: int, n: int = 300) -> list:
     env = gym.make(env_id)
@@ -146,7 +143,6 @@ def test_slip_frequency_matches_slip(slip):
 
 
 # --- The natively batched vector env ------------------------------------------------------------
-
 
 def test_vector_env_matches_single_env_when_sober():
     envs = gym.make_vec("CatGrid-v0", num_envs=3)
@@ -189,7 +185,6 @@ def test_vector_env_rejects_bad_actions():
 
 # --- Rendering -------------------------------------------------------------------------------
 
-
 def test_render_ansi_and_rgb():
     env = gym.make("CatGrid-v0", render_mode="ansi")
     env.reset(seed=0)
@@ -205,7 +200,6 @@ def test_render_ansi_and_rgb():
 
 # --- Bad input -----------------------------------------------------------------------------------
 
-
 @pytest.mark.parametrize("action", [4, -1, 1.5, "left", np.array([0, 1]), None])
 def test_bad_actions_name_the_value(action):
     env = gym.make("CatGrid-v0").unwrapped
@@ -215,18 +209,15 @@ def test_bad_actions_name_the_value(action):
     env.step(1)  # the env is still usable
 
 
-@pytest.mark.parametrize(
-    "desc, message",
-    [
-        (["..", ".M"], "exactly one start"),
-        (["CC", ".M"], "exactly one start"),
-        (["C.", ".."], "no terminal cell"),
-        (["C..", ".M"], "ragged"),
-        (["C.", ".X"], "unknown cell characters"),
-        ([], "empty"),
-        (42, "list of row strings"),
-    ],
-)
+@pytest.mark.parametrize("desc, message", [
+    (["..", ".M"], "exactly one start"),
+    (["CC", ".M"], "exactly one start"),
+    (["C.", ".."], "no terminal cell"),
+    (["C..", ".M"], "ragged"),
+    (["C.", ".X"], "unknown cell characters"),
+    ([], "empty"),
+    (42, "list of row strings"),
+])
 def test_malformed_maps(desc, message):
     with pytest.raises(ValueError, match=message):
         CatGridEnv(desc=desc)
@@ -250,9 +241,8 @@ def test_maps_from_a_string():
 
 @pytest.mark.parametrize("desc", [["C#M", "##."], ["CT", "TM"], ["C.#", "..#", "##M"]])
 def test_a_map_whose_meat_cannot_be_reached_warns(desc):
-    with pytest.warns(
-        UserWarning, match=r"the meat 'M' cannot be reached from the start 'C'.*optimal return is at most 0"
-    ):
+    with pytest.warns(UserWarning, match=r"the meat 'M' cannot be reached from the start 'C'.*optimal return is at "
+                                         r"most 0"):
         CatGridEnv(desc=desc)
 
 

@@ -29,18 +29,12 @@ CONVERSATION = [
     {"role": "user", "content": "And the story?"},
     {"role": "assistant", "content": "the story was dull"},
 ]
-PAIRS = [
-    {
-        "prompt": [{"role": "user", "content": "How was the film?"}],
-        "chosen": [{"role": "assistant", "content": "a great film"}],
-        "rejected": [{"role": "assistant", "content": "a terrible film"}],
-    },
-    {
-        "prompt": [{"role": "user", "content": "And the acting?"}],
-        "chosen": [{"role": "assistant", "content": "wonderful acting"}],
-        "rejected": [{"role": "assistant", "content": "awful acting"}],
-    },
-]
+PAIRS = [{"prompt": [{"role": "user", "content": "How was the film?"}],
+          "chosen": [{"role": "assistant", "content": "a great film"}],
+          "rejected": [{"role": "assistant", "content": "a terrible film"}]},
+         {"prompt": [{"role": "user", "content": "And the acting?"}],
+          "chosen": [{"role": "assistant", "content": "wonderful acting"}],
+          "rejected": [{"role": "assistant", "content": "awful acting"}]}]
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +78,9 @@ def test_chat_sft_trains(tmp_path):
     from agents.sft import SFTConfig, train_sft
 
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 16)
-    result = train_sft(
-        SFTConfig(
-            data_path=str(data),
-            output_dir=str(tmp_path / "sft"),
-            batch_size=8,
-            max_steps=6,
-            log_every=1,
-            learning_rate=3e-3,
-            eval_fraction=0.0,
-            torch_threads=1,
-            progress=False,
-            device="cpu",
-        )
-    )
+    result = train_sft(SFTConfig(data_path=str(data), output_dir=str(tmp_path / "sft"), batch_size=8, max_steps=6,
+                                 log_every=1, learning_rate=3e-3, eval_fraction=0.0, torch_threads=1, progress=False,
+                                 device="cpu"))
     lines = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert result.global_step == 6 and lines[-1]["loss"] < lines[0]["loss"]
 
@@ -105,15 +88,12 @@ def test_chat_sft_trains(tmp_path):
 def test_conversational_pairs_tokenise_as_the_policy_sees_them(tokenizer):
     data = tokenize_pairs(tokenizer, PAIRS, max_length=64)
     head, reply = prompt_and_response_text(tokenizer, PAIRS[0]["prompt"], PAIRS[0]["chosen"])
-    expected = [
-        *tokenizer(head, add_special_tokens=False)["input_ids"],
-        *tokenizer(reply, add_special_tokens=False)["input_ids"],
-    ]
+    expected = [*tokenizer(head, add_special_tokens=False)["input_ids"], *tokenizer(reply,
+                                                                                    add_special_tokens=False)["input_ids"]]
     assert data.input_ids[0].tolist() == expected and data.input_ids[0].tolist().count(tokenizer.eos_token_id) == 2
     assert int(data.prompt_lengths[0]) == len(tokenizer(head, add_special_tokens=False)["input_ids"])
-    groups = tokenize_rankings(
-        tokenizer, [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]]} for p in PAIRS], max_length=64
-    )
+    groups = tokenize_rankings(tokenizer, [{"prompt": p["prompt"], "responses": [p["chosen"], p["rejected"]]}
+                                           for p in PAIRS], max_length=64)
     text = chat_reward_text(tokenizer, PAIRS[1]["prompt"], PAIRS[1]["rejected"])
     assert groups[1][1].tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -146,7 +126,7 @@ def test_the_env_takes_conversational_prompts(tokenizer):
     task = envs.unwrapped.task
     for row, prompt in zip(obs, info["prompt"]):
         ids = encode_prompt(tokenizer, prompt)
-        assert row[-len(ids) :].tolist() == ids and isinstance(prompt, list)
+        assert row[-len(ids):].tolist() == ids and isinstance(prompt, list)
     with pytest.warns(RuntimeWarning, match="no policy log-probs"):  # random actions: the KL is for a uniform policy
         _, _, _, _, info = envs.step(envs.action_space.sample())
     assert info["response"].shape == (2,) and all(isinstance(r, str) for r in info["response"])
@@ -161,10 +141,8 @@ ROWS = {
     "plain_sft": ([{"prompt": "the film", "completion": " was great"}, {"prompt": "a", "completion": " b"}], read_sft),
     "pairs": (PAIRS, read_preferences),
     "rankings": ([{"prompt": "the film", "responses": [" great", " fine", " dull"]}], read_rankings),
-    "prompts": (
-        [{"prompt": [{"role": "user", "content": "hi"}]}, {"prompt": [{"role": "user", "content": "yo"}]}],
-        read_prompts,
-    ),
+    "prompts": ([{"prompt": [{"role": "user", "content": "hi"}]}, {"prompt": [{"role": "user", "content": "yo"}]}],
+                read_prompts),
 }
 
 
@@ -186,8 +164,7 @@ def test_every_dataset_form_loads_into_the_same_rows(tmp_path, name):
 def test_dataset_errors_name_the_row_and_the_field(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list([{"prompt": "a", "completion": " b"}, {"prompt": "c", "completion": None}]).to_parquet(
-        str(tmp_path / "none.parquet")
-    )
+        str(tmp_path / "none.parquet"))
     with pytest.raises(DataError, match=r"none\.parquet: row 1: field 'completion' must be a str, got NoneType"):
         read_sft(tmp_path / "none.parquet")
     datasets.Dataset.from_list([{"prompt": "a"}]).save_to_disk(str(tmp_path / "folder"))
@@ -196,10 +173,8 @@ def test_dataset_errors_name_the_row_and_the_field(tmp_path):
     write_jsonl(tmp_path / "turns.jsonl", [{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError, match=r"turns\.jsonl:1: field 'prompt'\[0\] is missing field 'content'"):
         read_preferences(tmp_path / "turns.jsonl")
-    write_jsonl(
-        tmp_path / "mixed.jsonl",
-        [{"prompt": "plain", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}],
-    )
+    write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "plain", "chosen": [{"role": "assistant", "content": "a"}],
+                                            "rejected": "b"}])
     with pytest.raises(DataError, match=r"mixed\.jsonl:1: field 'chosen' is a list of turns but the prompt is a plain"):
         read_preferences(tmp_path / "mixed.jsonl")
     write_jsonl(tmp_path / "nobody.jsonl", [{"messages": CONVERSATION[:2]}])
@@ -211,7 +186,6 @@ def test_a_tokenizer_without_a_template_is_a_clear_error_and_plain_text_is_uncha
     tiny = load_tokenizer(save_tiny_lm(tmp_path / "tiny"))
     with pytest.raises(ValueError, match="has no chat_template"):
         tokenize_sft(tiny, [{"messages": CONVERSATION}], max_length=64)
-    assert torch.equal(
-        tokenize_sft(tiny, [{"prompt": "a", "completion": "b"}], 64).input_ids[0],
-        torch.tensor(tiny("a")["input_ids"] + tiny("b", add_special_tokens=False)["input_ids"] + [tiny.eos_token_id]),
-    )
+    assert torch.equal(tokenize_sft(tiny, [{"prompt": "a", "completion": "b"}], 64).input_ids[0],
+                       torch.tensor(tiny("a")["input_ids"] + tiny("b", add_special_tokens=False)["input_ids"]
+                                    + [tiny.eos_token_id]))

@@ -31,13 +31,8 @@ def _trained(seed: int):
 def test_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path):
     model, optimizer, scheduler = _trained(seed=0)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    save_checkpoint(
-        tmp_path / "checkpoint-00000003",
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        state={"epoch": 1, "step": 3, "note": "hi"},
-    )
+    save_checkpoint(tmp_path / "checkpoint-00000003", model=model, optimizer=optimizer, scheduler=scheduler,
+                    state={"epoch": 1, "step": 3, "note": "hi"})
     expected_draws = (random.random(), float(np.random.rand()), float(torch.rand(())))
 
     other, other_opt, other_sched = _trained(seed=1)
@@ -57,11 +52,7 @@ def test_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path):
             assert torch.equal(loaded["state"][index][key], value), (index, key)
     assert other_sched.state_dict() == scheduler.state_dict()
     assert sorted(p.name for p in (tmp_path / "checkpoint-00000003").iterdir()) == [
-        "checkpoint.json",
-        "model.safetensors",
-        "optimizer.safetensors",
-        "rng.safetensors",
-    ]
+        "checkpoint.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors"]
 
 
 def test_model_only_checkpoint_and_overwrite(tmp_path):
@@ -77,14 +68,11 @@ def test_model_only_checkpoint_and_overwrite(tmp_path):
 
 def test_torn_checkpoints_are_ignored(tmp_path, monkeypatch):
     model, optimizer, scheduler = _trained(seed=0)
-    save_checkpoint(
-        tmp_path / "checkpoint-00000005", model=model, optimizer=optimizer, scheduler=scheduler, state={"step": 5}
-    )
-
+    save_checkpoint(tmp_path / "checkpoint-00000005", model=model, optimizer=optimizer, scheduler=scheduler,
+                    state={"step": 5})
     # a crash while writing step 10 leaves no checkpoint-00000010 and no temporary directory
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
-
     monkeypatch.setattr(checkpoint, "_fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path / "checkpoint-00000010", model=model, optimizer=optimizer, state={"step": 10})

@@ -26,13 +26,11 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 
 def test_help_and_a_bad_option_import_neither_torch_nor_transformers():
-    probe = (
-        "import sys, contextlib, io\nfrom agents.cli import main\n"
-        "for argv in (['--help'], ['--no-such-option'], ['no-such-command']):\n"
-        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-        "        try: main(argv)\n        except SystemExit: pass\n"
-        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
-    )
+    probe = ("import sys, contextlib, io\nfrom agents.cli import main\n"
+             "for argv in (['--help'], ['--no-such-option'], ['no-such-command']):\n"
+             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+             "        try: main(argv)\n        except SystemExit: pass\n"
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -89,26 +87,9 @@ def fail_after_plugin():
 def test_plugin_failure_mid_ppo_is_one_line_and_resume_continues(tmp_path, save_tiny_lm, fail_after_plugin):
     model = str(save_tiny_lm(tmp_path / "tiny"))
     out = tmp_path / "run"
-    argv = [
-        "ppo",
-        "--model-path",
-        model,
-        "--reward-model",
-        "fail-after-2",
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "8",
-        "--num-minibatches",
-        "2",
-        "--total-episodes",
-        "32",
-        "--max-new-tokens",
-        "4",
-        "--save-every",
-        "1",
-        "--no-progress",
-    ]
+    argv = ["ppo", "--model-path", model, "--reward-model", "fail-after-2", "--output-dir", str(out),
+            "--batch-size", "8", "--num-minibatches", "2", "--total-episodes", "32", "--max-new-tokens", "4",
+            "--save-every", "1", "--no-progress"]
     code, err = _run(argv)
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "reward model 'fail-after-2' raised RuntimeError: the scoring service went away" in err and "--resume" in err

@@ -21,33 +21,10 @@ STEPS = 24
 
 
 def _sft_command(model_dir, data, out, resume: bool) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "agents.cli",
-        "sft",
-        "--model-path",
-        str(model_dir),
-        "--data-path",
-        str(data),
-        "--output-dir",
-        str(out),
-        "--max-steps",
-        str(STEPS),
-        "--batch-size",
-        "8",
-        "--log-every",
-        "1",
-        "--checkpoint-every",
-        "1",
-        "--eval-fraction",
-        "0",
-        "--learning-rate",
-        "1e-3",
-        "--no-progress",
-        "--torch-threads",
-        "1",
-    ]
+    cmd = [sys.executable, "-m", "agents.cli", "sft", "--model-path", str(model_dir), "--data-path", str(data),
+           "--output-dir", str(out), "--max-steps", str(STEPS), "--batch-size", "8", "--log-every", "1",
+           "--checkpoint-every", "1", "--eval-fraction", "0", "--learning-rate", "1e-3", "--no-progress",
+           "--torch-threads", "1"]
     return cmd + (["--resume"] if resume else [])
 
 
@@ -76,21 +53,16 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(setup):
     root = setup
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     reference = root / "reference"
-    subprocess.run(
-        _sft_command(root / "tiny", root / "sft.jsonl", reference, resume=False), check=True, env=env, timeout=600
-    )
+    subprocess.run(_sft_command(root / "tiny", root / "sft.jsonl", reference, resume=False), check=True, env=env,
+                   timeout=600)
 
     crashed = root / "crashed"
     rng = np.random.default_rng(1)
     kill_points = sorted(rng.choice(np.arange(2, STEPS - 1), size=3, replace=False).tolist())
     survived = 0
     for i, point in enumerate(kill_points):
-        proc = subprocess.Popen(
-            _sft_command(root / "tiny", root / "sft.jsonl", crashed, resume=i > 0),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = subprocess.Popen(_sft_command(root / "tiny", root / "sft.jsonl", crashed, resume=i > 0), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
         while _lines(crashed) < point and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
@@ -99,9 +71,8 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(setup):
             proc.wait()
             survived += 1
     assert survived >= 2, "the runs finished before they could be killed"
-    subprocess.run(
-        _sft_command(root / "tiny", root / "sft.jsonl", crashed, resume=True), check=True, env=env, timeout=600
-    )
+    subprocess.run(_sft_command(root / "tiny", root / "sft.jsonl", crashed, resume=True), check=True, env=env,
+                   timeout=600)
 
     a = load_file(str(reference / "model.safetensors"))
     b = load_file(str(crashed / "model.safetensors"))

@@ -25,10 +25,8 @@ from agents.data import (
 from rlhf_envs.lm.loading import load_tokenizer
 from rlhf_envs.lm.padded import batch_sequences
 
-WORDS = (
-    "the a food film hotel was is and but very not good great bad awful fine okay plain service room "
-    "story I liked it hated loved yes no really quite"
-).split()
+WORDS = ("the a food film hotel was is and but very not good great bad awful fine okay plain service room "
+         "story I liked it hated loved yes no really quite").split()
 
 
 def make_tiny_lm(path: Path, *, n_embd: int = 32, n_layer: int = 2, seed: int = 0, dropout: float = 0.0) -> Path:
@@ -41,19 +39,9 @@ def make_tiny_lm(path: Path, *, n_embd: int = 32, n_layer: int = 2, seed: int = 
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(vocab),
-        n_positions=64,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=2,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=1,
-    )
+    config = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=n_embd, n_layer=n_layer, n_head=2,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        pad_token_id=0, eos_token_id=1, bos_token_id=1)
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

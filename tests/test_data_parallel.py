@@ -32,41 +32,22 @@ from test_sft import _demonstrations
 
 from agents.distributed import shard
 
-COMMON = [
-    "--num-epochs",
-    "2",
-    "--batch-size",
-    "8",
-    "--learning-rate",
-    "3e-3",
-    "--eval-fraction",
-    "0.125",
-    "--log-every",
-    "1",
-    "--torch-threads",
-    "1",
-    "--no-progress",
-    "--seed",
-    "3",
-]
+COMMON = ["--num-epochs", "2", "--batch-size", "8", "--learning-rate", "3e-3", "--eval-fraction", "0.125",
+          "--log-every", "1", "--torch-threads", "1", "--no-progress", "--seed", "3"]
 
 
 def _env() -> dict[str, str]:
     # the launched scripts import tests.tiny_models: the repository root goes on their path, as pytest's pythonpath does
     root = str(Path(__file__).resolve().parent.parent)
-    env = dict(
-        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root,
+                                                                                         os.environ.get("PYTHONPATH")])))
     env.pop("WORLD_SIZE", None)
     return env
 
 
 def _cli(args: list[str], processes: int) -> subprocess.CompletedProcess:
-    launch = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        if processes > 1
-        else [sys.executable]
-    )
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
     return subprocess.run([*launch, "-m", "agents.cli", *args], env=_env(), capture_output=True, text=True, timeout=300)
 
 

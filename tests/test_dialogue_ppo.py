@@ -45,8 +45,7 @@ def test_loss_mask_is_the_policy_mask_and_env_tokens_never_enter_the_loss():
     task = envs.unwrapped.task
     tok = task.tokenizer
     prompt_ids, prompt_mask, response_ids, response_mask, loss_mask = _episode_tensors(
-        [context], [mask], task.pad_token_id, task.eos_token_id
-    )
+        [context], [mask], task.pad_token_id, task.eos_token_id)
     assert tok.convert_ids_to_tokens(prompt_ids[prompt_mask].tolist()) == ["?"]
     rest = tok.convert_ids_to_tokens(response_ids[0].tolist())
     assert rest == ["8", "<eot>", "higher", "12", "<eot>", "lower", "11", "<eot>", "correct", "<eot>"]
@@ -56,17 +55,11 @@ def test_loss_mask_is_the_policy_mask_and_env_tokens_never_enter_the_loss():
     model = PolicyWithValueHead(task.ref_model).requires_grad_(True)
     generator = torch.Generator().manual_seed(0)
     shape = response_ids.shape
-    batch = {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": prompt_mask,
-        "response_ids": response_ids,
-        "response_mask": response_mask,
-        "loss_mask": loss_mask,
-        "old_logprobs": -torch.rand(shape, generator=generator),
-        "old_values": torch.randn(shape, generator=generator),
-        "advantages": torch.randn(shape, generator=generator),
-        "returns": torch.randn(shape, generator=generator),
-    }
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+             "response_mask": response_mask, "loss_mask": loss_mask,
+             "old_logprobs": -torch.rand(shape, generator=generator),
+             "old_values": torch.randn(shape, generator=generator),
+             "advantages": torch.randn(shape, generator=generator), "returns": torch.randn(shape, generator=generator)}
     config = DialoguePPOConfig()
     sampling = SamplingConfig(max_new_tokens=2)
     loss, _ = _minibatch_loss(model, batch, config, sampling)
@@ -80,32 +73,18 @@ def test_loss_mask_is_the_policy_mask_and_env_tokens_never_enter_the_loss():
 def _batch(kl, turn_reward, loss_mask, turn_start, truncated=False):
     e = len(loss_mask)
     mask = torch.tensor(loss_mask)
-    return DialogueBatch(
-        torch.zeros(e, 1, dtype=torch.long),
-        torch.ones(e, 1, dtype=torch.bool),
-        torch.zeros(mask.shape, dtype=torch.long),
-        torch.ones(mask.shape, dtype=torch.bool),
-        mask,
-        torch.tensor(kl),
-        torch.tensor(turn_reward),
-        torch.tensor(turn_start),
-        torch.tensor([not truncated] * e),
-        torch.tensor([truncated] * e),
-        torch.tensor([int(sum(s)) for s in turn_start]),
-        torch.zeros(e),
-        torch.zeros(e),
-        beta=0.5,
-    )
+    return DialogueBatch(torch.zeros(e, 1, dtype=torch.long), torch.ones(e, 1, dtype=torch.bool),
+                         torch.zeros(mask.shape, dtype=torch.long), torch.ones(mask.shape, dtype=torch.bool), mask,
+                         torch.tensor(kl), torch.tensor(turn_reward), torch.tensor(turn_start),
+                         torch.tensor([not truncated] * e), torch.tensor([truncated] * e),
+                         torch.tensor([int(sum(s)) for s in turn_start]), torch.zeros(e), torch.zeros(e), beta=0.5)
 
 
 def test_token_and_turn_credit_skip_env_tokens():
     # policy, policy, env, policy, policy, env, trailing slot
-    batch = _batch(
-        kl=[[0.2, 0.0, 0.0, 0.4, 0.0, 0.0, 0.0]],
-        turn_reward=[[0.0, -0.1, 0.0, 0.0, 0.9, 0.0, 0.0]],
-        loss_mask=[[True, True, False, True, True, False, False]],
-        turn_start=[[True, False, False, True, False, False, False]],
-    )
+    batch = _batch(kl=[[0.2, 0.0, 0.0, 0.4, 0.0, 0.0, 0.0]], turn_reward=[[0.0, -0.1, 0.0, 0.0, 0.9, 0.0, 0.0]],
+                   loss_mask=[[True, True, False, True, True, False, False]],
+                   turn_start=[[True, False, False, True, False, False, False]])
     values = torch.zeros(1, 7)
     config = DialoguePPOConfig(gamma=1.0, gae_lambda=1.0)
     adv, ret = CREDIT["token"](batch, values, config)
@@ -115,13 +94,8 @@ def test_token_and_turn_credit_skip_env_tokens():
     adv, _ = CREDIT["turn"](batch, values, config)
     assert adv[0, [0, 1, 3, 4]].tolist() == pytest.approx([0.5, 0.5, 0.7, 0.7]) and adv[0, [2, 5, 6]].abs().sum() == 0
     # a truncated episode bootstraps from the value after it (the trailing slot)
-    truncated = _batch(
-        kl=batch.kl.tolist(),
-        turn_reward=batch.turn_reward.tolist(),
-        loss_mask=batch.loss_mask.tolist(),
-        turn_start=batch.turn_start.tolist(),
-        truncated=True,
-    )
+    truncated = _batch(kl=batch.kl.tolist(), turn_reward=batch.turn_reward.tolist(), loss_mask=batch.loss_mask.tolist(),
+                       turn_start=batch.turn_start.tolist(), truncated=True)
     values[0, 6] = 2.0
     adv, _ = CREDIT["token"](truncated, values, config)
     assert adv[0, 4].item() == pytest.approx(0.9 + 2.0)
@@ -167,6 +141,6 @@ def test_groups_share_an_episode_and_group_credit_is_grpo():
     batch = _batch(kl=[[0.0]] * 4, turn_reward=[[0.0]] * 4, loss_mask=[[True]] * 4, turn_start=[[True]] * 4)
     batch.returns = torch.tensor([1.0, 0.0, 3.0, 4.0])
     adv, _ = CREDIT["group"](batch, torch.zeros(4, 1), DialoguePPOConfig(num_envs=4, group_size=2, credit="group"))
-    assert adv[:, 0].tolist() == pytest.approx([2**-0.5, -(2**-0.5), -(2**-0.5), 2**-0.5], abs=1e-6)
+    assert adv[:, 0].tolist() == pytest.approx([2 ** -0.5, -(2 ** -0.5), -(2 ** -0.5), 2 ** -0.5], abs=1e-6)
     with pytest.raises(ValueError, match="group_size"):
         DialoguePPOConfig(credit="group")

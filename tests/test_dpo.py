@@ -24,22 +24,11 @@ def test_losses_by_hand():
 
 
 def test_metrics_use_trl_names_and_beta_scaled_rewards():
-    metrics = dpo_metrics(
-        torch.tensor([-1.0, -2.0]),
-        torch.tensor([-3.0, -1.0]),
-        torch.tensor([-2.0, -2.0]),
-        torch.tensor([-2.0, -2.0]),
-        beta=0.5,
-    )
+    metrics = dpo_metrics(torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -2.0]),
+                          torch.tensor([-2.0, -2.0]), beta=0.5)
     # chosen rewards 0.5 * (1, 0), rejected 0.5 * (-1, 1): margins (1, -0.5)
-    expected = {
-        "rewards/chosen": 0.25,
-        "rewards/rejected": 0.0,
-        "rewards/accuracies": 0.5,
-        "rewards/margins": 0.25,
-        "logps/chosen": -1.5,
-        "logps/rejected": -2.0,
-    }
+    expected = {"rewards/chosen": 0.25, "rewards/rejected": 0.0, "rewards/accuracies": 0.5,
+                "rewards/margins": 0.25, "logps/chosen": -1.5, "logps/rejected": -2.0}
     assert {k: v.item() for k, v in metrics.items()} == pytest.approx(expected)
 
 
@@ -50,9 +39,8 @@ def test_concatenated_forward_equals_separate_ones(tmp_path):
     prompt_lengths = torch.tensor([2, 2])
     together = sequence_logps(model, split, *batch_sequences(seqs, prompt_lengths, 0, torch.device("cpu")))
     for i in range(2):
-        alone = sequence_logps(
-            model, None, *batch_sequences(seqs[i : i + 1], prompt_lengths[i : i + 1], 0, torch.device("cpu"))
-        )
+        alone = sequence_logps(model, None, *batch_sequences(seqs[i : i + 1], prompt_lengths[i : i + 1], 0,
+                                                             torch.device("cpu")))
         logits = model(input_ids=seqs[i][None]).logits[0, :-1].log_softmax(-1)
         by_hand = logits[torch.arange(1, len(seqs[i]) - 1), seqs[i][2:]].sum()
         assert together[i].item() == pytest.approx(alone.item(), abs=1e-5)
@@ -61,31 +49,18 @@ def test_concatenated_forward_equals_separate_ones(tmp_path):
 
 def _pairs(n: int, seed: int) -> list[dict[str, str]]:
     rng = random.Random(seed)
-    return [
-        {"prompt": " ".join(rng.choice(WORDS) for _ in range(3)), "chosen": "it was great", "rejected": "it was awful"}
-        for _ in range(n)
-    ]
+    return [{"prompt": " ".join(rng.choice(WORDS) for _ in range(3)),
+             "chosen": "it was great", "rejected": "it was awful"} for _ in range(n)]
 
 
 @pytest.mark.parametrize(("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("cdpo", 0.1), ("ipo", 0.0)])
 def test_dpo_learns_the_preference(tmp_path, loss_type, label_smoothing):
     lm = make_tiny_lm(tmp_path / "lm")
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(96, seed=0))
-    config = DPOConfig(
-        model_path=str(lm),
-        data_path=str(data),
-        output_dir=str(tmp_path / "dpo"),
-        num_epochs=4,
-        batch_size=16,
-        learning_rate=3e-3,
-        beta=0.5,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
-        eval_fraction=0.125,
-        log_every=1,
-        torch_threads=1,
-        progress=False,
-    )
+    config = DPOConfig(model_path=str(lm), data_path=str(data), output_dir=str(tmp_path / "dpo"), num_epochs=4,
+                       batch_size=16, learning_rate=3e-3, beta=0.5, loss_type=loss_type,
+                       label_smoothing=label_smoothing,
+                       eval_fraction=0.125, log_every=1, torch_threads=1, progress=False)
     result = train_dpo(config)
     # the reference is the initial policy: the held-out reward margin starts at 0 and grows, for
     # IPO to its fixed point beta * h = beta / (2 beta) = 0.5
@@ -120,15 +95,8 @@ def test_config_validation():
 def test_separate_reference_equals_the_default_reference(tmp_path):
     lm = make_tiny_lm(tmp_path / "lm")
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(32, seed=0))
-    common = dict(
-        model_path=str(lm),
-        data_path=str(data),
-        batch_size=8,
-        learning_rate=3e-3,
-        eval_fraction=0.0,
-        torch_threads=1,
-        progress=False,
-    )
+    common = dict(model_path=str(lm), data_path=str(data), batch_size=8, learning_rate=3e-3, eval_fraction=0.0,
+                  torch_threads=1, progress=False)
     own = train_dpo(DPOConfig(output_dir=str(tmp_path / "own"), **common))
     separate = train_dpo(DPOConfig(output_dir=str(tmp_path / "separate"), ref_model_path=str(lm), **common))
     assert separate.metrics["loss"] == pytest.approx(own.metrics["loss"], abs=1e-6)
@@ -146,29 +114,13 @@ def test_reference_logps_equal_the_untrained_policys_in_every_batch(tmp_path):
     for _ in range(12):  # four pairs per prompt, responses of different lengths
         prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
         for _ in range(4):
-            pairs.append(
-                {
-                    "prompt": prompt,
-                    "chosen": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
-                    "rejected": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
-                }
-            )
+            pairs.append({"prompt": prompt, "chosen": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6))),
+                          "rejected": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))})
     rng.shuffle(pairs)
     lm = make_tiny_lm(tmp_path / "lm")
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    train_dpo(
-        DPOConfig(
-            model_path=str(lm),
-            data_path=str(data),
-            output_dir=str(tmp_path / "dpo"),
-            batch_size=8,
-            learning_rate=1e-30,
-            eval_fraction=0.0,
-            log_every=1,
-            torch_threads=1,
-            progress=False,
-        )
-    )
+    train_dpo(DPOConfig(model_path=str(lm), data_path=str(data), output_dir=str(tmp_path / "dpo"), batch_size=8,
+                        learning_rate=1e-30, eval_fraction=0.0, log_every=1, torch_threads=1, progress=False))
     logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in logged if "loss" in row]
     assert len(losses) == 6

@@ -22,20 +22,9 @@ def setup(tmp_path_factory, save_tiny_lm):
 
 
 def _config(root: Path, out: str, **kw) -> DPOConfig:
-    base = dict(
-        model_path=str(root / "model"),
-        data_path=str(root / "pairs.jsonl"),
-        output_dir=str(root / out),
-        batch_size=8,
-        max_steps=6,
-        learning_rate=3e-2,
-        eval_fraction=0.0,
-        log_every=1,
-        progress=False,
-        torch_threads=1,
-        lora_r=4,
-        lora_alpha=8.0,
-    )
+    base = dict(model_path=str(root / "model"), data_path=str(root / "pairs.jsonl"), output_dir=str(root / out),
+                batch_size=8, max_steps=6, learning_rate=3e-2, eval_fraction=0.0, log_every=1, progress=False,
+                torch_threads=1, lora_r=4, lora_alpha=8.0)
     return DPOConfig(**{**base, **kw})
 
 
@@ -50,9 +39,8 @@ def test_lora_trains_the_adapters_only_and_saves_a_merged_model(setup):
     assert (out / "adapter" / "adapter_config.json").is_file()
     tuned, _ = load_causal_lm(str(out))
     base, _ = load_causal_lm(str(setup / "model"))
-    changed = {
-        name for (name, p), (_, q) in zip(tuned.named_parameters(), base.named_parameters()) if not torch.equal(p, q)
-    }
+    changed = {name for (name, p), (_, q) in zip(tuned.named_parameters(),
+                                                 base.named_parameters()) if not torch.equal(p, q)}
     assert changed and all(".attn.c_attn." in name for name in changed), changed
 
 
@@ -73,15 +61,12 @@ def test_a_full_checkpoint_does_not_resume_as_lora(setup):
         train_dpo(_config(setup, "mixed", resume=True))
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"lora_r": -1}, "lora_r"),
-        ({"lora_alpha": 0.0}, "lora_alpha"),
-        ({"lora_dropout": 1.0}, "lora_dropout"),
-        ({"ref_model_path": "somewhere"}, "ref_model_path"),
-    ],
-)
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lora_r": -1}, "lora_r"),
+    ({"lora_alpha": 0.0}, "lora_alpha"),
+    ({"lora_dropout": 1.0}, "lora_dropout"),
+    ({"ref_model_path": "somewhere"}, "ref_model_path"),
+])
 def test_bad_lora_settings(setup, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _config(setup, "bad", **kwargs)
@@ -92,17 +77,10 @@ def _peft_gpt2(**lora_kw):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )
-    lora = dict(
-        r=4,
-        lora_alpha=8.0,
-        lora_dropout=0.0,
-        target_modules=["c_attn", "c_proj", "c_fc"],
-        fan_in_fan_out=True,
-        task_type="CAUSAL_LM",
-    )
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    lora = dict(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"],
+                fan_in_fan_out=True, task_type="CAUSAL_LM")
     model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(**{**lora, **lora_kw}))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -120,10 +98,8 @@ def test_lora_takes_the_packed_path_with_hugging_face_numbers_and_gradients():
     model = _peft_gpt2()
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50, (5,), generator=g)
-    sequences = [
-        *(torch.cat([prompt, torch.randint(0, 50, (n,), generator=g)]) for n in (4, 7)),
-        torch.randint(0, 50, (6,), generator=g),
-    ]
+    sequences = [*(torch.cat([prompt, torch.randint(0, 50, (n,), generator=g)]) for n in (4, 7)),
+                 torch.randint(0, 50, (6,), generator=g)]
     batch = pack_sequences(sequences)
     starts = [5, 5, 1]
     view = gpt2_view(model)
@@ -133,12 +109,9 @@ def test_lora_takes_the_packed_path_with_hugging_face_numbers_and_gradients():
     lora = {name: p for name, p in model.named_parameters() if "lora_" in name}
     packed_grads = {name: p.grad.clone() for name, p in lora.items()}
     model.zero_grad()
-    alone = torch.stack(
-        [
-            -F.cross_entropy(model(input_ids=seq[None]).logits[0, start - 1 : -1], seq[start:], reduction="sum")
-            for seq, start in zip(batch.sequences, starts)
-        ]
-    )
+    alone = torch.stack([-F.cross_entropy(model(input_ids=seq[None]).logits[0, start - 1 : -1], seq[start:],
+                                          reduction="sum")
+                         for seq, start in zip(batch.sequences, starts)])
     alone.sum().backward()
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
     for name, p in lora.items():
@@ -147,21 +120,16 @@ def test_lora_takes_the_packed_path_with_hugging_face_numbers_and_gradients():
         off = gpt2_view(model)
         assert off is not None
         ref = batch.sequence_logps(off, *batch.distinct_targets(starts))
-        base = torch.stack(
-            [
-                -F.cross_entropy(model(input_ids=seq[None]).logits[0, start - 1 : -1], seq[start:], reduction="sum")
-                for seq, start in zip(batch.sequences, starts)
-            ]
-        )
+        base = torch.stack([-F.cross_entropy(model(input_ids=seq[None]).logits[0, start - 1 : -1], seq[start:],
+                                             reduction="sum")
+                            for seq, start in zip(batch.sequences, starts)])
     torch.testing.assert_close(ref, base, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(ref, alone, atol=1e-3), "the adapters changed nothing: the test would prove nothing"
 
 
-@pytest.mark.parametrize(
-    "lora_kw",
-    [{"lora_dropout": 0.1}, {"use_dora": True}, {"target_modules": ["c_attn", "lm_head"]}],
-    ids=["dropout", "dora", "lm-head-adapter"],
-)
+@pytest.mark.parametrize("lora_kw", [{"lora_dropout": 0.1}, {"use_dora": True}, {"target_modules": ["c_attn",
+                                                                                                    "lm_head"]}],
+                         ids=["dropout", "dora", "lm-head-adapter"])
 def test_lora_the_view_cannot_reproduce_takes_hugging_face_path(lora_kw):
     from rlhf_envs.lm.gpt2 import gpt2_view
 

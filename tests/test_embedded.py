@@ -119,9 +119,8 @@ def test_embedded_model_is_small_and_loads_without_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     model, tokenizer = load_causal_lm()
     files = {p.name: p.stat().st_size for p in EMBEDDED_MODEL_DIR.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "build_info.json"} <= set(
-        files
-    )
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "build_info.json"} <= set(files)
     assert sum(files.values()) < 10 * 2**20
     assert not model.training and model.dtype == torch.float32
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
@@ -139,16 +138,9 @@ def generate(model, tokenizer, prompts: list[str], do_sample: bool, seed: int = 
     torch.manual_seed(seed)
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
-        out = model.generate(
-            **batch,
-            do_sample=do_sample,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=48,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    new = out[:, batch["input_ids"].shape[1] :]
+        out = model.generate(**batch, do_sample=do_sample, top_k=0, top_p=1.0, max_new_tokens=48,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
     ended = (new == tokenizer.eos_token_id).any(dim=1).float().mean().item()
     return tokenizer.batch_decode(new, skip_special_tokens=True), ended
 
@@ -176,7 +168,8 @@ def test_base_model_samples_have_mixed_sentiment(embedded):
 
 
 def tiny_gpt2(vocab_size: int = 1024) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=vocab_size, n_positions=32))
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=vocab_size,
+                                      n_positions=32))
 
 
 def test_loads_a_user_directory(tmp_path):
@@ -201,13 +194,11 @@ def test_directory_without_config_or_weights(tmp_path):
 
 def test_non_causal_configs_are_refused(tmp_path):
     GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(
-        tmp_path / "cls"
-    )
+        tmp_path / "cls")
     with pytest.raises(ValueError, match="not a causal language model"):
         load_causal_lm(tmp_path / "cls")
-    BertForMaskedLM(
-        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64)
-    ).save_pretrained(tmp_path / "mlm")
+    BertForMaskedLM(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, vocab_size=64)).save_pretrained(tmp_path / "mlm")
     with pytest.raises(ValueError, match="not a causal language model"):
         load_causal_lm(tmp_path / "mlm")
     BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "enc")
@@ -254,24 +245,14 @@ def test_tokenizer_larger_than_the_embedding(tmp_path):
 def test_build_is_deterministic_and_learns(tmp_path):
     infos = []
     for name in ("a", "b"):
-        config = BuildConfig(
-            out=tmp_path / name,
-            seed=1,
-            n_texts=3000,
-            max_steps=120,
-            warmup_steps=10,
-            n_layer=2,
-            n_embd=64,
-            n_head=2,
-            progress=False,
-        )
+        config = BuildConfig(out=tmp_path / name, seed=1, n_texts=3000, max_steps=120, warmup_steps=10,
+                             n_layer=2, n_embd=64, n_head=2, progress=False)
         infos.append(build(config))
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     varying = ("wall_seconds", "train_seconds", "tokens_per_second")
-    assert [{k: v for k, v in i.items() if k not in varying} for i in infos][0] == [
-        {k: v for k, v in i.items() if k not in varying} for i in infos
-    ][1]
+    assert [{k: v for k, v in i.items() if k not in varying} for i in infos][0] == \
+        [{k: v for k, v in i.items() if k not in varying} for i in infos][1]
     assert infos[0]["eval_loss"] < 2.6  # a unigram model of the reviews scores about 4.7 nats per token
     assert not list(tmp_path.glob(".*"))  # no temporary directory left behind
     model, tokenizer = load_causal_lm(tmp_path / "a")

@@ -20,15 +20,8 @@ def two_models(tmp_path_factory, save_tiny_lm, one_thread):
 
 
 def _task(path: str, estimator: str) -> TextTask:
-    return TextTask(
-        path,
-        lambda prompts, responses: np.zeros(len(prompts), dtype=np.float32),
-        PROMPTS,
-        beta=0.0,
-        kl_estimator=estimator,
-        max_new_tokens=8,
-        temperature=0.8,
-    )
+    return TextTask(path, lambda prompts, responses: np.zeros(len(prompts), dtype=np.float32), PROMPTS, beta=0.0,
+                    kl_estimator=estimator, max_new_tokens=8, temperature=0.8)
 
 
 @pytest.mark.parametrize("path", ["lean", "hugging-face"])
@@ -43,43 +36,19 @@ def test_exact_kl_is_the_sum_of_next_token_kls_along_each_response(two_models, p
     if path == "hugging-face":  # a forward hook: the lean view cannot honour it, so Hugging Face's forward runs
         policy.transformer.h[0].register_forward_hook(lambda module, args, output: None)
     assert (gpt2_view(policy) is None) == (path == "hugging-face")
-    samples = sample_and_score(
-        task,
-        policy,
-        EvalConfig(
-            models={"r": ref_path}, reference="r", max_new_tokens=8, temperature=0.8, batch_size=16, progress=False
-        ),
-    )
+    samples = sample_and_score(task, policy, EvalConfig(models={"r": ref_path}, reference="r", max_new_tokens=8,
+                                                        temperature=0.8,
+                                                        batch_size=16, progress=False))
     # Recompute the first batch by hand: the same sampler draw, then both models' next-token
     # distributions at temperature 0.8 along each response, summed where the response has tokens.
     with torch.inference_mode():
-        gen = generate(
-            policy,
-            task.prompt_ids[:16],
-            task.prompt_mask[:16],
-            task.sampling,
-            eos_token_id=task.eos_token_id,
-            pad_token_id=task.pad_token_id,
-            generator=torch.Generator().manual_seed(0),
-        )
-        p = response_logprobs(
-            policy,
-            task.prompt_ids[:16],
-            task.prompt_mask[:16],
-            gen.response_ids,
-            gen.response_mask,
-            task.sampling,
-            return_full=True,
-        )[1]
-        q = response_logprobs(
-            task.ref_model,
-            task.prompt_ids[:16],
-            task.prompt_mask[:16],
-            gen.response_ids,
-            gen.response_mask,
-            task.ref_sampling,
-            return_full=True,
-        )[1]
+        gen = generate(policy, task.prompt_ids[:16], task.prompt_mask[:16], task.sampling,
+                       eos_token_id=task.eos_token_id,
+                       pad_token_id=task.pad_token_id, generator=torch.Generator().manual_seed(0))
+        p = response_logprobs(policy, task.prompt_ids[:16], task.prompt_mask[:16], gen.response_ids, gen.response_mask,
+                              task.sampling, return_full=True)[1]
+        q = response_logprobs(task.ref_model, task.prompt_ids[:16], task.prompt_mask[:16], gen.response_ids,
+                              gen.response_mask, task.ref_sampling, return_full=True)[1]
     expected = ((p.exp() * (p - q)).sum(-1) * gen.response_mask).sum(-1)
     np.testing.assert_allclose(samples.kl[:16], expected.numpy(), rtol=1e-4, atol=1e-5)
     # k1 on the same responses: the sampled log-ratio, a different (noisier) number per response
@@ -89,17 +58,9 @@ def test_exact_kl_is_the_sum_of_next_token_kls_along_each_response(two_models, p
 def test_exact_and_k1_agree_on_average_and_exact_is_less_noisy(two_models):
     ref_path, policy_path = two_models
     prompts = [f"prompt {i % 7} says" for i in range(512)]
-    result = evaluate_models(
-        EvalConfig(
-            models={"ref": ref_path, "policy": policy_path},
-            reference="ref",
-            gold_reward="sentiment",
-            prompts=prompts,
-            max_new_tokens=8,
-            batch_size=128,
-            progress=False,
-        )
-    )
+    result = evaluate_models(EvalConfig(models={"ref": ref_path, "policy": policy_path}, reference="ref",
+                                        gold_reward="sentiment", prompts=prompts, max_new_tokens=8, batch_size=128,
+                                        progress=False))
     rows = {row["model"]: row for row in result["rows"]}
     # the reference against itself: exactly 0 either way
     assert rows["ref"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-5)

@@ -55,7 +55,7 @@ def test_reference_runs_each_prompt_once_with_the_same_numbers(monkeypatch):
     monkeypatch.setattr(type(view), "packed_hidden", counting)
     grouped, _ = task.ref_logprobs(index, ids, mask, False)
     assert calls[0] == 2  # the prompt forward: 2 distinct prompts, not 8 rows
-    rows = [task.ref_logprobs(index[i : i + 1], ids[i : i + 1], mask[i : i + 1], False)[0] for i in range(8)]
+    rows = [task.ref_logprobs(index[i:i + 1], ids[i:i + 1], mask[i:i + 1], False)[0] for i in range(8)]
     torch.testing.assert_close(grouped, torch.cat(rows), atol=1e-5, rtol=1e-5)
 
 

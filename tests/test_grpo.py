@@ -19,18 +19,8 @@ def tiny_arithmetic_lm(tmp_path_factory):
 
     tokenizer = make_arithmetic_tokenizer()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=16,
-            n_embd=16,
-            n_layer=1,
-            n_head=2,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=1,
-        )
-    )
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0, pad_token_id=1))
     path = tmp_path_factory.mktemp("tiny_arith")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -38,30 +28,18 @@ def tiny_arithmetic_lm(tmp_path_factory):
 
 
 def _config(model, out, **kwargs):
-    settings = dict(
-        model_path=model,
-        prompts=PROBLEMS,
-        output_dir=str(out),
-        total_episodes=32,
-        batch_size=16,
-        group_size=4,
-        max_new_tokens=4,
-        progress=False,
-        torch_threads=1,
-    )
+    settings = dict(model_path=model, prompts=PROBLEMS, output_dir=str(out), total_episodes=32, batch_size=16,
+                    group_size=4, max_new_tokens=4, progress=False, torch_threads=1)
     return GRPOConfig(**{**settings, **kwargs})
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"loss_type": "ppo"}, r"loss_type='ppo'.*\['grpo', 'dr_grpo', 'dapo'\]"),
-        ({"advantage": "gae"}, r"advantage='gae'.*\['grpo', 'rloo', 'reinforce_pp'\]"),
-        ({"group_size": 3}, "group_size=3 does not divide batch_size=16"),
-        ({"group_size": 0}, "group_size must be a positive integer, got 0"),
-        ({"kl_loss": "k1"}, r"kl_loss='k1'.*\['k3', 'k2'\]"),
-    ],
-)
+@pytest.mark.parametrize("kwargs, match", [
+    ({"loss_type": "ppo"}, r"loss_type='ppo'.*\['grpo', 'dr_grpo', 'dapo'\]"),
+    ({"advantage": "gae"}, r"advantage='gae'.*\['grpo', 'rloo', 'reinforce_pp'\]"),
+    ({"group_size": 3}, "group_size=3 does not divide batch_size=16"),
+    ({"group_size": 0}, "group_size must be a positive integer, got 0"),
+    ({"kl_loss": "k1"}, r"kl_loss='k1'.*\['k3', 'k2'\]"),
+])
 def test_bad_settings_fail_before_anything_runs(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _config("/nonexistent/model", tmp_path / "never", **kwargs)
@@ -78,15 +56,8 @@ def test_ratio_is_exactly_one_at_step_zero(tiny_arithmetic_lm, tmp_path, one_thr
     run = _setup(_config(tiny_arithmetic_lm, tmp_path, ppo_epochs=2))  # two epochs: the rollout runs its own pass
     batch, _ = _collect(run, 0)
     run.lm.train()
-    logprobs, _, _ = policy_forward(
-        run.lm,
-        None,
-        batch["prompt_ids"],
-        batch["prompt_mask"],
-        batch["response_ids"],
-        batch["response_mask"],
-        run.config.sampling,
-    )
+    logprobs, _, _ = policy_forward(run.lm, None, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                                    batch["response_mask"], run.config.sampling)
     ratio = (logprobs - batch["old_logprobs"]).exp()
     assert torch.equal(ratio[batch["response_mask"]], torch.ones(int(batch["response_mask"].sum())))
     # one step per rollout, with a KL term so that the rollout runs its own pass of old log-probs
@@ -120,13 +91,9 @@ def test_dynamic_sampling_trains_on_no_zero_variance_group(tiny_arithmetic_lm, t
     assert all(0.0 <= row["groups/zero_variance_frac"] <= 1.0 for row in plain)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"loss_type": "dr_grpo", "advantage": "rloo"},
-        {"loss_type": "grpo", "beta": 0.05, "kl_loss": "k2", "ppo_epochs": 2, "num_minibatches": 2},
-    ],
-)
+@pytest.mark.parametrize("kwargs", [{"loss_type": "dr_grpo", "advantage": "rloo"},
+                                    {"loss_type": "grpo", "beta": 0.05, "kl_loss": "k2", "ppo_epochs": 2,
+                                     "num_minibatches": 2}])
 def test_resume_equals_an_uninterrupted_run(tiny_arithmetic_lm, tmp_path, one_thread, kwargs):
     whole = train_grpo(_config(tiny_arithmetic_lm, tmp_path / "whole", total_episodes=48, **kwargs))
     _config(tiny_arithmetic_lm, tmp_path / "split")
@@ -155,18 +122,9 @@ def test_grpo_raises_accuracy_on_a_tiny_task(tmp_path, one_thread):
         model, tokenizer = load_causal_lm(path)
         return evaluate_verifiable(model, tokenizer, problems, verifier, k=64, seed=1)["pass@1"]
 
-    config = GRPOConfig(
-        prompts=problems,
-        output_dir=str(tmp_path),
-        total_episodes=64 * 60,
-        batch_size=64,
-        group_size=8,
-        learning_rate=1e-4,
-        warmup_iterations=5,
-        loss_type="dapo",
-        progress=False,
-        torch_threads=1,
-    )
+    config = GRPOConfig(prompts=problems, output_dir=str(tmp_path), total_episodes=64 * 60, batch_size=64,
+                        group_size=8, learning_rate=1e-4, warmup_iterations=5, loss_type="dapo", progress=False,
+                        torch_threads=1)
     train_grpo(config)
     before, after = pass_at_1(str(ASSET_DIR)), pass_at_1(str(tmp_path / "policy"))
     assert after >= before + 0.1, (before, after)

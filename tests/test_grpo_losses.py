@@ -23,9 +23,8 @@ def test_grpo_advantages_by_hand():
     std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
     expected = [(2 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4), 0, 0, 0]
     torch.testing.assert_close(ADVANTAGES["grpo"](REWARDS, 3), torch.tensor(expected))
-    torch.testing.assert_close(
-        ADVANTAGES["grpo"](REWARDS, 3, scale_rewards=False), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0])
-    )
+    torch.testing.assert_close(ADVANTAGES["grpo"](REWARDS, 3, scale_rewards=False),
+                               torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0]))
 
 
 def test_rloo_advantages_by_hand():
@@ -46,9 +45,8 @@ def test_group_of_one_has_zero_advantage(name):
 
 
 def test_reinforce_pp_group_of_one_uses_the_batch():
-    torch.testing.assert_close(
-        ADVANTAGES["reinforce_pp"](torch.tensor([1.0, 0.0]), 1, scale_rewards=False), torch.tensor([0.5, -0.5])
-    )
+    torch.testing.assert_close(ADVANTAGES["reinforce_pp"](torch.tensor([1.0, 0.0]), 1, scale_rewards=False),
+                               torch.tensor([0.5, -0.5]))
 
 
 def test_zero_variance_groups():
@@ -75,11 +73,9 @@ def test_aggregations_by_hand():
 
 def test_token_weights_per_aggregation():
     """The gradient each token gets: grpo 1/(B|o|), dr_grpo 1/(B T), dapo 1/(sum |o|); 0 after EOS."""
-    for name, weights in {
-        "grpo": [[1 / 2, 0, 0, 0], [1 / 6, 1 / 6, 1 / 6, 0]],
-        "dr_grpo": [[1 / 8, 0, 0, 0], [1 / 8, 1 / 8, 1 / 8, 0]],
-        "dapo": [[1 / 4, 0, 0, 0], [1 / 4, 1 / 4, 1 / 4, 0]],
-    }.items():
+    for name, weights in {"grpo": [[1 / 2, 0, 0, 0], [1 / 6, 1 / 6, 1 / 6, 0]],
+                          "dr_grpo": [[1 / 8, 0, 0, 0], [1 / 8, 1 / 8, 1 / 8, 0]],
+                          "dapo": [[1 / 4, 0, 0, 0], [1 / 4, 1 / 4, 1 / 4, 0]]}.items():
         x = torch.zeros(2, 4, requires_grad=True)
         AGGREGATIONS[name](x, MASK, 4).backward()
         torch.testing.assert_close(x.grad, torch.tensor(weights))
@@ -137,5 +133,6 @@ def test_overlong_penalty_by_hand():
     lengths = torch.tensor([2, 4, 5, 6, 6])
     truncated = torch.tensor([False, False, False, False, True])
     # max 6, buffer 2: free up to 4 tokens, 5 -> -0.5, 6 -> -1, truncated -> -1
-    torch.testing.assert_close(overlong_penalty(lengths, truncated, 6, 2), torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
+    torch.testing.assert_close(overlong_penalty(lengths, truncated, 6, 2),
+                               torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
     assert overlong_penalty(lengths, truncated, 6, 0).tolist() == [0.0] * 5

@@ -22,52 +22,25 @@ VOCAB = 61
 def _config(kind: str):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    shape = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return {
         "llama-tied-gqa": lambda: LlamaConfig(**shape, num_key_value_heads=2, tie_word_embeddings=True),
-        "llama-untied-rope-linear": lambda: LlamaConfig(
-            **shape,
-            num_key_value_heads=4,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
-        ),
-        "llama-yarn-mqa": lambda: LlamaConfig(
-            **shape,
-            num_key_value_heads=1,
-            tie_word_embeddings=False,
-            rope_parameters={
-                "rope_type": "yarn",
-                "factor": 2.0,
-                "rope_theta": 500.0,
-                "original_max_position_embeddings": 32,
-            },
-        ),
+        "llama-untied-rope-linear": lambda: LlamaConfig(**shape, num_key_value_heads=4, tie_word_embeddings=False,
+                                                        rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                         "rope_theta": 10000.0}),
+        "llama-yarn-mqa": lambda: LlamaConfig(**shape, num_key_value_heads=1, tie_word_embeddings=False,
+                                              rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 500.0,
+                                                               "original_max_position_embeddings": 32}),
         "qwen2-bias-gqa": lambda: Qwen2Config(**shape, num_key_value_heads=2, tie_word_embeddings=True),
         "qwen3-qknorm": lambda: Qwen3Config(**shape, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False),
-        "mistral-window": lambda: MistralConfig(
-            **shape, num_key_value_heads=2, sliding_window=5, tie_word_embeddings=False
-        ),
+        "mistral-window": lambda: MistralConfig(**shape, num_key_value_heads=2, sliding_window=5,
+                                                tie_word_embeddings=False),
     }[kind]()
 
 
-KINDS = [
-    "llama-tied-gqa",
-    "llama-untied-rope-linear",
-    "llama-yarn-mqa",
-    "qwen2-bias-gqa",
-    "qwen3-qknorm",
-    "mistral-window",
-]
+KINDS = ["llama-tied-gqa", "llama-untied-rope-linear", "llama-yarn-mqa", "qwen2-bias-gqa", "qwen3-qknorm",
+         "mistral-window"]
 
 
 def _model(kind: str, classifier: bool = False):
@@ -190,13 +163,8 @@ def test_ppo_policy_forward_packed_matches_padded() -> None:
     response_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     logprobs, values, _ = policy_forward(model, head, prompt_ids, prompt_mask, response_ids, response_mask, cfg)
     mask = torch.cat([prompt_mask, response_mask], 1)
-    out = model(
-        input_ids=torch.cat([prompt_ids, response_ids], 1),
-        attention_mask=mask.long(),
-        position_ids=positions_from_mask(mask),
-        output_hidden_states=True,
-        use_cache=False,
-    )
+    out = model(input_ids=torch.cat([prompt_ids, response_ids], 1), attention_mask=mask.long(),
+                position_ids=positions_from_mask(mask), output_hidden_states=True, use_cache=False)
     full = processed_logprobs(out.logits[:, 4:-1], cfg)
     expected = full.gather(-1, response_ids[..., None])[..., 0].masked_fill(~response_mask, 0.0)
     expected_values = head(out.hidden_states[-1][:, 4:-1]).masked_fill(~response_mask, 0.0)
@@ -216,27 +184,11 @@ def test_env_reference_pass_matches_padded(prompt_cache: bool, monkeypatch: pyte
 
     _, tokenizer = tiny_causal_lm()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=258,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=257,
-            bos_token_id=256,
-            eos_token_id=256,
-        )
-    ).eval()
-    task = TextTask(
-        (model, tokenizer),
-        lambda prompts, responses: [0.0] * len(prompts),
-        ["ab", "hello", "ab"],
-        beta=0.1,
-        max_new_tokens=6,
-    )
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         pad_token_id=257, bos_token_id=256, eos_token_id=256)).eval()
+    task = TextTask((model, tokenizer), lambda prompts, responses: [0.0] * len(prompts), ["ab", "hello", "ab"],
+                    beta=0.1, max_new_tokens=6)
     index = torch.tensor([0, 1, 2, 1])
     response_ids = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(0))
     response_ids[1, 3] = 256
@@ -253,9 +205,8 @@ def test_env_reference_pass_matches_padded(prompt_cache: bool, monkeypatch: pyte
     ids = torch.cat([task.prompt_ids[index], response_ids], 1)
     mask = torch.cat([task.prompt_mask[index], response_mask], 1)
     with torch.no_grad():
-        logits = task.ref_model(
-            input_ids=ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask)
-        ).logits
+        logits = task.ref_model(input_ids=ids, attention_mask=mask.long(),
+                                position_ids=positions_from_mask(mask)).logits
     expected = (logits[:, task.prompt_ids.shape[1] - 1 : -1] / task.ref_sampling.temperature).log_softmax(-1)
     picked = expected.gather(-1, response_ids[..., None])[..., 0].masked_fill(~response_mask, 0.0)
     torch.testing.assert_close(ref, picked, atol=2e-5, rtol=1e-5)
@@ -265,17 +216,8 @@ def test_env_reference_pass_matches_padded(prompt_cache: bool, monkeypatch: pyte
 def test_other_architectures_take_the_padded_path_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
     from transformers import OPTConfig, OPTForCausalLM
 
-    model = OPTForCausalLM(
-        OPTConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            num_hidden_layers=1,
-            ffn_dim=32,
-            num_attention_heads=2,
-            max_position_embeddings=32,
-            word_embed_proj_dim=16,
-        )
-    )
+    model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
     with caplog.at_level(logging.INFO, logger="rlhf_envs.lm"):
         assert packed_view(model) is None
         assert packed_view(model) is None
@@ -297,10 +239,8 @@ def test_lora_adapters_go_through_the_packed_path() -> None:
     with the adapters on and off."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(
-        _model("llama-tied-gqa"),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-    )
+    model = get_peft_model(_model("llama-tied-gqa"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                task_type="CAUSAL_LM"))
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)

@@ -71,13 +71,9 @@ def _truncated(logits: torch.Tensor, **sampling) -> torch.Tensor:
     return processed_logprobs(logits, SamplingConfig(**sampling))
 
 
-SETTINGS = [
-    {"temperature": 0.9, "top_p": 0.95},
-    {"top_k": 5},
-    {"top_p": 0.5},
-    {"temperature": 1.3, "top_k": 50, "top_p": 0.9},
-    {"temperature": 0.7},
-]
+SETTINGS = [{"temperature": 0.9, "top_p": 0.95}, {"top_k": 5}, {"top_p": 0.5}, {"temperature": 1.3, "top_k": 50,
+                                                                                "top_p": 0.9},
+            {"temperature": 0.7}]
 
 
 @pytest.mark.parametrize("sampling", SETTINGS, ids=[str(s) for s in SETTINGS])
@@ -86,9 +82,8 @@ def test_k1_and_corrected_k3_have_the_exact_kl_as_expectation_under_truncation(s
     g = torch.Generator().manual_seed(0)
     policy_logits, ref_logits = torch.randn(6, 258, generator=g) * 2, torch.randn(6, 258, generator=g) * 2
     q = _truncated(policy_logits, **sampling)
-    p = _truncated(
-        ref_logits, temperature=sampling.get("temperature", 1.0)
-    )  # the reference: same temperature, full support
+    p = _truncated(ref_logits, temperature=sampling.get("temperature",
+                                                        1.0))  # the reference: same temperature, full support
     exact = get_kl_estimator("exact")(None, None, q, p)
     kept = torch.isfinite(q)
     tokens = torch.arange(258).expand(6, -1)
@@ -142,34 +137,18 @@ def test_bandit_k3_under_top_k_uses_the_kept_mass(one_thread):
     from rlhf_envs.text_common import attention_mask_from_obs
 
     lm, tok = tiny_causal_lm(seed=0)
-    envs = gym.make_vec(
-        "TextBandit-v0",
-        num_envs=8,
-        model=(lm, tok),
-        prompts=["hello", "the cat"],
-        max_new_tokens=5,
-        kl_estimator="k3",
-        top_k=20,
-        reward_model=lambda p, r: [0.0] * len(r),
-    )
+    envs = gym.make_vec("TextBandit-v0", num_envs=8, model=(lm, tok), prompts=["hello", "the cat"], max_new_tokens=5,
+                        kl_estimator="k3", top_k=20, reward_model=lambda p, r: [0.0] * len(r))
     task = envs.unwrapped.task
     assert task.needs_full_logprobs
     obs, _ = envs.reset(seed=0)
     ids = torch.as_tensor(obs)
     mask = attention_mask_from_obs(ids, task.pad_token_id)
-    gen = generate(
-        lm,
-        ids,
-        mask,
-        task.sampling,
-        eos_token_id=task.eos_token_id,
-        pad_token_id=task.pad_token_id,
-        generator=torch.Generator().manual_seed(0),
-    )
+    gen = generate(lm, ids, mask, task.sampling, eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
+                   generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        lp, full = response_logprobs(
-            lm, ids, mask, gen.response_ids, gen.response_mask, task.sampling, return_full=True
-        )
+        lp, full = response_logprobs(lm, ids, mask, gen.response_ids, gen.response_mask, task.sampling,
+                                     return_full=True)
     n, width = gen.response_ids.shape
     actions = np.full((8, 5), task.pad_token_id)
     actions[:, :width] = gen.response_ids.numpy()
@@ -183,10 +162,9 @@ def test_bandit_k3_under_top_k_uses_the_kept_mass(one_thread):
     m = gen.response_mask.numpy()
     both = torch.cat([mask, gen.response_mask], 1)
     with torch.no_grad():
-        logits = lm(
-            torch.cat([ids, gen.response_ids], 1), attention_mask=both.long(), position_ids=positions_from_mask(both)
-        ).logits
-    ref_full = torch.log_softmax(logits[:, ids.shape[1] - 1 : -1], -1)
+        logits = lm(torch.cat([ids, gen.response_ids], 1), attention_mask=both.long(),
+                    position_ids=positions_from_mask(both)).logits
+    ref_full = torch.log_softmax(logits[:, ids.shape[1] - 1:-1], -1)
     z = torch.where(torch.isfinite(full), ref_full.exp(), 0.0).sum(-1).numpy()
     log_r = info["ref_logprobs"][:, :width] - info["logprobs"][:, :width]
     expected = (np.exp(log_r) - z - log_r) * m

@@ -19,36 +19,20 @@ def _model(kind: str):
         Qwen2ForCausalLM,
     )
 
-    shape = dict(
-        vocab_size=67,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    shape = dict(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     if kind == "llama":
-        return LlamaForCausalLM(
-            LlamaConfig(**shape, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-        ).eval()
+        return LlamaForCausalLM(LlamaConfig(**shape, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                      "rope_theta": 10000.0})).eval()
     if kind == "mistral":
         return MistralForCausalLM(MistralConfig(**shape, tie_word_embeddings=False)).eval()
     return Qwen2ForCausalLM(Qwen2Config(**shape)).eval()
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        SamplingConfig(max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.95),
-        SamplingConfig(max_new_tokens=12, greedy=True),
-    ],
-)
+@pytest.mark.parametrize("cfg", [SamplingConfig(max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.95),
+                                 SamplingConfig(max_new_tokens=12, greedy=True)])
 def test_lean_decoder_gives_the_generic_paths_tokens(kind: str, cfg: SamplingConfig) -> None:
     model = _model(kind)
     assert llama_decoder_weights(model, 64) is not None
@@ -56,15 +40,8 @@ def test_lean_decoder_gives_the_generic_paths_tokens(kind: str, cfg: SamplingCon
     prompt_mask = prompt_ids != 0
 
     def sample():
-        return generate(
-            model,
-            prompt_ids,
-            prompt_mask,
-            cfg,
-            eos_token_id=2,
-            pad_token_id=0,
-            generator=torch.Generator().manual_seed(3),
-        )
+        return generate(model, prompt_ids, prompt_mask, cfg, eos_token_id=2, pad_token_id=0,
+                        generator=torch.Generator().manual_seed(3))
 
     lean = sample()
     hook = model.register_forward_pre_hook(lambda module, args: None)  # a hook: the generic path
@@ -79,17 +56,8 @@ def test_lean_decoder_gives_the_generic_paths_tokens(kind: str, cfg: SamplingCon
 def test_models_it_does_not_reproduce_take_the_generic_path() -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    qwen3 = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=67,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-        )
-    )
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
     assert llama_decoder_weights(qwen3, 16) is None  # q/k norms
     mistral = _model("mistral")
     mistral.config.sliding_window = 8

@@ -19,17 +19,8 @@ PROMPTS = ["the cat", "a", "hello there, cat", "zz top"]
 
 def _gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        n_positions=64,
-        vocab_size=258,
-        bos_token_id=EOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        **overrides,
-    )
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=258, bos_token_id=EOS,
+                        eos_token_id=EOS, pad_token_id=PAD, **overrides)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -62,17 +53,8 @@ def test_view_only_for_plain_eval_gpt2():
     handle.remove()
     model.transformer.h[1].mlp.train()
     assert gpt2_view(model) is None
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=258,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
     assert gpt2_view(llama.eval()) is None
 
 
@@ -120,22 +102,17 @@ def _eos_logit(model: GPT2LMHeadModel, logit: float) -> GPT2LMHeadModel:
     return model
 
 
-@pytest.mark.parametrize(
-    "cfg, eos_logit",
-    [
-        (SamplingConfig(max_new_tokens=10, greedy=True), None),
-        (SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=20, top_p=0.9), 1.0),
-        (SamplingConfig(max_new_tokens=10, temperature=1.3), 3.0),
-    ],
-)
+@pytest.mark.parametrize("cfg, eos_logit", [(SamplingConfig(max_new_tokens=10, greedy=True), None),
+                                            (SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=20, top_p=0.9),
+                                             1.0),
+                                            (SamplingConfig(max_new_tokens=10, temperature=1.3), 3.0)])
 def test_generations_identical_to_generic_path_and_logprobs_to_teacher_forcing(tokenizer, cfg, eos_logit):
     model = _gpt2(seed=3) if eos_logit is None else _eos_logit(_gpt2(seed=3), eos_logit)
     ids, mask = _prompts(tokenizer, PROMPTS * 4)
 
     def run(eos):
-        return generate(
-            model, ids, mask, cfg, eos_token_id=eos, pad_token_id=PAD, generator=torch.Generator().manual_seed(7)
-        )
+        return generate(model, ids, mask, cfg, eos_token_id=eos, pad_token_id=PAD,
+                        generator=torch.Generator().manual_seed(7))
 
     # Greedy decoding of a random model repeats one token per prompt: taking the most frequent one as EOS
     # ends some rows at once and others never.
@@ -171,20 +148,9 @@ def test_reads_the_live_parameters(tokenizer):
 
 def test_other_architectures_take_the_generic_path(tokenizer):
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=258,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-            bos_token_id=EOS,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
-        )
-    ).eval()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                         bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)).eval()
     ids, mask = _prompts(tokenizer)
     gen = generate(llama, ids, mask, SamplingConfig(max_new_tokens=5, greedy=True), eos_token_id=EOS, pad_token_id=PAD)
     running_ids, running_mask = ids, mask
@@ -200,15 +166,8 @@ def _reference_logprobs(task, index, response_ids, response_mask):
     """What the env must report: teacher-forced log-probs through Hugging Face's forward at the policy's temperature."""
     handle = _generic(task.ref_model)
     try:
-        return response_logprobs(
-            task.ref_model,
-            task.prompt_ids[index],
-            task.prompt_mask[index],
-            response_ids,
-            response_mask,
-            task.ref_sampling,
-            return_full=True,
-        )
+        return response_logprobs(task.ref_model, task.prompt_ids[index], task.prompt_mask[index], response_ids,
+                                 response_mask, task.ref_sampling, return_full=True)
     finally:
         handle.remove()
 
@@ -216,13 +175,8 @@ def _reference_logprobs(task, index, response_ids, response_mask):
 @pytest.mark.parametrize("cache_bytes", [256 * 2**20, 0])
 def test_reference_scoring_equals_teacher_forced_hf(tokenizer, monkeypatch, cache_bytes):
     monkeypatch.setattr("rlhf_envs.text_common.PROMPT_CACHE_BYTES", cache_bytes)
-    task = TextTask(
-        model=(_gpt2(seed=1), tokenizer),
-        reward_model=lambda p, r: [0.0] * len(p),
-        prompts=PROMPTS,
-        max_new_tokens=6,
-        temperature=0.7,
-    )
+    task = TextTask(model=(_gpt2(seed=1), tokenizer), reward_model=lambda p, r: [0.0] * len(p), prompts=PROMPTS,
+                    max_new_tokens=6, temperature=0.7)
     index = torch.tensor([2, 0, 1, 3, 2, 1])
     response_ids = torch.randint(0, 256, (6, 6), generator=torch.Generator().manual_seed(0))
     response_ids[0, 2], response_ids[1, 0], response_ids[3, 4] = EOS, EOS, EOS
@@ -247,13 +201,8 @@ def test_reference_scoring_equals_teacher_forced_hf(tokenizer, monkeypatch, cach
 @pytest.mark.parametrize("cache_bytes", [256 * 2**20, 0])
 def test_cache_prompts_fills_the_reference_prompt_cache_ahead_of_steps(tokenizer, monkeypatch, cache_bytes):
     monkeypatch.setattr("rlhf_envs.text_common.PROMPT_CACHE_BYTES", cache_bytes)
-    task = TextTask(
-        model=(_gpt2(seed=3), tokenizer),
-        reward_model=lambda p, r: [0.0] * len(p),
-        prompts=PROMPTS,
-        max_new_tokens=5,
-        temperature=0.8,
-    )
+    task = TextTask(model=(_gpt2(seed=3), tokenizer), reward_model=lambda p, r: [0.0] * len(p), prompts=PROMPTS,
+                    max_new_tokens=5, temperature=0.8)
     assert task.cache_prompts(batch_size=3) == (cache_bytes > 0)  # 3 does not divide the prompt count
     if cache_bytes:
         assert bool(task._ref_prompt_cache.ready.all())
@@ -270,13 +219,8 @@ def test_cache_prompts_fills_the_reference_prompt_cache_ahead_of_steps(tokenizer
 def test_reference_scoring_exact_when_rows_share_the_attention_grid(tokenizer, monkeypatch, cache_bytes):
     """Many responses of very different lengths: short ones are packed beside long ones in a grid row."""
     monkeypatch.setattr("rlhf_envs.text_common.PROMPT_CACHE_BYTES", cache_bytes)
-    task = TextTask(
-        model=(_gpt2(seed=2), tokenizer),
-        reward_model=lambda p, r: [0.0] * len(p),
-        prompts=PROMPTS,
-        max_new_tokens=12,
-        temperature=0.9,
-    )
+    task = TextTask(model=(_gpt2(seed=2), tokenizer), reward_model=lambda p, r: [0.0] * len(p), prompts=PROMPTS,
+                    max_new_tokens=12, temperature=0.9)
     gen = torch.Generator().manual_seed(3)
     index = torch.randint(0, len(PROMPTS), (24,), generator=gen)
     response_ids = torch.randint(0, 256, (24, 12), generator=gen)
@@ -302,9 +246,8 @@ def test_segment_layout_places_every_segment_once_inside_its_row():
         for b in range(40):
             keys[layout.row[b], layout.k_offset[b] : layout.k_offset[b] + past[b] + new[b]] += 1
             queries[layout.row[b], layout.q_offset[b] : layout.q_offset[b] + new[b]] += 1
-        assert (
-            keys.max() <= 1 and keys.sum() == (past + new).sum() and queries.max() <= 1 and queries.sum() == new.sum()
-        )
+        assert keys.max() <= 1 and keys.sum() == (past + new).sum()
+        assert queries.max() <= 1 and queries.sum() == new.sum()
         assert layout.width == (past + new).max() and layout.rows <= 40
         allowed = layout.allowed()[:, 0]
         used = queries.astype(bool)

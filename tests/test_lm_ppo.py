@@ -24,17 +24,8 @@ def tiny_dir(tmp_path_factory, save_tiny_lm):
 
 
 def _config(tiny_dir, out, **kw):
-    base = dict(
-        model_path=tiny_dir,
-        reward_model=vowel_share,
-        prompts=["hello", "the cat", "once upon"],
-        output_dir=str(out),
-        batch_size=32,
-        max_new_tokens=8,
-        learning_rate=3e-3,
-        beta=0.01,
-        progress=False,
-    )
+    base = dict(model_path=tiny_dir, reward_model=vowel_share, prompts=["hello", "the cat", "once upon"],
+                output_dir=str(out), batch_size=32, max_new_tokens=8, learning_rate=3e-3, beta=0.01, progress=False)
     base.update(kw)
     return LMPPOConfig(**base)
 

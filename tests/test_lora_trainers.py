@@ -22,18 +22,9 @@ def test_lora_ppo_learns_and_holds_one_copy_of_the_base_weights(tmp_path, monkey
 
     make_env = lm_ppo._make_env
     monkeypatch.setattr(lm_ppo, "_make_env", spy)
-    config = lm_ppo.LMPPOConfig(
-        output_dir=str(tmp_path),
-        batch_size=32,
-        max_new_tokens=8,
-        total_episodes=32 * 12,
-        learning_rate=1e-3,
-        beta=0.01,
-        lora_r=8,
-        lora_alpha=16.0,
-        torch_threads=1,
-        progress=False,
-    )
+    config = lm_ppo.LMPPOConfig(output_dir=str(tmp_path), batch_size=32, max_new_tokens=8, total_episodes=32 * 12,
+                                learning_rate=1e-3, beta=0.01, lora_r=8, lora_alpha=16.0, torch_threads=1,
+                                progress=False)
     result = lm_ppo.train_lm_ppo(config)  # the embedded model, the sentiment reward: about 5 s
     scores = [row["objective/scores"] for row in result.history]
     kls = [row["objective/kl"] for row in result.history]

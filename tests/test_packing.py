@@ -14,19 +14,8 @@ PAD = 1
 
 
 def _config(**overrides) -> GPT2Config:
-    base = dict(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        n_positions=64,
-        vocab_size=50,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=PAD,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
+    base = dict(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50, bos_token_id=0, eos_token_id=0,
+                pad_token_id=PAD, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2Config(**{**base, **overrides})
 
 
@@ -39,17 +28,12 @@ def _sequences() -> list[torch.Tensor]:
 
     answer = rand(3)
     return [
-        torch.cat([prompt, rand(4)]),
-        torch.cat([prompt, rand(7)]),  # a shared prompt
-        rand(3),
-        rand(9),
-        rand(6),  # nothing shared (beyond chance)
-        torch.cat([prompt, prompt]),
-        prompt.clone(),  # one sequence is the other's prefix
+        torch.cat([prompt, rand(4)]), torch.cat([prompt, rand(7)]),  # a shared prompt
+        rand(3), rand(9), rand(6),  # nothing shared (beyond chance)
+        torch.cat([prompt, prompt]), prompt.clone(),  # one sequence is the other's prefix
         *[torch.cat([prompt, rand(2)])] * 3,  # identical sequences
         # the beginning of the prompt, then answer tokens, shared
-        torch.cat([prompt[:3], answer, rand(2)]),
-        torch.cat([prompt[:3], answer, rand(4)]),
+        torch.cat([prompt[:3], answer, rand(2)]), torch.cat([prompt[:3], answer, rand(4)]),
     ]
 
 
@@ -114,24 +98,18 @@ def test_drop_last_leaves_each_last_token_out_and_keeps_it_a_target():
     batch, full = pack_sequences(sequences, drop_last=True), pack_sequences(sequences)
     # each sequence less its last token: the prefix tree of the cut sequences (the prompt's fifth token,
     # which the shorter of prompt + prompt and prompt ends on, is still packed for the longer one)
-    assert (
-        len(batch.tokens)
-        == _distinct_prefixes([seq[:-1] for seq in sequences])
-        == (5 + 3 + 6) + (2 + 8 + 5) + 4 + 1 + (3 + 1 + 3)
-    )
+    assert len(batch.tokens) == _distinct_prefixes([seq[:-1] for seq in sequences]) == \
+        (5 + 3 + 6) + (2 + 8 + 5) + 4 + 1 + (3 + 1 + 3)
     for seq, index in zip(batch.sequences, batch.index):
         assert torch.equal(batch.tokens[index], seq[:-1])
-    (predictor, targets, sequence), (full_predictor, full_targets, full_sequence) = (
-        batch.targets(STARTS),
-        full.targets(STARTS),
-    )
+    (predictor, targets, sequence), (full_predictor, full_targets,
+                                     full_sequence) = batch.targets(STARTS), full.targets(STARTS)
     assert torch.equal(targets, full_targets) and torch.equal(sequence, full_sequence)
     assert torch.equal(batch.tokens[predictor], full.tokens[full_predictor])  # the same predicting tokens
     with pytest.raises(ValueError, match="drop_last"):
         batch.last_index(PAD)
-    one = pack_sequences(
-        [torch.tensor([7]), torch.tensor([3, 4])], drop_last=True
-    )  # a one-token sequence keeps its token
+    one = pack_sequences([torch.tensor([7]), torch.tensor([3, 4])],
+                         drop_last=True)  # a one-token sequence keeps its token
     assert sorted(one.tokens.tolist()) == [3, 7] and one.targets([1, 1])[1].tolist() == [4]
 
 
@@ -157,7 +135,8 @@ def test_logprobs_and_gradients_equal_one_sequence_at_a_time(layout, drop_last):
     alone.sum().backward()
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
     with torch.inference_mode():  # a reference pass: in-place GELU, and attention as the layout says
-        torch.testing.assert_close(batch.sequence_logps(view, *targets), alone.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batch.sequence_logps(view, *targets), alone.detach(),
+                                   atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
 

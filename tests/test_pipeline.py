@@ -12,27 +12,9 @@ from agents.pipeline import PipelineConfig
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "--n-demonstrations",
-    "96",
-    "--n-preference-prompts",
-    "48",
-    "--ppo-episodes",
-    "128",
-    "--ppo-batch-size",
-    "32",
-    "--n-eval-prompts",
-    "32",
-    "--dpo-checkpoints",
-    "1",
-    "--rm-epochs",
-    "1",
-    "--dpo-epochs",
-    "1",
-    "--no-progress",
-    "--torch-threads",
-    "1",
-]
+TINY = ["--n-demonstrations", "96", "--n-preference-prompts", "48", "--ppo-episodes", "128", "--ppo-batch-size", "32",
+        "--n-eval-prompts", "32", "--dpo-checkpoints", "1", "--rm-epochs", "1", "--dpo-epochs", "1", "--no-progress",
+        "--torch-threads", "1"]
 
 
 def _metrics_files(run) -> dict[str, str]:
@@ -43,21 +25,9 @@ def test_pipeline_twice_same_seed_identical_metrics(tmp_path):
     for name in ("a", "b"):
         assert main(["pipeline", "--output-dir", str(tmp_path / name), *TINY]) == 0
     run = tmp_path / "a"
-    for artefact in [
-        "report.md",
-        "eval.json",
-        "curves.json",
-        "summary.json",
-        "gold_vs_kl.png",
-        "ppo_training.png",
-        "dpo_training.png",
-        "sft/model.safetensors",
-        "rm/model.safetensors",
-        "dpo/model.safetensors",
-        "ppo/policy/model.safetensors",
-        "data/rankings.jsonl",
-        "data/preferences.jsonl",
-    ]:
+    for artefact in ["report.md", "eval.json", "curves.json", "summary.json", "gold_vs_kl.png", "ppo_training.png",
+                     "dpo_training.png", "sft/model.safetensors", "rm/model.safetensors", "dpo/model.safetensors",
+                     "ppo/policy/model.safetensors", "data/rankings.jsonl", "data/preferences.jsonl"]:
         assert (run / artefact).is_file(), artefact
     report = (run / "report.md").read_text()
     for model in ("base", "sft", "ppo", "dpo"):
@@ -91,14 +61,11 @@ def test_pipeline_resume_keeps_finished_stages(tmp_path):
     assert (run / "dpo" / "DONE").is_file()
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"k_responses": 1}, "k_responses must be >= 2"),
-        ({"ppo_episodes": 8, "ppo_batch_size": 64}, "would not run one iteration"),
-        ({"model_path": "/nonexistent"}, "not a Hugging Face model directory"),
-    ],
-)
+@pytest.mark.parametrize("kwargs, message", [
+    ({"k_responses": 1}, "k_responses must be >= 2"),
+    ({"ppo_episodes": 8, "ppo_batch_size": 64}, "would not run one iteration"),
+    ({"model_path": "/nonexistent"}, "not a Hugging Face model directory"),
+])
 def test_bad_pipeline_config_fails_before_writing(tmp_path, kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         PipelineConfig(output_dir=str(tmp_path / "run"), **kwargs)

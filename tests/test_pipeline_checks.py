@@ -14,29 +14,9 @@ from rlhf_envs import rewards
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "--n-demonstrations",
-    "96",
-    "--n-preference-prompts",
-    "48",
-    "--ppo-episodes",
-    "64",
-    "--ppo-batch-size",
-    "32",
-    "--n-eval-prompts",
-    "16",
-    "--dpo-checkpoints",
-    "1",
-    "--ppo-snapshots",
-    "1",
-    "--rm-epochs",
-    "1",
-    "--dpo-epochs",
-    "1",
-    "--no-progress",
-    "--torch-threads",
-    "1",
-]
+TINY = ["--n-demonstrations", "96", "--n-preference-prompts", "48", "--ppo-episodes", "64", "--ppo-batch-size", "32",
+        "--n-eval-prompts", "16", "--dpo-checkpoints", "1", "--ppo-snapshots", "1", "--rm-epochs", "1", "--dpo-epochs",
+        "1", "--no-progress", "--torch-threads", "1"]
 
 
 def _noise():
@@ -65,7 +45,7 @@ def test_reward_model_at_chance_is_reported_at_the_top(tmp_path, capsys):
 
 
 def test_constant_gold_reward_stops_after_preferences(tmp_path, capsys):
-    rewards.register("test-constant", lambda: lambda prompts, responses: [0.5] * len(responses), overwrite=True)
+    rewards.register("test-constant", lambda: (lambda prompts, responses: [0.5] * len(responses)), overwrite=True)
     run = tmp_path / "run"
     assert main(["pipeline", "--output-dir", str(run), "--gold-reward", "test-constant", *TINY]) == FAILED_TO_LEARN_EXIT
     summary = json.loads((run / "summary.json").read_text())

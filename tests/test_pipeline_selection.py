@@ -52,8 +52,7 @@ def test_latest_candidate_within_budget_with_two_standard_errors_to_spare(tmp_pa
         written = json.loads((tmp_path / f"{algorithm}_selection.json").read_text())
         assert written == selections[algorithm]
         assert written["kl_upper_bound_on_validation"]["final"] == pytest.approx(
-            MEASURED[algorithm]["final"][0] + 2 * MEASURED[algorithm]["final"][1]
-        )
+            MEASURED[algorithm]["final"][0] + 2 * MEASURED[algorithm]["final"][1])
     # one sampling pass serves both algorithms, with SFT as the reference
     assert set(stub_evaluation["models"]) == {"sft"} | {f"{a}:{n}" for a in ("ppo", "dpo") for n in MEASURED[a]}
 

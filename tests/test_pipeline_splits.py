@@ -37,11 +37,9 @@ def test_file_splits_keep_duplicates_within_one_split(tmp_path):
     lines = [f"prompt {i % 40}" for i in range(200)]  # 40 distinct prompts, each 5 times
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in lines))
-    pref, ppo, validation, evaluation = _prompt_splits(
-        PipelineConfig(
-            output_dir=str(tmp_path / "run"), prompts_path=str(path), n_eval_prompts=256, n_preference_prompts=1000
-        )
-    )
+    pref, ppo, validation, evaluation = _prompt_splits(PipelineConfig(output_dir=str(tmp_path / "run"),
+                                                                      prompts_path=str(path),
+                                                                      n_eval_prompts=256, n_preference_prompts=1000))
     _assert_disjoint([pref, ppo, validation, evaluation])
     assert len(evaluation) == 10 and len(validation) == 6  # a quarter and a sixth of the distinct prompts
     assert len(set(ppo)) == 8 and len(ppo) == 40 and len(set(pref)) == 16 and len(pref) == 80

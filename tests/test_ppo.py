@@ -25,10 +25,8 @@ def _reached(env_id: str, fraction: float):
 def test_our_ppo_reaches_95_percent_of_optimum(env_id, seed):
     ok = _reached(env_id, 0.95)
     states = np.arange(gym.make(env_id).observation_space.n)
-    result = train_ppo(
-        PPOConfig(env_id=env_id, seed=seed, total_timesteps=60_000, progress=False),
-        callback=lambda agent, step: ok(agent.action_probs(states)),
-    )
+    result = train_ppo(PPOConfig(env_id=env_id, seed=seed, total_timesteps=60_000, progress=False),
+                       callback=lambda agent, step: ok(agent.action_probs(states)))
     assert result.stopped_early, f"PPO did not reach 95% of the optimum on {env_id} in {result.global_step} steps"
 
 
@@ -38,18 +36,8 @@ def test_our_ppo_solves_the_8x8_maps(env_id):
     """A random cat finds the 8x8 meat in under 2% of episodes: many envs and an annealed entropy bonus do it."""
     ok = _reached(env_id, 0.95)
     states = np.arange(gym.make(env_id).observation_space.n)
-    config = PPOConfig(
-        env_id=env_id,
-        seed=1,
-        total_timesteps=4_000_000,
-        num_envs=1024,
-        num_steps=32,
-        num_minibatches=8,
-        learning_rate=1e-3,
-        ent_coef=0.1,
-        ent_coef_final=0.0,
-        progress=False,
-    )
+    config = PPOConfig(env_id=env_id, seed=1, total_timesteps=4_000_000, num_envs=1024, num_steps=32,
+                       num_minibatches=8, learning_rate=1e-3, ent_coef=0.1, ent_coef_final=0.0, progress=False)
     result = train_ppo(config, callback=lambda agent, step: ok(agent.action_probs(states)))
     assert result.stopped_early, f"PPO did not reach 95% of the optimum on {env_id} in {result.global_step} steps"
 

@@ -26,31 +26,9 @@ def _text_file(path, n: int, seed: int = 0):
 
 def test_pretrain_writes_a_model_that_beats_a_unigram_model(tmp_path):
     corpus, out = _text_file(tmp_path / "reviews.txt", 600), tmp_path / "base"
-    assert (
-        main(
-            [
-                "pretrain",
-                "--corpus",
-                str(corpus),
-                "--output-dir",
-                str(out),
-                "--size",
-                "tiny",
-                "--vocab-size",
-                "300",
-                "--max-steps",
-                "80",
-                "--batch-size",
-                "32",
-                "--eval-fraction",
-                "0.1",
-                "--torch-threads",
-                "1",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(["pretrain", "--corpus", str(corpus), "--output-dir", str(out), "--size", "tiny", "--vocab-size", "300",
+                 "--max-steps", "80", "--batch-size", "32", "--eval-fraction", "0.1", "--torch-threads", "1",
+                 "--no-progress"]) == 0
     info = json.loads((out / "pretrain_info.json").read_text())
     assert info["passages"] == 600 and info["eval_passages"] == 60 and info["vocab_size"] == 300
     assert info["eval_loss"] < info["eval_unigram_loss"] - 0.3, info  # it learned context, not only frequencies
@@ -63,13 +41,8 @@ def test_pretrain_writes_a_model_that_beats_a_unigram_model(tmp_path):
 
 def test_corpus_derives_the_documented_disjoint_splits(tmp_path):
     corpus = _text_file(tmp_path / "reviews.txt", 1200, seed=3)
-    config = PipelineConfig(
-        output_dir=str(tmp_path / "run"),
-        corpus_paths=[str(corpus)],
-        n_demonstrations=100,
-        n_preference_prompts=40,
-        n_eval_prompts=16,
-    )
+    config = PipelineConfig(output_dir=str(tmp_path / "run"), corpus_paths=[str(corpus)], n_demonstrations=100,
+                            n_preference_prompts=40, n_eval_prompts=16)
     assert config.rm_epochs == 4 and config.rm_learning_rate == 1e-3  # the corpus recipe took the defaults' place
     assert not (tmp_path / "run").exists()
     demonstrations, prompts = corpus_examples(config.corpus_paths, config.seed)
@@ -84,22 +57,19 @@ def test_corpus_derives_the_documented_disjoint_splits(tmp_path):
     assert len(evaluation) == 16 and len(pref) == 40 and len(validation) >= 1 and len(ppo) >= 1
     assert set(pref) | set(ppo) | set(validation) | set(evaluation) <= set(prompts)
     splits = [set(pref), set(ppo), set(validation), set(evaluation)]
-    assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1 :])
+    assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1:])
     # the SFT stage's demonstrations: the other half, none of them on a validation or evaluation prompt
     kept = [d for d in demonstrations if d["prompt"] not in set(validation) | set(evaluation)]
     assert len(kept) >= config.n_demonstrations
     assert not {d["prompt"] for d in kept} & (set(validation) | set(evaluation))
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        (b"", r"is empty \(0 bytes"),
-        (b"   \n\n \n", r"is empty \(7 bytes"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"is binary \(a NUL byte at offset 8\)"),
-        (b"caf\xe9 au lait", r"not UTF-8 text \(byte 3 of 12\)"),
-    ],
-)
+@pytest.mark.parametrize("content, message", [
+    (b"", r"is empty \(0 bytes"),
+    (b"   \n\n \n", r"is empty \(7 bytes"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"is binary \(a NUL byte at offset 8\)"),
+    (b"caf\xe9 au lait", r"not UTF-8 text \(byte 3 of 12\)"),
+])
 def test_bad_corpus_fails_before_anything_is_written(tmp_path, content, message):
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(content)
@@ -112,12 +82,9 @@ def test_bad_corpus_fails_before_anything_is_written(tmp_path, content, message)
 def test_corpus_too_small_for_the_splits_says_the_numbers(tmp_path):
     corpus = _text_file(tmp_path / "small.txt", 300)
     # 300 reviews, 273 of at least 6 words: 136 demonstrations and 137 prompts, a quarter of them for the evaluation
-    with pytest.raises(
-        ValueError,
-        match=r"too small for the splits asked for: its 273 examples .* give "
-        r"136 demonstrations for n_demonstrations=2000; 33 evaluation prompts for "
-        r"n_eval_prompts=256 .*; 55 preference prompts for n_preference_prompts=1600",
-    ):
+    with pytest.raises(ValueError, match=r"too small for the splits asked for: its 273 examples .* give "
+                                         r"136 demonstrations for n_demonstrations=2000; 33 evaluation prompts for "
+                                         r"n_eval_prompts=256 .*; 55 preference prompts for n_preference_prompts=1600"):
         PipelineConfig(output_dir=str(tmp_path / "run"), corpus_paths=[str(corpus)])
     assert main(["pipeline", "--corpus", str(corpus), "--output-dir", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()
@@ -134,42 +101,11 @@ def test_corpus_and_jsonl_data_are_exclusive(tmp_path):
 @pytest.mark.slow
 def test_pipeline_on_a_corpus_pretrains_then_runs_every_stage(tmp_path):
     corpus, run = _text_file(tmp_path / "reviews.txt", 1200, seed=5), tmp_path / "run"
-    code = main(
-        [
-            "pipeline",
-            "--corpus",
-            str(corpus),
-            "--output-dir",
-            str(run),
-            "--pretrain-size",
-            "tiny",
-            "--pretrain-steps",
-            "40",
-            "--n-demonstrations",
-            "96",
-            "--n-preference-prompts",
-            "48",
-            "--ppo-episodes",
-            "64",
-            "--ppo-batch-size",
-            "32",
-            "--n-eval-prompts",
-            "16",
-            "--dpo-checkpoints",
-            "1",
-            "--ppo-snapshots",
-            "1",
-            "--rm-epochs",
-            "1",
-            "--dpo-epochs",
-            "1",
-            "--sft-epochs",
-            "1",
-            "--no-progress",
-            "--torch-threads",
-            "1",
-        ]
-    )
+    code = main(["pipeline", "--corpus", str(corpus), "--output-dir", str(run), "--pretrain-size", "tiny",
+                 "--pretrain-steps", "40", "--n-demonstrations", "96", "--n-preference-prompts", "48", "--ppo-episodes",
+                 "64", "--ppo-batch-size", "32", "--n-eval-prompts", "16", "--dpo-checkpoints", "1", "--ppo-snapshots",
+                 "1", "--rm-epochs", "1", "--dpo-epochs", "1", "--sft-epochs", "1", "--no-progress", "--torch-threads",
+                 "1"])
     summary = json.loads((run / "summary.json").read_text())
     assert code == (0 if summary["status"] == "ok" else 3)
     assert list(summary["stages"]) == ["pretrain", "sft", "preferences", "rm", "ppo", "dpo"]

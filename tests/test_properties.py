@@ -21,7 +21,7 @@ def grid_maps(draw):
     start, terminal = draw(st.permutations(range(nrow * ncol)).map(lambda p: p[:2]))
     cells[start] = "C"
     cells[terminal] = draw(st.sampled_from("TM"))
-    return ["".join(cells[r * ncol : (r + 1) * ncol]) for r in range(nrow)]
+    return ["".join(cells[r * ncol:(r + 1) * ncol]) for r in range(nrow)]
 
 
 def _rollout(desc, slip, seed, actions, max_steps=50):
@@ -37,12 +37,8 @@ def _rollout(desc, slip, seed, actions, max_steps=50):
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    desc=grid_maps(),
-    slip=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**31 - 1),
-    actions=st.lists(st.integers(0, 3), min_size=1, max_size=120),
-)
+@given(desc=grid_maps(), slip=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1),
+       actions=st.lists(st.integers(0, 3), min_size=1, max_size=120))
 def test_catgrid_random_play(desc, slip, seed, actions):
     trajectory = _rollout(desc, slip, seed, actions)
     n_states = len(desc) * len(desc[0])
@@ -50,24 +46,19 @@ def test_catgrid_random_play(desc, slip, seed, actions):
     for item in trajectory:
         if isinstance(item, tuple):
             obs, r, term, trunc = item
-            assert 0 <= obs < n_states and flat[obs] != "#"  # never inside a wall
-            assert r in (0.0, -1.0, -10.0, 100.0)  # documented rewards only
-            assert term == (flat[obs] in "TM")  # ends exactly on bathtub / meat
+            assert 0 <= obs < n_states and flat[obs] != "#"          # never inside a wall
+            assert r in (0.0, -1.0, -10.0, 100.0)                    # documented rewards only
+            assert term == (flat[obs] in "TM")                        # ends exactly on bathtub / meat
             assert not (term and trunc)
             assert r == {"T": -10.0, "M": 100.0, "B": -1.0}.get(flat[obs], 0.0)
         else:
-            assert flat[item] == "C"  # reset respawns at the start
-    assert trajectory == _rollout(desc, slip, seed, actions)  # same seed, same trajectory
+            assert flat[item] == "C"                                  # reset respawns at the start
+    assert trajectory == _rollout(desc, slip, seed, actions)          # same seed, same trajectory
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    desc=grid_maps(),
-    slip=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**31 - 1),
-    num_envs=st.integers(1, 16),
-    steps=st.integers(1, 60),
-)
+@given(desc=grid_maps(), slip=st.floats(0.0, 1.0), seed=st.integers(0, 2**31 - 1), num_envs=st.integers(1, 16),
+       steps=st.integers(1, 60))
 def test_catgrid_vector_random_play(desc, slip, seed, num_envs, steps):
     from rlhf_envs.catgrid_vector import CatGridVectorEnv
 

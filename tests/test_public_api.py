@@ -56,16 +56,13 @@ def test_importing_the_packages_loads_no_torch():
     assert out.split() == ["False", "False"]
 
 
-@pytest.mark.parametrize(
-    "cls, old, new, value",
-    [
-        ("agents.ppo:PPOConfig", "target_kl", "max_approx_kl", 0.02),
-        ("agents.lm_ppo:LMPPOConfig", "target_kl", "kl_setpoint", 2.0),
-        ("agents.pipeline:PipelineConfig", "target_kl", "kl_budget", 3.0),
-        ("agents.pipeline:PipelineConfig", "beta", "ppo_beta", 0.2),
-        ("agents.pipeline:PipelineConfig", "curve_points", "dpo_checkpoints", 2),
-    ],
-)
+@pytest.mark.parametrize("cls, old, new, value", [
+    ("agents.ppo:PPOConfig", "target_kl", "max_approx_kl", 0.02),
+    ("agents.lm_ppo:LMPPOConfig", "target_kl", "kl_setpoint", 2.0),
+    ("agents.pipeline:PipelineConfig", "target_kl", "kl_budget", 3.0),
+    ("agents.pipeline:PipelineConfig", "beta", "ppo_beta", 0.2),
+    ("agents.pipeline:PipelineConfig", "curve_points", "dpo_checkpoints", 2),
+])
 def test_old_config_names_warn_and_name_the_new_one(cls, old, new, value):
     import importlib
 
@@ -105,13 +102,8 @@ def test_rlhf_refuses_a_foreign_agents_package(tmp_path):
     fake.mkdir()
     (fake / "__init__.py").write_text("class Agent:\n    pass\n")  # what openai-agents' package looks like from here
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from rlhf_envs.launcher import main; sys.exit(main())", "--help"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = subprocess.run([sys.executable, "-c", "import sys; from rlhf_envs.launcher import main; sys.exit(main())",
+                           "--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 2
     assert "is not rlhf-gym's" in proc.stderr and "pip uninstall openai-agents" in proc.stderr
     assert str(fake) in proc.stderr

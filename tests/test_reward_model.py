@@ -61,17 +61,8 @@ def test_reward_model_learns_a_toy_preference(tmp_path):
     lm = make_tiny_lm(tmp_path / "lm")
     rows = _toy_preferences(320, seed=0)
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    config = RewardModelConfig(
-        model_path=str(lm),
-        data_path=str(data),
-        output_dir=str(tmp_path / "rm"),
-        num_epochs=4,
-        batch_size=16,
-        learning_rate=3e-3,
-        eval_fraction=0.2,
-        torch_threads=1,
-        progress=False,
-    )
+    config = RewardModelConfig(model_path=str(lm), data_path=str(data), output_dir=str(tmp_path / "rm"), num_epochs=4,
+                               batch_size=16, learning_rate=3e-3, eval_fraction=0.2, torch_threads=1, progress=False)
     result = train_reward_model(config)
     assert result.metrics["eval/accuracy"] >= 0.9
     # training pads on the left (rlhf_envs.lm's tokenizers do); the learned plugin pads on the right
@@ -88,13 +79,11 @@ def test_reward_model_learns_a_toy_preference(tmp_path):
     ids = reward.tokenizer(prompts[0] + " great story", return_tensors="pt")["input_ids"]
     logit = model(input_ids=ids).logits[0, 0].item()
     stats = json.loads((tmp_path / "rm" / "reward_normalization.json").read_text())
-    responses = [
-        (r["prompt"], y) for r in rows for y in (r["responses"] if "responses" in r else (r["chosen"], r["rejected"]))
-    ]
+    responses = [(r["prompt"], y) for r in rows for y in (r["responses"] if "responses" in r else (r["chosen"],
+                                                                                                   r["rejected"]))]
     assert stats["n"] == len(responses) and stats["std"] > 0
-    assert reward.score(prompts[:1], [" great story"])[0] == pytest.approx(
-        (logit - stats["mean"]) / stats["std"], abs=1e-5
-    )
+    assert reward.score(prompts[:1], [" great story"])[0] == pytest.approx((logit - stats["mean"]) / stats["std"],
+                                                                           abs=1e-5)
     raw = LearnedReward(tmp_path / "rm", normalize=False)
     assert raw.score(prompts[:1], [" great story"])[0] == pytest.approx(logit, abs=1e-5)
     train_scores = reward.score([p for p, _ in responses], [y for _, y in responses])

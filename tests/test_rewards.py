@@ -29,7 +29,7 @@ def test_callable_object_and_registered_factory():
             return np.ones(len(responses))
 
     assert make_reward_model(Const()).score(["a", "b"], ["x", "y"]).tolist() == [1.0, 1.0]
-    register("test-scale", lambda scale=1.0: lambda p, r: [scale * len(x) for x in r], overwrite=True)
+    register("test-scale", lambda scale=1.0: (lambda p, r: [scale * len(x) for x in r]), overwrite=True)
     assert make_reward_model("test-scale", scale=2.0).score(["a"], ["ab"]).tolist() == [4.0]
     assert "test-scale" in available_reward_models()
     with pytest.raises(ValueError, match="already registered"):
@@ -41,17 +41,14 @@ def test_unknown_name_lists_known_ones():
         make_reward_model("nope")
 
 
-@pytest.mark.parametrize(
-    "fn, problem",
-    [
-        (lambda p, r: 1 / 0, "raised ZeroDivisionError"),
-        (lambda p, r: [float("nan")] * len(r), "non-finite"),
-        (lambda p, r: [float("inf")] * len(r), "non-finite"),
-        (lambda p, r: [1.0], "shape"),
-        (lambda p, r: np.zeros((len(r), 2)), "shape"),
-        (lambda p, r: ["x"] * len(r), "not numbers"),
-    ],
-)
+@pytest.mark.parametrize("fn, problem", [
+    (lambda p, r: 1 / 0, "raised ZeroDivisionError"),
+    (lambda p, r: [float("nan")] * len(r), "non-finite"),
+    (lambda p, r: [float("inf")] * len(r), "non-finite"),
+    (lambda p, r: [1.0], "shape"),
+    (lambda p, r: np.zeros((len(r), 2)), "shape"),
+    (lambda p, r: ["x"] * len(r), "not numbers"),
+])
 def test_bad_plugins_raise_naming_the_plugin(fn, problem):
     register("test-bad", lambda: fn, overwrite=True)
     rm = make_reward_model("test-bad")
@@ -74,31 +71,20 @@ def _install_plugin(tmp_path, name, module, body):
 
 
 def test_entry_point_plugin_used_by_name_in_gym_make(tmp_path, monkeypatch):
-    _install_plugin(
-        tmp_path,
-        "count-a",
-        "rg_plugin_count_a",
-        "def factory(weight=1.0):\n    return lambda prompts, responses: [weight * r.count('a') for r in responses]\n",
-    )
+    _install_plugin(tmp_path, "count-a", "rg_plugin_count_a",
+                    "def factory(weight=1.0):\n"
+                    "    return lambda prompts, responses: [weight * r.count('a') for r in responses]\n")
     _install_plugin(tmp_path, "broken-one", "rg_plugin_broken", "raise ImportError('missing dependency')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert {"count-a", "broken-one"} <= set(available_reward_models())
-    env = gym.make(
-        "TextBandit-v0",
-        model=tiny_causal_lm(),
-        reward_model="count-a",
-        reward_kwargs={"weight": 2.0},
-        prompts=["hi"],
-        max_new_tokens=4,
-        beta=0.0,
-    )
+    env = gym.make("TextBandit-v0", model=tiny_causal_lm(), reward_model="count-a", reward_kwargs={"weight": 2.0},
+                   prompts=["hi"], max_new_tokens=4, beta=0.0)
     env.reset(seed=0)
     env.unwrapped.set_policy_logprobs(np.full(4, -1.0, dtype=np.float32))
     _, reward, *_, info = env.step(np.array([97, 97, 98, 97]))
     assert info["response"] == "aaba" and reward == info["score"] == 6.0
-    with pytest.raises(
-        ValueError, match="reward model plugin 'broken-one' .* failed to load: ImportError: missing dependency"
-    ):
+    with pytest.raises(ValueError, match="reward model plugin 'broken-one' .* failed to load: ImportError: missing "
+                                         "dependency"):
         make_reward_model("broken-one")
     sys.modules.pop("rg_plugin_count_a", None)
     rewards._REGISTERED.pop("count-a", None)
@@ -109,9 +95,8 @@ def test_learned_checkpoint_scores_batched_like_single(tmp_path):
 
     _, tokenizer = tiny_causal_lm()
     torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(
-        GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=258, num_labels=1, pad_token_id=257)
-    ).eval()
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=258,
+                                                     num_labels=1, pad_token_id=257)).eval()
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     rm = make_reward_model("learned", path=str(tmp_path), batch_size=2)

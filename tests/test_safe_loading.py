@@ -18,12 +18,8 @@ import rlhf_envs  # noqa: F401
 from tests.tiny_models import tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
-AUTO_MAP = {
-    "AutoConfig": "evil.EvilConfig",
-    "AutoModel": "evil.EvilModel",
-    "AutoModelForCausalLM": "evil.EvilModel",
-    "AutoModelForSequenceClassification": "evil.EvilModel",
-}
+AUTO_MAP = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel", "AutoModelForCausalLM": "evil.EvilModel",
+            "AutoModelForSequenceClassification": "evil.EvilModel"}
 
 
 def count_a(prompts: list[str], responses: list[str]) -> list[float]:
@@ -47,8 +43,7 @@ def remote_code_dir(saved, tmp_path):
     mark = tmp_path / "REMOTE_CODE_RAN"
     (path / "evil.py").write_text(
         f"open({str(mark)!r}, 'w').write('pwned')\n"
-        "from transformers import GPT2Config as EvilConfig, GPT2LMHeadModel as EvilModel\n"
-    )
+        "from transformers import GPT2Config as EvilConfig, GPT2LMHeadModel as EvilModel\n")
     return path, mark
 
 
@@ -87,54 +82,26 @@ def _loaders(path: Path, out: Path) -> dict:
 
     data = out.parent / "data.jsonl"
     data.write_text(json.dumps({"prompt": "p", "completion": " a", "chosen": " a", "rejected": " b"}) + "\n")
-    common = {
-        "model_path": str(path),
-        "data_path": str(data),
-        "output_dir": str(out),
-        "progress": False,
-        "device": "cpu",
-    }
+    common = {"model_path": str(path), "data_path": str(data), "output_dir": str(out), "progress": False,
+              "device": "cpu"}
     return {
         "load_causal_lm": lambda: load_causal_lm(path),
         "learned-reward-plugin": lambda: make_reward_model("learned", path=str(path)),
-        "TextBandit-model-path": lambda: gym.make(
-            "TextBandit-v0", model=str(path), reward_model=count_a, prompts=["hi"]
-        ),
+        "TextBandit-model-path": lambda: gym.make("TextBandit-v0", model=str(path), reward_model=count_a,
+                                                  prompts=["hi"]),
         "TextToken-model-path": lambda: gym.make("TextToken-v0", model=str(path), reward_model=count_a, prompts=["hi"]),
-        "TextBandit-learned-reward": lambda: gym.make(
-            "TextBandit-v0",
-            model=tiny_causal_lm(seed=0),
-            prompts=["hi"],
-            reward_model="learned",
-            reward_kwargs={"path": str(path)},
-        ),
+        "TextBandit-learned-reward": lambda: gym.make("TextBandit-v0", model=tiny_causal_lm(seed=0), prompts=["hi"],
+                                                      reward_model="learned", reward_kwargs={"path": str(path)}),
         "train_sft": lambda: train_sft(SFTConfig(**common)),
         "train_dpo": lambda: train_dpo(DPOConfig(**common)),
         "train_reward_model": lambda: train_reward_model(RewardModelConfig(**common)),
-        "train_lm_ppo": lambda: train_lm_ppo(
-            LMPPOConfig(
-                model_path=str(path),
-                output_dir=str(out),
-                total_episodes=4,
-                batch_size=4,
-                num_minibatches=1,
-                progress=False,
-            )
-        ),
+        "train_lm_ppo": lambda: train_lm_ppo(LMPPOConfig(model_path=str(path), output_dir=str(out), total_episodes=4,
+                                                         batch_size=4, num_minibatches=1, progress=False)),
     }
 
 
-LOADERS = [
-    "load_causal_lm",
-    "learned-reward-plugin",
-    "TextBandit-model-path",
-    "TextToken-model-path",
-    "TextBandit-learned-reward",
-    "train_sft",
-    "train_dpo",
-    "train_reward_model",
-    "train_lm_ppo",
-]
+LOADERS = ["load_causal_lm", "learned-reward-plugin", "TextBandit-model-path", "TextToken-model-path",
+           "TextBandit-learned-reward", "train_sft", "train_dpo", "train_reward_model", "train_lm_ppo"]
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -153,18 +120,8 @@ def test_remote_code_refused_by_the_cli(remote_code_dir, tmp_path, capsys):
 
     path, mark = remote_code_dir
     (tmp_path / "d.jsonl").write_text('{"prompt": "p", "completion": " a"}\n')
-    code = main(
-        [
-            "sft",
-            "--model-path",
-            str(path),
-            "--data-path",
-            str(tmp_path / "d.jsonl"),
-            "--output-dir",
-            str(tmp_path / "out"),
-            "--no-progress",
-        ]
-    )
+    code = main(["sft", "--model-path", str(path), "--data-path", str(tmp_path / "d.jsonl"), "--output-dir",
+                 str(tmp_path / "out"), "--no-progress"])
     assert code == 2 and not mark.exists() and not (tmp_path / "out").exists()
     err = capsys.readouterr().err
     assert err.startswith("rlhf sft: error: ") and "auto_map" in err and "--trust-remote-code" in err
@@ -202,23 +159,10 @@ def test_checkpoint_with_a_pickle_in_place_of_safetensors_is_refused(tmp_path):
 
 # ---- the code base never unpickles ---------------------------------------------------------------------
 
-_UNPICKLERS = {
-    ("pickle", "load"),
-    ("pickle", "loads"),
-    ("pickle", "Unpickler"),
-    ("cPickle", "load"),
-    ("cPickle", "loads"),
-    ("dill", "load"),
-    ("dill", "loads"),
-    ("cloudpickle", "load"),
-    ("cloudpickle", "loads"),
-    ("joblib", "load"),
-    ("marshal", "load"),
-    ("marshal", "loads"),
-    ("pd", "read_pickle"),
-    ("pandas", "read_pickle"),
-    ("shelve", "open"),
-}
+_UNPICKLERS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"), ("cPickle", "load"),
+               ("cPickle", "loads"), ("dill", "load"), ("dill", "loads"), ("cloudpickle", "load"),
+               ("cloudpickle", "loads"), ("joblib", "load"), ("marshal", "load"), ("marshal", "loads"),
+               ("pd", "read_pickle"), ("pandas", "read_pickle"), ("shelve", "open")}
 
 
 def _dotted(node: ast.AST) -> str:
@@ -238,11 +182,8 @@ def _unsafe_calls(source: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module in {"pickle", "cPickle", "dill", "cloudpickle"}:
-            found += [
-                f"line {node.lineno}: from {node.module} import {a.name}"
-                for a in node.names
-                if a.name in {"load", "loads", "Unpickler"}
-            ]
+            found += [f"line {node.lineno}: from {node.module} import {a.name}" for a in node.names
+                      if a.name in {"load", "loads", "Unpickler"}]
         if not isinstance(node, ast.Call):
             continue
         name = _dotted(node.func)
@@ -261,18 +202,15 @@ def _unsafe_calls(source: str) -> list[str]:
 
 
 def test_the_scanner_finds_what_it_looks_for():
-    bad = (
-        "import torch, pickle, numpy as np\nfrom pickle import loads\n"
-        "torch.load('a')\ntorch.load('a', weights_only=False)\npickle.load(f)\nnp.load('x', allow_pickle=True)\n"
-    )
+    bad = ("import torch, pickle, numpy as np\nfrom pickle import loads\n"
+           "torch.load('a')\ntorch.load('a', weights_only=False)\npickle.load(f)\nnp.load('x', allow_pickle=True)\n")
     assert len(_unsafe_calls(bad)) == 5
     assert _unsafe_calls("import torch\ntorch.load('a', weights_only=True, map_location='cpu')\n") == []
 
 
 def test_code_base_never_unpickles():
-    files = [
-        p for folder in ("rlhf_envs", "agents", "benchmarks", "tests") for p in sorted((ROOT / folder).rglob("*.py"))
-    ]
+    files = [p for folder in ("rlhf_envs", "agents", "benchmarks",
+                              "tests") for p in sorted((ROOT / folder).rglob("*.py"))]
     assert len(files) > 20
     problems = {str(p.relative_to(ROOT)): found for p in files if (found := _unsafe_calls(p.read_text()))}
     assert problems == {}, f"unsafe deserialisation: {problems}"

@@ -19,9 +19,8 @@ def _prompts(tokenizer, texts):
     return batch["input_ids"], batch["attention_mask"].bool()
 
 
-@pytest.mark.parametrize(
-    "kwargs", [dict(max_new_tokens=0), dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)]
-)
+@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0),
+                                    dict(top_p=1.5)])
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingConfig(**kwargs)
@@ -54,9 +53,8 @@ def test_reported_logprobs_match_empirical_frequencies(lm):
     model, tokenizer = lm
     ids, mask = _prompts(tokenizer, ["ab"] * 6000)
     cfg = SamplingConfig(max_new_tokens=1, temperature=0.3, top_k=6, top_p=0.9)
-    gen = generate(
-        model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(0)
-    )
+    gen = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD,
+                   generator=torch.Generator().manual_seed(0))
     tokens, reported = gen.response_ids[:, 0], gen.logprobs[:, 0]
     support = tokens.unique()
     assert 1 < len(support) <= 6
@@ -86,19 +84,12 @@ def test_sampler_equals_no_cache_reference(lm):
         expected = _no_cache_greedy(model, ids, mask, 12)
     gen = generate(model, ids, mask, SamplingConfig(max_new_tokens=12, greedy=True), eos_token_id=-1, pad_token_id=PAD)
     assert torch.equal(gen.response_ids, expected)
-    single = generate(
-        model,
-        ids[1:2, -1:],
-        mask[1:2, -1:],
-        SamplingConfig(max_new_tokens=12, greedy=True),
-        eos_token_id=-1,
-        pad_token_id=PAD,
-    )
+    single = generate(model, ids[1:2, -1:], mask[1:2, -1:], SamplingConfig(max_new_tokens=12, greedy=True),
+                      eos_token_id=-1, pad_token_id=PAD)
     assert torch.equal(single.response_ids[0], expected[1]), "left padding must not change the result"
     cfg = SamplingConfig(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9)
-    gen = generate(
-        model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(1)
-    )
+    gen = generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD,
+                   generator=torch.Generator().manual_seed(1))
     teacher = response_logprobs(model, ids, mask, gen.response_ids, gen.response_mask, cfg)
     torch.testing.assert_close(teacher, gen.logprobs, atol=1e-5, rtol=0)
     assert teacher.requires_grad
@@ -108,10 +99,9 @@ def test_same_seed_same_responses(lm):
     model, tokenizer = lm
     ids, mask = _prompts(tokenizer, ["hello", "ab"])
     cfg = SamplingConfig(max_new_tokens=10, top_p=0.95)
-    runs = [
-        generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(3))
-        for _ in range(2)
-    ]
+    runs = [generate(model, ids, mask, cfg, eos_token_id=EOS, pad_token_id=PAD,
+                     generator=torch.Generator().manual_seed(3))
+            for _ in range(2)]
     assert torch.equal(runs[0].response_ids, runs[1].response_ids)
     assert torch.equal(runs[0].logprobs, runs[1].logprobs)
 
@@ -121,19 +111,12 @@ def test_stops_at_eos_and_pads_after(lm):
     ids, mask = _prompts(tokenizer, ["hello", "hello"])
     with torch.no_grad():
         first = model(ids).logits[0, -1].argmax().item()
-    gen = generate(
-        model, ids, mask, SamplingConfig(max_new_tokens=8, greedy=True), eos_token_id=first, pad_token_id=PAD
-    )
+    gen = generate(model, ids, mask, SamplingConfig(max_new_tokens=8, greedy=True), eos_token_id=first,
+                   pad_token_id=PAD)
     assert gen.response_ids.shape == (2, 1), "generation stops once every row hit EOS"
     assert gen.response_mask.all() and (gen.logprobs == 0).all()
     mixed_ids, mixed_mask = _prompts(tokenizer, ["hello", "zz"])
-    gen = generate(
-        model,
-        mixed_ids,
-        mixed_mask,
-        SamplingConfig(max_new_tokens=8, greedy=True),
-        eos_token_id=first,
-        pad_token_id=PAD,
-    )
+    gen = generate(model, mixed_ids, mixed_mask, SamplingConfig(max_new_tokens=8, greedy=True), eos_token_id=first,
+                   pad_token_id=PAD)
     if gen.response_ids[1, 0] != first:
         assert not gen.response_mask[0, 1:].any() and (gen.response_ids[0, 1:] == PAD).all()

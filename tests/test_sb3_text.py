@@ -21,20 +21,13 @@ def lowercase_fraction(prompts, responses):
 
 def _setup(seed=0, n_envs=4, max_new_tokens=3):
     ref, tokenizer = tiny_causal_lm(seed=0)
-    env_kwargs = dict(
-        model=(ref, tokenizer),
-        prompts=["ab", "cd", "hi"],
-        max_new_tokens=max_new_tokens,
-        reward_model=lowercase_fraction,
-        beta=0.01,
-        render_mode=None,
-    )
+    env_kwargs = dict(model=(ref, tokenizer), prompts=["ab", "cd", "hi"], max_new_tokens=max_new_tokens,
+                      reward_model=lowercase_fraction, beta=0.01, render_mode=None)
     channel = LogprobChannel()
     venv = HandOverLogprobs(make_vec_env("TextToken-v0", n_envs=n_envs, seed=seed, env_kwargs=env_kwargs), channel)
     sampling = venv.get_attr("task")[0].sampling
-    policy_kwargs = dict(
-        lm=copy.deepcopy(ref).train(), pad_token_id=tokenizer.pad_token_id, sampling=sampling, channel=channel
-    )
+    policy_kwargs = dict(lm=copy.deepcopy(ref).train(), pad_token_id=tokenizer.pad_token_id, sampling=sampling,
+                         channel=channel)
     return venv, policy_kwargs
 
 
@@ -64,20 +57,8 @@ def test_handover_gives_zero_kl_for_the_untrained_copy():
 def test_sb3_ppo_learns_on_text_token():
     torch.manual_seed(0)
     venv, policy_kwargs = _setup(max_new_tokens=1)
-    model = PPO(
-        LMActorCriticPolicy,
-        venv,
-        policy_kwargs=policy_kwargs,
-        n_steps=64,
-        batch_size=64,
-        n_epochs=4,
-        learning_rate=3e-3,
-        gamma=1.0,
-        gae_lambda=1.0,
-        ent_coef=0.0,
-        seed=0,
-        device="cpu",
-    )
+    model = PPO(LMActorCriticPolicy, venv, policy_kwargs=policy_kwargs, n_steps=64, batch_size=64, n_epochs=4,
+                learning_rate=3e-3, gamma=1.0, gae_lambda=1.0, ent_coef=0.0, seed=0, device="cpu")
     before, _ = _mean_score(model, venv, episodes=96)
     model.learn(total_timesteps=2048)
     after, kl = _mean_score(model, venv, episodes=96)
@@ -103,24 +84,12 @@ def test_sb3_text_ppo_refuses_a_whole_response_env():
 def test_sb3_text_ppo_trains_the_lm_and_raises_the_score(one_thread):
     torch.manual_seed(0)
     ref, tokenizer = tiny_causal_lm(seed=0)
-    model = sb3_text_ppo(
-        "TextToken-v0",
-        (ref, tokenizer),
-        n_envs=4,
-        env_kwargs={
-            "prompts": ["ab", "cd", "hi"],
-            "max_new_tokens": 1,
-            "reward_model": lowercase_fraction,
-            "beta": 0.01,
-        },
-        n_steps=64,
-        batch_size=64,
-        n_epochs=4,
-        learning_rate=3e-3,
-        gamma=1.0,
-        gae_lambda=1.0,
-        ent_coef=0.0,
-    )
+    model = sb3_text_ppo("TextToken-v0", (ref, tokenizer), n_envs=4,
+                         env_kwargs={"prompts": ["ab", "cd", "hi"], "max_new_tokens": 1,
+                                     "reward_model": lowercase_fraction,
+                                     "beta": 0.01},
+                         n_steps=64, batch_size=64, n_epochs=4, learning_rate=3e-3, gamma=1.0, gae_lambda=1.0,
+                         ent_coef=0.0)
     venv = model.get_env()
     before_weights = {k: v.clone() for k, v in model.policy.lm.state_dict().items()}
     before, _ = _mean_score(model, venv, episodes=96)

@@ -18,14 +18,9 @@ def test_numpy_integers_are_accepted_for_integer_settings_and_stored_as_int():
     from agents.lm_ppo import LMPPOConfig
     from rlhf_envs.lm.sampling import SamplingConfig
 
-    env = gym.make(
-        "TextBandit-v0",
-        model=tiny_causal_lm(),
-        prompts=["hi"],
-        max_new_tokens=np.int64(4),
-        top_k=np.int32(5),
-        beta=np.float32(0.1),
-    )
+    env = gym.make("TextBandit-v0", model=tiny_causal_lm(), prompts=["hi"], max_new_tokens=np.int64(4),
+                   top_k=np.int32(5),
+                   beta=np.float32(0.1))
     sampling = env.unwrapped.task.sampling
     assert (sampling.max_new_tokens, sampling.top_k) == (4, 5) and type(sampling.top_k) is int
     assert env.action_space.shape == (4,)
@@ -35,17 +30,14 @@ def test_numpy_integers_are_accepted_for_integer_settings_and_stored_as_int():
     assert SamplingConfig(top_k=np.uint8(3)).top_k == 3
 
 
-@pytest.mark.parametrize(
-    "value, kind, error, message",
-    [
-        (float("nan"), float, ValueError, "x must be a finite number, got nan"),
-        (float("-inf"), float, ValueError, "x must be a finite number, got -inf"),
-        ("0.1", float, TypeError, "x must be a finite number, got str '0.1'; pass x=0.1, not a string"),
-        (True, float, TypeError, "x must be a finite number, got bool True"),
-        (2.0, int, TypeError, "x must be an integer, got float 2.0"),
-        (None, float, TypeError, "x must be a finite number, got NoneType None"),
-    ],
-)
+@pytest.mark.parametrize("value, kind, error, message", [
+    (float("nan"), float, ValueError, "x must be a finite number, got nan"),
+    (float("-inf"), float, ValueError, "x must be a finite number, got -inf"),
+    ("0.1", float, TypeError, "x must be a finite number, got str '0.1'; pass x=0.1, not a string"),
+    (True, float, TypeError, "x must be a finite number, got bool True"),
+    (2.0, int, TypeError, "x must be an integer, got float 2.0"),
+    (None, float, TypeError, "x must be a finite number, got NoneType None"),
+])
 def test_check_number_refuses(value, kind, error, message):
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_number(value, "x", kind)
@@ -56,17 +48,10 @@ def test_every_config_dataclass_checks_its_fields():
     import dataclasses
     import importlib
 
-    configs = {
-        "agents.lm_ppo:LMPPOConfig": {},
-        "agents.ppo:PPOConfig": {},
-        "agents.sft:SFTConfig": {"data_path": "d"},
-        "agents.reward_model:RewardModelConfig": {"data_path": "d"},
-        "agents.dpo:DPOConfig": {"data_path": "d"},
-        "agents.evaluate:EvalConfig": {"models": {"sft": "x"}},
-        "agents.pipeline:PipelineConfig": {},
-        "rlhf_envs.lm.sampling:SamplingConfig": {},
-        "rlhf_envs.lm.build_embedded:BuildConfig": {},
-    }
+    configs = {"agents.lm_ppo:LMPPOConfig": {}, "agents.ppo:PPOConfig": {}, "agents.sft:SFTConfig": {"data_path": "d"},
+               "agents.reward_model:RewardModelConfig": {"data_path": "d"}, "agents.dpo:DPOConfig": {"data_path": "d"},
+               "agents.evaluate:EvalConfig": {"models": {"sft": "x"}}, "agents.pipeline:PipelineConfig": {},
+               "rlhf_envs.lm.sampling:SamplingConfig": {}, "rlhf_envs.lm.build_embedded:BuildConfig": {}}
     for path, required in configs.items():
         module, name = path.split(":")
         cls = getattr(importlib.import_module(module), name)

@@ -49,18 +49,10 @@ def test_head_only_on_targets_matches_full_logits(tmp_path):
 
 def test_sft_learns_completions(tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", _demonstrations(96))
-    config = SFTConfig(
-        model_path=str(make_tiny_lm(tmp_path / "lm")),
-        data_path=str(data),
-        output_dir=str(tmp_path / "out"),
-        num_epochs=12,
-        batch_size=16,
-        learning_rate=1e-2,
-        eval_fraction=0.125,
-        eval_every=5,
-        torch_threads=1,
-        progress=False,
-    )
+    config = SFTConfig(model_path=str(make_tiny_lm(tmp_path / "lm")), data_path=str(data),
+                       output_dir=str(tmp_path / "out"),
+                       num_epochs=12, batch_size=16, learning_rate=1e-2, eval_fraction=0.125, eval_every=5,
+                       torch_threads=1, progress=False)
     result = train_sft(config)
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     first_eval = next(line["eval/loss"] for line in lines if "eval/loss" in line)
@@ -77,25 +69,14 @@ def test_sft_learns_completions(tmp_path):
 def test_resume_reaches_the_same_weights(tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", _demonstrations(40))
     lm = make_tiny_lm(tmp_path / "lm", dropout=0.1)
-    common = dict(
-        model_path=str(lm),
-        data_path=str(data),
-        batch_size=8,
-        max_steps=8,
-        num_epochs=2,
-        checkpoint_every=3,
-        keep_checkpoints=5,
-        eval_fraction=0.0,
-        log_every=1,
-        torch_threads=1,
-        progress=False,
-    )
+    common = dict(model_path=str(lm), data_path=str(data), batch_size=8, max_steps=8, num_epochs=2,
+                  checkpoint_every=3, keep_checkpoints=5, eval_fraction=0.0, log_every=1, torch_threads=1,
+                  progress=False)
     train_sft(SFTConfig(output_dir=str(tmp_path / "a"), **common))
     # the crashed run: a copy of run "a" as it was right after its step-3 checkpoint
     crashed = tmp_path / "b"
-    shutil.copytree(
-        tmp_path / "a" / "checkpoints" / "checkpoint-00000003", crashed / "checkpoints" / "checkpoint-00000003"
-    )
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-00000003",
+                    crashed / "checkpoints" / "checkpoint-00000003")
     shutil.copy(tmp_path / "a" / "metrics.jsonl", crashed / "metrics.jsonl")
     result = train_sft(SFTConfig(output_dir=str(crashed), resume=True, **common))
     assert result.global_step == 8 and result.samples_seen == 8 * 8
@@ -105,10 +86,8 @@ def test_resume_reaches_the_same_weights(tmp_path):
         assert torch.equal(x, y), name
     steps = [json.loads(line).get("step") for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert steps[:8] == list(range(1, 9))
-    assert [p.name for p in sorted((crashed / "checkpoints").iterdir())] == [
-        "checkpoint-00000003",
-        "checkpoint-00000006",
-    ]
+    assert [p.name for p in sorted((crashed / "checkpoints").iterdir())] == ["checkpoint-00000003",
+                                                                             "checkpoint-00000006"]
     with pytest.raises(ValueError, match="batch_size: 8 then, 4 now"):
         train_sft(SFTConfig(output_dir=str(crashed), resume=True, **{**common, "batch_size": 4}))
 

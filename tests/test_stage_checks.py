@@ -17,16 +17,13 @@ from agents.stage_checks import (
 )
 
 
-@pytest.mark.parametrize(
-    "accuracy, pairs, status",
-    [
-        (0.51, 270, FAILED),  # the run: chance
-        (0.56, 270, FAILED),  # 0.5 + 2 * 0.0304 = 0.561: still within noise
-        (0.57, 270, OK),
-        (0.80, 30, OK),  # 0.5 + 2 * 0.0913 = 0.683
-        (0.65, 30, FAILED),
-    ],
-)
+@pytest.mark.parametrize("accuracy, pairs, status", [
+    (0.51, 270, FAILED),   # the run: chance
+    (0.56, 270, FAILED),   # 0.5 + 2 * 0.0304 = 0.561: still within noise
+    (0.57, 270, OK),
+    (0.80, 30, OK),        # 0.5 + 2 * 0.0913 = 0.683
+    (0.65, 30, FAILED),
+])
 def test_reward_model_within_two_binomial_standard_errors_of_chance_failed(accuracy, pairs, status):
     finding = check_rm({"eval/accuracy": accuracy, "eval/pairs": float(pairs)})
     assert finding["status"] == status
@@ -43,14 +40,10 @@ def test_sft_no_better_than_unigram_and_a_gold_reward_that_ties_most_rankings():
 
 def test_dependent_stages_say_they_ran_against_a_failed_one():
     statuses = {}
-    for stage, info in [
-        ("pretrain", {"eval/loss": 4.0, "eval/unigram_loss": 5.8}),
-        ("sft", {"eval/loss": 6.0, "eval/unigram_loss": 5.8}),
-        ("preferences", {"prompts": 100, "rankings_kept": 90}),
-        ("rm", {"eval/accuracy": 0.9, "eval/pairs": 300.0}),
-        ("ppo", {}),
-        ("dpo", None),
-    ]:
+    for stage, info in [("pretrain", {"eval/loss": 4.0, "eval/unigram_loss": 5.8}),
+                        ("sft", {"eval/loss": 6.0, "eval/unigram_loss": 5.8}),
+                        ("preferences", {"prompts": 100, "rankings_kept": 90}),
+                        ("rm", {"eval/accuracy": 0.9, "eval/pairs": 300.0}), ("ppo", {}), ("dpo", None)]:
         statuses[stage] = stage_status(stage, info, statuses)
     assert [s["status"] for s in statuses.values()] == [OK, FAILED, RAN_AGAINST, RAN_AGAINST, RAN_AGAINST, NOT_RUN]
     assert statuses["ppo"]["ran_against"] == ["sft"] and statuses["rm"]["ran_against"] == ["sft"]

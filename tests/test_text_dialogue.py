@@ -23,7 +23,7 @@ def _turn(env, text: str) -> np.ndarray:
     task, d = env.unwrapped.task, env.unwrapped.dialogues
     ids = task.tokenizer(text, add_special_tokens=False)["input_ids"]
     out = np.full(d.max_turn_tokens, task.pad_token_id, dtype=np.int64)
-    out[: len(ids) + 1] = [*ids, task.eos_token_id]
+    out[:len(ids) + 1] = [*ids, task.eos_token_id]
     return out
 
 
@@ -60,21 +60,8 @@ def test_policy_mask_exact_on_hand_made_dialogue():
     assert info["turn"] == 4
     real = obs != env.unwrapped.task.pad_token_id
     tokens = tok.convert_ids_to_tokens(obs[real].tolist())
-    assert tokens == [
-        "?",
-        "8",
-        "<eot>",
-        "higher",
-        "12",
-        "<eot>",
-        "lower",
-        "3",
-        "9",
-        "invalid",
-        "11",
-        "<eot>",
-        "correct",
-    ]
+    assert tokens == ["?", "8", "<eot>", "higher", "12", "<eot>", "lower", "3", "9", "invalid", "11", "<eot>",
+                      "correct"]
     expected = [False, True, True, False, True, True, False, True, True, False, True, True, False]
     assert info["policy_mask"][real].tolist() == expected
     assert not info["policy_mask"][~real].any()
@@ -96,11 +83,10 @@ def test_kl_covers_the_turn_only_and_matches_a_plain_reference_forward():
     ids = torch.as_tensor(np.concatenate([obs_before[real], action]))[None]
     mask = torch.ones_like(ids, dtype=torch.bool)
     with torch.no_grad():
-        logits = task.ref_model(
-            input_ids=ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask)
-        ).logits
+        logits = task.ref_model(input_ids=ids, attention_mask=mask.long(),
+                                position_ids=positions_from_mask(mask)).logits
     n = int(real.sum())
-    ref = processed_logprobs(logits[0, n - 1 : -1], task.ref_sampling).gather(-1, ids[0, n:, None])[:, 0]
+    ref = processed_logprobs(logits[0, n - 1:-1], task.ref_sampling).gather(-1, ids[0, n:, None])[:, 0]
     assert info["ref_logprobs"] == pytest.approx(ref.numpy(), abs=1e-4)
     assert info["kl_per_token"] == pytest.approx(handed - ref.numpy(), abs=1e-4)
     assert reward == pytest.approx(-0.1 - 0.1 * float(info["kl"]), abs=1e-5)

@@ -47,15 +47,8 @@ def _ref_sample(lm, envs, obs, seed):
     """Sample responses with the reference model itself, at the env's temperature, untruncated."""
     model, _ = lm
     ids = torch.as_tensor(obs)
-    gen = generate(
-        model,
-        ids,
-        attention_mask_from_obs(ids, PAD),
-        envs.task.ref_sampling,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    gen = generate(model, ids, attention_mask_from_obs(ids, PAD), envs.task.ref_sampling, eos_token_id=EOS,
+                   pad_token_id=PAD, generator=torch.Generator().manual_seed(seed))
     actions = np.full((len(obs), envs.task.max_new_tokens), PAD)
     logprobs = np.zeros(actions.shape, dtype=np.float32)
     actions[:, : gen.response_ids.shape[1]] = gen.response_ids.numpy()
@@ -65,17 +58,8 @@ def _ref_sample(lm, envs, obs, seed):
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_bandit_kl_zero_for_reference_logprobs_and_reward_formula(lm, estimator):
-    envs = gym.make_vec(
-        "TextBandit-v0",
-        num_envs=8,
-        model=lm,
-        prompts=PROMPTS,
-        max_new_tokens=6,
-        reward_model=count_a,
-        kl_estimator=estimator,
-        temperature=0.7,
-        beta=0.1,
-    )
+    envs = gym.make_vec("TextBandit-v0", num_envs=8, model=lm, prompts=PROMPTS, max_new_tokens=6,
+                        reward_model=count_a, kl_estimator=estimator, temperature=0.7, beta=0.1)
     obs, _ = envs.reset(seed=0)
     actions, logprobs = _ref_sample(lm, envs, obs, seed=0)
     envs.set_policy_logprobs(logprobs)
@@ -93,16 +77,8 @@ def test_bandit_kl_zero_for_reference_logprobs_and_reward_formula(lm, estimator)
 @pytest.mark.parametrize("lean", [True, False], ids=["lean-forward", "hf-forward"])
 def test_token_env_kl_zero_when_policy_is_reference(lm, lean):
     model, _ = lm
-    envs = gym.make_vec(
-        "TextToken-v0",
-        num_envs=3,
-        model=lm,
-        prompts=PROMPTS,
-        max_new_tokens=5,
-        reward_model=count_a,
-        kl_estimator="exact",
-        temperature=0.8,
-    )
+    envs = gym.make_vec("TextToken-v0", num_envs=3, model=lm, prompts=PROMPTS, max_new_tokens=5,
+                        reward_model=count_a, kl_estimator="exact", temperature=0.8)
     if not lean:  # a no-op hook makes the reference ineligible for the lean forward: Hugging Face's runs
         envs.task.ref_model.register_forward_pre_hook(lambda module, args: None)
     assert (envs.task.reference_view() is not None) == lean
@@ -112,9 +88,8 @@ def test_token_env_kl_zero_when_policy_is_reference(lm, lean):
         ids = torch.as_tensor(obs)
         mask = attention_mask_from_obs(ids, PAD)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask)).logits[
-                :, -1
-            ]
+            logits = model(input_ids=ids, attention_mask=mask.long(),
+                           position_ids=positions_from_mask(mask)).logits[:, -1]
         logprobs = processed_logprobs(logits, envs.task.ref_sampling)
         actions = torch.multinomial(logprobs.exp(), 1, generator=torch.Generator().manual_seed(step)).squeeze(-1)
         envs.set_policy_logprobs(logprobs)
@@ -152,9 +127,8 @@ def test_bandit_empty_response_and_tokens_after_eos_ignored(lm):
 
 def test_same_seed_same_responses_and_rewards(lm):
     def run():
-        envs = gym.make_vec(
-            "TextBandit-v0", num_envs=4, model=lm, prompts=PROMPTS, max_new_tokens=6, reward_model="sentiment", top_k=20
-        )
+        envs = gym.make_vec("TextBandit-v0", num_envs=4, model=lm, prompts=PROMPTS, max_new_tokens=6,
+                            reward_model="sentiment", top_k=20)
         obs, _ = envs.reset(seed=7)
         out = []
         for step in range(2):
@@ -189,16 +163,8 @@ def test_vector_env_makes_one_reward_call_and_matches_single_env(lm):
 
 
 def test_adaptive_beta_moves_toward_target(lm):
-    envs = gym.make_vec(
-        "TextBandit-v0",
-        num_envs=4,
-        model=lm,
-        prompts=PROMPTS,
-        max_new_tokens=6,
-        reward_model=count_a,
-        beta=0.1,
-        kl_setpoint=0.01,
-    )
+    envs = gym.make_vec("TextBandit-v0", num_envs=4, model=lm, prompts=PROMPTS, max_new_tokens=6,
+                        reward_model=count_a, beta=0.1, kl_setpoint=0.01)
     obs, _ = envs.reset(seed=0)
     actions, logprobs = _ref_sample(lm, envs, obs, seed=0)
     envs.set_policy_logprobs(np.where(logprobs != 0, logprobs + 1.0, 0.0).clip(max=0).astype(np.float32))
@@ -206,16 +172,13 @@ def test_adaptive_beta_moves_toward_target(lm):
     assert info["beta"][0] == pytest.approx(0.1) and envs.task.beta > 0.1
 
 
-@pytest.mark.parametrize(
-    "action, match",
-    [
-        (np.array([97, 98, 300, 0, 0, 0]), "out of range"),
-        (np.array([97, -1, 0, 0, 0, 0]), "out of range"),
-        (np.array([97, 98]), "shape"),
-        (np.zeros(0, dtype=np.int64), "shape"),
-        (np.full(6, 97.0), "integer"),
-    ],
-)
+@pytest.mark.parametrize("action, match", [
+    (np.array([97, 98, 300, 0, 0, 0]), "out of range"),
+    (np.array([97, -1, 0, 0, 0, 0]), "out of range"),
+    (np.array([97, 98]), "shape"),
+    (np.zeros(0, dtype=np.int64), "shape"),
+    (np.full(6, 97.0), "integer"),
+])
 def test_bandit_bad_actions_are_clear_errors_and_env_stays_usable(lm, action, match):
     env = _bandit(lm).unwrapped
     env.reset(seed=0)
@@ -249,9 +212,8 @@ def test_bad_setup_and_handover_errors(lm):
         token.step(258)
 
 
-@pytest.mark.parametrize(
-    "bad", [lambda p, r: 1 / 0, lambda p, r: [float("nan")] * len(r), lambda p, r: [0.0] * (len(r) + 1)]
-)
+@pytest.mark.parametrize("bad", [lambda p, r: 1 / 0, lambda p, r: [float("nan")] * len(r), lambda p,
+                                 r: [0.0] * (len(r) + 1)])
 def test_failing_reward_plugin_names_it_and_env_stays_usable(lm, bad):
     state = {"fail": True}
 

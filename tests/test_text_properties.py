@@ -108,9 +108,9 @@ def _bandit_run(kwargs: dict, seed: int, steps: int, hand_over: bool, num_envs: 
             obs, reward, terminated, truncated, info = env.step(actions)
         trace.append((obs, reward, terminated, truncated, info))
         reward, terminated, truncated = np.atleast_1d(reward), np.atleast_1d(terminated), np.atleast_1d(truncated)
-        assert terminated.all() and not truncated.any()  # one step, always terminated
+        assert terminated.all() and not truncated.any()                  # one step, always terminated
         score, kl, beta = (np.atleast_1d(info[k]) for k in ("score", "kl", "beta"))
-        assert ((score >= -1.0) & (score <= 1.0)).all()  # VADER compound
+        assert ((score >= -1.0) & (score <= 1.0)).all()                   # VADER compound
         np.testing.assert_allclose(reward, score - beta * kl, rtol=1e-5, atol=1e-5)
         _check_kl(np.atleast_2d(info["kl_per_token"]), kwargs["kl_estimator"])
         per_token, logprobs = np.atleast_2d(info["kl_per_token"]), np.atleast_2d(info["logprobs"])
@@ -131,13 +131,8 @@ def test_textbandit_random_play(kwargs, seed, steps, hand_over):
 
 
 @SETTINGS
-@given(
-    kwargs=env_kwargs_st(),
-    seed=st.integers(0, 2**31 - 1),
-    steps=st.integers(1, 3),
-    hand_over=st.booleans(),
-    num_envs=st.integers(1, 5),
-)
+@given(kwargs=env_kwargs_st(), seed=st.integers(0, 2**31 - 1), steps=st.integers(1, 3), hand_over=st.booleans(),
+       num_envs=st.integers(1, 5))
 def test_textbandit_vector_random_play(kwargs, seed, steps, hand_over, num_envs):
     first = _bandit_run(kwargs, seed, steps, hand_over, num_envs)
     assert _same(first, _bandit_run(kwargs, seed, steps, hand_over, num_envs))
@@ -158,7 +153,7 @@ def _token_run(kwargs: dict, seed: int, actions: list[int], hand_over: bool) -> 
         trace.append((obs, reward, terminated, truncated, info))
         length += 1
         assert obs[-1] == action and not truncated
-        assert terminated == (action == EOS or length == T)  # ends at EOS or max_new_tokens
+        assert terminated == (action == EOS or length == T)                # ends at EOS or max_new_tokens
         kl_t = float(info["kl_per_token"][length - 1])
         _check_kl(info["kl_per_token"][:length], kwargs["kl_estimator"])
         assert (info["kl_per_token"][length:] == 0).all()
@@ -166,7 +161,7 @@ def _token_run(kwargs: dict, seed: int, actions: list[int], hand_over: bool) -> 
         assert info["logprobs"][length - 1] <= 1e-6 and info["ref_logprobs"][length - 1] <= 1e-6
         expected = -float(info["beta"]) * kl_t
         if terminated:
-            assert -1.0 <= info["score"] <= 1.0  # VADER compound, last step only
+            assert -1.0 <= info["score"] <= 1.0                            # VADER compound, last step only
             expected += info["score"]
             trace.append(env.reset())
             length = 0
@@ -177,12 +172,8 @@ def _token_run(kwargs: dict, seed: int, actions: list[int], hand_over: bool) -> 
 
 
 @SETTINGS
-@given(
-    kwargs=env_kwargs_st(),
-    seed=st.integers(0, 2**31 - 1),
-    actions=st.lists(tokens_st, min_size=1, max_size=14),
-    hand_over=st.booleans(),
-)
+@given(kwargs=env_kwargs_st(), seed=st.integers(0, 2**31 - 1), actions=st.lists(tokens_st, min_size=1, max_size=14),
+       hand_over=st.booleans())
 def test_texttoken_random_play(kwargs, seed, actions, hand_over):
     assert _same(_token_run(kwargs, seed, actions, hand_over), _token_run(kwargs, seed, actions, hand_over))
 
@@ -214,7 +205,7 @@ def _token_vector_run(kwargs: dict, seed: int, num_envs: int, steps: int, hand_o
             score = info["score"][done]
             assert ((score >= -1.0) & (score <= 1.0)).all()
             expected[done] += score
-            fresh = {tuple(row) for row in task.prompt_obs}  # autoreset: a new prompt, no response yet
+            fresh = {tuple(row) for row in task.prompt_obs}                # autoreset: a new prompt, no response yet
             assert (obs[done, :T] == task.pad_token_id).all() and all(tuple(row) in fresh for row in obs[done, T:])
         else:
             assert "score" not in info
@@ -225,13 +216,8 @@ def _token_vector_run(kwargs: dict, seed: int, num_envs: int, steps: int, hand_o
 
 
 @SETTINGS
-@given(
-    kwargs=env_kwargs_st(),
-    seed=st.integers(0, 2**31 - 1),
-    num_envs=st.integers(1, 4),
-    steps=st.integers(1, 10),
-    hand_over=st.booleans(),
-)
+@given(kwargs=env_kwargs_st(), seed=st.integers(0, 2**31 - 1), num_envs=st.integers(1, 4), steps=st.integers(1, 10),
+       hand_over=st.booleans())
 def test_texttoken_vector_random_play(kwargs, seed, num_envs, steps, hand_over):
     first = _token_vector_run(kwargs, seed, num_envs, steps, hand_over)
     assert _same(first, _token_vector_run(kwargs, seed, num_envs, steps, hand_over))

@@ -35,16 +35,8 @@ def _tiny_lm(vocab_size: int, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=16,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        bos_token_id=vocab_size - 1,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
+    config = GPT2Config(vocab_size=vocab_size, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
     return GPT2LMHeadModel(config).eval()
 
 
@@ -74,9 +66,8 @@ def test_solver_matches_brute_force_on_two_symbols_two_tokens():
     model = _tiny_lm(3, seed=3)
 
     def reward(prompts, responses):
-        return np.array(
-            [r.count("a") - 0.3 * len(r) + (p == "b") * 0.5 for p, r in zip(prompts, responses)], dtype=np.float32
-        )
+        return np.array([r.count("a") - 0.3 * len(r) + (p == "b") * 0.5 for p, r in zip(prompts, responses)],
+                        dtype=np.float32)
 
     prompts, beta = ["a", "ba"], 0.7
     env = TextBanditEnv(model=(model, tokenizer), reward_model=reward, prompts=prompts, max_new_tokens=2)
@@ -191,20 +182,9 @@ def test_a_few_ppo_iterations_close_part_of_the_gain(tmp_path, enum):
     from rlhf_envs.lm import load_causal_lm
 
     beta = 1.0
-    config = LMPPOConfig(
-        model_path=str(REFERENCE_DIR),
-        reward_model=true_score,
-        prompts=PROMPTS,
-        max_new_tokens=MAX_NEW_TOKENS,
-        beta=beta,
-        output_dir=str(tmp_path),
-        total_episodes=256 * 12,
-        batch_size=256,
-        learning_rate=2e-3,
-        seed=0,
-        progress=False,
-        torch_threads=1,
-    )
+    config = LMPPOConfig(model_path=str(REFERENCE_DIR), reward_model=true_score, prompts=PROMPTS,
+                         max_new_tokens=MAX_NEW_TOKENS, beta=beta, output_dir=str(tmp_path), total_episodes=256 * 12,
+                         batch_size=256, learning_rate=2e-3, seed=0, progress=False, torch_threads=1)
     train_lm_ppo(config)
     trained = objective(enum, load_causal_lm(tmp_path / "policy")[0], beta)
     assert trained.gain_closed > 0.5, trained

@@ -23,12 +23,8 @@ def _scalar_tags(log_dir) -> set[str]:
 
 
 def _metric_names(path) -> set[str]:
-    return {
-        k
-        for line in path.read_text().splitlines()
-        for k, v in json.loads(line).items()
-        if k != "step" and isinstance(v, (int, float))
-    }
+    return {k for line in path.read_text().splitlines() for k, v in json.loads(line).items()
+            if k != "step" and isinstance(v, (int, float))}
 
 
 def test_sft_writes_its_metrics_to_tensorboard(tmp_path):
@@ -37,20 +33,8 @@ def test_sft_writes_its_metrics_to_tensorboard(tmp_path):
 
     data = write_jsonl(tmp_path / "sft.jsonl", make_demonstrations(40, seed=0))
     out = tmp_path / "sft"
-    train_sft(
-        SFTConfig(
-            data_path=str(data),
-            output_dir=str(out),
-            batch_size=8,
-            max_steps=4,
-            log_every=2,
-            eval_fraction=0.2,
-            report_to=["tensorboard"],
-            torch_threads=1,
-            progress=False,
-            device="cpu",
-        )
-    )
+    train_sft(SFTConfig(data_path=str(data), output_dir=str(out), batch_size=8, max_steps=4, log_every=2,
+                        eval_fraction=0.2, report_to=["tensorboard"], torch_threads=1, progress=False, device="cpu"))
     names = _metric_names(out / "metrics.jsonl")
     assert {"loss", "lr", "grad_norm", "eval/loss", "eval/perplexity"} <= names
     assert _scalar_tags(out / "tensorboard") == names
@@ -59,29 +43,18 @@ def test_sft_writes_its_metrics_to_tensorboard(tmp_path):
 def test_ppo_writes_its_metrics_to_tensorboard(tmp_path, save_tiny_lm):
     from agents.lm_ppo import LMPPOConfig, train_lm_ppo
 
-    train_lm_ppo(
-        LMPPOConfig(
-            model_path=str(save_tiny_lm(tmp_path / "lm")),
-            reward_model=lambda p, r: [len(x) for x in r],
-            prompts=["hello", "the cat"],
-            output_dir=str(tmp_path / "ppo"),
-            batch_size=8,
-            total_episodes=16,
-            max_new_tokens=4,
-            report_to="tensorboard",
-            progress=False,
-        )
-    )
+    train_lm_ppo(LMPPOConfig(model_path=str(save_tiny_lm(tmp_path / "lm")), reward_model=lambda p,
+                             r: [len(x) for x in r],
+                             prompts=["hello", "the cat"], output_dir=str(tmp_path / "ppo"), batch_size=8,
+                             total_episodes=16, max_new_tokens=4, report_to="tensorboard", progress=False))
     names = _metric_names(tmp_path / "ppo" / "metrics.jsonl")
     assert {"objective/kl", "objective/scores", "policy/approxkl_avg"} <= names
     assert _scalar_tags(tmp_path / "ppo" / "tensorboard") == names
 
 
 def test_report_to_parsing():
-    assert parse_report_to(["none"], "X") == [] and parse_report_to("tensorboard,wandb", "X") == [
-        "tensorboard",
-        "wandb",
-    ]
+    assert parse_report_to(["none"], "X") == [] and parse_report_to("tensorboard,wandb", "X") == ["tensorboard",
+                                                                                                  "wandb"]
     with pytest.raises(ValueError, match=r"unknown tracker 'mlflow'; expected some of \['none', 'tensorboard'"):
         parse_report_to(["mlflow"], "SFTConfig")
     with pytest.raises(ValueError, match="mixes 'none'"):

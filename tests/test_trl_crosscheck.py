@@ -42,18 +42,9 @@ def _first_logged_loss(output_dir: Path) -> float:
 
 
 def _trl_args(config_cls: type, out: Path, **kwargs):
-    return config_cls(
-        output_dir=str(out),
-        per_device_train_batch_size=len(PAIRS),
-        max_steps=1,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        **kwargs,
-    )
+    return config_cls(output_dir=str(out), per_device_train_batch_size=len(PAIRS), max_steps=1, use_cpu=True,
+                      bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+                      disable_tqdm=True, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +59,8 @@ def setup(tmp_path_factory) -> dict:
     rm.config.pad_token_id = 0
     rm.save_pretrained(root / "rm")
     load_tokenizer(policy).save_pretrained(root / "rm")
-    return {
-        "root": root,
-        "policy": policy,
-        "reference": reference,
-        "rm": root / "rm",
-        "data": write_jsonl(root / "pairs.jsonl", PAIRS),
-    }
+    return {"root": root, "policy": policy, "reference": reference, "rm": root / "rm",
+            "data": write_jsonl(root / "pairs.jsonl", PAIRS)}
 
 
 def _trl_dpo_loss(setup: dict, loss_type: str) -> float:
@@ -91,9 +77,7 @@ def _trl_dpo_loss(setup: dict, loss_type: str) -> float:
         AutoModelForCausalLM.from_pretrained(setup["policy"]),
         ref_model=AutoModelForCausalLM.from_pretrained(setup["reference"]),
         args=_trl_args(trl.DPOConfig, setup["root"] / f"trl_dpo_{loss_type}", beta=BETA, loss_type=[loss_type]),
-        train_dataset=Dataset.from_list(PAIRS),
-        processing_class=tokenizer,
-    )
+        train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer)
     batch = DPOCollator(pad_token_id=tokenizer.pad_token_id)(examples)
     trainer.model.train()
     with torch.no_grad():
@@ -102,22 +86,10 @@ def _trl_dpo_loss(setup: dict, loss_type: str) -> float:
 
 def test_dpo_sigmoid_loss_equals_trl(setup):
     out = setup["root"] / "ours_dpo"
-    train_dpo(
-        DPOConfig(
-            model_path=str(setup["policy"]),
-            ref_model_path=str(setup["reference"]),
-            data_path=str(setup["data"]),
-            output_dir=str(out),
-            batch_size=len(PAIRS),
-            max_steps=1,
-            beta=BETA,
-            loss_type="sigmoid",
-            eval_fraction=0.0,
-            log_every=1,
-            progress=False,
-            torch_threads=1,
-        )
-    )
+    train_dpo(DPOConfig(model_path=str(setup["policy"]), ref_model_path=str(setup["reference"]),
+                        data_path=str(setup["data"]), output_dir=str(out), batch_size=len(PAIRS), max_steps=1,
+                        beta=BETA, loss_type="sigmoid", eval_fraction=0.0, log_every=1, progress=False,
+                        torch_threads=1))
     ours = _first_logged_loss(out)
     assert abs(ours - 0.693147) > 0.01  # policy and reference differ, so the check is not at h = 0
     assert ours == pytest.approx(_trl_dpo_loss(setup, "sigmoid"), abs=1e-4)
@@ -146,37 +118,22 @@ def test_ipo_equals_trl_on_length_averaged_log_ratios(setup):
 
 def test_reward_model_bradley_terry_loss_equals_trl(setup):
     out = setup["root"] / "ours_rm"
-    train_reward_model(
-        RewardModelConfig(
-            model_path=str(setup["rm"]),
-            data_path=str(setup["data"]),
-            output_dir=str(out),
-            batch_size=len(PAIRS),
-            max_steps=1,
-            eval_fraction=0.0,
-            log_every=1,
-            progress=False,
-            torch_threads=1,
-        )
-    )
+    train_reward_model(RewardModelConfig(model_path=str(setup["rm"]), data_path=str(setup["data"]), output_dir=str(out),
+                                         batch_size=len(PAIRS), max_steps=1, eval_fraction=0.0, log_every=1,
+                                         progress=False, torch_threads=1))
     ours = _first_logged_loss(out)
     tokenizer = load_tokenizer(setup["rm"])
     texts, _ = tokenize_texts(tokenizer, [p["prompt"] + p[k] for p in PAIRS for k in ("chosen", "rejected")], 64)
-    examples = [
-        {"chosen_ids": texts[2 * i].tolist(), "rejected_ids": texts[2 * i + 1].tolist()} for i in range(len(PAIRS))
-    ]
+    examples = [{"chosen_ids": texts[2 * i].tolist(),
+                 "rejected_ids": texts[2 * i + 1].tolist()} for i in range(len(PAIRS))]
     from datasets import Dataset
 
-    trainer = trl.RewardTrainer(
-        AutoModelForSequenceClassification.from_pretrained(setup["rm"], num_labels=1),
-        args=_trl_args(trl.RewardConfig, setup["root"] / "trl_rm"),
-        train_dataset=Dataset.from_list(PAIRS),
-        processing_class=tokenizer,
-    )
+    trainer = trl.RewardTrainer(AutoModelForSequenceClassification.from_pretrained(setup["rm"], num_labels=1),
+                                args=_trl_args(trl.RewardConfig, setup["root"] / "trl_rm"),
+                                train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer)
     trainer.model.train()
     with torch.no_grad():
-        theirs = trainer.compute_loss(
-            trainer.model, RewardCollator(pad_token_id=tokenizer.pad_token_id)(examples)
-        ).item()
+        theirs = trainer.compute_loss(trainer.model,
+                                      RewardCollator(pad_token_id=tokenizer.pad_token_id)(examples)).item()
     assert abs(ours - 0.693147) > 0.05
     assert ours == pytest.approx(theirs, abs=1e-4)

@@ -7,9 +7,8 @@ from typing import Any
 import torch
 
 
-def tiny_causal_lm(
-    seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 2, n_positions: int = 64
-) -> tuple[Any, Any]:
+def tiny_causal_lm(seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
+                   n_positions: int = 64) -> tuple[Any, Any]:
     """A randomly initialised GPT-2 and a byte-level tokenizer (258 tokens), built offline in < 1 s.
 
     For tests and smoke runs. Token ids 0..255 are bytes, 256 is ``<|endoftext|>`` (EOS), 257 is
@@ -27,17 +26,8 @@ def tiny_causal_lm(
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<pad>", padding_side="left"
-    )
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<pad>", padding_side="left")
     torch.manual_seed(seed)
-    config = GPT2Config(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        n_positions=n_positions,
-        vocab_size=258,
-        bos_token_id=256,
-        eos_token_id=256,
-        pad_token_id=257,
-    )
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, vocab_size=258,
+                        bos_token_id=256, eos_token_id=256, pad_token_id=257)
     return GPT2LMHeadModel(config).eval(), tokenizer

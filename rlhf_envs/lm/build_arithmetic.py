@@ -34,8 +34,8 @@ def encode_examples(tokenizer, problems: list[str]) -> tuple[torch.Tensor, torch
     labels = torch.full_like(ids, -100)
     for i, (p, a) in enumerate(rows):
         seq = p + a + [tokenizer.eos_token_id]
-        ids[i, : len(seq)] = torch.tensor(seq)
-        labels[i, len(p) : len(seq)] = torch.tensor(a + [tokenizer.eos_token_id])
+        ids[i, :len(seq)] = torch.tensor(seq)
+        labels[i, len(p):len(seq)] = torch.tensor(a + [tokenizer.eos_token_id])
     return ids, labels
 
 
@@ -48,26 +48,15 @@ def train(tokenizer, seed: int, settings: dict, progress: bool = False):
 
     torch.manual_seed(seed)
     ids, labels = encode_examples(tokenizer, make_problems(settings["n_texts"], seed + 1, "train"))
-    model = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=settings["n_positions"],
-            n_embd=settings["n_embd"],
-            n_layer=settings["n_layer"],
-            n_head=settings["n_head"],
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    )
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=settings["n_positions"], n_embd=settings["n_embd"],
+        n_layer=settings["n_layer"], n_head=settings["n_head"], bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     steps = settings["max_steps"]
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / steps * torch.pi)).item())
-    )
+        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(s / steps * torch.pi)).item()))
     generator = torch.Generator().manual_seed(seed)
     model.train()
     losses = []
@@ -101,15 +90,9 @@ def build(out: Path, seed: int = 0, progress: bool = True, **overrides) -> dict:
         model, stats = train(tokenizer, seed, settings, progress)
     finally:
         torch.set_num_threads(threads)
-    info = {
-        "seed": seed,
-        "corpus": "arithmetic train split, loss on answers",
-        **stats,
-        "n_parameters": sum(p.numel() for p in model.parameters()),
-        "config": settings,
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "torch_version": torch.__version__,
-    }
+    info = {"seed": seed, "corpus": "arithmetic train split, loss on answers", **stats,
+            "n_parameters": sum(p.numel() for p in model.parameters()), "config": settings,
+            "train_seconds": round(time.perf_counter() - start, 1), "torch_version": torch.__version__}
     write_atomically(Path(out), model, tokenizer, info, start)
     return info
 

@@ -16,14 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = [
-    "check_conversation",
-    "chat_reward_text",
-    "encode_prompt",
-    "is_conversation",
-    "prompt_text",
-    "prompt_and_response_text",
-]
+__all__ = ["check_conversation", "chat_reward_text", "encode_prompt", "is_conversation", "prompt_text",
+           "prompt_and_response_text"]
 
 
 def is_conversation(value: Any) -> bool:
@@ -35,9 +29,8 @@ def check_conversation(value: Any, what: str) -> list[dict[str, str]]:
     """``value`` if it is a non-empty list of ``{"role": str, "content": str}`` turns, else a ``ValueError``
     that names the turn."""
     if not isinstance(value, list) or not value:
-        raise ValueError(
-            f"{what} must be a string or a non-empty list of {{'role', 'content'}} turns, got {value!r:.80}"
-        )
+        raise ValueError(f"{what} must be a string or a non-empty list of {{'role', 'content'}} turns, "
+                         f"got {value!r:.80}")
     for k, turn in enumerate(value):
         if not isinstance(turn, dict):
             raise ValueError(f"{what}[{k}] must be a {{'role', 'content'}} dict, got {type(turn).__name__}")
@@ -54,8 +47,7 @@ def _render(tokenizer: Any, turns: list[dict[str, str]], add_generation_prompt: 
         raise ValueError(
             f"{type(tokenizer).__name__} has no chat_template, which conversational data (lists of role/content "
             "turns) needs: set tokenizer.chat_template to a Jinja template and save the tokenizer, "
-            "or give plain-text data"
-        )
+            "or give plain-text data")
     # keep only role and content: datasets folders and parquet files fill absent keys of a turn with None
     turns = [{"role": t["role"], "content": t["content"]} for t in turns]
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -77,9 +69,8 @@ def _assistant_turns(response: str | list[dict[str, str]]) -> list[dict[str, str
     return response if is_conversation(response) else [{"role": "assistant", "content": response}]
 
 
-def prompt_and_response_text(
-    tokenizer: Any, prompt: list[dict[str, str]], response: str | list[dict[str, str]]
-) -> tuple[str, str]:
+def prompt_and_response_text(tokenizer: Any, prompt: list[dict[str, str]], response: str | list[dict[str, str]]
+                             ) -> tuple[str, str]:
     """``(prompt text, response text)`` of a conversation and its reply: the rendered prompt with its generation
     prompt, and the rest of the rendered whole (the reply and its end-of-turn marker)."""
     head = _render(tokenizer, prompt, True)
@@ -88,10 +79,9 @@ def prompt_and_response_text(
         raise ValueError(
             "the chat template renders a conversation with a reply so that it does not start with the same "
             "conversation "
-            f"rendered with add_generation_prompt=True ({head[-40:]!r} vs {whole[len(head) - 40 : len(head)]!r}); "
-            "a prompt/response split needs a template whose generation prompt is the start of the assistant turn"
-        )
-    return head, whole[len(head) :]
+            f"rendered with add_generation_prompt=True ({head[-40:]!r} vs {whole[len(head) - 40:len(head)]!r}); "
+            "a prompt/response split needs a template whose generation prompt is the start of the assistant turn")
+    return head, whole[len(head):]
 
 
 def chat_reward_text(tokenizer: Any, prompt: list[dict[str, str]], response: str | list[dict[str, str]]) -> str:

@@ -57,9 +57,8 @@ class PromptKVCache:
             last = torch.zeros_like(mask)
             last[:, -1] = True
             positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
-            self.last_hidden[missing] = view.packed_hidden(
-                self.prompt_ids[missing], mask, positions, last, kv_out=(self.kv, missing)
-            )
+            self.last_hidden[missing] = view.packed_hidden(self.prompt_ids[missing], mask, positions, last,
+                                                           kv_out=(self.kv, missing))
             self.ready[missing] = True
         return self.kv, self.last_hidden[index]
 
@@ -102,9 +101,8 @@ class GPT2Decoder:
         start = self.filled
         self.key_mask[:, :, :, start] = 0.0
         self.filled += 1
-        hidden = self.view.forward(
-            tokens[:, None], self.next_position, self.key_mask[..., : self.filled], self.cache, start
-        )
+        hidden = self.view.forward(tokens[:, None], self.next_position, self.key_mask[..., : self.filled],
+                                   self.cache, start)
         self.next_position += 1
         return self.view.logits(hidden[:, 0])
 

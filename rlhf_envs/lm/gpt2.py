@@ -82,9 +82,8 @@ def _residual(update: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return update.add_(x) if update.dtype == x.dtype else x + update
 
 
-def _attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, scale: float
-) -> torch.Tensor:
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+               scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale + attn_mask) v`` as two batched matmuls (short sequences).
 
     For the short rows of a scoring batch (tens of keys, head size 32) this is as fast as CPU SDPA's
@@ -100,10 +99,8 @@ def _hooks_or_dropout(modules: Iterable[torch.nn.Module]) -> bool:
     """True when a forward (pre-)hook is registered (globally or on any of ``modules``) or a dropout is active."""
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or (isinstance(m, torch.nn.Dropout) and m.training and m.p > 0)
-        for m in modules
-    )
+    return any(m._forward_hooks or m._forward_pre_hooks or (isinstance(m, torch.nn.Dropout) and m.training and m.p > 0)
+               for m in modules)
 
 
 def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
@@ -123,12 +120,8 @@ def gpt2_view(model: torch.nn.Module) -> GPT2View | None:
     if type(base) not in (GPT2LMHeadModel, GPT2ForSequenceClassification):
         return None
     config = base.config
-    if (
-        config.add_cross_attention
-        or config.activation_function not in _TANH_GELUS
-        or config.reorder_and_upcast_attn
-        or _hooks_or_dropout(model.modules())
-    ):
+    if (config.add_cross_attention or config.activation_function not in _TANH_GELUS
+            or config.reorder_and_upcast_attn or _hooks_or_dropout(model.modules())):
         return None
     try:
         return GPT2View(base)
@@ -181,16 +174,10 @@ def _projection(module: torch.nn.Module) -> tuple[torch.Tensor | _LoRA, torch.Te
         raise _NotExact("several active LoRA adapters")
     name = active[0]
     dropout = module.lora_dropout[name]
-    if (
-        name in getattr(module, "lora_variant", {})
-        or getattr(module, "use_dora", {}).get(name, False)
-        or getattr(module, "lora_bias", {}).get(name, False)
-        or module.lora_B[name].bias is not None
-        or not (
-            type(dropout) is torch.nn.Identity
-            or (type(dropout) is torch.nn.Dropout and (dropout.p == 0 or not dropout.training))
-        )
-    ):
+    if (name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False)
+            or getattr(module, "lora_bias", {}).get(name, False) or module.lora_B[name].bias is not None
+            or not (type(dropout) is torch.nn.Identity
+                    or (type(dropout) is torch.nn.Dropout and (dropout.p == 0 or not dropout.training)))):
         raise _NotExact("a LoRA variant, bias or dropout")
     return _LoRA(base.weight, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]), base.bias
 
@@ -272,31 +259,16 @@ class GPT2View:
         self.score = _exactly(score, nn.Linear).weight if score is not None else None
         self.layers = []
         for i, block in enumerate(body.h):
-            scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+            scaling = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
             if config.scale_attn_by_inverse_layer_idx:
                 scaling /= float(i + 1)
             attn, mlp = block.attn, block.mlp
             (attn_w, attn_b), (attn_proj_w, attn_proj_b), (fc_w, fc_b), (proj_w, proj_b) = (
-                _projection(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
-            )
-            self.layers.append(
-                _Layer(
-                    _norm(block.ln_1),
-                    attn_w,
-                    attn_b,
-                    attn_proj_w,
-                    attn_proj_b,
-                    _norm(block.ln_2),
-                    fc_w,
-                    fc_b,
-                    proj_w,
-                    proj_b,
-                    scaling,
-                )
-            )
-        self.tensors = [
-            t for t in _flat((self.wte, self.wpe, self.ln_f, self.lm_head, self.score, self.layers)) if t is not None
-        ]
+                _projection(m) for m in (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj))
+            self.layers.append(_Layer(_norm(block.ln_1), attn_w, attn_b, attn_proj_w, attn_proj_b, _norm(block.ln_2),
+                                      fc_w, fc_b, proj_w, proj_b, scaling))
+        self.tensors = [t for t in _flat((self.wte, self.wpe, self.ln_f, self.lm_head, self.score, self.layers))
+                        if t is not None]
         """Every tensor the view reads (a LoRA projection's base and adapter weights too)."""
 
     @property
@@ -323,16 +295,9 @@ class GPT2View:
         """``ln_f(hidden)``: the last hidden state a Hugging Face GPT-2 returns."""
         return self._ln(hidden, self.ln_f)
 
-    def packed_forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        gather: torch.Tensor,
-        owner: torch.Tensor,
-        rows: int,
-        keep: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def packed_forward(self, tokens: torch.Tensor, positions: torch.Tensor, gather: torch.Tensor, owner: torch.Tensor,
+                       rows: int, keep: torch.Tensor | None = None,
+                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Differentiable hidden states ``[N, D]`` (before ``ln_f``) of ``N`` packed tokens, or ``[K, D]`` of
         the ``K`` packed indices ``keep`` (in that order, repeats allowed).
 
@@ -363,9 +328,8 @@ class GPT2View:
         heads, hd = self.n_head, self.head_dim
         x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
         last = len(self.layers) - 1
-        if (
-            attn_mask is not None
-        ):  # [rows, 1, W, W] -> [H * rows, W, W] in the grids' head-major order, once for all layers
+        # [rows, 1, W, W] -> [H * rows, W, W] in the grids' head-major order, once for all layers
+        if attn_mask is not None:
             attn_mask = attn_mask.transpose(0, 1).expand(heads, rows, width, width).reshape(heads * rows, width, width)
         for i, layer in enumerate(self.layers):
             qkv = _proj(layer.attn_b, self._ln(x, layer.ln_1), layer.attn_w)

@@ -56,20 +56,10 @@ def _grid(x: torch.Tensor, layout: _Layout, heads: int) -> torch.Tensor:
     return grid.reshape(heads * layout.rows, -1, hd)
 
 
-def packed_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    packed_layout: _Layout | None = None,
-    packed_record: list | None = None,
-    packed_past=None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
+def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     sliding_window: int | None = None, packed_layout: _Layout | None = None,
+                     packed_record: list | None = None, packed_past=None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature over a packed row: ``query [1, H, N, hd]``, ``key`` and
     ``value [1, H_kv, N, hd]`` -> ``([1, N, H, hd], None)``.
 
@@ -85,17 +75,13 @@ def packed_attention(
     if packed_past is not None:
         return packed_past.attend(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling), None
     if packed_layout is None:
-        raise ValueError(
-            f"the {PACKED_ATTENTION!r} attention implementation runs only inside HFPackedView's "
-            "packed_forward and past_forward"
-        )
+        raise ValueError(f"the {PACKED_ATTENTION!r} attention implementation runs only inside HFPackedView's "
+                         "packed_forward and past_forward")
     if dropout:
-        raise ValueError(
-            f"packed attention has no dropout, got attention dropout {dropout}; "
-            "hf_packed_view returns None for such a model in training mode"
-        )
+        raise ValueError(f"packed attention has no dropout, got attention dropout {dropout}; "
+                         "hf_packed_view returns None for such a model in training mode")
     heads, hd = query.shape[1], query.shape[-1]
-    scale = hd**-0.5 if scaling is None else scaling
+    scale = hd ** -0.5 if scaling is None else scaling
     q, k, v = (_grid(x, packed_layout, heads) for x in (query, key, value))
     width = q.shape[1]
     mask = packed_layout.attn_mask
@@ -117,13 +103,11 @@ def _windowed(layout: _Layout, width: int, window: int, dtype: torch.dtype) -> t
     from rlhf_envs.lm.segments import additive_mask
 
     column = torch.arange(width, device=layout.gather.device)
-    near = column[:, None] - column[None, :] < window
+    near = (column[:, None] - column[None, :] < window)
     if layout.attn_mask is None:  # causal rows: a column is the position
         return additive_mask((near & (column[None, :] <= column[:, None]))[None, None], dtype)
-    raise ValueError(
-        f"a shared-row layout of width {width} under a sliding window of {window}: "
-        "HFPackedView takes causal rows whenever the rows are wider than the window"
-    )
+    raise ValueError(f"a shared-row layout of width {width} under a sliding window of {window}: "
+                     "HFPackedView takes causal rows whenever the rows are wider than the window")
 
 
 def _register() -> None:
@@ -205,17 +189,9 @@ class HFPackedView:
         """``hidden [..., D]`` (the last hidden state) -> logits ``[..., V]``."""
         return F.linear(hidden, self.lm_head)
 
-    def packed_forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        gather: torch.Tensor,
-        owner: torch.Tensor,
-        rows: int,
-        keep: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        record: list | None = None,
-    ) -> torch.Tensor:
+    def packed_forward(self, tokens: torch.Tensor, positions: torch.Tensor, gather: torch.Tensor, owner: torch.Tensor,
+                       rows: int, keep: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                       record: list | None = None) -> torch.Tensor:
         """Differentiable last hidden states ``[N, D]`` of ``N`` packed tokens (``[K, D]`` at ``keep``), with the
         arguments of :meth:`rlhf_envs.lm.gpt2.GPT2View.packed_forward`.
 
@@ -225,16 +201,13 @@ class HFPackedView:
         """
         width = gather.numel() // rows
         if attn_mask is not None and self.sliding_window is not None and width > self.sliding_window:
-            raise ValueError(
-                f"shared rows of width {width} exceed the sliding window {self.sliding_window}; "
-                "pass the causal-row layout (attn_mask=None)"
-            )
+            raise ValueError(f"shared rows of width {width} exceed the sliding window {self.sliding_window}; "
+                             "pass the causal-row layout (attn_mask=None)")
         layout = _Layout(gather, owner, rows, attn_mask)
         extra = {} if record is None else {"packed_record": record}
         with _attention_implementation(self.config, PACKED_ATTENTION):
-            out = self.body(
-                input_ids=tokens[None], position_ids=positions[None], use_cache=False, packed_layout=layout, **extra
-            )
+            out = self.body(input_ids=tokens[None], position_ids=positions[None], use_cache=False, packed_layout=layout,
+                            **extra)
         hidden = out.last_hidden_state[0]
         return hidden if keep is None else hidden.index_select(0, keep)
 

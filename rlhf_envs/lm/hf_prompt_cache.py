@@ -29,18 +29,9 @@ class PastLayout:
     order) into key cells and ``query_cells`` into query cells; ``mask [B, 1, Wq, W]`` is additive.
     """
 
-    def __init__(
-        self,
-        table: list[tuple[torch.Tensor, torch.Tensor]],
-        table_cells: torch.Tensor,
-        table_index: torch.Tensor,
-        new_cells: torch.Tensor,
-        query_cells: torch.Tensor,
-        rows: int,
-        width: int,
-        q_width: int,
-        mask: torch.Tensor,
-    ):
+    def __init__(self, table: list[tuple[torch.Tensor, torch.Tensor]], table_cells: torch.Tensor,
+                 table_index: torch.Tensor, new_cells: torch.Tensor, query_cells: torch.Tensor, rows: int, width: int,
+                 q_width: int, mask: torch.Tensor):
         self.table, self.table_cells, self.table_index = table, table_cells, table_index
         self.new_cells, self.query_cells = new_cells, query_cells
         self.rows, self.width, self.q_width, self.mask = rows, width, q_width, mask
@@ -62,19 +53,15 @@ class PastLayout:
         q = query.new_zeros(heads, self.rows * self.q_width, hd)
         q[:, self.query_cells] = query[0]
         mask = self.mask.transpose(0, 1).expand(heads, self.rows, self.q_width, self.width)
-        scores = torch.baddbmm(
-            mask.reshape(heads * self.rows, self.q_width, self.width),
-            q.view(heads * self.rows, self.q_width, hd),
-            grids[0].transpose(1, 2),
-            alpha=scale,
-        )
+        scores = torch.baddbmm(mask.reshape(heads * self.rows, self.q_width, self.width),
+                               q.view(heads * self.rows, self.q_width, hd), grids[0].transpose(1, 2), alpha=scale)
         att = torch.bmm(scores.softmax(-1), grids[1]).view(heads, -1, hd).index_select(1, self.query_cells)
         return att.transpose(0, 1).unsqueeze(0)
 
 
 class HFPromptCache:
-    """Keys, values and last hidden states of a fixed, left-padded prompt table ``[n, P]`` (see the module
-    docstring)."""
+    """Keys, values and last hidden states of a fixed, left-padded prompt table ``[n, P]`` (see the module docstring).
+    """
 
     def __init__(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask.bool()
@@ -92,21 +79,15 @@ class HFPromptCache:
         device = self.prompt_ids.device
         record: list[tuple[torch.Tensor, torch.Tensor]] = []
         packed = batch.to(device)
-        hidden = view.packed_forward(
-            packed.tokens, packed.positions, packed.gather, packed.owner, len(seqs), record=record
-        )
+        hidden = view.packed_forward(packed.tokens, packed.positions, packed.gather, packed.owner, len(seqs),
+                                     record=record)
         self.table = [(k[0], v[0]) for k, v in record]
         self.token_index = batch.grid
         last = batch.grid[np.arange(len(seqs)), batch.lengths - 1]
         self.last_hidden = hidden.index_select(0, torch.from_numpy(last).to(device))
 
-    def hidden(
-        self,
-        view: HFPackedView,
-        prompt_index: torch.Tensor,
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
+    def hidden(self, view: HFPackedView, prompt_index: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+               ) -> torch.Tensor:
         """The view's hidden states ``[M, D]`` predicting the ``M`` response tokens ``ids[mask]`` (row-major;
         ``mask [B, T]`` a prefix of each row) after prompts ``prompt_index [B]`` of the table."""
         fingerprint = tuple((id(p), p.data_ptr(), p._version) for p in view.model.parameters())
@@ -125,32 +106,23 @@ class HFPromptCache:
         row_t, col_t = (np.repeat(np.arange(rows), plen), _within(plen))
         row_n, col_n = (np.repeat(np.arange(rows), n_new), _within(n_new))
         q_pos = col_n  # query cell column = the new token's rank in its row
-        allowed = np.arange(width)[None, None, :] <= (plen[:, None, None] + np.arange(q_width)[None, :, None])
-        allowed &= np.arange(q_width)[None, :, None] < n_new[:, None, None]
+        allowed = (np.arange(width)[None, None, :] <= (plen[:, None, None] + np.arange(q_width)[None, :, None]))
+        allowed &= (np.arange(q_width)[None, :, None] < n_new[:, None, None])
         allowed[:, :, 0] = True  # a query cell no token uses attends to key 0 (a finite softmax, never read)
         tokens = ids[:, :-1][torch.from_numpy(np.arange(ids.shape[1] - 1)[None, :] < n_new[:, None]).to(device)]
         positions = torch.from_numpy(plen[row_n] + col_n).to(device)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-        layout = PastLayout(
-            self.table,
-            t(row_t * width + col_t),
-            t(self.token_index[index[row_t], col_t]),
-            t(row_n * width + plen[row_n] + col_n),
-            t(row_n * q_width + q_pos),
-            rows,
-            width,
-            q_width,
-            additive_mask(t(allowed)[:, None], view.dtype),
-        )
+        layout = PastLayout(self.table, t(row_t * width + col_t), t(self.token_index[index[row_t], col_t]),
+                            t(row_n * width + plen[row_n] + col_n), t(row_n * q_width + q_pos), rows, width, q_width,
+                            additive_mask(t(allowed)[:, None], view.dtype))
         out = view.past_forward(tokens, positions, layout)
         # targets in row-major order: a row's first from its prompt's last hidden state, the rest from its new tokens
         starts = np.cumsum(n_new) - n_new
         source = [np.concatenate([[-1 - b], starts[b] + np.arange(n_new[b])]) for b in range(rows) if rlen[b] > 0]
         source = np.concatenate(source)
         own = torch.from_numpy(source).to(device)
-        return torch.where(
-            (own < 0)[:, None], first.index_select(0, (-1 - own).clamp(min=0)), out.index_select(0, own.clamp(min=0))
-        )
+        return torch.where((own < 0)[:, None], first.index_select(0, (-1 - own).clamp(min=0)),
+                           out.index_select(0, own.clamp(min=0)))
 
 
 def _within(counts: np.ndarray) -> np.ndarray:

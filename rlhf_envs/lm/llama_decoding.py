@@ -33,11 +33,8 @@ from rlhf_envs.lm.segments import additive_mask
 
 __all__ = ["LlamaDecoder", "llama_decoder_weights"]
 
-_CLASSES = {
-    "LlamaForCausalLM": "LlamaRMSNorm",
-    "MistralForCausalLM": "MistralRMSNorm",
-    "Qwen2ForCausalLM": "Qwen2RMSNorm",
-}
+_CLASSES = {"LlamaForCausalLM": "LlamaRMSNorm", "MistralForCausalLM": "MistralRMSNorm",
+            "Qwen2ForCausalLM": "Qwen2RMSNorm"}
 
 
 class _Layer(NamedTuple):
@@ -88,42 +85,24 @@ def llama_decoder_weights(model: torch.nn.Module, total_length: int) -> _Weights
         attn, mlp = block.self_attn, block.mlp
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         norms = (block.input_layernorm, block.post_attention_layernorm)
-        if any(type(m) is not torch.nn.Linear for m in linears) or any(
-            type(n).__name__ != _CLASSES[name] for n in norms
-        ):
+        if any(type(m) is not torch.nn.Linear for m in linears) or \
+                any(type(n).__name__ != _CLASSES[name] for n in norms):
             return None
         if hasattr(attn, "q_norm") or mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
             return None
         bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-        layers.append(
-            _Layer(
-                block.input_layernorm.weight,
-                torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                bias,
-                attn.o_proj.weight,
-                attn.o_proj.bias,
-                block.post_attention_layernorm.weight,
-                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                mlp.down_proj.weight,
-                mlp.down_proj.bias,
-            )
-        )
+        layers.append(_Layer(block.input_layernorm.weight,
+                             torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), bias,
+                             attn.o_proj.weight, attn.o_proj.bias, block.post_attention_layernorm.weight,
+                             torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight,
+                             mlp.down_proj.bias))
     head = model.lm_head
     if type(body.norm).__name__ != _CLASSES[name] or type(head) is not torch.nn.Linear or head.bias is not None:
         return None
     attn = body.layers[0].self_attn
-    return _Weights(
-        body.embed_tokens.weight,
-        layers,
-        body.norm.weight,
-        model.lm_head.weight,
-        body.rotary_emb,
-        body.norm.variance_epsilon,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        attn.head_dim,
-        attn.scaling,
-    )
+    return _Weights(body.embed_tokens.weight, layers, body.norm.weight, model.lm_head.weight, body.rotary_emb,
+                    body.norm.variance_epsilon, config.num_attention_heads, config.num_key_value_heads, attn.head_dim,
+                    attn.scaling)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -158,10 +137,8 @@ class LlamaDecoder:
         total = self.filled + max_new_tokens
         dtype, device = weights.embed.dtype, prompt_ids.device
         shape = (batch, weights.kv_heads, total, weights.head_dim)
-        self.cache = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in weights.layers
-        ]
+        self.cache = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                      for _ in weights.layers]
         self.key_mask = torch.full((batch, 1, 1, total), torch.finfo(dtype).min, dtype=dtype, device=device)
         self.key_mask[:, 0, 0, : self.filled].masked_fill_(self.prompt_mask, 0.0)
         self.next_position = self.prompt_mask.long().sum(-1, keepdim=True)

@@ -33,20 +33,10 @@ EMBEDDED_LLAMA_DIR: Path = EMBEDDED_MODEL_DIR.with_name("embedded-llama")
 EMBEDDED_MODELS: dict[str, Path] = {"embedded": EMBEDDED_MODEL_DIR, "embedded-llama": EMBEDDED_LLAMA_DIR}
 """The names ``--model-path`` (and every ``path`` argument here) accepts for the models the package ships."""
 
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "vocab.txt",
-    "tokenizer.model",
-    "spiece.model",
-)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model")
 _CAUSAL_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
@@ -65,16 +55,12 @@ def _model_dir(path: str | Path | None) -> Path:
     directory = resolve_model_path(path)
     if not directory.is_dir():
         arch = " --arch llama" if directory == EMBEDDED_LLAMA_DIR else ""
-        hint = (
-            f" The embedded model is missing: rebuild it with `python -m rlhf_envs.lm.build_embedded{arch}`."
-            if directory in EMBEDDED_MODELS.values()
-            else ""
-        )
+        hint = (f" The embedded model is missing: rebuild it with `python -m rlhf_envs.lm.build_embedded{arch}`."
+                if directory in EMBEDDED_MODELS.values() else "")
         raise FileNotFoundError(
             f"Model directory {str(directory)!r} does not exist.{hint} Pass a local Hugging Face "
             "model directory (with config.json, weights and tokenizer files), or None for the "
-            "embedded default; models are never downloaded."
-        )
+            "embedded default; models are never downloaded.")
     return directory
 
 
@@ -84,15 +70,13 @@ def _check_remote_code(directory: Path, trust_remote_code: bool) -> dict:
     if not config_file.is_file():
         raise FileNotFoundError(
             f"{str(directory)!r} has no config.json, so it is not a Hugging Face model directory. "
-            "Save the model with `model.save_pretrained(path)`."
-        )
+            "Save the model with `model.save_pretrained(path)`.")
     raw = json.loads(config_file.read_text())
     if "auto_map" in raw and not trust_remote_code:
         raise ValueError(
             f"{str(config_file)!r} has auto_map {raw['auto_map']!r}: loading it runs Python code "
             "shipped with the model. Read that code, then pass trust_remote_code=True "
-            "(`--trust-remote-code` on the command line) to allow it."
-        )
+            "(`--trust-remote-code` on the command line) to allow it.")
     return raw
 
 
@@ -116,17 +100,15 @@ def _check_causal(config: PretrainedConfig, raw: dict, directory: Path) -> None:
     if "AutoModelForCausalLM" in raw.get("auto_map", {}):
         return
     if config.architectures and not any(
-        a in _CAUSAL_CLASSES or a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures
-    ):
-        raise ValueError(
-            f"{what} is not a causal language model (e.g. a sequence-classification or masked-LM checkpoint). {fix}"
-        )
+            a in _CAUSAL_CLASSES or a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures):
+        raise ValueError(f"{what} is not a causal language model (e.g. a sequence-classification "
+                         f"or masked-LM checkpoint). {fix}")
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"{what}: model type {config.model_type!r} has no causal-LM head in transformers. {fix}")
+        raise ValueError(f"{what}: model type {config.model_type!r} has no causal-LM head in "
+                         f"transformers. {fix}")
     if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
-        raise ValueError(
-            f"{what} is an encoder-only (bidirectional) model and cannot generate text left to right. {fix}"
-        )
+        raise ValueError(f"{what} is an encoder-only (bidirectional) model and cannot generate text "
+                         f"left to right. {fix}")
 
 
 def load_tokenizer(path: str | Path | None = None, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -138,28 +120,25 @@ def load_tokenizer(path: str | Path | None = None, *, trust_remote_code: bool = 
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(
             f"No tokenizer in {str(directory)!r} (expected one of {list(_TOKENIZER_FILES)}). Save the "
-            "tokenizer next to the model with `tokenizer.save_pretrained(path)`."
-        )
+            "tokenizer next to the model with `tokenizer.save_pretrained(path)`.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise FileNotFoundError(
             f"No usable tokenizer in {str(directory)!r} ({err}). Save one next to the model with "
-            "`tokenizer.save_pretrained(path)`."
-        ) from err
+            "`tokenizer.save_pretrained(path)`.") from err
     if tokenizer.pad_token is None:
         raise ValueError(
             f"The tokenizer in {str(directory)!r} has no pad token, which batched prompts need. "
             "Set one and save it: `tokenizer.pad_token = tokenizer.eos_token; "
-            "tokenizer.save_pretrained(path)`."
-        )
+            "tokenizer.save_pretrained(path)`.")
     tokenizer.padding_side = "left"
     return tokenizer
 
 
-def load_causal_lm(
-    path: str | Path | None = None, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_causal_lm(path: str | Path | None = None, *, trust_remote_code: bool = False,
+                   dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer from a local directory (``None``: the embedded default).
 
     The model is in eval mode with weights in ``dtype``; the tokenizer pads on the left.
@@ -173,18 +152,15 @@ def load_causal_lm(
     if not any((directory / name).is_file() for name in _WEIGHT_FILES):
         raise FileNotFoundError(
             f"{str(directory)!r} has config.json but no weights (expected one of {list(_WEIGHT_FILES)}). "
-            "Save the model with `model.save_pretrained(path)`."
-        )
+            "Save the model with `model.save_pretrained(path)`.")
     tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype
-    )
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
+                                                 trust_remote_code=trust_remote_code, dtype=dtype)
     model.eval()
     n_embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embeddings:
         raise ValueError(
             f"The tokenizer in {str(directory)!r} has {len(tokenizer)} tokens but the model embeds only "
             f"{n_embeddings}. Resize and save the model: `model.resize_token_embeddings(len(tokenizer)); "
-            "model.save_pretrained(path)`."
-        )
+            "model.save_pretrained(path)`.")
     return model, tokenizer

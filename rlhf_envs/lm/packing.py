@@ -114,11 +114,9 @@ class PackedBatch:
         counts = np.maximum(ends - first, 0)
         sequence = np.repeat(np.arange(len(counts)), counts)
         position = np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
-        return (
-            torch.from_numpy(self.grid[sequence, position - 1]),
-            torch.from_numpy(self.token_grid[sequence, position]),
-            torch.from_numpy(sequence),
-        )
+        return (torch.from_numpy(self.grid[sequence, position - 1]),
+                torch.from_numpy(self.token_grid[sequence, position]),
+                torch.from_numpy(sequence))
 
     def last_index(self, pad_token_id: int | None) -> torch.Tensor:
         """``[S]`` packed index of each sequence's last token that is not ``pad_token_id``.
@@ -127,9 +125,8 @@ class PackedBatch:
         every token is the pad id).
         """
         if self.dropped is not None and self.dropped.any():
-            raise ValueError(
-                "last_index: this batch was packed with drop_last=True, so last tokens have no hidden state"
-            )
+            raise ValueError("last_index: this batch was packed with drop_last=True, so last tokens have no hidden "
+                             "state")
         keep = np.arange(self.grid.shape[1])[None, :] < self.lengths[:, None]
         if pad_token_id is not None:
             keep &= self.token_grid[:, : self.grid.shape[1]] != pad_token_id
@@ -138,17 +135,12 @@ class PackedBatch:
 
     def to(self, device: torch.device) -> PackedBatch:
         """The tensors the forward reads moved to ``device`` (the CPU grids and ``sequences`` stay)."""
-        move = {
-            name: getattr(self, name).to(device, non_blocking=True)
-            for name in ("tokens", "positions", "gather", "owner")
-        }
+        move = {name: getattr(self, name).to(device, non_blocking=True) for name in ("tokens", "positions", "gather",
+                                                                                     "owner")}
         segments = self.segments
         if segments is not None:  # only CPU forwards read them (see hidden)
-            segments = (
-                None
-                if torch.device(device).type != "cpu"
-                else Segments(*(t.to(device) for t in (segments.gather, segments.owner, segments.allowed)))
-            )
+            segments = None if torch.device(device).type != "cpu" else \
+                Segments(*(t.to(device) for t in (segments.gather, segments.owner, segments.allowed)))
         return replace(self, **move, segments=segments)
 
     def hidden(self, view: PackedForward, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,21 +157,11 @@ class PackedBatch:
         seg = self.segments
         window = getattr(view, "sliding_window", None)
         fits = seg is not None and (window is None or seg.allowed.shape[-1] <= window)
-        if (
-            fits
-            and self.tokens.device.type == "cpu"
-            and view.n_head * seg.allowed.numel() * 4 <= SEGMENT_ATTENTION_BYTES
-            and (torch.is_grad_enabled() or seg.allowed.shape[-1] <= SEGMENT_INFERENCE_WIDTH)
-        ):
-            return view.packed_forward(
-                self.tokens,
-                self.positions,
-                seg.gather,
-                seg.owner,
-                seg.rows,
-                keep,
-                additive_mask(seg.allowed, view.dtype),
-            )
+        if fits and self.tokens.device.type == "cpu" and \
+                view.n_head * seg.allowed.numel() * 4 <= SEGMENT_ATTENTION_BYTES and \
+                (torch.is_grad_enabled() or seg.allowed.shape[-1] <= SEGMENT_INFERENCE_WIDTH):
+            return view.packed_forward(self.tokens, self.positions, seg.gather, seg.owner, seg.rows, keep,
+                                       additive_mask(seg.allowed, view.dtype))
         return view.packed_forward(self.tokens, self.positions, self.gather, self.owner, len(self.sequences), keep)
 
     def target_logits(self, view: PackedForward, predictor: torch.Tensor) -> torch.Tensor:
@@ -195,14 +177,8 @@ class PackedBatch:
         distinct, row = np.unique(predictor.numpy(), return_inverse=True)
         return torch.from_numpy(distinct), torch.from_numpy(row.reshape(-1)), target_ids, sequence
 
-    def sequence_logps(
-        self,
-        view: PackedForward,
-        predictor: torch.Tensor,
-        row: torch.Tensor,
-        target_ids: torch.Tensor,
-        sequence: torch.Tensor,
-    ) -> torch.Tensor:
+    def sequence_logps(self, view: PackedForward, predictor: torch.Tensor, row: torch.Tensor, target_ids: torch.Tensor,
+                       sequence: torch.Tensor) -> torch.Tensor:
         """``[S]`` float32: each sequence's summed log-prob of its targets (from :meth:`distinct_targets`)."""
         logits = self.target_logits(view, predictor)
         # without gradients (a reference pass) the log-softmax overwrites the logits, a fresh [U, V] tensor
@@ -264,18 +240,9 @@ def pack_sequences(sequences: list[torch.Tensor], drop_last: bool = False) -> Pa
     token_grid = flat_given[given_start[:, None] + given_column]
     tokens = np.empty(n_tokens, dtype=np.int64)
     tokens[grid[real]] = token_grid[:, :width][real]  # a cut sequence's tokens are its given ones
-    return PackedBatch(
-        torch.from_numpy(tokens),
-        torch.from_numpy(positions),
-        torch.from_numpy(grid.reshape(-1)),
-        torch.from_numpy(owner),
-        list(sequences),
-        grid,
-        token_grid,
-        lengths,
-        _segments(grid, lengths, owner),
-        dropped,
-    )
+    return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(grid.reshape(-1)),
+                       torch.from_numpy(owner), list(sequences), grid, token_grid, lengths,
+                       _segments(grid, lengths, owner), dropped)
 
 
 def _segments(grid: np.ndarray, lengths: np.ndarray, owner: np.ndarray) -> Segments | None:

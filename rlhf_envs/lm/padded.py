@@ -97,8 +97,6 @@ def batch_sequences(
     width = input_ids.shape[1]
     attention_mask = (torch.arange(width) < lengths.unsqueeze(1)).long()
     target_mask = response_target_mask(lengths, prompt_lengths, width)
-    return (
-        input_ids.to(device, non_blocking=True),
-        attention_mask.to(device, non_blocking=True),
-        target_mask.to(device, non_blocking=True),
-    )
+    return input_ids.to(device, non_blocking=True), attention_mask.to(device,
+                                                                      non_blocking=True), target_mask.to(device,
+                                                                                                         non_blocking=True)

@@ -55,9 +55,8 @@ class SamplingConfig:
     temperature: float = field(default=1.0, metadata={"help": "Logits are divided by this (> 0) before truncation."})
     top_k: int = field(default=0, metadata={"help": "Keep only the k most likely tokens; 0 turns top-k off."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]; 1.0 turns top-p off."})
-    greedy: bool = field(
-        default=False, metadata={"help": "Take the argmax (one-hot distribution) instead of sampling."}
-    )
+    greedy: bool = field(default=False,
+                         metadata={"help": "Take the argmax (one-hot distribution) instead of sampling."})
 
     def __post_init__(self) -> None:
         check_config_fields(self)
@@ -66,8 +65,7 @@ class SamplingConfig:
         if not self.temperature > 0.0 or self.temperature != self.temperature or self.temperature == float("inf"):
             raise ValueError(
                 f"temperature must be a finite number > 0, got {self.temperature!r}; use greedy=True for argmax "
-                "decoding"
-            )
+                "decoding")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -138,9 +136,8 @@ def processed_logprobs(logits: torch.Tensor, cfg: SamplingConfig, *, overwrite: 
     return torch.full_like(logits, float("-inf")).scatter(-1, index, logprobs)
 
 
-def _sample(
-    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(logits: torch.Tensor, cfg: SamplingConfig,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from ``logits [B, V]``: ``(tokens [B] int64, logprobs [B] float32)``.
 
     Works on the truncated support only (``K`` columns), so top-k sampling never touches the full
@@ -264,18 +261,16 @@ def generate(
     Runs under ``torch.inference_mode``; the returned tensors are ordinary (usable with autograd).
     """
     with torch.inference_mode():
-        ids, mask, logprobs = _generate(
-            model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator, repeats
-        )
+        ids, mask, logprobs = _generate(model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id, generator,
+                                        repeats)
     return Generation(ids.clone(), mask.clone(), logprobs.clone())
 
 
 class _HFDecoder:
     """The generic path: any Hugging Face causal LM through its own forward, with :class:`BufferedKVLayer` caching."""
 
-    def __init__(
-        self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int
-    ):
+    def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 max_new_tokens: int):
         self.model, self.prompt_ids, self.prompt_mask = model, prompt_ids, prompt_mask
         batch, self.filled = prompt_ids.shape
         total = self.filled + max_new_tokens
@@ -331,12 +326,8 @@ def _generate(
         decoder = LlamaDecoder(llama, prompt_ids, prompt_mask, steps)
     else:
         decoder = _HFDecoder(model, prompt_ids, prompt_mask, steps)
-    announce(
-        model,
-        "sampler: "
-        + ("lean GPT-2" if view is not None else "lean Llama" if llama is not None else "Hugging Face forward"),
-        fallback=view is None and llama is None,
-    )
+    announce(model, "sampler: " + ("lean GPT-2" if view is not None else "lean Llama" if llama is not None else
+                                   "Hugging Face forward"), fallback=view is None and llama is None)
     logits = decoder.prefill()
     if repeats > 1:
         copies = torch.arange(batch, device=device).repeat_interleave(repeats)
@@ -398,10 +389,7 @@ def response_logprobs(
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.cat([prompt_mask.bool(), response_mask.bool()], dim=1)
     logits = model(
-        input_ids=input_ids,
-        attention_mask=mask.long(),
-        position_ids=positions_from_mask(mask),
-        use_cache=False,
+        input_ids=input_ids, attention_mask=mask.long(), position_ids=positions_from_mask(mask), use_cache=False,
     ).logits[:, prompt_len - 1 : -1]
     full = processed_logprobs(logits, cfg)
     chosen = full.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)

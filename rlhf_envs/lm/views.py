@@ -42,16 +42,9 @@ class PackedForward(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
-    def packed_forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        gather: torch.Tensor,
-        owner: torch.Tensor,
-        rows: int,
-        keep: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
+    def packed_forward(self, tokens: torch.Tensor, positions: torch.Tensor, gather: torch.Tensor, owner: torch.Tensor,
+                       rows: int, keep: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                       ) -> torch.Tensor: ...
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
@@ -91,22 +84,14 @@ def _announce(model: torch.nn.Module, path: str, fallback: bool) -> None:
     if fallback and path != "padded":
         logger.warning("%s: %s (no lean path for this model)", name, path)
     elif path == "padded":
-        logger.warning(
-            "%s takes Hugging Face's padded forward (no packed path for this architecture, or dropout or "
-            "hooks active): exact, but slower than the packed paths of GPT-2 and Llama-family models",
-            name,
-        )
+        logger.warning("%s takes Hugging Face's padded forward (no packed path for this architecture, or dropout or "
+                       "hooks active): exact, but slower than the packed paths of GPT-2 and Llama-family models", name)
     else:
         logger.info("%s takes the packed forward %r", name, path)
 
 
-def response_hidden(
-    view: PackedForward,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> torch.Tensor:
+def response_hidden(view: PackedForward, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Hidden states ``[M, D]`` (the view's convention) predicting the ``M`` tokens ``response_ids[response_mask]``
     (row-major; each mask a prefix of its row), from one packed forward over the left-padded prompts ``[B, P]``
     and the responses ``[B, T]``: rows that share a prompt run it once (:mod:`rlhf_envs.lm.packing`)."""
